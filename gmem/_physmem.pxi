@@ -1,0 +1,295 @@
+# mm/page_alloc.c (the buddy allocator) and the folio table (struct folio).
+#
+# free_area[order] is an xarray of the free blocks of that order, indexed by
+# pfn >> order, each marked XA_MARK_0 so that "any free block" is a bitmap
+# search.  Pfns from the watermark to end_pfn have never been allocated: they
+# are free without being described, and freeing back down to the watermark
+# lowers it again, so the allocator's memory follows what is in use.
+
+from libc.stdlib cimport malloc, realloc
+
+cdef enum:
+    _FREE_MARK = 0
+
+
+cdef inline uint64_t _pages(int order) noexcept nogil:
+    return (<uint64_t>1) << order
+
+
+cdef int phys_init(physmem *pm, uint64_t start_pfn, uint64_t nr_pages) noexcept nogil:
+    cdef int o
+    memset(pm, 0, sizeof(physmem))
+    pm.start_pfn = start_pfn
+    pm.end_pfn = start_pfn + nr_pages
+    pm.watermark = start_pfn
+    pm.nr_free_pages = nr_pages
+    for o in range(NR_PAGE_ORDERS):
+        xa_init(&pm.free_area[o])
+    xa_init(&pm.memmap)
+    pm.folio_next_id = 1
+    return 0
+
+
+cdef void phys_destroy(physmem *pm) noexcept nogil:
+    cdef int o
+    cdef uint32_t c
+    for o in range(NR_PAGE_ORDERS):
+        xa_destroy(&pm.free_area[o])
+    xa_destroy(&pm.memmap)
+    for c in range(pm.nr_chunks):
+        free(pm.folio_chunks[c])
+    free(pm.folio_chunks)
+    pm.folio_chunks = NULL
+    pm.nr_chunks = 0
+
+
+cdef inline int _free_area_add(physmem *pm, uint64_t pfn, int order) noexcept nogil:
+    cdef uint64_t old
+    cdef int r = xa_store_order(&pm.free_area[order], pfn >> order, 0, 0, &old)
+    if r >= 0:
+        xa_set_mark(&pm.free_area[order], pfn >> order, _FREE_MARK)
+    return r
+
+
+cdef inline bint _free_area_take(physmem *pm, uint64_t pfn, int order) noexcept nogil:
+    cdef uint64_t old
+    return xa_erase(&pm.free_area[order], pfn >> order, &old)
+
+
+cdef int _carve_order(const physmem *pm, uint64_t pfn) noexcept nogil:
+    """The largest block at pfn (a watermark) that is aligned and fits below end_pfn."""
+    cdef int o = MAX_PAGE_ORDER
+    while o > 0 and ((pfn & (_pages(o) - 1)) or pfn + _pages(o) > pm.end_pfn):
+        o -= 1
+    return o
+
+
+cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
+    cdef int o, c
+    cdef uint64_t idx = 0, v, p
+    if pm.fail_alloc:
+        pm.fail_alloc -= 1
+        return -_ENOMEM
+    # the smallest free block that is large enough
+    for o in range(order, NR_PAGE_ORDERS):
+        if pm.free_area[o].nr_entries:
+            idx = 0
+            xa_find(&pm.free_area[o], &idx, <uint64_t>0xFFFFFFFFFFFFFFFF, _FREE_MARK, &v)
+            p = idx << o
+            _free_area_take(pm, p, o)
+            break
+    else:
+        # carve untouched memory; blocks too small on the way go to the free lists
+        while True:
+            if pm.watermark >= pm.end_pfn:
+                return -_ENOMEM
+            c = _carve_order(pm, pm.watermark)
+            p = pm.watermark
+            if c >= order:
+                pm.watermark += _pages(c)
+                o = c
+                break
+            if _free_area_add(pm, p, c) < 0:
+                return -_ENOMEM
+            pm.watermark += _pages(c)
+    # split down, giving the upper halves to the free lists
+    while o > order:
+        o -= 1
+        if _free_area_add(pm, p + _pages(o), o) < 0:
+            pm.nr_free_pages -= _pages(o + 1)
+            phys_free(pm, p, o + 1)          # undo: nothing was handed out
+            return -_ENOMEM
+    pm.nr_free_pages -= _pages(order)
+    pfn[0] = p
+    return 0
+
+
+cdef void _phys_lower_watermark(physmem *pm) noexcept nogil:
+    """Give free blocks that end at the watermark back to untouched memory."""
+    cdef int o
+    cdef uint64_t p
+    cdef bint moved = True
+    while moved:
+        moved = False
+        for o in range(NR_PAGE_ORDERS):
+            if pm.watermark - pm.start_pfn < _pages(o):
+                break
+            p = pm.watermark - _pages(o)
+            if (p & (_pages(o) - 1)) == 0 and _free_area_take(pm, p, o):
+                pm.watermark = p
+                moved = True
+                break
+
+
+cdef void phys_free(physmem *pm, uint64_t pfn, int order) noexcept nogil:
+    cdef uint64_t buddy
+    pm.nr_free_pages += _pages(order)
+    while order < MAX_PAGE_ORDER:
+        buddy = pfn ^ _pages(order)
+        if buddy < pm.start_pfn or buddy + _pages(order) > pm.watermark:
+            break
+        if not _free_area_take(pm, buddy, order):
+            break
+        pfn = pfn if pfn < buddy else buddy
+        order += 1
+    if pfn + _pages(order) == pm.watermark:
+        pm.watermark = pfn
+        _phys_lower_watermark(pm)
+    elif _free_area_add(pm, pfn, order) < 0:
+        # Out of memory describing a free block: keep it as allocated (a leak the
+        # counters show) rather than lose track of it.
+        pm.nr_free_pages -= _pages(order)
+
+
+cdef int phys_check_allocated(const physmem *pm, uint64_t pfn, int order) noexcept nogil:
+    cdef int o
+    cdef uint64_t idx, v, end = pfn + _pages(order)
+    if order < 0 or order > MAX_PAGE_ORDER or pfn & (_pages(order) - 1):
+        return -_EINVAL
+    if pfn < pm.start_pfn or end > pm.watermark or end < pfn:
+        return -_EINVAL
+    for o in range(NR_PAGE_ORDERS):
+        if o >= order:
+            if xa_load(&pm.free_area[o], pfn >> o, &v):
+                return -_EINVAL
+        else:
+            idx = pfn >> o
+            if xa_find(&pm.free_area[o], &idx, (end - 1) >> o, XA_NO_MARK, &v):
+                return -_EINVAL
+    return 0
+
+
+cdef uint64_t phys_nr_free_blocks(const physmem *pm, int order) noexcept nogil:
+    """Free blocks of this order, counting untouched memory as its maximal aligned blocks."""
+    cdef uint64_t n = pm.free_area[order].nr_entries
+    cdef uint64_t p = pm.watermark, run
+    cdef int c
+    while p < pm.end_pfn:
+        c = _carve_order(pm, p)
+        if c == MAX_PAGE_ORDER:
+            run = (pm.end_pfn - p) >> MAX_PAGE_ORDER
+            if order == MAX_PAGE_ORDER:
+                n += run
+            p += run << MAX_PAGE_ORDER
+            continue
+        if c == order:
+            n += 1
+        p += _pages(c)
+    return n
+
+
+# ------------------------------------------------------------------- folios
+
+cdef inline folio *folio_get(const physmem *pm, uint32_t id) noexcept nogil:
+    return &pm.folio_chunks[id >> FOLIO_CHUNK_SHIFT][id & ((1 << FOLIO_CHUNK_SHIFT) - 1)]
+
+
+cdef int _folio_new_id(physmem *pm, uint32_t *id) noexcept nogil:
+    cdef folio **chunks
+    cdef uint32_t i
+    if pm.folio_free_id:
+        i = pm.folio_free_id
+        pm.folio_free_id = <uint32_t>folio_get(pm, i).index
+        id[0] = i
+        return 0
+    i = pm.folio_next_id
+    if (i >> FOLIO_CHUNK_SHIFT) >= pm.nr_chunks:
+        chunks = <folio **>realloc(pm.folio_chunks, (pm.nr_chunks + 1) * sizeof(folio *))
+        if chunks == NULL:
+            return -_ENOMEM
+        pm.folio_chunks = chunks
+        chunks[pm.nr_chunks] = <folio *>malloc(sizeof(folio) << FOLIO_CHUNK_SHIFT)
+        if chunks[pm.nr_chunks] == NULL:
+            return -_ENOMEM
+        pm.nr_chunks += 1
+    pm.folio_next_id = i + 1
+    id[0] = i
+    return 0
+
+
+cdef inline void _folio_release_id(physmem *pm, uint32_t id) noexcept nogil:
+    cdef folio *f = folio_get(pm, id)
+    f.refcount = 0
+    f.order = 0xFF                  # marks a released id
+    f.index = pm.folio_free_id
+    pm.folio_free_id = id
+
+
+cdef int folio_alloc(physmem *pm, int order, uint32_t *id) noexcept nogil:
+    cdef uint64_t pfn, old
+    cdef uint32_t i
+    cdef folio *f
+    if _folio_new_id(pm, &i) < 0:
+        return -_ENOMEM
+    if phys_alloc(pm, order, &pfn) < 0:
+        _folio_release_id(pm, i)
+        return -_ENOMEM
+    if xa_store_order(&pm.memmap, pfn, order, i, &old) < 0:
+        phys_free(pm, pfn, order)
+        _folio_release_id(pm, i)
+        return -_ENOMEM
+    f = folio_get(pm, i)
+    memset(f, 0, sizeof(folio))
+    f.pfn = pfn
+    f.order = order
+    f.refcount = 1
+    pm.nr_folios += 1
+    id[0] = i
+    return 0
+
+
+cdef void folio_free(physmem *pm, uint32_t id) noexcept nogil:
+    cdef folio *f = folio_get(pm, id)
+    cdef uint64_t old
+    xa_erase(&pm.memmap, f.pfn, &old)
+    phys_free(pm, f.pfn, f.order)
+    _folio_release_id(pm, id)
+    pm.nr_folios -= 1
+
+
+cdef int folio_split(physmem *pm, uint32_t id, int new_order) noexcept nogil:
+    cdef folio *head = folio_get(pm, id)
+    cdef int old_order = head.order
+    cdef uint64_t n = _pages(old_order - new_order), k, old
+    cdef uint32_t *ids
+    cdef folio *t
+    if new_order >= old_order:
+        return -_EINVAL
+    ids = <uint32_t *>malloc(n * sizeof(uint32_t))
+    if ids == NULL:
+        return -_ENOMEM
+    ids[0] = id
+    for k in range(1, n):
+        if _folio_new_id(pm, &ids[k]) < 0:
+            while k > 1:
+                k -= 1
+                _folio_release_id(pm, ids[k])
+            free(ids)
+            return -_ENOMEM
+    if xa_split(&pm.memmap, head.pfn, new_order) < 0:
+        for k in range(1, n):
+            _folio_release_id(pm, ids[k])
+        free(ids)
+        return -_ENOMEM
+    head = folio_get(pm, id)
+    for k in range(1, n):
+        t = folio_get(pm, ids[k])
+        t.pfn = head.pfn + (k << new_order)
+        t.index = head.index + (k << new_order)
+        t.private = 0
+        t.mapping = head.mapping
+        t.refcount = head.refcount
+        t.order = new_order
+        t.flags = head.flags & ~PG_private
+        xa_store_order(&pm.memmap, t.pfn, new_order, ids[k], &old)   # in place: no allocation
+    head.order = new_order
+    pm.nr_folios += n - 1
+    free(ids)
+    return 0
+
+
+cdef uint32_t pfn_folio(const physmem *pm, uint64_t pfn) noexcept nogil:
+    cdef uint64_t v
+    if xa_load(&pm.memmap, pfn, &v):
+        return <uint32_t>v
+    return 0

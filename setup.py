@@ -1,0 +1,43 @@
+"""Build the Cython core (gmem._core).
+
+GMEM_SANITIZE=1 builds it with -fsanitize=address,undefined (run the tests with
+LD_PRELOAD=$(gcc -print-file-name=libasan.so)); GMEM_DEBUG=1 builds with -O0 -g.
+"""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+cflags = ["-O3", "-fno-strict-aliasing"]
+ldflags = []
+if os.environ.get("GMEM_DEBUG"):
+    cflags = ["-O0", "-g"]
+if os.environ.get("GMEM_SANITIZE"):
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    cflags += san
+    ldflags += san
+
+ext = Extension(
+    "gmem._core",
+    ["gmem/_core.pyx"],
+    include_dirs=[numpy.get_include()],
+    extra_compile_args=cflags,
+    extra_link_args=ldflags,
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(
+    ext_modules=cythonize(
+        [ext],
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "embedsignature": True,
+            "binding": True,
+        },
+    ),
+)
