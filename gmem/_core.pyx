@@ -273,6 +273,35 @@ cdef class PhysMem:
             raise OSError(_errno.EINVAL, f"block {pfn:#x} holds a folio: release it with folio_put")
         phys_free(&self.pm, p, o)
 
+    def alloc_many(self, n, order=0):
+        """n allocations of 2**order pages (benchmarks): a uint64 array of pfns; ENOMEM frees them all."""
+        cdef int o = _order_arg(order, MAX_PAGE_ORDER), r = 0
+        cdef Py_ssize_t count = _u64(n, "n"), i, j
+        out = np.empty(count, dtype=np.uint64)
+        cdef uint64_t[::1] pfns = out
+        with nogil:
+            for i in range(count):
+                r = phys_alloc(&self.pm, o, &pfns[i])
+                if r < 0:
+                    for j in range(i):
+                        phys_free(&self.pm, pfns[j], o)
+                    break
+        if r < 0:
+            raise OSError(_errno.ENOMEM, f"no free block of order {order}")
+        return out
+
+    def free_many(self, pfns, order=0):
+        """Free blocks from alloc_many (no per-block double-free check: benchmarks only)."""
+        cdef const uint64_t[::1] p = np.ascontiguousarray(pfns, dtype=np.uint64)
+        cdef int o = _order_arg(order, MAX_PAGE_ORDER)
+        cdef Py_ssize_t i
+        for i in range(p.shape[0]):
+            if p[i] < self.pm.start_pfn or p[i] >= self.pm.watermark or p[i] & ((((<uint64_t>1) << o)) - 1):
+                raise OSError(_errno.EINVAL, f"pfn {p[i]:#x} was not allocated at order {o}")
+        with nogil:
+            for i in range(p.shape[0]):
+                phys_free(&self.pm, p[i], o)
+
     def free_blocks(self):
         """Free blocks per order 0..18 (untouched memory counted as maximal aligned blocks)."""
         return [phys_nr_free_blocks(&self.pm, o) for o in range(NR_PAGE_ORDERS)]
