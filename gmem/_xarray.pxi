@@ -212,12 +212,10 @@ cdef void xa_destroy(xarray *xa) noexcept nogil:
     xa_init(xa)
 
 
-cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
-    cdef xa_node *node = xa.head
+cdef inline int _xa_load_from(const xa_node *node, uint64_t index, uint64_t *value) noexcept nogil:
+    """Load index starting at a node whose range covers it."""
     cdef uint64_t e
     cdef int o
-    if node == NULL or not _xa_covers(node.shift, index):
-        return 0
     while True:
         o = (index >> node.shift) & XA_CHUNK_MASK
         e = node.slots[o]
@@ -230,6 +228,12 @@ cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nog
         if e == 0:
             return 0
         node = _xa_to_node(e)
+
+
+cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
+    if xa.head == NULL or not _xa_covers(xa.head.shift, index):
+        return 0
+    return _xa_load_from(xa.head, index, value)
 
 
 cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
@@ -299,6 +303,9 @@ cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
     if _xa_is_value(e):
         old[0] = e >> 1
         had = 1
+    elif _xa_is_node(e):
+        # the entry at index (if any) is in the subtree being replaced
+        had = _xa_load_from(_xa_to_node(e), index, old)
     for m in range(XA_MAX_MARKS):
         marks[m] = node.marks[m] & _xa_range_bits(off, n)
         node.marks[m] &= ~_xa_range_bits(off, n)
