@@ -66,7 +66,7 @@ cdef int _carve_order(const physmem *pm, uint64_t pfn) noexcept nogil:
 
 cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
     cdef int o, c
-    cdef uint64_t idx = 0, v, p
+    cdef uint64_t idx = 0, v, p, watermark = pm.watermark
     if pm.fail_alloc:
         pm.fail_alloc -= 1
         return -_ENOMEM
@@ -82,6 +82,9 @@ cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
         # carve untouched memory; blocks too small on the way go to the free lists
         while True:
             if pm.watermark >= pm.end_pfn:
+                # nothing fits: give the blocks carved on the way back to
+                # untouched memory, so that a failed allocation changes nothing
+                _phys_lower_watermark(pm, watermark)
                 return -_ENOMEM
             c = _carve_order(pm, pm.watermark)
             p = pm.watermark
@@ -90,6 +93,7 @@ cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
                 o = c
                 break
             if _free_area_add(pm, p, c) < 0:
+                _phys_lower_watermark(pm, watermark)
                 return -_ENOMEM
             pm.watermark += _pages(c)
     # split down, giving the upper halves to the free lists
@@ -104,15 +108,15 @@ cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
     return 0
 
 
-cdef void _phys_lower_watermark(physmem *pm) noexcept nogil:
-    """Give free blocks that end at the watermark back to untouched memory."""
+cdef void _phys_lower_watermark(physmem *pm, uint64_t floor) noexcept nogil:
+    """Give free blocks that end at the watermark back to untouched memory, down to floor."""
     cdef int o
     cdef uint64_t p
     cdef bint moved = True
     while moved:
         moved = False
         for o in range(NR_PAGE_ORDERS):
-            if pm.watermark - pm.start_pfn < _pages(o):
+            if pm.watermark - floor < _pages(o):
                 break
             p = pm.watermark - _pages(o)
             if (p & (_pages(o) - 1)) == 0 and _free_area_take(pm, p, o):
@@ -134,7 +138,7 @@ cdef void phys_free(physmem *pm, uint64_t pfn, int order) noexcept nogil:
         order += 1
     if pfn + _pages(order) == pm.watermark:
         pm.watermark = pfn
-        _phys_lower_watermark(pm)
+        _phys_lower_watermark(pm, pm.start_pfn)
     elif _free_area_add(pm, pfn, order) < 0:
         # Out of memory describing a free block: keep it as allocated (a leak the
         # counters show) rather than lose track of it.
