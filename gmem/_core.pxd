@@ -137,3 +137,188 @@ cdef void folio_free(physmem *pm, uint32_t id) noexcept nogil
 cdef int folio_split(physmem *pm, uint32_t id, int new_order) noexcept nogil
 # The folio containing pfn: its id, or 0.
 cdef uint32_t pfn_folio(const physmem *pm, uint64_t pfn) noexcept nogil
+
+# ------------------------------------------- virt/kvm: gmem, memslots, x86 mmu
+cdef enum:
+    KVM_MAX_VM_TYPES = 32
+    KVM_X86_DEFAULT_VM = 0
+    KVM_X86_SW_PROTECTED_VM = 1
+    KVM_X86_SEV_VM = 2
+    KVM_X86_SEV_ES_VM = 3
+    KVM_X86_SNP_VM = 4
+    KVM_X86_TDX_VM = 5
+    PG_LEVEL_4K = 1
+    PG_LEVEL_2M = 2
+    PG_LEVEL_1G = 3
+    KVM_MAX_HUGEPAGE_LEVEL = 3
+    KVM_LPAGE_MIXED_FLAG = 1 << 31
+    # policies (gmem.Host options)
+    GMEM_PREPARE_FAULT = 0          # Linux 6.12+: prepare at the first kvm_gmem_get_pfn
+    GMEM_PREPARE_ALLOC = 1          # the RFC: prepare whenever a folio is obtained
+    GMEM_TRACK_GMEM = 0             # "prepared" is the folio's uptodate flag
+    GMEM_TRACK_ARCH = 1             # gmem does not track; the arch hook must be idempotent
+    GMEM_INVALIDATE_FREE_FOLIO = 0
+    GMEM_INVALIDATE_INVALIDATE_FOLIO = 1
+    # zap filters (enum kvm_gfn_range_filter)
+    KVM_FILTER_SHARED = 1
+    KVM_FILTER_PRIVATE = 2
+
+# vCPU stats (KVM's names first)
+cdef enum:
+    VCPU_STAT_PF_TAKEN
+    VCPU_STAT_PF_FIXED
+    VCPU_STAT_PF_SPURIOUS
+    VCPU_STAT_PF_EMULATE
+    VCPU_STAT_PF_FAST
+    VCPU_STAT_PF_RETRY
+    VCPU_STAT_MEMORY_FAULT_EXITS
+    VCPU_STAT_SYNTHETIC_CLEARED
+    VCPU_NR_STATS
+
+# VM stats (pages_4k/2m/1g are the SPTE xarray's per-order counts)
+cdef enum:
+    VM_STAT_REMOTE_TLB_FLUSH
+    VM_STAT_ZAPPED_SPTES
+    VM_STAT_MMU_INVALIDATIONS
+    VM_STAT_GMEM_PREPARE
+    VM_STAT_GMEM_PREPARE_FAILED
+    VM_NR_STATS
+
+# host stats
+cdef enum:
+    HOST_STAT_FOLIOS_ALLOCATED
+    HOST_STAT_FOLIOS_FREED
+    HOST_STAT_FOLIO_SPLITS
+    HOST_STAT_GMEM_INVALIDATE
+    HOST_STAT_GMEM_INVALIDATE_PAGES
+    HOST_STAT_ALLOC_FAILURES
+    HOST_STAT_HOOK_ERRORS
+    HOST_NR_STATS
+
+ctypedef struct gmem_host
+ctypedef struct kvm
+ctypedef struct gmem_file
+
+# Trace events (kernel tracepoints of the same meaning)
+cdef enum:
+    TRACE_PAGE_FAULT            # kvm_page_fault: a = gpa, b = 64-bit error code
+    TRACE_SPTE_INSTALL          # a = gfn, b = pfn, c = level, d = private
+    TRACE_SPTE_ZAP              # a = gfn, b = pfn, c = level
+    TRACE_MEMORY_FAULT_EXIT     # a = gpa, b = flags, c = -ret
+    TRACE_GMEM_PREPARE          # a = gfn, b = pfn, c = order, d = -ret
+    TRACE_GMEM_INVALIDATE       # a = start pfn, b = end pfn
+    TRACE_NR_EVENTS
+
+ctypedef struct gmem_trace_rec:
+    uint64_t seq
+    uint32_t event
+    uint32_t vcpu
+    uint64_t a
+    uint64_t b
+    uint64_t c
+    uint64_t d
+
+# The per-VM-type hook table (struct kvm_x86_ops, the parts gmem touches).
+# NULL means "not implemented" (the kernel's OPTIONAL/OPTIONAL_RET0 ops).
+ctypedef int (*is_private_fault_t)(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil
+ctypedef int (*gmem_prepare_t)(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil
+ctypedef void (*gmem_invalidate_t)(gmem_host *host, uint64_t start, uint64_t end) noexcept nogil
+ctypedef int (*private_max_mapping_level_t)(kvm *kvm, uint64_t pfn) noexcept nogil
+
+ctypedef struct kvm_x86_hooks:
+    is_private_fault_t is_private_fault
+    gmem_prepare_t gmem_prepare
+    gmem_invalidate_t gmem_invalidate
+    private_max_mapping_level_t private_max_mapping_level
+
+ctypedef struct gmem_host:
+    physmem pm
+    xarray page_data            # pfn -> malloc'd 4 KiB of contents (absent: zeros)
+    xarray user_pages           # VMM userspace memory: hva >> 12 -> folio id
+    uint8_t prepare_policy
+    uint8_t prepared_tracking
+    uint8_t invalidate_policy
+    uint8_t huge_folios
+    kvm_x86_hooks hooks[32]
+    void *py_hooks[32][4]       # borrowed PyObject* callables behind Python hooks
+    void *py_host               # borrowed PyObject* of the gmem.Host
+    int invalidate_vm_type      # whose gmem_invalidate is running (it gets no kvm)
+    int hook_error              # a Python hook raised: stop and re-raise at the boundary
+    uint64_t stats[HOST_NR_STATS]
+    gmem_trace_rec *trace_buf   # ring of trace_cap records; trace_seq counts all written
+    uint64_t trace_cap
+    uint64_t trace_seq
+    uint32_t trace_mask         # enabled events (1 << TRACE_*)
+
+ctypedef struct gmem_inode:
+    gmem_host *host
+    uint64_t size               # bytes (i_size)
+    uint64_t flags              # GUEST_MEMFD_FLAG_*
+    uint32_t ino
+    int vm_type                 # of the VM that created it: whose gmem_invalidate runs
+    xarray filemap              # page index -> folio id
+    gmem_file *files            # the files on this inode (6.18: exactly one)
+
+ctypedef struct gmem_file:
+    gmem_inode *inode
+    kvm *kvm
+    xarray bindings             # page index -> memslot index
+    gmem_file *next             # next file of the inode
+    int released
+    int inval_begun             # inside kvm_gmem_invalidate_begin/end
+
+ctypedef struct kvm_memory_slot:
+    uint64_t base_gfn
+    uint64_t npages
+    uint64_t userspace_addr
+    uint64_t gmem_pgoff
+    gmem_file *gmem_file        # NULL when unbound or its file was closed
+    uint32_t *lpage_info[2]     # disallow_lpage per 2M and 1G page (KVM_LPAGE_MIXED_FLAG)
+    uint32_t flags
+    uint32_t id                 # as_id << 16 | slot id
+    int used
+
+ctypedef struct kvm:
+    gmem_host *host
+    void *py_vm                 # borrowed PyObject* of the gmem.Vm
+    int vm_type
+    int has_private_mem
+    int has_protected_state
+    int pre_fault_allowed
+    uint64_t gfn_direct_bits    # TDX: the shared bit, as a gfn mask
+    uint32_t asid
+    kvm_memory_slot *memslots
+    uint32_t nr_memslots        # entries in memslots (used or not)
+    xarray slot_index           # slot id (as_id << 16 | id) -> memslots index
+    xarray gfn_to_slot          # gfn -> memslots index (address space 0)
+    xarray mem_attr_array       # gfn -> memory attributes
+    xarray sptes                # gfn -> spte (multi-index for huge mappings)
+    xarray mmio_sptes           # gfn -> 1
+    uint64_t mmu_invalidate_seq
+    int64_t mmu_invalidate_in_progress
+    uint64_t mmu_invalidate_range_start
+    uint64_t mmu_invalidate_range_end
+    uint64_t inject_inval_start # fault injection: an invalidation between faultin and map
+    uint64_t inject_inval_end
+    uint64_t stats[VM_NR_STATS]
+
+ctypedef struct kvm_vcpu:
+    kvm *kvm
+    uint32_t vcpu_id
+    uint64_t stats[VCPU_NR_STATS]
+
+# One fault's outcome, laid out as gmem.FAULT_DTYPE.
+ctypedef struct kvm_fault_out:
+    int32_t ret                 # RET_PF_* or -errno
+    uint32_t exit_reason        # 0 or KVM_EXIT_MEMORY_FAULT
+    uint64_t pfn
+    uint64_t gpa                # memory_fault.gpa
+    uint64_t flags              # memory_fault.flags
+    uint8_t level
+
+cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+                            kvm_fault_out *out) noexcept nogil
+cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_t *pfn,
+                          int *max_order) noexcept nogil
+cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil
+cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil

@@ -13,6 +13,11 @@ cnp.import_array()
 
 include "_xarray.pxi"
 include "_physmem.pxi"
+include "_trace.pxi"
+include "_kvm_main.pxi"
+include "_guest_memfd.pxi"
+include "_mmu.pxi"
+include "_attributes.pxi"
 
 import errno as _errno
 
@@ -418,3 +423,8 @@ cdef class PhysMem:
         free_pages += self.pm.end_pfn - self.pm.watermark
         if free_pages != self.pm.nr_free_pages:
             raise AssertionError(f"nr_free_pages {self.pm.nr_free_pages} != {free_pages} counted")
+
+
+include "_api.pxi"
+include "_api_vm.pxi"
+include "_check.pxi"

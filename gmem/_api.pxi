@@ -1,0 +1,451 @@
+# The Python handles: gmem.Host, Vm, Vcpu, GuestMemfd, Mapping.  They check
+# arguments in the kernel's order, raise OSError(errno) like the ioctls and
+# syscalls they model, and call the C functions above; all state is in the
+# structs they own.
+
+import errno as _errno_mod
+from gmem import uapi as _uapi
+from gmem.errors import SigBus as _SigBus, InvariantError as _InvariantError
+
+from cpython.ref cimport PyObject
+
+FAULT_DTYPE = np.dtype({
+    "names": ["ret", "exit_reason", "pfn", "gpa", "flags", "level"],
+    "formats": ["<i4", "<u4", "<u8", "<u8", "<u8", "u1"],
+    "offsets": [0, 4, 8, 16, 24, 32],
+    "itemsize": sizeof(kvm_fault_out),
+})
+TRACE_DTYPE = np.dtype({
+    "names": ["seq", "event", "vcpu", "a", "b", "c", "d"],
+    "formats": ["<u8", "<u4", "<u4", "<u8", "<u8", "<u8", "<u8"],
+    "offsets": [0, 8, 12, 16, 24, 32, 40],
+    "itemsize": sizeof(gmem_trace_rec),
+})
+TRACE_EVENTS = ("kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit",
+                "gmem_prepare", "gmem_invalidate")
+_TRACE_FIELDS = (("gpa", "error_code", None, None), ("gfn", "pfn", "level", "private"),
+                 ("gfn", "pfn", "level", None), ("gpa", "flags", "errno", None),
+                 ("gfn", "pfn", "order", "errno"), ("start_pfn", "end_pfn", None, None))
+VCPU_STATS = ("pf_taken", "pf_fixed", "pf_spurious", "pf_emulate", "pf_fast", "pf_retry",
+              "memory_fault_exits", "synthetic_error_bits_cleared")
+VM_STATS = ("remote_tlb_flush", "zapped_sptes", "mmu_invalidations", "gmem_prepare",
+            "gmem_prepare_failed")
+HOST_STATS = ("folios_allocated", "folios_freed", "folio_splits", "gmem_invalidate",
+              "gmem_invalidate_pages", "alloc_failures", "hook_errors")
+HOOK_NAMES = ("is_private_fault", "gmem_prepare", "gmem_invalidate", "private_max_mapping_level")
+
+_POLICIES = {
+    "prepare": {"fault": GMEM_PREPARE_FAULT, "alloc": GMEM_PREPARE_ALLOC},
+    "prepared_tracking": {"gmem": GMEM_TRACK_GMEM, "arch": GMEM_TRACK_ARCH},
+    "invalidate": {"free_folio": GMEM_INVALIDATE_FREE_FOLIO,
+                   "invalidate_folio": GMEM_INVALIDATE_INVALIDATE_FOLIO},
+}
+_PLATFORM_TYPES = {"amd": (0, 2, 3, 4), "intel": (0, 5), "none": (0,)}
+_U32 = 0xFFFFFFFF
+_MAX_LFS_FILESIZE = (1 << 63) - 1
+_TASK_SIZE_MAX = 0x7FFFFFFFF000
+
+
+def _err(int e, str msg):
+    return OSError(e, f"{_errno_mod.errorcode.get(e, e)}: {msg}")
+
+
+cdef uint64_t _u64_wrap(object x, str what) except? 0:
+    """A __u64 ioctl field: Python ints wrap as C would (-1 -> 2**64 - 1)."""
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer, not {type(x).__name__}")
+    x = int(x)
+    if x < -(1 << 63) or x >= (1 << 64):
+        raise ValueError(f"{what} {x} does not fit in 64 bits")
+    return <uint64_t>(x & 0xFFFFFFFFFFFFFFFF)
+
+
+cdef uint32_t _u32_wrap(object x, str what) except? 0:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer, not {type(x).__name__}")
+    x = int(x)
+    if x < -(1 << 31) or x >= (1 << 32):
+        raise ValueError(f"{what} {x} does not fit in 32 bits")
+    return <uint32_t>(x & _U32)
+
+
+cdef inline int64_t _s64(uint64_t x) noexcept nogil:
+    return <int64_t>x
+
+
+# ------------------------------------------------------------ Python hooks
+
+cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
+    fn = <object>h.py_hooks[vm_type][which]
+    try:
+        return fn(*args)
+    except BaseException as e:
+        (<Host>h.py_host)._hook_exc = e
+        h.hook_error = 1
+        h.stats[HOST_STAT_HOOK_ERRORS] += 1
+        return default
+
+
+cdef int _py_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    with gil:
+        r = _call_hook(kvm.host, kvm.vm_type, 0, (<object>kvm.py_vm, gpa, error_code), False)
+        return 1 if r else 0
+
+
+cdef int _py_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
+    with gil:
+        r = _call_hook(kvm.host, kvm.vm_type, 1, (<object>kvm.py_vm, gfn, pfn, order), -_EIO)
+        try:
+            return int(r or 0)
+        except Exception:
+            return -_EIO
+
+
+cdef void _py_gmem_invalidate(gmem_host *h, uint64_t start, uint64_t end) noexcept nogil:
+    with gil:
+        _call_hook(h, h.invalidate_vm_type, 2, (<object>h.py_host, start, end), None)
+
+
+cdef int _py_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
+    with gil:
+        r = _call_hook(kvm.host, kvm.vm_type, 3, (<object>kvm.py_vm, pfn), 0)
+        try:
+            r = int(r or 0)
+        except Exception:
+            return 0
+        return r if 0 <= r <= 3 else 0
+
+
+# ------------------------------------------------------------------- trace
+
+cdef class Trace:
+    """Tracepoints of one host: a ring of fixed-size records (see TRACE_EVENTS)."""
+    cdef Host host
+
+    def __cinit__(self, Host host):
+        self.host = host
+
+    def enable(self, *events, capacity=1 << 16):
+        """Record these events (all if none are named) in a ring of `capacity` records."""
+        cdef gmem_host *h = &self.host.h
+        cdef uint64_t cap = _u64(capacity, "capacity")
+        cdef gmem_trace_rec *buf
+        if cap == 0 or cap > (1 << 28):
+            raise ValueError("capacity must be in [1, 2**28]")
+        mask = 0
+        for e in (events or TRACE_EVENTS):
+            if e not in TRACE_EVENTS:
+                raise ValueError(f"unknown trace event {e!r}; events: {', '.join(TRACE_EVENTS)}")
+            mask |= 1 << TRACE_EVENTS.index(e)
+        if h.trace_buf == NULL or h.trace_cap != cap:
+            buf = <gmem_trace_rec *>_calloc(cap, sizeof(gmem_trace_rec))
+            if buf == NULL:
+                raise MemoryError("trace buffer")
+            free(h.trace_buf)
+            h.trace_buf = buf
+            h.trace_cap = cap
+            h.trace_seq = 0
+        h.trace_mask |= mask
+
+    def disable(self, *events):
+        cdef gmem_host *h = &self.host.h
+        for e in (events or TRACE_EVENTS):
+            if e not in TRACE_EVENTS:
+                raise ValueError(f"unknown trace event {e!r}")
+            h.trace_mask &= ~(1 << TRACE_EVENTS.index(e))
+
+    def clear(self):
+        self.host.h.trace_seq = 0
+
+    @property
+    def enabled(self):
+        return tuple(e for i, e in enumerate(TRACE_EVENTS) if (self.host.h.trace_mask >> i) & 1)
+
+    @property
+    def lost(self):
+        """Records overwritten because the ring was full."""
+        cdef gmem_host *h = &self.host.h
+        return h.trace_seq - h.trace_cap if h.trace_cap and h.trace_seq > h.trace_cap else 0
+
+    def to_numpy(self):
+        """The records still in the ring, oldest first, as a TRACE_DTYPE array (a copy)."""
+        cdef gmem_host *h = &self.host.h
+        if h.trace_buf == NULL or h.trace_seq == 0:
+            return np.zeros(0, dtype=TRACE_DTYPE)
+        n = min(h.trace_seq, h.trace_cap)
+        raw = np.asarray(<char[:h.trace_cap * sizeof(gmem_trace_rec)]><char *>h.trace_buf)
+        ring = np.frombuffer(raw.tobytes(), dtype=TRACE_DTYPE)
+        start = h.trace_seq % h.trace_cap if h.trace_seq > h.trace_cap else 0
+        return np.concatenate([ring[start:n], ring[:start]]) if start else ring[:n].copy()
+
+    def report(self, limit=None):
+        """Lines in the style of trace-cmd report."""
+        lines = []
+        recs = self.to_numpy()
+        if limit is not None:
+            recs = recs[-int(limit):]
+        for r in recs:
+            ev = int(r["event"])
+            fields = []
+            for name, key in zip(_TRACE_FIELDS[ev], "abcd"):
+                if name is None:
+                    continue
+                v = int(r[key])
+                if name in ("errno", "level", "order", "private"):
+                    fields.append(f"{name}={v}")
+                else:
+                    fields.append(f"{name}={v:#x}")
+            lines.append(f"{int(r['seq']):>10} vcpu{int(r['vcpu'])}: {TRACE_EVENTS[ev]}: " + " ".join(fields))
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- Host
+
+cdef class Host:
+    """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
+
+    Keyword options model kernel builds and the policies argued in the RFC:
+    prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
+    invalidate="free_folio"|"invalidate_folio", huge_folios (2M gmem folios,
+    proposed upstream). Defaults follow Linux 6.18.
+    """
+    cdef gmem_host h
+    cdef readonly str platform
+    cdef readonly bint sw_protected
+    cdef readonly bint memory_attributes
+    cdef readonly int fd
+    cdef readonly Trace trace
+    cdef dict _fds
+    cdef dict _custom_types
+    cdef public object _hook_exc
+    cdef list _hook_refs
+    cdef uint32_t _next_ino
+    cdef uint32_t _next_asid
+    cdef object __weakref__
+
+    def __cinit__(self):
+        cdef int t
+        memset(&self.h, 0, sizeof(gmem_host))
+        self.h.py_host = <void *>self
+        for t in range(KVM_MAX_VM_TYPES):
+            kvm_x86_hooks_init(&self.h.hooks[t], t)
+
+    def __init__(self, memory=64 << 30, platform="amd", *, sw_protected=True,
+                 memory_attributes=True, prepare="fault", prepared_tracking="gmem",
+                 invalidate="free_folio", huge_folios=False):
+        cdef uint64_t nbytes = _u64(memory, "memory")
+        if nbytes == 0 or nbytes & 4095:
+            raise ValueError(f"memory {memory} must be a positive multiple of 4096 bytes")
+        if nbytes >> 12 > (1 << 40):
+            raise ValueError("memory above 4 PiB is not modelled")
+        if platform not in _PLATFORM_TYPES:
+            raise ValueError(f"platform must be one of {sorted(_PLATFORM_TYPES)}, not {platform!r}")
+        for name, value in (("prepare", prepare), ("prepared_tracking", prepared_tracking),
+                            ("invalidate", invalidate)):
+            if value not in _POLICIES[name]:
+                raise ValueError(f"{name} must be one of {sorted(_POLICIES[name])}, not {value!r}")
+        if not memory_attributes and (sw_protected or platform != "none"):
+            raise ValueError("SW_PROTECTED, SEV-SNP and TDX VMs need KVM_SET_MEMORY_ATTRIBUTES "
+                             "(their Kconfig selects KVM_GENERIC_MEMORY_ATTRIBUTES)")
+        phys_init(&self.h.pm, 0, nbytes >> 12)
+        xa_init(&self.h.page_data)
+        xa_init(&self.h.user_pages)
+        self.platform = platform
+        self.sw_protected = bool(sw_protected)
+        self.memory_attributes = bool(memory_attributes)
+        self.h.prepare_policy = _POLICIES["prepare"][prepare]
+        self.h.prepared_tracking = _POLICIES["prepared_tracking"][prepared_tracking]
+        self.h.invalidate_policy = _POLICIES["invalidate"][invalidate]
+        self.h.huge_folios = bool(huge_folios)
+        self._fds = {}
+        self._custom_types = {}
+        self._hook_refs = []
+        self._next_ino = 1
+        self._next_asid = 1
+        self.trace = Trace(self)
+        self.fd = self._install_fd(self)          # /dev/kvm
+
+    def __dealloc__(self):
+        cdef uint64_t start = 0, first, v
+        cdef int order
+        while xa_find_entry(&self.h.page_data, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+            free(<void *><size_t>v)
+            start = first + 1
+        xa_destroy(&self.h.page_data)
+        xa_destroy(&self.h.user_pages)
+        phys_destroy(&self.h.pm)
+        free(self.h.trace_buf)
+
+    @property
+    def options(self):
+        """The policy options in force, by name."""
+        inv = {v: k for name in _POLICIES for k, v in _POLICIES[name].items()}
+        return dict(
+            prepare=[k for k, v in _POLICIES["prepare"].items() if v == self.h.prepare_policy][0],
+            prepared_tracking=[k for k, v in _POLICIES["prepared_tracking"].items()
+                               if v == self.h.prepared_tracking][0],
+            invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
+            huge_folios=bool(self.h.huge_folios))
+
+    # ------------------------------------------------------------- fds
+    cdef int _install_fd(self, obj) except -1:
+        fd = 3
+        while fd in self._fds:
+            fd += 1
+        self._fds[fd] = obj
+        return fd
+
+    cdef object _fd_object(self, fd):
+        return self._fds.get(fd)
+
+    def _close_fd(self, fd):
+        self._fds.pop(fd, None)
+
+    cdef void _raise_hook_exc(self) except *:
+        if self.h.hook_error:
+            self.h.hook_error = 0
+            exc, self._hook_exc = self._hook_exc, None
+            if exc is not None:
+                raise exc
+
+    # -------------------------------------------------------- KVM ioctls
+    @property
+    def vm_types(self):
+        """The KVM_CAP_VM_TYPES bitmap."""
+        bits = 0
+        for t in _PLATFORM_TYPES[self.platform]:
+            bits |= 1 << t
+        if self.sw_protected:
+            bits |= 1 << KVM_X86_SW_PROTECTED_VM
+        for t in self._custom_types:
+            bits |= 1 << t
+        return bits
+
+    def check_extension(self, cap):
+        """KVM_CHECK_EXTENSION on /dev/kvm (kvm == NULL)."""
+        return _check_extension(self, None, _u64_wrap(cap, "cap"))
+
+    def create_vm(self, vm_type=0):
+        """KVM_CREATE_VM: EINVAL for a type >= 32 or one this host does not support."""
+        cdef uint64_t t = _u64_wrap(vm_type, "vm_type")
+        if t >= KVM_MAX_VM_TYPES or not (self.vm_types >> t) & 1:
+            raise _err(_errno_mod.EINVAL, f"KVM_CREATE_VM: vm type {vm_type} is not supported "
+                       f"(kvm_arch_init_vm: KVM_CAP_VM_TYPES is {self.vm_types:#x})")
+        return Vm(self, <int>t)
+
+    def register_hooks(self, vm_type, **hooks):
+        """Replace hooks of one VM type with Python callables (None restores the native one):
+        is_private_fault(vm, gpa, error_code) -> bool, gmem_prepare(vm, gfn, pfn, order) -> int,
+        gmem_invalidate(host, start_pfn, end_pfn), private_max_mapping_level(vm, pfn) -> int.
+        A type this host lacks (6..31) becomes creatable, with private memory like SW_PROTECTED."""
+        cdef int t
+        cdef kvm_x86_hooks native
+        if isinstance(vm_type, bool) or not isinstance(vm_type, int) or not 0 <= vm_type < KVM_MAX_VM_TYPES:
+            raise ValueError(f"vm_type must be in [0, {KVM_MAX_VM_TYPES})")
+        for name, fn in hooks.items():
+            if name not in HOOK_NAMES:
+                raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
+            if fn is not None and not callable(fn):
+                raise TypeError(f"hook {name} must be callable or None")
+        t = vm_type
+        if t >= 6:
+            self._custom_types[t] = True
+        for name, fn in hooks.items():
+            i = HOOK_NAMES.index(name)
+            if fn is None:
+                kvm_x86_hooks_init(&native, t)
+                if i == 0:
+                    self.h.hooks[t].is_private_fault = native.is_private_fault
+                elif i == 1:
+                    self.h.hooks[t].gmem_prepare = native.gmem_prepare
+                elif i == 2:
+                    self.h.hooks[t].gmem_invalidate = native.gmem_invalidate
+                else:
+                    self.h.hooks[t].private_max_mapping_level = native.private_max_mapping_level
+                self.h.py_hooks[t][i] = NULL
+                continue
+            self._hook_refs.append(fn)            # keeps the callable alive
+            self.h.py_hooks[t][i] = <void *>fn
+            if i == 0:
+                self.h.hooks[t].is_private_fault = _py_is_private_fault
+            elif i == 1:
+                self.h.hooks[t].gmem_prepare = _py_gmem_prepare
+            elif i == 2:
+                self.h.hooks[t].gmem_invalidate = _py_gmem_invalidate
+            else:
+                self.h.hooks[t].private_max_mapping_level = _py_private_max_mapping_level
+
+    # ------------------------------------------------------------ memory
+    @property
+    def nr_pages(self):
+        return self.h.pm.end_pfn - self.h.pm.start_pfn
+
+    @property
+    def nr_free_pages(self):
+        return self.h.pm.nr_free_pages
+
+    @property
+    def stats(self):
+        d = {name: self.h.stats[i] for i, name in enumerate(HOST_STATS)}
+        d["free_pages"] = self.h.pm.nr_free_pages
+        d["used_pages"] = self.h.pm.end_pfn - self.h.pm.start_pfn - self.h.pm.nr_free_pages
+        d["folios"] = self.h.pm.nr_folios
+        return d
+
+    @property
+    def memory_bytes(self):
+        """C memory used by the model's own bookkeeping of host memory."""
+        cdef size_t n = sizeof(gmem_host) + xa_memory_bytes(&self.h.pm.memmap)
+        cdef int o
+        for o in range(NR_PAGE_ORDERS):
+            n += xa_memory_bytes(&self.h.pm.free_area[o])
+        n += self.h.pm.nr_chunks * (sizeof(folio) << FOLIO_CHUNK_SHIFT)
+        n += xa_memory_bytes(&self.h.page_data) + 4096 * self.h.page_data.nr_entries
+        return n + xa_memory_bytes(&self.h.user_pages)
+
+    def folio(self, pfn):
+        """The folio containing pfn: dict(pfn, order, flags, refcount, mapping, index, private) or None."""
+        cdef uint32_t id = pfn_folio(&self.h.pm, _u64(pfn, "pfn"))
+        cdef folio *f
+        if id == 0:
+            return None
+        f = folio_get(&self.h.pm, id)
+        return dict(pfn=f.pfn, order=f.order, flags=f.flags, refcount=f.refcount,
+                    mapping=f.mapping, index=f.index, private=f.private)
+
+    def inject_alloc_failures(self, n):
+        """Fault injection: the next n page allocations fail (ENOMEM as the kernel reports it)."""
+        self.h.pm.fail_alloc = _u64(n, "n")
+
+    def check(self):
+        """Cross-check every structure; raise gmem.InvariantError naming the first inconsistency."""
+        _host_check(self)
+
+
+# ------------------------------------------------------- KVM_CHECK_EXTENSION
+
+cdef object _check_extension(Host host, Vm vm, uint64_t cap):
+    """kvm_vm_ioctl_check_extension_generic + the x86 part, for the caps gmem models."""
+    cdef bint private = vm is not None and vm.k.has_private_mem
+    if cap == _uapi.KVM_CAP_USER_MEMORY2 or cap == _uapi.KVM_CAP_MEMORY_FAULT_INFO:
+        return 1
+    if cap == _uapi.KVM_CAP_MEMORY_ATTRIBUTES:
+        if not host.memory_attributes:
+            return 0
+        return KVM_MEMORY_ATTRIBUTE_PRIVATE if vm is None or private else 0
+    if cap == _uapi.KVM_CAP_GUEST_MEMFD:
+        return 1
+    if cap == _uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
+        # kvm_gmem_get_supported_flags: INIT_SHARED only without private memory
+        return GUEST_MEMFD_FLAG_MMAP if private else GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+    if cap == _uapi.KVM_CAP_VM_TYPES:
+        return host.vm_types
+    if cap == _uapi.KVM_CAP_NR_MEMSLOTS:
+        return _uapi.KVM_USER_MEM_SLOTS
+    if cap == _uapi.KVM_CAP_READONLY_MEM:
+        return 1 if vm is None else int(not vm.k.has_protected_state)
+    if cap == _uapi.KVM_CAP_MULTI_ADDRESS_SPACE:
+        return 1        # built without SMM, like this machine's kernel: one address space
+    if cap == _uapi.KVM_CAP_PRE_FAULT_MEMORY:
+        return 1
+    return 0

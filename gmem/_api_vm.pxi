@@ -1,0 +1,834 @@
+# gmem.Vm, Vcpu, GuestMemfd, Mapping: the VM ioctls, the guest_memfd file
+# operations and the vCPU's page faults.
+
+from libc.string cimport memcpy
+
+cdef unsigned char _ZERO_PAGE[4096]
+
+cdef enum:
+    KVM_MAX_VCPU_IDS = 4096
+    KVM_MR_CREATE = 0
+    KVM_MR_MOVE = 1
+    KVM_MR_FLAGS_ONLY = 2
+
+
+class FaultResult:
+    """The outcome of one vcpu.page_fault(): ret (RET_PF_* or -errno), exit_reason,
+    memory_fault ((flags, gpa, size) for KVM_EXIT_MEMORY_FAULT), level and pfn when mapped."""
+    __slots__ = ("ret", "exit_reason", "memory_fault", "level", "pfn")
+
+    def __init__(self, ret, exit_reason, memory_fault, level, pfn):
+        self.ret, self.exit_reason, self.memory_fault, self.level, self.pfn = \
+            ret, exit_reason, memory_fault, level, pfn
+
+    def __repr__(self):
+        return (f"FaultResult(ret={self.ret}, exit_reason={self.exit_reason}, "
+                f"memory_fault={self.memory_fault}, level={self.level}, pfn={self.pfn:#x})")
+
+    def __eq__(self, other):
+        return isinstance(other, FaultResult) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+
+cdef object _fault_result(const kvm_fault_out *o):
+    mf = (o.flags, o.gpa, 4096) if o.exit_reason == KVM_EXIT_MEMORY_FAULT else None
+    return FaultResult(o.ret, o.exit_reason, mf, o.level, o.pfn)
+
+
+# ----------------------------------------------------------------------- Vm
+
+cdef class Vm:
+    """A VM (KVM_CREATE_VM). It lives while its fd or any of its guest_memfd files is open."""
+    cdef kvm k
+    cdef readonly Host host
+    cdef readonly int fd
+    cdef readonly bint closed
+    cdef readonly bint destroyed
+    cdef int _refs
+    cdef dict _vcpus
+    cdef object __weakref__
+
+    def __cinit__(self, Host host, int vm_type):
+        memset(&self.k, 0, sizeof(kvm))
+        self.k.host = &host.h
+        self.k.py_vm = <void *>self
+        self.k.vm_type = vm_type
+        xa_init(&self.k.slot_index)
+        xa_init(&self.k.gfn_to_slot)
+        xa_init(&self.k.mem_attr_array)
+        xa_init(&self.k.sptes)
+        xa_init(&self.k.mmio_sptes)
+
+    def __init__(self, Host host, int vm_type):
+        self.host = host
+        self.k.has_private_mem = vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM) \
+            or vm_type >= 6
+        self.k.has_protected_state = vm_type in (KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+        self.k.pre_fault_allowed = vm_type not in (KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+        if vm_type == KVM_X86_TDX_VM:
+            self.k.gfn_direct_bits = (<uint64_t>1) << (51 - 12)     # GPAW 52: shared bit 51
+        if vm_type in (KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM):
+            self.k.asid = host._next_asid
+            host._next_asid += 1
+        self._vcpus = {}
+        self.fd = host._install_fd(self)
+
+    def __dealloc__(self):
+        self._free_state()
+
+    cdef void _free_state(self):
+        cdef uint32_t i
+        for i in range(self.k.nr_memslots):
+            if self.k.memslots[i].used:
+                free(self.k.memslots[i].lpage_info[0])
+                free(self.k.memslots[i].lpage_info[1])
+                self.k.memslots[i].used = 0
+        free(self.k.memslots)
+        self.k.memslots = NULL
+        self.k.nr_memslots = 0
+        xa_destroy(&self.k.slot_index)
+        xa_destroy(&self.k.gfn_to_slot)
+        xa_destroy(&self.k.mem_attr_array)
+        xa_destroy(&self.k.sptes)
+        xa_destroy(&self.k.mmio_sptes)
+
+    @property
+    def vm_type(self):
+        return self.k.vm_type
+
+    @property
+    def asid(self):
+        return self.k.asid
+
+    @property
+    def has_private_mem(self):
+        return bool(self.k.has_private_mem)
+
+    cdef void _check_open(self, str what) except *:
+        if self.closed:
+            raise _err(_errno_mod.EBADF, f"{what}: the VM fd is closed")
+
+    def close(self):
+        """Close the VM fd; the VM is destroyed once no guest_memfd of it is open either."""
+        if self.closed:
+            return
+        self.closed = True
+        self.host._close_fd(self.fd)
+        self._put()
+
+    cdef void _put(self):
+        """kvm_put_kvm: the last reference destroys the VM (its memslots unbind)."""
+        cdef uint32_t i
+        if not self.closed or self._refs or self.destroyed:
+            return
+        for i in range(self.k.nr_memslots):
+            if self.k.memslots[i].used:
+                kvm_gmem_unbind(&self.k, &self.k.memslots[i])
+        self._free_state()
+        self.destroyed = True
+
+    def check_extension(self, cap):
+        """KVM_CHECK_EXTENSION on the VM fd."""
+        self._check_open("KVM_CHECK_EXTENSION")
+        return _check_extension(self.host, self, _u64_wrap(cap, "cap"))
+
+    # ------------------------------------------------------------ vCPUs
+    def create_vcpu(self, vcpu_id=0):
+        """KVM_CREATE_VCPU."""
+        self._check_open("KVM_CREATE_VCPU")
+        cdef uint64_t id = _u64_wrap(vcpu_id, "vcpu_id")
+        if id >= KVM_MAX_VCPU_IDS:
+            raise _err(_errno_mod.EINVAL, f"KVM_CREATE_VCPU: id {vcpu_id} >= KVM_MAX_VCPU_IDS")
+        if id in self._vcpus:
+            raise _err(_errno_mod.EEXIST, f"KVM_CREATE_VCPU: vcpu {vcpu_id} exists")
+        v = Vcpu(self, <uint32_t>id)
+        self._vcpus[id] = v
+        return v
+
+    @property
+    def vcpus(self):
+        return dict(self._vcpus)
+
+    # --------------------------------------------------------- guest_memfd
+    def create_guest_memfd(self, size, flags=0):
+        """KVM_CREATE_GUEST_MEMFD: flags are checked before size (kvm_gmem_create)."""
+        self._check_open("KVM_CREATE_GUEST_MEMFD")
+        cdef uint64_t sz = _u64_wrap(size, "size"), fl = _u64_wrap(flags, "flags")
+        cdef uint64_t supported = GUEST_MEMFD_FLAG_MMAP
+        if not self.k.has_private_mem:
+            supported |= GUEST_MEMFD_FLAG_INIT_SHARED   # kvm_arch_supports_gmem_init_shared
+        if fl & ~supported:
+            raise _err(_errno_mod.EINVAL, f"KVM_CREATE_GUEST_MEMFD: flags {fl:#x} outside "
+                       f"kvm_gmem_get_supported_flags() = {supported:#x}")
+        if _s64(sz) <= 0 or sz & 4095:
+            raise _err(_errno_mod.EINVAL, f"KVM_CREATE_GUEST_MEMFD: size {_s64(sz)} is not a "
+                       "positive multiple of PAGE_SIZE")
+        inode = GmemInode(self.host, sz, fl, self.k.vm_type)
+        return GuestMemfd(GmemFile(inode, self))
+
+    def link_guest_memfd(self, GuestMemfd src not None):
+        """A new guest_memfd of this VM on the same inode as src: the shared-inode model of
+        intra-host migration. This mirrors a proposed uAPI (KVM_LINK_GUEST_MEMFD), not a merged one."""
+        self._check_open("KVM_LINK_GUEST_MEMFD")
+        src._check_open("KVM_LINK_GUEST_MEMFD")
+        if src.file.vm.k.vm_type != self.k.vm_type:
+            raise _err(_errno_mod.EINVAL, "KVM_LINK_GUEST_MEMFD: the VM types differ")
+        return GuestMemfd(GmemFile(src.file.inode, self))
+
+    # ------------------------------------------------------------ memslots
+    def set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size,
+                                userspace_addr=0, guest_memfd=-1, guest_memfd_offset=0):
+        """KVM_SET_USER_MEMORY_REGION2, with the kernel's order of checks."""
+        self._check_open("KVM_SET_USER_MEMORY_REGION2")
+        if isinstance(guest_memfd, GuestMemfd):
+            guest_memfd = (<GuestMemfd>guest_memfd).fd
+        self._set_memory_region(_u32_wrap(slot, "slot"), _u32_wrap(flags, "flags"),
+                                _u64_wrap(guest_phys_addr, "guest_phys_addr"),
+                                _u64_wrap(memory_size, "memory_size"),
+                                _u64_wrap(userspace_addr, "userspace_addr"),
+                                _u32_wrap(guest_memfd, "guest_memfd"),
+                                _u64_wrap(guest_memfd_offset, "guest_memfd_offset"), True)
+
+    def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr=0):
+        """KVM_SET_USER_MEMORY_REGION (v1: no guest_memfd)."""
+        self._check_open("KVM_SET_USER_MEMORY_REGION")
+        self._set_memory_region(_u32_wrap(slot, "slot"), _u32_wrap(flags, "flags"),
+                                _u64_wrap(guest_phys_addr, "guest_phys_addr"),
+                                _u64_wrap(memory_size, "memory_size"),
+                                _u64_wrap(userspace_addr, "userspace_addr"), 0, 0, False)
+
+    cdef int _find_slot(self, uint32_t id):
+        cdef uint64_t v
+        if xa_load(&self.k.slot_index, id, &v):
+            return <int>v
+        return -1
+
+    cdef _set_memory_region(self, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size,
+                            uint64_t hva, uint32_t gmem_fd, uint64_t offset, bint v2):
+        cdef uint64_t valid, npages, base_gfn, f, v
+        cdef int old, change, k
+        cdef kvm_memory_slot *s
+        EINVAL = _errno_mod.EINVAL
+        what = "KVM_SET_USER_MEMORY_REGION2" if v2 else "KVM_SET_USER_MEMORY_REGION"
+        if not v2 and flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
+            raise _err(EINVAL, f"{what}: flags {flags:#x} need KVM_SET_USER_MEMORY_REGION2")
+        if (slot & 0xFFFF) >= _uapi.KVM_USER_MEM_SLOTS:
+            raise _err(EINVAL, f"{what}: slot id {slot & 0xFFFF} >= KVM_USER_MEM_SLOTS")
+        # check_memory_region_flags (6.18: guest_memfd for every VM type)
+        valid = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD
+        if flags & KVM_MEM_GUEST_MEMFD:
+            valid &= ~KVM_MEM_LOG_DIRTY_PAGES
+        elif not self.k.has_protected_state:
+            valid |= KVM_MEM_READONLY
+        if flags & ~valid:
+            raise _err(EINVAL, f"{what}: flags {flags:#x} not valid here (check_memory_region_flags: {valid:#x})")
+        if size & 4095:
+            raise _err(EINVAL, f"{what}: memory_size {size:#x} is not page aligned")
+        if gpa & 4095:
+            raise _err(EINVAL, f"{what}: guest_phys_addr {gpa:#x} is not page aligned")
+        if hva & 4095 or hva + size < hva or hva + size > _TASK_SIZE_MAX:
+            raise _err(EINVAL, f"{what}: userspace_addr {hva:#x} is misaligned or not access_ok()")
+        if flags & KVM_MEM_GUEST_MEMFD and (offset & 4095 or offset + size < offset):
+            raise _err(EINVAL, f"{what}: guest_memfd_offset {offset:#x} is misaligned or wraps")
+        if slot >> 16 >= 1 or (slot & 0xFFFF) >= _uapi.KVM_MEM_SLOTS_NUM:
+            raise _err(EINVAL, f"{what}: address space {slot >> 16} does not exist")
+        if gpa + size < gpa:
+            raise _err(EINVAL, f"{what}: guest_phys_addr + memory_size wraps")
+        npages = size >> 12
+        if npages > _uapi.KVM_MEM_MAX_NR_PAGES:
+            raise _err(EINVAL, f"{what}: more than KVM_MEM_MAX_NR_PAGES pages")
+        old = self._find_slot(slot)
+        if npages == 0:
+            if old < 0:
+                raise _err(EINVAL, f"{what}: deleting slot {slot:#x}, which does not exist")
+            self._delete_memslot(old)
+            return
+        base_gfn = gpa >> 12
+        change = KVM_MR_CREATE
+        if old >= 0:
+            s = &self.k.memslots[old]
+            if flags & KVM_MEM_GUEST_MEMFD:
+                raise _err(EINVAL, f"{what}: guest_memfd memslots are immutable, they can only be deleted")
+            if hva != s.userspace_addr or npages != s.npages or \
+                    (flags ^ s.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD):
+                raise _err(EINVAL, f"{what}: a modification may not change userspace_addr, size, "
+                           "KVM_MEM_READONLY or KVM_MEM_GUEST_MEMFD")
+            if base_gfn != s.base_gfn:
+                change = KVM_MR_MOVE
+            elif flags != s.flags:
+                change = KVM_MR_FLAGS_ONLY
+            else:
+                return
+        if change != KVM_MR_FLAGS_ONLY and xa_find_entry(&self.k.gfn_to_slot, base_gfn, base_gfn + npages - 1,
+                                                         XA_NO_MARK, &f, &k, &v) and <int>v != old:
+            raise _err(_errno_mod.EEXIST, f"{what}: gpa range overlaps memslot "
+                       f"{self.k.memslots[v].id:#x}")
+        if change == KVM_MR_CREATE:
+            gfile = None
+            if flags & KVM_MEM_GUEST_MEMFD:
+                gfile = self._gmem_bind_check(gmem_fd, offset, npages, what)
+            self._create_memslot(slot, flags, base_gfn, npages, hva, gfile, offset >> 12)
+        elif change == KVM_MR_MOVE:
+            self._move_memslot(old, base_gfn)
+        else:
+            s = &self.k.memslots[old]
+            s.flags = flags
+            kvm_unmap_gfn_range(&self.k, s.base_gfn, s.base_gfn + s.npages, 0)
+
+    cdef GmemFile _gmem_bind_check(self, uint32_t fd, uint64_t offset, uint64_t npages, str what):
+        """kvm_gmem_bind's checks, in order."""
+        cdef GmemFile gf
+        cdef uint64_t f, v
+        cdef int k
+        obj = self.host._fd_object(fd)
+        if obj is None:
+            raise _err(_errno_mod.EBADF, f"{what}: guest_memfd {fd} is not an open fd")
+        if not isinstance(obj, GuestMemfd):
+            raise _err(_errno_mod.EINVAL, f"{what}: fd {fd} is not a guest_memfd")
+        gf = (<GuestMemfd>obj).file
+        if gf.vm is not self:
+            raise _err(_errno_mod.EINVAL, f"{what}: guest_memfd {fd} belongs to another VM")
+        if _s64(offset) < 0 or offset + (npages << 12) > gf.inode.i.size:
+            raise _err(_errno_mod.EINVAL, f"{what}: guest_memfd_offset + memory_size is past the "
+                       f"end of the guest_memfd ({gf.inode.i.size:#x})")
+        if xa_find_entry(&gf.f.bindings, offset >> 12, (offset >> 12) + npages - 1, XA_NO_MARK, &f, &k, &v):
+            raise _err(_errno_mod.EINVAL, f"{what}: that guest_memfd range is already bound to "
+                       f"memslot {self.k.memslots[v].id:#x}")
+        return gf
+
+    cdef int _alloc_memslot(self) except -1:
+        cdef uint32_t i
+        cdef kvm_memory_slot *a
+        for i in range(self.k.nr_memslots):
+            if not self.k.memslots[i].used:
+                return i
+        a = <kvm_memory_slot *>realloc(self.k.memslots, (self.k.nr_memslots + 16) * sizeof(kvm_memory_slot))
+        if a == NULL:
+            raise _err(_errno_mod.ENOMEM, "memslot array")
+        memset(&a[self.k.nr_memslots], 0, 16 * sizeof(kvm_memory_slot))
+        self.k.memslots = a
+        self.k.nr_memslots += 16
+        return self.k.nr_memslots - 16
+
+    cdef int _init_lpage_info(self, kvm_memory_slot *s) except -1:
+        """kvm_alloc_memslot_metadata: disallow hugepages over misaligned edges."""
+        cdef int level, o
+        cdef uint64_t n, j, ugfn = s.userspace_addr >> 12
+        cdef uint32_t *info
+        for level in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            o = _level_order(level)
+            n = lpage_info_count(s, level)
+            info = <uint32_t *>_calloc(n, sizeof(uint32_t))
+            if info == NULL:
+                raise _err(_errno_mod.ENOMEM, "lpage_info")
+            free(s.lpage_info[level - 2])
+            s.lpage_info[level - 2] = info
+            if s.base_gfn & _mask(o):
+                info[0] = 1
+            if (s.base_gfn + s.npages) & _mask(o):
+                info[n - 1] = 1
+            if (s.base_gfn ^ ugfn) & _mask(o) and not (s.flags & KVM_MEM_GUEST_MEMFD):
+                for j in range(n):
+                    info[j] = 1
+        kvm_mmu_init_memslot_memory_attributes(&self.k, s)
+        return 0
+
+    cdef void _create_memslot(self, uint32_t id, uint32_t flags, uint64_t base_gfn, uint64_t npages,
+                              uint64_t hva, GmemFile gfile, uint64_t pgoff) except *:
+        cdef int i = self._alloc_memslot()
+        cdef kvm_memory_slot *s = &self.k.memslots[i]
+        memset(s, 0, sizeof(kvm_memory_slot))
+        s.base_gfn, s.npages, s.userspace_addr, s.flags, s.id = base_gfn, npages, hva, flags, id
+        self._init_lpage_info(s)
+        if (xa_store_range(&self.k.gfn_to_slot, base_gfn, base_gfn + npages - 1, i) < 0
+                or xa_assign_range(&self.k.slot_index, id, id, i, False) < 0
+                or (gfile is not None and
+                    xa_store_range(&gfile.f.bindings, pgoff, pgoff + npages - 1, i) < 0)):
+            xa_assign_range(&self.k.gfn_to_slot, base_gfn, base_gfn + npages - 1, 0, True)
+            xa_assign_range(&self.k.slot_index, id, id, 0, True)
+            free(s.lpage_info[0])
+            free(s.lpage_info[1])
+            raise _err(_errno_mod.ENOMEM, "memslot")
+        if gfile is not None:
+            s.gmem_file = &gfile.f
+            s.gmem_pgoff = pgoff
+        s.used = 1
+
+    cdef void _delete_memslot(self, int i):
+        cdef kvm_memory_slot *s = &self.k.memslots[i]
+        kvm_gmem_unbind(&self.k, s)
+        kvm_unmap_gfn_range(&self.k, s.base_gfn, s.base_gfn + s.npages, 0)
+        xa_assign_range(&self.k.gfn_to_slot, s.base_gfn, s.base_gfn + s.npages - 1, 0, True)
+        xa_assign_range(&self.k.slot_index, s.id, s.id, 0, True)
+        free(s.lpage_info[0])
+        free(s.lpage_info[1])
+        memset(s, 0, sizeof(kvm_memory_slot))
+
+    cdef void _move_memslot(self, int i, uint64_t base_gfn) except *:
+        cdef kvm_memory_slot *s = &self.k.memslots[i]
+        kvm_unmap_gfn_range(&self.k, s.base_gfn, s.base_gfn + s.npages, 0)
+        xa_assign_range(&self.k.gfn_to_slot, s.base_gfn, s.base_gfn + s.npages - 1, 0, True)
+        s.base_gfn = base_gfn
+        if xa_store_range(&self.k.gfn_to_slot, base_gfn, base_gfn + s.npages - 1, i) < 0:
+            raise MemoryError("memslot move")
+        self._init_lpage_info(s)
+
+    def memslots(self):
+        """The memslots as dicts (slot, flags, guest_phys_addr, memory_size, userspace_addr,
+        guest_memfd_offset, bound)."""
+        cdef uint32_t i
+        cdef kvm_memory_slot *s
+        out = []
+        for i in range(self.k.nr_memslots):
+            s = &self.k.memslots[i]
+            if s.used:
+                out.append(dict(slot=s.id, flags=s.flags, guest_phys_addr=s.base_gfn << 12,
+                                memory_size=s.npages << 12, userspace_addr=s.userspace_addr,
+                                guest_memfd_offset=s.gmem_pgoff << 12, bound=s.gmem_file != NULL))
+        return sorted(out, key=lambda d: d["slot"])
+
+    # ----------------------------------------------------------- attributes
+    def set_memory_attributes(self, address, size, attributes, flags=0):
+        """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes)."""
+        self._check_open("KVM_SET_MEMORY_ATTRIBUTES")
+        cdef uint64_t a = _u64_wrap(address, "address"), sz = _u64_wrap(size, "size")
+        cdef uint64_t attrs = _u64_wrap(attributes, "attributes"), fl = _u64_wrap(flags, "flags")
+        cdef uint64_t supported = KVM_MEMORY_ATTRIBUTE_PRIVATE if self.k.has_private_mem else 0
+        cdef int r
+        what = "KVM_SET_MEMORY_ATTRIBUTES"
+        if not self.host.memory_attributes:
+            raise _err(_errno_mod.ENOTTY, f"{what}: this kernel is built without "
+                       "CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES")
+        if fl:
+            raise _err(_errno_mod.EINVAL, f"{what}: flags must be 0")
+        if attrs & ~supported:
+            raise _err(_errno_mod.EINVAL, f"{what}: attributes {attrs:#x} outside "
+                       f"kvm_supported_mem_attributes() = {supported:#x}")
+        if sz == 0 or a + sz < a:
+            raise _err(_errno_mod.EINVAL, f"{what}: size is 0 or address + size wraps")
+        if a & 4095 or sz & 4095:
+            raise _err(_errno_mod.EINVAL, f"{what}: address and size must be page aligned")
+        r = kvm_vm_set_mem_attributes(&self.k, a >> 12, (a + sz) >> 12, attrs)
+        if r < 0:
+            raise _err(-r, f"{what}: out of memory")
+
+    def get_memory_attributes(self, gfn):
+        """The attributes of one gfn (kvm_get_memory_attributes; no ioctl reads them)."""
+        return kvm_get_memory_attributes(&self.k, _u64(gfn, "gfn"))
+
+    # ------------------------------------------------------------- faults
+    def page_fault_batch(self, gpas, error_codes, vcpu_id=0):
+        """Run faults through the same C path as vcpu.page_fault, the GIL released (Python
+        hooks take it while they run). Returns a FAULT_DTYPE array. vcpu_id is created if absent."""
+        self._check_open("page_fault_batch")
+        g = _u64_array(gpas, "gpas")
+        e = _u64_array(error_codes, "error_codes")
+        if g.shape[0] != e.shape[0]:
+            raise ValueError(f"gpas ({g.shape[0]}) and error_codes ({e.shape[0]}) differ in length")
+        vid = _u64(vcpu_id, "vcpu_id")
+        vcpu = self._vcpus.get(vid) or self.create_vcpu(vid)
+        out = np.zeros(g.shape[0], dtype=FAULT_DTYPE)
+        _fault_batch(&(<Vcpu>vcpu).v, g, e, out)
+        self.host._raise_hook_exc()
+        return out
+
+    def inject_invalidation(self, gpa, size):
+        """Fault injection: run an invalidation of [gpa, gpa + size) between the next fault's
+        pfn lookup and its map (as if an mmu notifier ran then): that fault returns RET_PF_RETRY."""
+        cdef uint64_t a = _u64(gpa, "gpa"), n = _u64(size, "size")
+        if n == 0:
+            raise ValueError("size must be positive")
+        self.k.inject_inval_start = a >> 12
+        self.k.inject_inval_end = (a + n + 4095) >> 12
+
+    def sptes(self):
+        """The SPTEs as a list of (gfn, level, pfn, writable, private)."""
+        out = []
+        cdef uint64_t start = 0, first, v
+        cdef int order
+        while xa_find_entry(&self.k.sptes, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+            out.append((first, <int>(v & SPTE_LEVEL_MASK), v >> SPTE_PFN_SHIFT,
+                        bool(v & SPTE_WRITABLE), bool(v & SPTE_PRIVATE)))
+            start = first + ((<uint64_t>1) << order)
+        return out
+
+    @property
+    def stats(self):
+        d = {"pages_4k": self.k.sptes.nr_by_order[0], "pages_2m": self.k.sptes.nr_by_order[9],
+             "pages_1g": self.k.sptes.nr_by_order[18]}
+        for i, name in enumerate(VM_STATS):
+            d[name] = self.k.stats[i]
+        for name in VCPU_STATS:
+            d[name] = sum(v.stats[name] for v in self._vcpus.values())
+        return d
+
+
+cdef object _u64_array(object a, str what):
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, not {arr.ndim}-D")
+    if arr.dtype.kind not in "ui":
+        raise TypeError(f"{what} must hold integers, not {arr.dtype}")
+    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        raise ValueError(f"{what} holds negative numbers")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+cdef void _fault_batch(kvm_vcpu *vcpu, const uint64_t[::1] gpas, const uint64_t[::1] ecs,
+                       object out_arr) except *:
+    cdef kvm_fault_out *out = <kvm_fault_out *>cnp.PyArray_DATA(out_arr)
+    cdef Py_ssize_t i, n = gpas.shape[0]
+    with nogil:
+        for i in range(n):
+            kvm_mmu_page_fault(vcpu, gpas[i], ecs[i], &out[i])
+            if vcpu.kvm.host.hook_error:
+                break
+
+
+# --------------------------------------------------------------------- Vcpu
+
+cdef class Vcpu:
+    """A vCPU: where page faults are taken."""
+    cdef kvm_vcpu v
+    cdef readonly Vm vm
+
+    def __cinit__(self, Vm vm, uint32_t vcpu_id):
+        memset(&self.v, 0, sizeof(kvm_vcpu))
+        self.v.kvm = &vm.k
+        self.v.vcpu_id = vcpu_id
+        self.vm = vm
+
+    @property
+    def vcpu_id(self):
+        return self.v.vcpu_id
+
+    def page_fault(self, gpa, error_code):
+        """One #NPF / EPT violation with the full 64-bit error code (kvm_mmu_page_fault)."""
+        cdef kvm_fault_out out
+        cdef uint64_t g = _u64(gpa, "gpa"), e = _u64(error_code, "error_code")
+        self.vm._check_open("page fault")
+        kvm_mmu_page_fault(&self.v, g, e, &out)
+        self.vm.host._raise_hook_exc()
+        return _fault_result(&out)
+
+    @property
+    def stats(self):
+        return {name: self.v.stats[i] for i, name in enumerate(VCPU_STATS)}
+
+
+# ------------------------------------------------------- guest_memfd files
+
+cdef class GmemInode:
+    """The guest_memfd inode: the filemap of folios (AS_INACCESSIBLE)."""
+    cdef gmem_inode i
+    cdef Host host
+
+    def __cinit__(self, Host host, uint64_t size, uint64_t flags, int vm_type):
+        memset(&self.i, 0, sizeof(gmem_inode))
+        xa_init(&self.i.filemap)
+        self.host = host
+        self.i.host = &host.h
+        self.i.size = size
+        self.i.flags = flags
+        self.i.vm_type = vm_type
+        self.i.ino = host._next_ino
+        host._next_ino += 1
+
+    def __dealloc__(self):
+        if self.i.filemap.nr_entries:
+            kvm_gmem_evict_inode(&self.i)
+        xa_destroy(&self.i.filemap)
+
+
+cdef class GmemFile:
+    """One struct file of a guest_memfd: a VM's view of the inode, with its bindings."""
+    cdef gmem_file f
+    cdef GmemInode inode
+    cdef Vm vm
+    cdef int refs          # fds and mappings
+
+    def __cinit__(self, GmemInode inode, Vm vm):
+        memset(&self.f, 0, sizeof(gmem_file))
+        xa_init(&self.f.bindings)
+        self.inode = inode
+        self.vm = vm
+        self.f.inode = &inode.i
+        self.f.kvm = &vm.k
+        self.f.next = inode.i.files
+        inode.i.files = &self.f
+        vm._refs += 1          # the file pins the VM
+
+    cdef void get(self):
+        self.refs += 1
+
+    cdef void put(self) except *:
+        self.refs -= 1
+        if self.refs == 0:
+            kvm_gmem_release(&self.f)
+            self.vm._refs -= 1
+            self.vm._put()
+            self.vm.host._raise_hook_exc()
+
+
+cdef class GuestMemfd:
+    """A guest_memfd file descriptor (KVM_CREATE_GUEST_MEMFD)."""
+    cdef readonly int fd
+    cdef readonly bint closed
+    cdef GmemFile file
+
+    def __cinit__(self, GmemFile file):
+        self.file = file
+        file.get()
+        self.fd = file.vm.host._install_fd(self)
+
+    @property
+    def size(self):
+        return self.file.inode.i.size
+
+    @property
+    def flags(self):
+        return self.file.inode.i.flags
+
+    @property
+    def vm(self):
+        return self.file.vm
+
+    @property
+    def ino(self):
+        return self.file.inode.i.ino
+
+    cdef void _check_open(self, str what) except *:
+        if self.closed:
+            raise _err(_errno_mod.EBADF, f"{what}: guest_memfd fd is closed")
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.file.vm.host._close_fd(self.fd)
+        self.file.put()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def dup(self):
+        """dup(2): a new fd on the same file."""
+        self._check_open("dup")
+        return GuestMemfd(self.file)
+
+    def fstat(self):
+        """st_size, st_blksize, st_mode (S_IFREG | 0600), st_ino, st_blocks (always 0)."""
+        self._check_open("fstat")
+        return dict(st_size=self.size, st_blksize=4096, st_mode=0o100600, st_ino=self.ino, st_blocks=0)
+
+    # file operations gmem does not have: the VFS answers
+    def read(self, n=-1):
+        self._check_open("read")
+        raise _err(_errno_mod.EINVAL, "read: guest_memfd has no read (no FMODE_CAN_READ)")
+
+    def write(self, data):
+        self._check_open("write")
+        raise _err(_errno_mod.EINVAL, "write: guest_memfd has no write (no FMODE_CAN_WRITE)")
+
+    def pread(self, n, offset):
+        self._check_open("pread")
+        if _s64(_u64_wrap(offset, "offset")) < 0:
+            raise _err(_errno_mod.EINVAL, "pread: negative offset")
+        raise _err(_errno_mod.ESPIPE, "pread: guest_memfd has no FMODE_PREAD")
+
+    def pwrite(self, data, offset):
+        self._check_open("pwrite")
+        if _s64(_u64_wrap(offset, "offset")) < 0:
+            raise _err(_errno_mod.EINVAL, "pwrite: negative offset")
+        raise _err(_errno_mod.ESPIPE, "pwrite: guest_memfd has no FMODE_PWRITE")
+
+    def lseek(self, offset, whence=0):
+        self._check_open("lseek")
+        raise _err(_errno_mod.ESPIPE, "lseek: guest_memfd has no FMODE_LSEEK")
+
+    def ftruncate(self, length):
+        self._check_open("ftruncate")
+        if _s64(_u64_wrap(length, "length")) < 0:
+            raise _err(_errno_mod.EINVAL, "ftruncate: negative length")
+        raise _err(_errno_mod.EINVAL, "ftruncate: kvm_gmem_setattr refuses every size change")
+
+    def fallocate(self, mode, offset, length):
+        """fallocate(2): vfs_fallocate's checks, then kvm_gmem_fallocate's."""
+        self._check_open("fallocate")
+        cdef uint64_t m = _u32_wrap(mode, "mode"), off = _u64_wrap(offset, "offset")
+        cdef uint64_t ln = _u64_wrap(length, "length")
+        cdef int r
+        cdef uint64_t modes = (_uapi.FALLOC_FL_PUNCH_HOLE | _uapi.FALLOC_FL_COLLAPSE_RANGE |
+                               _uapi.FALLOC_FL_ZERO_RANGE | _uapi.FALLOC_FL_INSERT_RANGE |
+                               _uapi.FALLOC_FL_UNSHARE_RANGE | _uapi.FALLOC_FL_WRITE_ZEROES)
+        cdef uint64_t mm = m & modes
+        EOPNOTSUPP = _errno_mod.EOPNOTSUPP
+        if _s64(off) < 0 or _s64(ln) <= 0:
+            raise _err(_errno_mod.EINVAL, "fallocate: offset < 0 or len <= 0 (vfs_fallocate)")
+        if m & ~(modes | _uapi.FALLOC_FL_KEEP_SIZE):
+            raise _err(EOPNOTSUPP, f"fallocate: unknown mode bits {m:#x} (vfs_fallocate)")
+        if mm not in (0, _uapi.FALLOC_FL_PUNCH_HOLE, _uapi.FALLOC_FL_COLLAPSE_RANGE,
+                      _uapi.FALLOC_FL_ZERO_RANGE, _uapi.FALLOC_FL_INSERT_RANGE,
+                      _uapi.FALLOC_FL_UNSHARE_RANGE, _uapi.FALLOC_FL_WRITE_ZEROES):
+            raise _err(EOPNOTSUPP, f"fallocate: modes are exclusive ({m:#x})")
+        if mm == _uapi.FALLOC_FL_PUNCH_HOLE and not m & _uapi.FALLOC_FL_KEEP_SIZE:
+            raise _err(EOPNOTSUPP, "fallocate: PUNCH_HOLE needs KEEP_SIZE")
+        if mm in (_uapi.FALLOC_FL_COLLAPSE_RANGE, _uapi.FALLOC_FL_INSERT_RANGE,
+                  _uapi.FALLOC_FL_WRITE_ZEROES) and m & _uapi.FALLOC_FL_KEEP_SIZE:
+            raise _err(EOPNOTSUPP, "fallocate: this mode cannot take KEEP_SIZE")
+        if off + ln > _MAX_LFS_FILESIZE or off + ln < off:
+            raise _err(_errno_mod.EFBIG, "fallocate: offset + len beyond MAX_LFS_FILESIZE")
+        # kvm_gmem_fallocate
+        if not m & _uapi.FALLOC_FL_KEEP_SIZE:
+            raise _err(EOPNOTSUPP, "fallocate: guest_memfd needs FALLOC_FL_KEEP_SIZE")
+        if m & ~(_uapi.FALLOC_FL_KEEP_SIZE | _uapi.FALLOC_FL_PUNCH_HOLE):
+            raise _err(EOPNOTSUPP, "fallocate: guest_memfd allows only KEEP_SIZE [| PUNCH_HOLE]")
+        if off & 4095 or ln & 4095:
+            raise _err(_errno_mod.EINVAL, "fallocate: offset and len must be page aligned")
+        host = self.file.vm.host
+        if m & _uapi.FALLOC_FL_PUNCH_HOLE:
+            kvm_gmem_punch_hole(&self.file.inode.i, off >> 12, (off + ln) >> 12)   # no EOF check
+            host._raise_hook_exc()
+            return
+        if off + ln > self.file.inode.i.size:
+            raise _err(_errno_mod.EINVAL, "fallocate: offset + len past i_size")
+        r = kvm_gmem_allocate(&self.file.inode.i, off >> 12, (off + ln) >> 12)
+        host._raise_hook_exc()
+        if r < 0:
+            raise _err(-r, "fallocate: kvm_gmem_allocate failed (pages allocated so far stay)")
+
+    def allocate(self, offset, length):
+        """fallocate(FALLOC_FL_KEEP_SIZE)."""
+        self.fallocate(_uapi.FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def punch_hole(self, offset, length):
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)."""
+        self.fallocate(_uapi.FALLOC_FL_PUNCH_HOLE | _uapi.FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def mmap(self, length, offset=0, prot=_uapi.PROT_READ | _uapi.PROT_WRITE, flags=_uapi.MAP_SHARED):
+        """mmap(2): do_mmap's checks, then kvm_gmem_mmap's (6.18)."""
+        self._check_open("mmap")
+        cdef uint64_t ln = _u64_wrap(length, "length"), off = _u64_wrap(offset, "offset")
+        cdef uint64_t p = _u32_wrap(prot, "prot"), fl = _u32_wrap(flags, "flags")
+        map_type = fl & 0x0F
+        if ln == 0 or off & 4095:
+            raise _err(_errno_mod.EINVAL, "mmap: length 0 or offset not page aligned")
+        if ln > (1 << 47) or off + ln < off:
+            raise _err(_errno_mod.ENOMEM, "mmap: length too large")
+        if map_type not in (_uapi.MAP_SHARED, _uapi.MAP_PRIVATE, 0x03):
+            raise _err(_errno_mod.EINVAL, "mmap: flags need MAP_SHARED or MAP_PRIVATE")
+        if p & _uapi.PROT_EXEC:
+            raise _err(_errno_mod.EPERM, "mmap: PROT_EXEC on a noexec (anon_inode) mount")
+        if not self.flags & GUEST_MEMFD_FLAG_MMAP:
+            raise _err(_errno_mod.ENODEV, "mmap: guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
+        if map_type == _uapi.MAP_PRIVATE:
+            raise _err(_errno_mod.EINVAL, "mmap: guest_memfd mappings must be MAP_SHARED")
+        return Mapping(self.file, ln, off, p)
+
+
+cdef class Mapping:
+    """A MAP_SHARED mapping of a guest_memfd. m[a:b] reads, m[a:b] = data writes; an access
+    the kernel answers with SIGBUS (kvm_gmem_fault_user_mapping) raises gmem.SigBus."""
+    cdef GmemFile file
+    cdef readonly uint64_t length
+    cdef readonly uint64_t offset
+    cdef readonly int prot
+    cdef readonly bint closed
+
+    def __cinit__(self, GmemFile file, uint64_t length, uint64_t offset, int prot):
+        self.file = file
+        self.length = length
+        self.offset = offset
+        self.prot = prot
+        file.get()             # a VMA holds a file reference
+
+    def __len__(self):
+        return self.length
+
+    def close(self):
+        """munmap."""
+        if not self.closed:
+            self.closed = True
+            self.file.put()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    cdef tuple _range(self, key):
+        if self.closed:
+            raise ValueError("mapping is closed")
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.length)
+            if step != 1:
+                raise ValueError("only contiguous slices")
+            return start, max(start, stop)
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            i = int(key)
+            if i < 0:
+                i += self.length
+            if not 0 <= i < self.length:
+                raise IndexError("mapping index out of range")
+            return i, i + 1
+        raise TypeError("mapping indices must be integers or slices")
+
+    cdef unsigned char *_fault(self, uint64_t pos, bint write) except NULL:
+        """kvm_gmem_fault_user_mapping for the page holding byte pos of the mapping."""
+        cdef gmem_inode *inode = &self.file.inode.i
+        cdef uint64_t pgoff = (self.offset + pos) >> 12
+        cdef uint32_t id
+        cdef folio *f
+        cdef unsigned char *p
+        if pgoff << 12 >= inode.size:
+            raise _SigBus(f"SIGBUS: page {pgoff} is beyond i_size {inode.size:#x}", pos)
+        if not inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+            raise _SigBus("SIGBUS: guest_memfd without GUEST_MEMFD_FLAG_INIT_SHARED is private", pos)
+        if kvm_gmem_get_folio(inode, pgoff, &id) < 0:
+            raise MemoryError("out of memory faulting a guest_memfd page (VM_FAULT_OOM)")
+        f = folio_get(&inode.host.pm, id)
+        if not f.flags & PG_uptodate:
+            page_data_drop(inode.host, f.pfn, _pages(f.order))   # clear_highpage
+            f.flags |= PG_uptodate                                  # kvm_gmem_mark_prepared
+        p = page_data_get(inode.host, f.pfn + (pgoff - f.index), write)
+        if p == NULL and write:
+            raise MemoryError("out of memory for page contents")
+        return p if p != NULL else <unsigned char *>_ZERO_PAGE
+
+    def __getitem__(self, key):
+        cdef uint64_t a, b, pos, n
+        cdef unsigned char *p
+        a, b = self._range(key)
+        if not self.prot & _uapi.PROT_READ:
+            raise _err(_errno_mod.EACCES, "read of a mapping without PROT_READ (SIGSEGV)")
+        out = bytearray(b - a)
+        cdef unsigned char[::1] o = out if b > a else None
+        pos = a
+        while pos < b:
+            n = min(b - pos, 4096 - ((self.offset + pos) & 4095))
+            p = self._fault(pos, False)
+            memcpy(&o[pos - a], p + ((self.offset + pos) & 4095), n)
+            pos += n
+        return bytes(out) if isinstance(key, slice) else out[0]
+
+    def __setitem__(self, key, value):
+        cdef uint64_t a, b, pos, n
+        cdef unsigned char *p
+        a, b = self._range(key)
+        if not self.prot & _uapi.PROT_WRITE:
+            raise _err(_errno_mod.EACCES, "write to a mapping without PROT_WRITE (SIGSEGV)")
+        data = bytes([value]) if isinstance(value, int) else bytes(value)
+        if len(data) != b - a:
+            raise ValueError(f"{len(data)} bytes for a {b - a}-byte slice")
+        cdef const unsigned char[::1] d = data if data else None
+        pos = a
+        while pos < b:
+            n = min(b - pos, 4096 - ((self.offset + pos) & 4095))
+            p = self._fault(pos, True)
+            memcpy(p + ((self.offset + pos) & 4095), &d[pos - a], n)
+            pos += n
+

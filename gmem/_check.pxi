@@ -1,0 +1,134 @@
+# host.check(): every structure against the others (DESIGN.md "Verifiable").
+
+cdef void _phys_check(const physmem *pm) except *:
+    """Free areas, watermark, folio table and counters agree."""
+    cdef int o, r, k
+    cdef uint64_t free_pages = 0, f, v, start
+    for o in range(NR_PAGE_ORDERS):
+        r = xa_check(&pm.free_area[o])
+        if r < 0:
+            raise _InvariantError(f"free_area[{o}] xarray inconsistent ({r})")
+    r = xa_check(&pm.memmap)
+    if r < 0:
+        raise _InvariantError(f"memmap xarray inconsistent ({r})")
+    spans = []
+    for o in range(NR_PAGE_ORDERS):
+        start = 0
+        while xa_find_entry(&pm.free_area[o], start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &f, &k, &v):
+            spans.append((f << o, 1 << o, "free block"))
+            free_pages += 1 << o
+            start = f + 1
+    start = 0
+    while xa_find_entry(&pm.memmap, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &f, &k, &v):
+        spans.append((f, 1 << k, f"folio {v}"))
+        if folio_get(pm, <uint32_t>v).pfn != f or folio_get(pm, <uint32_t>v).order != k:
+            raise _InvariantError(f"folio {v} disagrees with memmap at pfn {f:#x}")
+        start = f + ((<uint64_t>1) << k)
+    spans.sort()
+    end = pm.start_pfn
+    for p, n, what in spans:
+        if p < end:
+            raise _InvariantError(f"{what} at pfn {p:#x} overlaps the block before it (pfn owned twice)")
+        end = p + n
+    if end > pm.watermark:
+        raise _InvariantError(f"a block ends at pfn {end:#x}, above the watermark {pm.watermark:#x}")
+    free_pages += pm.end_pfn - pm.watermark
+    if free_pages != pm.nr_free_pages:
+        raise _InvariantError(f"nr_free_pages {pm.nr_free_pages} != {free_pages} free pages found")
+
+
+cdef void _xa_check_named(const xarray *xa, str name) except *:
+    cdef int r = xa_check(xa)
+    if r < 0:
+        raise _InvariantError(f"{name}: xarray inconsistent (xa_check {r})")
+
+
+cdef void _inode_check(GmemInode inode) except *:
+    cdef gmem_inode *i = &inode.i
+    cdef uint64_t start = 0, first, v
+    cdef int order
+    cdef folio *f
+    _xa_check_named(&i.filemap, f"gmem inode {i.ino} filemap")
+    while xa_find_entry(&i.filemap, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        f = folio_get(&i.host.pm, <uint32_t>v)
+        if f.order != order or f.index != first or f.mapping != i.ino or pfn_folio(&i.host.pm, f.pfn) != v:
+            raise _InvariantError(f"gmem inode {i.ino} index {first:#x}: folio {v} (pfn {f.pfn:#x}, "
+                                  f"order {f.order}, mapping {f.mapping}, index {f.index:#x}) disagrees")
+        if (first + _pages(order)) << 12 > i.size:
+            raise _InvariantError(f"gmem inode {i.ino}: folio at index {first:#x} beyond i_size")
+        start = first + _pages(order)
+
+
+cdef void _vm_check(Vm vm) except *:
+    cdef kvm *k = &vm.k
+    cdef uint64_t start = 0, first, v, gfn, pfn, idx, fv, ffirst
+    cdef int order, level, forder, lvl
+    cdef kvm_memory_slot *slot
+    cdef folio *f
+    name = f"VM fd {vm.fd} (type {k.vm_type})"
+    _xa_check_named(&k.sptes, name + " sptes")
+    _xa_check_named(&k.mem_attr_array, name + " memory attributes")
+    _xa_check_named(&k.gfn_to_slot, name + " gfn_to_slot")
+    while xa_find_entry(&k.sptes, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        start = first + _pages(order)
+        level = v & SPTE_LEVEL_MASK
+        pfn = v >> SPTE_PFN_SHIFT
+        where = f"{name}: SPTE gfn {first:#x} level {level} pfn {pfn:#x}"
+        if _level_order(level) != order or pfn & _mask(order):
+            raise _InvariantError(f"{where}: level and entry size disagree or pfn misaligned")
+        slot = gfn_to_memslot(k, first)
+        if slot == NULL or gfn_to_memslot(k, first + _mask(order)) != slot:
+            raise _InvariantError(f"{where}: not inside one memslot (stale SPTE)")
+        if pfn_folio(&k.host.pm, pfn) == 0 or pfn_folio(&k.host.pm, pfn + _mask(order)) == 0:
+            raise _InvariantError(f"{where}: maps a freed page (stale SPTE)")
+        if k.has_private_mem:
+            for gfn in range(first, first + _pages(order)):
+                if kvm_mem_is_private(k, gfn) != bool(v & SPTE_PRIVATE):
+                    raise _InvariantError(f"{where}: private={bool(v & SPTE_PRIVATE)} but gfn {gfn:#x} "
+                                          f"attributes are {kvm_get_memory_attributes(k, gfn):#x}")
+        if level > PG_LEVEL_4K and lpage_info_slot(slot, first, level)[0]:
+            raise _InvariantError(f"{where}: huge mapping where lpage_info disallows it "
+                                  f"({lpage_info_slot(slot, first, level)[0]:#x})")
+        if v & SPTE_PRIVATE or kvm_memslot_is_gmem_only(slot):
+            if slot.gmem_file == NULL:
+                raise _InvariantError(f"{where}: gmem SPTE in a slot without a live binding")
+            idx = first - slot.base_gfn + slot.gmem_pgoff
+            if not xa_lookup(&slot.gmem_file.inode.filemap, idx, &fv, &ffirst, &forder):
+                raise _InvariantError(f"{where}: gmem index {idx:#x} has no folio (stale SPTE after a punch)")
+            f = folio_get(&k.host.pm, <uint32_t>fv)
+            if f.pfn + (idx - ffirst) != pfn:
+                raise _InvariantError(f"{where}: gmem index {idx:#x} holds pfn {f.pfn + idx - ffirst:#x}")
+    # large-page mixed flags agree with the attributes
+    cdef uint32_t s
+    cdef uint64_t n, g
+    if k.has_private_mem:
+        for s in range(k.nr_memslots):
+            slot = &k.memslots[s]
+            if not slot.used:
+                continue
+            for lvl in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
+                n = _pages(_level_order(lvl))
+                g = (slot.base_gfn + n - 1) & ~(n - 1)
+                while g + n <= slot.base_gfn + slot.npages:
+                    if hugepage_test_mixed(slot, g, lvl) == hugepage_has_attrs(
+                            k, slot, g, lvl, kvm_get_memory_attributes(k, g)):
+                        raise _InvariantError(f"{name}: memslot {slot.id:#x} level {lvl} gfn {g:#x}: "
+                                              "KVM_LPAGE_MIXED_FLAG disagrees with the attributes")
+                    g += n
+
+
+def _host_check(Host host):
+    _phys_check(&host.h.pm)
+    _xa_check_named(&host.h.page_data, "page contents")
+    seen_vms = set()
+    for obj in list(host._fds.values()):
+        if isinstance(obj, GuestMemfd):
+            _inode_check((<GuestMemfd>obj).file.inode)
+            vm = (<GuestMemfd>obj).file.vm
+        elif isinstance(obj, Vm):
+            vm = obj
+        else:
+            continue
+        if id(vm) not in seen_vms and not (<Vm>vm).destroyed:
+            seen_vms.add(id(vm))
+            _vm_check(<Vm>vm)

@@ -1,0 +1,204 @@
+# virt/kvm/kvm_main.c: memslot lookup, memory attributes, the invalidation
+# sequence and zapping (the generic parts of KVM gmem relies on).
+
+from libc.stdlib cimport calloc as _calloc
+
+cdef enum:
+    _EFAULT = 14
+    _EIO = 5
+    _EHWPOISON = 133
+    KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+    KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+    KVM_MEM_READONLY = 1 << 1
+    KVM_MEM_GUEST_MEMFD = 1 << 2
+    GUEST_MEMFD_FLAG_MMAP = 1 << 0
+    GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+
+cdef uint64_t INVALID_GFN = 0xFFFFFFFFFFFFFFFF
+
+
+cdef inline uint64_t _mask(int order) noexcept nogil:
+    return ((<uint64_t>1) << order) - 1
+
+
+cdef inline int _level_order(int level) noexcept nogil:
+    # KVM_HPAGE_GFN_SHIFT(level)
+    return (level - 1) * 9
+
+
+cdef int xa_split_at(xarray *xa, uint64_t index) noexcept nogil:
+    """Split entries until none covers both index - 1 and index (0 or -ENOMEM)."""
+    cdef uint64_t v, first
+    cdef int order, r
+    if index == 0:
+        return 0
+    while xa_lookup(xa, index, &v, &first, &order) and first < index:
+        r = xa_split(xa, first, order - 1)
+        if r < 0:
+            return r
+    return 0
+
+
+cdef int xa_assign_range(xarray *xa, uint64_t first, uint64_t last, uint64_t value,
+                         bint erase) noexcept nogil:
+    """Give exactly the indices [first, last] value (or erase them), leaving the rest alone:
+    per-index semantics (xa_store() of each index) on top of multi-index entries."""
+    cdef int r = xa_split_at(xa, first)
+    if r == 0 and last != <uint64_t>0xFFFFFFFFFFFFFFFF:
+        r = xa_split_at(xa, last + 1)
+    if r < 0:
+        return r
+    if erase:
+        xa_erase_range(xa, first, last)
+        return 0
+    return xa_store_range(xa, first, last, value)
+
+
+# ------------------------------------------------------------------ memslots
+
+cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil:
+    cdef uint64_t idx
+    if xa_load(&kvm.gfn_to_slot, gfn, &idx):
+        return &kvm.memslots[idx]
+    return NULL
+
+
+cdef inline int kvm_slot_has_gmem(const kvm_memory_slot *slot) noexcept nogil:
+    return slot != NULL and (slot.flags & KVM_MEM_GUEST_MEMFD) != 0
+
+
+cdef inline int kvm_memslot_is_gmem_only(const kvm_memory_slot *slot) noexcept nogil:
+    # 6.18 KVM_MEMSLOT_GMEM_ONLY: a gmem slot whose file has GUEST_MEMFD_FLAG_MMAP
+    return (slot != NULL and slot.gmem_file != NULL
+            and (slot.gmem_file.inode.flags & GUEST_MEMFD_FLAG_MMAP) != 0)
+
+
+cdef inline uint32_t *lpage_info_slot(kvm_memory_slot *slot, uint64_t gfn, int level) noexcept nogil:
+    cdef int o = _level_order(level)
+    return &slot.lpage_info[level - 2][(gfn >> o) - (slot.base_gfn >> o)]
+
+
+cdef uint64_t lpage_info_count(const kvm_memory_slot *slot, int level) noexcept nogil:
+    cdef int o = _level_order(level)
+    return ((slot.base_gfn + slot.npages - 1) >> o) - (slot.base_gfn >> o) + 1
+
+
+# ---------------------------------------------------------- memory attributes
+
+cdef inline uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
+    cdef uint64_t v
+    if xa_load(&kvm.mem_attr_array, gfn, &v):
+        return v
+    return 0
+
+
+cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil:
+    return (kvm_get_memory_attributes(kvm, gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
+
+
+cdef int kvm_range_has_memory_attributes(kvm *kvm, uint64_t start, uint64_t end,
+                                         uint64_t mask, uint64_t attrs) noexcept nogil:
+    """Every gfn in [start, end) has (attributes & mask) == attrs (kvm_main.c)."""
+    cdef uint64_t index = start, first, v
+    cdef int order
+    if not kvm.has_private_mem:
+        mask = 0
+    else:
+        mask &= KVM_MEMORY_ATTRIBUTE_PRIVATE
+    if attrs & ~mask:
+        return 0
+    if end <= start:
+        return 1
+    if attrs == 0:
+        # absent entries read as 0: no entry in range may have a masked bit set
+        while xa_find_entry(&kvm.mem_attr_array, index, end - 1, XA_NO_MARK, &first, &order, &v):
+            if v & mask:
+                return 0
+            if first + _mask(order) >= end - 1:
+                return 1
+            index = first + _mask(order) + 1
+        return 1
+    while index < end:
+        if not xa_lookup(&kvm.mem_attr_array, index, &v, &first, &order) or (v & mask) != attrs:
+            return 0
+        if first + _mask(order) >= end - 1:
+            return 1
+        index = first + _mask(order) + 1
+    return 1
+
+
+# ------------------------------------------------------ invalidation and zap
+
+cdef void kvm_mmu_invalidate_begin(kvm *kvm) noexcept nogil:
+    kvm.mmu_invalidate_in_progress += 1
+    if kvm.mmu_invalidate_in_progress == 1:
+        kvm.mmu_invalidate_range_start = INVALID_GFN
+        kvm.mmu_invalidate_range_end = INVALID_GFN
+    kvm.stats[VM_STAT_MMU_INVALIDATIONS] += 1
+
+
+cdef void kvm_mmu_invalidate_range_add(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
+    if kvm.mmu_invalidate_range_start == INVALID_GFN:
+        kvm.mmu_invalidate_range_start = start
+        kvm.mmu_invalidate_range_end = end
+    else:
+        if start < kvm.mmu_invalidate_range_start:
+            kvm.mmu_invalidate_range_start = start
+        if end > kvm.mmu_invalidate_range_end:
+            kvm.mmu_invalidate_range_end = end
+
+
+cdef void kvm_mmu_invalidate_end(kvm *kvm) noexcept nogil:
+    kvm.mmu_invalidate_seq += 1
+    kvm.mmu_invalidate_in_progress -= 1
+
+
+cdef int mmu_invalidate_retry_gfn(kvm *kvm, uint64_t mmu_seq, uint64_t gfn) noexcept nogil:
+    if kvm.mmu_invalidate_in_progress:
+        if gfn >= kvm.mmu_invalidate_range_start and gfn < kvm.mmu_invalidate_range_end:
+            return 1
+    return kvm.mmu_invalidate_seq != mmu_seq
+
+
+# SPTE encoding in the sptes xarray: pfn << 8 | private << 3 | writable << 2 | level
+cdef enum:
+    SPTE_LEVEL_MASK = 3
+    SPTE_WRITABLE = 1 << 2
+    SPTE_PRIVATE = 1 << 3
+    SPTE_PFN_SHIFT = 8
+
+
+cdef inline uint64_t make_spte(uint64_t pfn, int level, bint writable, bint private) noexcept nogil:
+    return (pfn << SPTE_PFN_SHIFT) | (SPTE_PRIVATE if private else 0) | \
+           (SPTE_WRITABLE if writable else 0) | level
+
+
+cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int filter) noexcept nogil:
+    """Zap the SPTEs overlapping [start, end) that pass filter (0: all): huge ones whole."""
+    cdef uint64_t index = start, first, v, zapped = 0
+    cdef int order
+    if end <= start:
+        return 0
+    while xa_find_entry(&kvm.sptes, index, end - 1, XA_NO_MARK, &first, &order, &v):
+        if (filter == 0 or (filter == KVM_FILTER_PRIVATE and (v & SPTE_PRIVATE))
+                or (filter == KVM_FILTER_SHARED and not (v & SPTE_PRIVATE))):
+            xa_erase(&kvm.sptes, first, &v)
+            gmem_trace(kvm.host, TRACE_SPTE_ZAP, 0, first, v >> SPTE_PFN_SHIFT, v & SPTE_LEVEL_MASK, 0)
+            zapped += 1
+        if first + _mask(order) >= end - 1:
+            break
+        index = first + _mask(order) + 1
+    if filter != KVM_FILTER_PRIVATE:
+        xa_erase_range(&kvm.mmio_sptes, start, end - 1)
+    if zapped:
+        kvm.stats[VM_STAT_ZAPPED_SPTES] += zapped
+        kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
+    return zapped
+
+
+cdef void kvm_zap_gfn_range_invalidate(kvm *kvm, uint64_t start, uint64_t end, int filter) noexcept nogil:
+    """A whole invalidation (begin, range_add, unmap, end) of [start, end)."""
+    kvm_mmu_invalidate_begin(kvm)
+    kvm_mmu_invalidate_range_add(kvm, start, end)
+    kvm_unmap_gfn_range(kvm, start, end, filter)
+    kvm_mmu_invalidate_end(kvm)

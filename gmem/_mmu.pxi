@@ -1,0 +1,315 @@
+# arch/x86/kvm/mmu/mmu.c + tdp_mmu.c: the TDP page-fault path with the 64-bit
+# error code, from kvm_mmu_page_fault down to the SPTE.
+
+cdef enum:
+    RET_PF_CONTINUE = 0
+    RET_PF_RETRY = 1
+    RET_PF_EMULATE = 2
+    RET_PF_WRITE_PROTECTED = 3
+    RET_PF_INVALID = 4
+    RET_PF_FIXED = 5
+    RET_PF_SPURIOUS = 6
+    KVM_EXIT_MEMORY_FAULT = 39
+    KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+cdef uint64_t PFERR_PRESENT_MASK = 1 << 0
+cdef uint64_t PFERR_WRITE_MASK = 1 << 1
+cdef uint64_t PFERR_RSVD_MASK = 1 << 3
+cdef uint64_t PFERR_FETCH_MASK = 1 << 4
+cdef uint64_t PFERR_GUEST_ENC_MASK = (<uint64_t>1) << 34
+cdef uint64_t PFERR_IMPLICIT_ACCESS = (<uint64_t>1) << 48
+cdef uint64_t PFERR_PRIVATE_ACCESS = (<uint64_t>1) << 49
+cdef uint64_t PFERR_SYNTHETIC_MASK = PFERR_IMPLICIT_ACCESS | PFERR_PRIVATE_ACCESS
+cdef uint64_t MMAP_MIN_ADDR = 65536
+
+
+ctypedef struct kvm_page_fault:
+    uint64_t addr
+    uint64_t error_code
+    uint64_t gfn
+    uint64_t pfn
+    uint64_t mmu_seq
+    kvm_memory_slot *slot
+    int is_private
+    int write
+    int present
+    int exec
+    int max_level
+    int goal_level
+    int map_writable
+
+
+cdef inline int _min(int a, int b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline int kvm_max_level_for_order(int order) noexcept nogil:
+    if order >= 18:
+        return PG_LEVEL_1G
+    if order >= 9:
+        return PG_LEVEL_2M
+    return PG_LEVEL_4K
+
+
+cdef inline int kvm_mmu_prepare_memory_fault_exit(kvm_vcpu *vcpu, kvm_page_fault *fault,
+                                                  kvm_fault_out *out, int ret) noexcept nogil:
+    # the gfn without the shared bit, one page, PRIVATE if the access was private
+    out.exit_reason = KVM_EXIT_MEMORY_FAULT
+    out.gpa = fault.gfn << 12
+    out.flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
+    vcpu.stats[VCPU_STAT_MEMORY_FAULT_EXITS] += 1
+    gmem_trace(vcpu.kvm.host, TRACE_MEMORY_FAULT_EXIT, vcpu.vcpu_id, out.gpa, out.flags,
+               <uint64_t>(-ret), 0)
+    return ret
+
+
+cdef int hva_to_pfn(gmem_host *host, uint64_t hva, uint64_t *pfn) noexcept nogil:
+    """The VMM's own memory behind an hva: a 4K page allocated at first touch."""
+    cdef uint64_t v, old
+    cdef uint32_t id
+    if hva < MMAP_MIN_ADDR:
+        return -_EFAULT
+    if xa_load(&host.user_pages, hva >> 12, &v):
+        pfn[0] = folio_get(&host.pm, <uint32_t>v).pfn
+        return 0
+    if folio_alloc(&host.pm, 0, &id) < 0:
+        host.stats[HOST_STAT_ALLOC_FAILURES] += 1
+        return -_ENOMEM
+    if xa_store_order(&host.user_pages, hva >> 12, 0, id, &old) < 0:
+        folio_free(&host.pm, id)
+        return -_ENOMEM
+    pfn[0] = folio_get(&host.pm, id).pfn
+    return 0
+
+
+cdef int kvm_mmu_faultin_pfn_gmem(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+    cdef int r, max_order = 0
+    if not kvm_slot_has_gmem(fault.slot):
+        return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -_EFAULT)
+    r = kvm_gmem_get_pfn(vcpu.kvm, fault.slot, fault.gfn, &fault.pfn, &max_order)
+    if r:
+        return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, r)
+    fault.map_writable = not (fault.slot.flags & KVM_MEM_READONLY)
+    fault.max_level = kvm_max_level_for_order(max_order)
+    return RET_PF_CONTINUE
+
+
+cdef int kvm_mmu_faultin_pfn(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+    cdef kvm *kvm = vcpu.kvm
+    cdef kvm_memory_slot *slot = fault.slot
+    cdef uint64_t old
+    cdef int r
+    # snapshot the sequence before anything is looked up
+    fault.mmu_seq = kvm.mmu_invalidate_seq
+    if fault.is_private != kvm_mem_is_private(kvm, fault.gfn):
+        return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -_EFAULT)
+    if slot == NULL:
+        # kvm_handle_noslot_fault: private -> exit; shared -> MMIO SPTE, emulate
+        if fault.is_private:
+            return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -_EFAULT)
+        if xa_store_order(&kvm.mmio_sptes, fault.gfn, 0, 1, &old) < 0:
+            return -_ENOMEM
+        return RET_PF_EMULATE
+    if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn):
+        return RET_PF_RETRY
+    if fault.is_private or kvm_memslot_is_gmem_only(slot):
+        r = kvm_mmu_faultin_pfn_gmem(vcpu, fault, out)
+        if r != RET_PF_CONTINUE:
+            return r
+    else:
+        r = hva_to_pfn(kvm.host, slot.userspace_addr + ((fault.gfn - slot.base_gfn) << 12), &fault.pfn)
+        if r:
+            # kvm_handle_error_pfn: an unresolvable hva is a memory-fault exit
+            return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -_EFAULT)
+        fault.map_writable = not (slot.flags & KVM_MEM_READONLY)
+        fault.max_level = PG_LEVEL_4K      # the VMM's memory is in 4K pages
+    if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn):
+        return RET_PF_RETRY
+    return RET_PF_CONTINUE
+
+
+cdef void kvm_mmu_hugepage_adjust(kvm *kvm, kvm_page_fault *fault) noexcept nogil:
+    """goal = min(folio order level, lpage_info (slot edges, mixed attributes), vendor limit)."""
+    cdef int level = _min(fault.max_level, KVM_MAX_HUGEPAGE_LEVEL), vendor
+    cdef private_max_mapping_level_t hook
+    fault.goal_level = PG_LEVEL_4K
+    if level == PG_LEVEL_4K or fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        return
+    while level > PG_LEVEL_4K and lpage_info_slot(fault.slot, fault.gfn, level)[0] != 0:
+        level -= 1
+    if level == PG_LEVEL_4K:
+        return
+    if fault.is_private:
+        hook = kvm.host.hooks[kvm.vm_type].private_max_mapping_level
+        if hook != NULL:
+            vendor = hook(kvm, fault.pfn)
+            if vendor:
+                level = _min(level, vendor)
+    fault.goal_level = level
+    fault.pfn &= ~_mask(_level_order(level))
+
+
+cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
+    cdef kvm *kvm = vcpu.kvm
+    cdef int order = _level_order(fault.goal_level), k
+    cdef uint64_t base = fault.gfn & ~_mask(order), old, first
+    cdef uint64_t spte = make_spte(fault.pfn, fault.goal_level, fault.map_writable, fault.is_private)
+    if xa_lookup(&kvm.sptes, fault.gfn, &old, &first, &k):
+        if k == order and old == spte:
+            return RET_PF_SPURIOUS
+        if k > order:
+            # a huge SPTE where a smaller one goes: zap it first
+            xa_erase(&kvm.sptes, first, &old)
+            gmem_trace(kvm.host, TRACE_SPTE_ZAP, vcpu.vcpu_id, first, old >> SPTE_PFN_SHIFT,
+                       old & SPTE_LEVEL_MASK, 0)
+            kvm.stats[VM_STAT_ZAPPED_SPTES] += 1
+            kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
+    if xa_store_order(&kvm.sptes, base, order, spte, &old) < 0:
+        return -_ENOMEM
+    gmem_trace(kvm.host, TRACE_SPTE_INSTALL, vcpu.vcpu_id, base, fault.pfn, fault.goal_level,
+               fault.is_private)
+    return RET_PF_FIXED
+
+
+cdef int page_fault_can_be_fast(kvm *kvm, kvm_page_fault *fault) noexcept nogil:
+    if fault.error_code & PFERR_RSVD_MASK:
+        return 0
+    if kvm.has_private_mem and fault.is_private != kvm_mem_is_private(kvm, fault.gfn):
+        return 0
+    if not fault.present:
+        return 0            # TDP with A/D bits: a not-present fault is never fast
+    return fault.write
+
+
+cdef int fast_page_fault(kvm *kvm, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+    cdef uint64_t spte
+    if kvm.vm_type == KVM_X86_TDX_VM and fault.is_private:
+        return RET_PF_INVALID    # fast pf is not supported for mirrored roots
+    if not xa_load(&kvm.sptes, fault.gfn, &spte):
+        return RET_PF_INVALID
+    if (spte & SPTE_WRITABLE) or not fault.write:
+        out.level = spte & SPTE_LEVEL_MASK
+        out.pfn = spte >> SPTE_PFN_SHIFT
+        return RET_PF_SPURIOUS
+    return RET_PF_INVALID
+
+
+cdef int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+    cdef kvm *kvm = vcpu.kvm
+    cdef int r
+    if page_fault_can_be_fast(kvm, fault):
+        r = fast_page_fault(kvm, fault, out)
+        if r != RET_PF_INVALID:
+            return r
+    r = kvm_mmu_faultin_pfn(vcpu, fault, out)
+    if r != RET_PF_CONTINUE:
+        return r
+    kvm_mmu_hugepage_adjust(kvm, fault)
+    if kvm.inject_inval_end:
+        # a test's invalidation landing between faultin and the map (mmu_lock)
+        kvm_zap_gfn_range_invalidate(kvm, kvm.inject_inval_start, kvm.inject_inval_end, 0)
+        kvm.inject_inval_start = kvm.inject_inval_end = 0
+    if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn):   # is_page_fault_stale
+        return RET_PF_RETRY
+    r = kvm_tdp_mmu_map(vcpu, fault)
+    if r == RET_PF_FIXED or r == RET_PF_SPURIOUS:
+        out.pfn = fault.pfn
+        out.level = fault.goal_level
+    return r
+
+
+cdef int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+                               kvm_fault_out *out) noexcept nogil:
+    cdef kvm_page_fault fault
+    cdef int r
+    memset(&fault, 0, sizeof(fault))
+    fault.addr = gpa
+    fault.error_code = error_code
+    fault.write = (error_code & PFERR_WRITE_MASK) != 0
+    fault.present = (error_code & PFERR_PRESENT_MASK) != 0
+    fault.exec = (error_code & PFERR_FETCH_MASK) != 0
+    fault.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
+    fault.max_level = KVM_MAX_HUGEPAGE_LEVEL
+    fault.goal_level = PG_LEVEL_4K
+    # memslots do not know the TDX shared bit
+    fault.gfn = (gpa >> 12) & ~vcpu.kvm.gfn_direct_bits
+    fault.slot = gfn_to_memslot(vcpu.kvm, fault.gfn)
+    r = kvm_tdp_mmu_page_fault(vcpu, &fault, out)
+    if r == RET_PF_EMULATE and fault.is_private:
+        # KVM cannot emulate an access to private memory
+        return kvm_mmu_prepare_memory_fault_exit(vcpu, &fault, out, -_EFAULT)
+    return r
+
+
+cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+                            kvm_fault_out *out) noexcept nogil:
+    """One #NPF / EPT violation with its 64-bit error code; the outcome in *out."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef is_private_fault_t is_private = kvm.host.hooks[kvm.vm_type].is_private_fault
+    cdef int r = RET_PF_INVALID
+    cdef uint64_t one
+    memset(out, 0, sizeof(kvm_fault_out))
+    # hardware never sets KVM's synthetic bits (npf_interception WARNs and clears them)
+    if error_code & PFERR_SYNTHETIC_MASK:
+        vcpu.stats[VCPU_STAT_SYNTHETIC_CLEARED] += 1
+        error_code &= ~PFERR_SYNTHETIC_MASK
+    gmem_trace(kvm.host, TRACE_PAGE_FAULT, vcpu.vcpu_id, gpa, error_code, 0, 0)
+    if is_private != NULL and is_private(kvm, gpa, error_code):
+        error_code |= PFERR_PRIVATE_ACCESS
+    if kvm.host.hook_error:
+        out.ret = -_EIO
+        return out.ret
+    if error_code & PFERR_RSVD_MASK:
+        if error_code & PFERR_PRIVATE_ACCESS:
+            out.ret = -_EFAULT      # WARN_ON_ONCE: private MMIO
+            return out.ret
+        # handle_mmio_page_fault: an MMIO SPTE means emulate
+        if xa_load(&kvm.mmio_sptes, (gpa >> 12) & ~kvm.gfn_direct_bits, &one):
+            r = RET_PF_EMULATE
+    if r == RET_PF_INVALID:
+        vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
+        r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
+    if kvm.host.hook_error and r >= 0:
+        r = -_EIO
+    if r == RET_PF_FIXED:
+        vcpu.stats[VCPU_STAT_PF_FIXED] += 1
+    elif r == RET_PF_SPURIOUS:
+        vcpu.stats[VCPU_STAT_PF_SPURIOUS] += 1
+    elif r == RET_PF_EMULATE:
+        vcpu.stats[VCPU_STAT_PF_EMULATE] += 1
+    elif r == RET_PF_RETRY:
+        vcpu.stats[VCPU_STAT_PF_RETRY] += 1
+    out.ret = r
+    return r
+
+
+# ------------------------------------------------------------ native hooks
+
+cdef int sw_protected_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    # kvm_mmu_page_fault: attributes decide, except for RSVD (MMIO) faults
+    return not (error_code & PFERR_RSVD_MASK) and kvm_mem_is_private(kvm, gpa >> 12)
+
+
+cdef int snp_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    # npf_interception: the C-bit of the access (PFERR_GUEST_ENC)
+    return (error_code & PFERR_GUEST_ENC_MASK) != 0
+
+
+cdef int tdx_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    # tdx_handle_ept_violation: private unless the GPA carries the shared bit
+    return ((gpa >> 12) & kvm.gfn_direct_bits) == 0
+
+
+cdef int tdx_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
+    return PG_LEVEL_4K
+
+
+cdef void kvm_x86_hooks_init(kvm_x86_hooks *hooks, int vm_type) noexcept nogil:
+    memset(hooks, 0, sizeof(kvm_x86_hooks))
+    if vm_type == KVM_X86_SW_PROTECTED_VM or vm_type >= 6:
+        hooks.is_private_fault = sw_protected_is_private_fault
+    elif vm_type == KVM_X86_SNP_VM:
+        hooks.is_private_fault = snp_is_private_fault
+    elif vm_type == KVM_X86_TDX_VM:
+        hooks.is_private_fault = tdx_is_private_fault
+        hooks.private_max_mapping_level = tdx_private_max_mapping_level
