@@ -8,6 +8,9 @@ from gmem import uapi as _uapi
 from gmem.errors import SigBus as _SigBus, InvariantError as _InvariantError
 
 from cpython.ref cimport PyObject
+from libc.string cimport memcpy
+
+cdef unsigned char _ZERO_PAGE[4096]
 
 FAULT_DTYPE = np.dtype({
     "names": ["ret", "exit_reason", "pfn", "gpa", "flags", "level"],
@@ -412,6 +415,38 @@ cdef class Host:
         f = folio_get(&self.h.pm, id)
         return dict(pfn=f.pfn, order=f.order, flags=f.flags, refcount=f.refcount,
                     mapping=f.mapping, index=f.index, private=f.private)
+
+    cdef unsigned char *_user_page(self, uint64_t hva, bint write) except NULL:
+        cdef uint64_t pfn
+        cdef unsigned char *p
+        if hva_to_pfn(&self.h, hva, &pfn) < 0:
+            raise _err(_errno_mod.EFAULT, f"hva {hva:#x} is not mapped in the VMM")
+        p = page_data_get(&self.h, pfn, write)
+        if p == NULL and write:
+            raise MemoryError("out of memory for page contents")
+        return p if p != NULL else <unsigned char *>_ZERO_PAGE
+
+    def read_user(self, hva, n):
+        """Read the VMM's own memory (the shared backing of memslots) at hva."""
+        cdef uint64_t a = _u64(hva, "hva"), ln = _u64(n, "n"), pos = 0, k
+        out = bytearray(ln)
+        cdef unsigned char[::1] o = out if ln else None
+        while pos < ln:
+            k = min(ln - pos, 4096 - ((a + pos) & 4095))
+            memcpy(&o[pos], self._user_page(a + pos, False) + ((a + pos) & 4095), k)
+            pos += k
+        return bytes(out)
+
+    def write_user(self, hva, data):
+        """Write the VMM's own memory at hva."""
+        cdef uint64_t a = _u64(hva, "hva"), pos = 0, k
+        b = bytes(data)
+        cdef uint64_t ln = len(b)
+        cdef const unsigned char[::1] d = b if ln else None
+        while pos < ln:
+            k = min(ln - pos, 4096 - ((a + pos) & 4095))
+            memcpy(self._user_page(a + pos, True) + ((a + pos) & 4095), &d[pos], k)
+            pos += k
 
     def inject_alloc_failures(self, n):
         """Fault injection: the next n page allocations fail (ENOMEM as the kernel reports it)."""

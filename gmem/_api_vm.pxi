@@ -1,9 +1,6 @@
 # gmem.Vm, Vcpu, GuestMemfd, Mapping: the VM ioctls, the guest_memfd file
 # operations and the vCPU's page faults.
 
-from libc.string cimport memcpy
-
-cdef unsigned char _ZERO_PAGE[4096]
 
 cdef enum:
     KVM_MAX_VCPU_IDS = 4096
@@ -28,6 +25,15 @@ class FaultResult:
     def __eq__(self, other):
         return isinstance(other, FaultResult) and all(
             getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+
+class GuestExit(Exception):
+    """A guest access stopped in userspace: .result is the FaultResult (ret, exit_reason,
+    memory_fault) that KVM_RUN would have returned."""
+
+    def __init__(self, result):
+        super().__init__(f"guest access exits to userspace: {result!r}")
+        self.result = result
 
 
 cdef object _fault_result(const kvm_fault_out *o):
@@ -514,6 +520,56 @@ cdef class Vcpu:
     @property
     def stats(self):
         return {name: self.v.stats[i] for i, name in enumerate(VCPU_STATS)}
+
+    cdef unsigned char *_guest_page(self, uint64_t gpa, uint64_t error_code, bint write) except NULL:
+        """Fault until the page at gpa is mapped (RET_PF_RETRY re-enters), then its bytes."""
+        cdef kvm_fault_out out
+        cdef unsigned char *p
+        cdef int tries = 0
+        while True:
+            kvm_mmu_page_fault(&self.v, gpa & ~(<uint64_t>4095), error_code, &out)
+            self.vm.host._raise_hook_exc()
+            if out.ret == RET_PF_FIXED or out.ret == RET_PF_SPURIOUS:
+                break
+            if out.ret != RET_PF_RETRY or tries > 16:
+                raise GuestExit(_fault_result(&out))
+            tries += 1
+        out.pfn += ((gpa >> 12) & _mask(_level_order(out.level)))
+        p = page_data_get(self.v.kvm.host, out.pfn, write)
+        if p == NULL and write:
+            raise MemoryError("out of memory for page contents")
+        return p if p != NULL else <unsigned char *>_ZERO_PAGE
+
+    def read(self, gpa, n, error_code=0):
+        """A guest read of n bytes at gpa, faulting pages in with error_code (add
+        PFERR_GUEST_ENC_MASK for an SNP private access). Raises gmem.GuestExit when a fault
+        cannot be resolved in KVM (memory-fault exit, emulation, error)."""
+        cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
+        cdef uint64_t ln = _u64(n, "n")
+        cdef unsigned char *p
+        self.vm._check_open("guest read")
+        out = bytearray(ln)
+        cdef unsigned char[::1] o = out if ln else None
+        while pos < ln:
+            k = min(ln - pos, 4096 - ((a + pos) & 4095))
+            p = self._guest_page(a + pos, ec & ~PFERR_WRITE_MASK, False)
+            memcpy(&o[pos], p + ((a + pos) & 4095), k)
+            pos += k
+        return bytes(out)
+
+    def write(self, gpa, data, error_code=PFERR_WRITE_MASK):
+        """A guest write of data at gpa (the fault carries PFERR_WRITE_MASK); see read()."""
+        cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
+        cdef unsigned char *p
+        self.vm._check_open("guest write")
+        b = bytes(data)
+        cdef uint64_t ln = len(b)
+        cdef const unsigned char[::1] d = b if ln else None
+        while pos < ln:
+            k = min(ln - pos, 4096 - ((a + pos) & 4095))
+            p = self._guest_page(a + pos, ec | PFERR_WRITE_MASK, True)
+            memcpy(p + ((a + pos) & 4095), &d[pos], k)
+            pos += k
 
 
 # ------------------------------------------------------- guest_memfd files
