@@ -59,7 +59,8 @@ cdef inline bint _free_area_take(physmem *pm, uint64_t pfn, int order) noexcept 
 cdef int _carve_order(const physmem *pm, uint64_t pfn) noexcept nogil:
     """The largest block at pfn (a watermark) that is aligned and fits below end_pfn."""
     cdef int o = MAX_PAGE_ORDER
-    while o > 0 and ((pfn & (_pages(o) - 1)) or pfn + _pages(o) > pm.end_pfn):
+    # (end_pfn - pfn, not pfn + pages: a block at the top of the pfn space would wrap)
+    while o > 0 and ((pfn & (_pages(o) - 1)) or _pages(o) > pm.end_pfn - pfn):
         o -= 1
     return o
 
