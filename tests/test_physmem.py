@@ -19,6 +19,7 @@ from gmem import PhysMem
 
 MAX_PAGE_ORDER = 18
 PAGE = 4096
+TOP = 2**64 - 1
 
 
 def fresh_free_blocks(start, nr_pages):
@@ -56,9 +57,11 @@ orders = st.one_of(st.integers(0, 3), st.integers(0, MAX_PAGE_ORDER))
 class PhysMemMachine(RuleBasedStateMachine):
     @initialize(
         nr_pages=st.one_of(st.integers(1, 1100), st.sampled_from([1 << 18, (1 << 19) + 5])),
-        start=st.one_of(st.integers(0, 1100), st.sampled_from([1 << 18, (1 << 18) - 1, (1 << 40) + 7])),
+        start=st.one_of(st.integers(0, 1100),
+                        st.sampled_from([1 << 18, (1 << 18) - 1, (1 << 40) + 7, TOP - 1000, TOP - (1 << 18)])),
     )
     def host(self, nr_pages, start):
+        nr_pages = min(nr_pages, TOP - start)     # end_pfn is at most 2**64 - 1
         self.start, self.nr_pages = start, nr_pages
         self.end = start + nr_pages
         self.pm = PhysMem(nr_pages * PAGE, start_pfn=start)
@@ -142,7 +145,7 @@ class PhysMemMachine(RuleBasedStateMachine):
     @rule(offset=st.integers(-3, 1200), order=st.integers(0, MAX_PAGE_ORDER))
     def free_refused(self, offset, order):
         """Freeing what is free, in a folio, misaligned or outside the host: EINVAL, no change."""
-        pfn = max(0, self.start + offset)
+        pfn = min(max(0, self.start + offset), TOP)
         aligned = pfn % (1 << order) == 0
         inside = self.start <= pfn < self.end
         assume(not (aligned and inside and self.fully_allocated_blocks(pfn, order)))
@@ -197,7 +200,7 @@ class PhysMemMachine(RuleBasedStateMachine):
 
     @rule(offset=st.integers(0, 1200))
     def folio_at(self, offset):
-        pfn = self.start + offset
+        pfn = min(self.start + offset, TOP)
         heads = [p for p, e, kind in self.owned() if kind == "folio" and p <= pfn < e]
         got = self.pm.folio(pfn)
         assert (got and got["pfn"]) == (heads[0] if heads else None)
@@ -415,6 +418,22 @@ def test_host_at_high_start_pfn():
     pm.free(p, 4)
     pm.check()
     assert pm.free_blocks() == fresh_free_blocks(start, 1000) and pm.watermark == start
+
+
+def test_host_at_the_top_of_the_pfn_space():
+    # one page short of an order-18 block that would end at 2**64 (and wrap)
+    start = 2**64 - 2**18
+    pm = PhysMem((2**18 - 1) * PAGE, start_pfn=start)
+    assert pm.end_pfn == TOP
+    assert pm.free_blocks() == fresh_free_blocks(start, 2**18 - 1) == [1] * 18 + [0]
+    enomem(pm.alloc, 18)
+    p = pm.alloc(17)
+    q = pm.alloc(0)
+    assert p == start and q == start + 2**17
+    pm.free(p, 17)
+    pm.free(q, 0)
+    pm.check()
+    assert pm.watermark == start and pm.free_blocks() == [1] * 18 + [0]
 
 
 def test_bad_host_size():
