@@ -840,10 +840,14 @@ cdef class Mapping:
         cdef uint32_t id
         cdef folio *f
         cdef unsigned char *p
+        cdef object e = None
         if pgoff << 12 >= inode.size:
-            raise _SigBus(f"SIGBUS: page {pgoff} is beyond i_size {inode.size:#x}", pos)
-        if not inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
-            raise _SigBus("SIGBUS: guest_memfd without GUEST_MEMFD_FLAG_INIT_SHARED is private", pos)
+            e = _SigBus(f"SIGBUS: page {pgoff} is beyond i_size {inode.size:#x}", pos)
+        elif not inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+            e = _SigBus("SIGBUS: guest_memfd without GUEST_MEMFD_FLAG_INIT_SHARED is private", pos)
+        if e is not None:
+            e.offset = pos          # the first byte of the mapping that faulted, as gmem.kernel sets it
+            raise e
         if kvm_gmem_get_folio(inode, pgoff, &id) < 0:
             raise MemoryError("out of memory faulting a guest_memfd page (VM_FAULT_OOM)")
         f = folio_get(&inode.host.pm, id)
