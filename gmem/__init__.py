@@ -3,8 +3,9 @@
 The state lives in C structs in gmem._core; the classes here are handles on it.
 """
 from gmem import uapi
-from gmem._core import (FAULT_DTYPE, TRACE_DTYPE, TRACE_EVENTS, FaultResult, GuestExit, GuestMemfd, Host,
-                        Mapping, PhysMem, Trace, Vcpu, Vm, XArray)
+from gmem._core import (FAULT_DTYPE, RMP_DTYPE, TRACE_DTYPE, TRACE_EVENTS, FaultResult, GuestExit,
+                        GuestFault, GuestMemfd, Host, HypercallExit, Mapping, PhysMem, Rmp, RmpEntry,
+                        Trace, Vcpu, Vm, XArray)
 from gmem.errors import InvariantError, RmpViolation, SigBus
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@
 
 import errno as _errno_mod
 from gmem import uapi as _uapi
-from gmem.errors import SigBus as _SigBus, InvariantError as _InvariantError
+from gmem.errors import SigBus as _SigBus, InvariantError as _InvariantError, RmpViolation as _RmpViolation
 
 from cpython.ref cimport PyObject
 from libc.string cimport memcpy
@@ -253,6 +253,7 @@ cdef class Host:
         phys_init(&self.h.pm, 0, nbytes >> 12)
         xa_init(&self.h.page_data)
         xa_init(&self.h.user_pages)
+        self.h.rmp.enabled = platform == "amd"
         self.platform = platform
         self.sw_protected = bool(sw_protected)
         self.memory_attributes = bool(memory_attributes)
@@ -276,6 +277,10 @@ cdef class Host:
             start = first + 1
         xa_destroy(&self.h.page_data)
         xa_destroy(&self.h.user_pages)
+        xa_destroy(&self.h.rmp.entries)
+        xa_destroy(&self.h.rmp.perms)
+        xa_destroy(&self.h.rmp.direct_map_4k)
+        xa_destroy(&self.h.rmp.leaked)
         phys_destroy(&self.h.pm)
         free(self.h.trace_buf)
 
@@ -447,6 +452,23 @@ cdef class Host:
             k = min(ln - pos, 4096 - ((a + pos) & 4095))
             memcpy(self._user_page(a + pos, True) + ((a + pos) & 4095), &d[pos], k)
             pos += k
+
+    @property
+    def rmp(self):
+        """The SNP RMP (gmem.Rmp) on platform "amd", else None."""
+        return Rmp(self) if self.h.rmp.enabled else None
+
+    def touch(self, pfn, write=True):
+        """A host CPU access to pfn through the direct map. On "amd" a write to an RMP-assigned
+        page, or through a 2M direct mapping over any assigned page, raises gmem.RmpViolation."""
+        cdef uint64_t p = _u64(pfn, "pfn")
+        if p >= self.h.pm.end_pfn:
+            raise _err(_errno_mod.EINVAL, f"pfn {pfn:#x} is beyond host memory")
+        if write and not host_write_ok(&self.h, p):
+            self.h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
+            raise _RmpViolation(f"host write to pfn {p:#x}: RMP #PF (X86_PF_RMP); entry "
+                                f"{_rmp_entry(rmp_raw(&self.h, p))}, host mapping "
+                                f"{'4K' if xa_load(&self.h.rmp.direct_map_4k, p >> 9, &p) else '2M'}")
 
     def inject_alloc_failures(self, n):
         """Fault injection: the next n page allocations fail (ENOMEM as the kernel reports it)."""

@@ -52,6 +52,8 @@ cdef class Vm:
     cdef readonly bint destroyed
     cdef int _refs
     cdef dict _vcpus
+    cdef list _vmsa_pfns
+    cdef public bytes launch_digest
     cdef object __weakref__
 
     def __cinit__(self, Host host, int vm_type):
@@ -77,6 +79,10 @@ cdef class Vm:
             self.k.asid = host._next_asid
             host._next_asid += 1
         self._vcpus = {}
+        self._vmsa_pfns = []
+        self.launch_digest = b""
+        if vm_type == KVM_X86_TDX_VM:
+            self.k.launch_state = TD_STATE_RUNNABLE    # a TD can fault at once; tdx_init_vm models the build
         self.fd = host._install_fd(self)
 
     def __dealloc__(self):
@@ -97,6 +103,7 @@ cdef class Vm:
         xa_destroy(&self.k.mem_attr_array)
         xa_destroy(&self.k.sptes)
         xa_destroy(&self.k.mmio_sptes)
+        xa_destroy(&self.k.sept)
 
     @property
     def vm_type(self):
@@ -125,11 +132,18 @@ cdef class Vm:
     cdef void _put(self):
         """kvm_put_kvm: the last reference destroys the VM (its memslots unbind)."""
         cdef uint32_t i
+        cdef uint64_t v
         if not self.closed or self._refs or self.destroyed:
             return
+        kvm_unmap_gfn_range(&self.k, 0, <uint64_t>0xFFFFFFFFFFFFFFFF, 0)
         for i in range(self.k.nr_memslots):
             if self.k.memslots[i].used:
                 kvm_gmem_unbind(&self.k, &self.k.memslots[i])
+        for pfn in self._vmsa_pfns:
+            # snp_page_reclaim: firmware gives the VMSA back, then it is made shared
+            xa_erase(&self.host.h.rmp.entries, pfn, &v)
+            folio_free(&self.host.h.pm, pfn_folio(&self.host.h.pm, pfn))
+        self._vmsa_pfns = []
         self._free_state()
         self.destroyed = True
 
@@ -422,6 +436,134 @@ cdef class Vm:
         """The attributes of one gfn (kvm_get_memory_attributes; no ioctl reads them)."""
         return kvm_get_memory_attributes(&self.k, _u64(gfn, "gfn"))
 
+    def enable_cap(self, cap, *args):
+        """KVM_ENABLE_CAP on the VM: KVM_CAP_EXIT_HYPERCALL (args[0]: bitmap of hypercalls
+        that exit to userspace; only KVM_HC_MAP_GPA_RANGE is valid)."""
+        self._check_open("KVM_ENABLE_CAP")
+        c = _u64_wrap(cap, "cap")
+        a0 = _u64_wrap(args[0] if args else 0, "args[0]")
+        if c == _uapi.KVM_CAP_EXIT_HYPERCALL:
+            if a0 & ~(1 << _uapi.KVM_HC_MAP_GPA_RANGE):
+                raise _err(_errno_mod.EINVAL, "KVM_ENABLE_CAP: hypercall bitmap outside KVM_EXIT_HYPERCALL_VALID_MASK")
+            self.k.hypercall_exit_enabled = a0
+            return
+        raise _err(_errno_mod.EINVAL, f"KVM_ENABLE_CAP: capability {c} cannot be enabled")
+
+    # ------------------------------------------------------------ SEV-SNP
+    def snp_launch_start(self, policy=0x30000):
+        """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
+        self._check_open("KVM_SEV_SNP_LAUNCH_START")
+        if self.k.vm_type != KVM_X86_SNP_VM or self.k.launch_state:
+            raise _err(_errno_mod.EINVAL, "KVM_SEV_SNP_LAUNCH_START: not an SNP VM, or launch already started")
+        self.k.launch_state = 1
+        self.k.pre_fault_allowed = 0
+        self.launch_digest = b""
+
+    def snp_launch_update(self, gfn_start, uaddr, length, page_type, flags=0):
+        """KVM_SEV_SNP_LAUNCH_UPDATE through kvm_gmem_populate: the pages must be PRIVATE in the
+        attributes and not yet prepared (EEXIST). Returns the updated (gfn_start, uaddr, len)."""
+        cdef snp_populate_args args
+        cdef int64_t count
+        cdef uint64_t gfn = _u64(gfn_start, "gfn_start"), src = _u64(uaddr, "uaddr"), ln = _u64(length, "len")
+        what = "KVM_SEV_SNP_LAUNCH_UPDATE"
+        self._check_open(what)
+        if self.k.vm_type != KVM_X86_SNP_VM or self.k.launch_state != 1:
+            raise _err(_errno_mod.EINVAL, f"{what}: not an SNP VM being launched")
+        if ln == 0 or ln & 4095 or flags or page_type not in (1, 3, 4, 5, 6):
+            raise _err(_errno_mod.EINVAL, f"{what}: len, flags or page type invalid")
+        if page_type == 3:
+            src = 0
+        elif src == 0 or src & 4095:
+            raise _err(_errno_mod.EINVAL, f"{what}: uaddr must be a page-aligned source")
+        if not kvm_slot_has_gmem(gfn_to_memslot(&self.k, gfn)):
+            raise _err(_errno_mod.EINVAL, f"{what}: gfn {gfn:#x} is not in a guest_memfd memslot")
+        args.page_type = page_type
+        args.fw_error = 0
+        count = kvm_gmem_populate(&self.k, gfn, src, ln >> 12, sev_gmem_post_populate, &args)
+        self.host._raise_hook_exc()
+        if count < 0:
+            raise _err(_errno_mod.EIO, f"{what}: kvm_gmem_populate failed with {-count} "
+                       f"({_errno_mod.errorcode.get(-count, '?')})")
+        import hashlib
+        m = hashlib.sha384(self.launch_digest)
+        for i in range(count):
+            m.update((((gfn + i) << 12) | page_type).to_bytes(8, "little"))
+        self.launch_digest = m.digest()
+        return (gfn + count, src + (count << 12) if page_type != 3 else src, ln - (count << 12))
+
+    def snp_launch_finish(self):
+        """KVM_SEV_SNP_LAUNCH_FINISH: each vCPU's VMSA becomes a private, immutable page; the
+        guest runs and pre-faulting is allowed."""
+        cdef uint32_t id
+        cdef uint64_t pfn, raw, old
+        what = "KVM_SEV_SNP_LAUNCH_FINISH"
+        self._check_open(what)
+        if self.k.vm_type != KVM_X86_SNP_VM or self.k.launch_state != 1:
+            raise _err(_errno_mod.EINVAL, f"{what}: not an SNP VM being launched")
+        for vid in sorted(self._vcpus):
+            if folio_alloc(&self.host.h.pm, 0, &id) < 0:
+                raise _err(_errno_mod.ENOMEM, f"{what}: VMSA page")
+            pfn = folio_get(&self.host.h.pm, id).pfn
+            if rmp_make_private(&self.host.h, pfn, INITIAL_VMSA_GPA, PG_LEVEL_4K, self.k.asid, True):
+                folio_free(&self.host.h.pm, id)
+                raise _err(_errno_mod.EIO, f"{what}: RMPUPDATE of the VMSA failed")
+            xa_load(&self.host.h.rmp.entries, pfn, &raw)
+            xa_store_order(&self.host.h.rmp.entries, pfn, 0, raw | RMP_VALIDATED | RMP_VMSA, &old)
+            self._vmsa_pfns.append(pfn)
+        self.k.launch_state = 0
+        self.k.pre_fault_allowed = 1
+
+    @property
+    def vmsa_pfns(self):
+        return list(self._vmsa_pfns)
+
+    # ---------------------------------------------------------------- TDX
+    def tdx_init_vm(self, gpaw=52):
+        """KVM_TDX_INIT_VM: GPAW 52 (shared bit 51) or 48 (shared bit 47); the TD is being built."""
+        _tdx_check(self, "KVM_TDX_INIT_VM")
+        if self.k.launch_state != TD_STATE_RUNNABLE or self.k.sept.nr_entries or gpaw not in (48, 52):
+            raise _err(_errno_mod.EINVAL, "KVM_TDX_INIT_VM: already initialised, or GPAW not 48/52")
+        self.k.gfn_direct_bits = (<uint64_t>1) << ((51 if gpaw == 52 else 47) - 12)
+        self.k.launch_state = TD_STATE_INITIALIZED
+        self.k.pre_fault_allowed = 0
+
+    def tdx_finalize_vm(self):
+        """KVM_TDX_FINALIZE_VM: refused (EINVAL) while a premapped page was never added."""
+        _tdx_check(self, "KVM_TDX_FINALIZE_VM")
+        if self.k.launch_state != TD_STATE_INITIALIZED or self.k.nr_premapped:
+            raise _err(_errno_mod.EINVAL, "KVM_TDX_FINALIZE_VM: TD not initialised, or "
+                       f"{self.k.nr_premapped} premapped pages not added")
+        self.k.launch_state = TD_STATE_RUNNABLE
+        self.k.pre_fault_allowed = 1
+
+    @property
+    def td_state(self):
+        return ("uninitialized", "initialized", "runnable")[self.k.launch_state] \
+            if self.k.vm_type == KVM_X86_TDX_VM else None
+
+    @property
+    def nr_premapped(self):
+        return self.k.nr_premapped
+
+    @property
+    def shared_gpa_bit(self):
+        """TDX: the GPA bit that selects the shared alias (0 for other types)."""
+        return self.k.gfn_direct_bits << 12
+
+    def sept(self):
+        """TDX mirror S-EPT leaves: {gfn: (pfn, state)}."""
+        cdef uint64_t start = 0, first, v
+        cdef int order
+        out = {}
+        while xa_find_entry(&self.k.sept, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+            out[first] = (v >> 4, TDX_SEPT_STATES[v & 15])
+            start = first + 1
+        return out
+
+    @property
+    def tdx_stats(self):
+        return {name: self.k.tdx_stats[i] for i, name in enumerate(TDX_STATS)}
+
     # ------------------------------------------------------------- faults
     def page_fault_batch(self, gpas, error_codes, vcpu_id=0):
         """Run faults through the same C path as vcpu.page_fault, the GIL released (Python
@@ -497,6 +639,8 @@ cdef class Vcpu:
     """A vCPU: where page faults are taken."""
     cdef kvm_vcpu v
     cdef readonly Vm vm
+    cdef public object _pending      # the userspace exit being answered (complete_hypercall)
+    cdef public object _psc          # the guest's PSC buffer: (hdr, entries)
 
     def __cinit__(self, Vm vm, uint32_t vcpu_id):
         memset(&self.v, 0, sizeof(kvm_vcpu))
@@ -526,15 +670,22 @@ cdef class Vcpu:
         cdef kvm_fault_out out
         cdef unsigned char *p
         cdef int tries = 0
+        cdef bint snp_private = (self.v.kvm.vm_type == KVM_X86_SNP_VM and
+                                 (error_code & PFERR_GUEST_ENC_MASK) != 0)
         while True:
             kvm_mmu_page_fault(&self.v, gpa & ~(<uint64_t>4095), error_code, &out)
             self.vm.host._raise_hook_exc()
             if out.ret == RET_PF_FIXED or out.ret == RET_PF_SPURIOUS:
-                break
-            if out.ret != RET_PF_RETRY or tries > 16:
+                out.pfn += ((gpa >> 12) & _mask(_level_order(out.level)))
+                if self.v.kvm.vm_type == KVM_X86_TDX_VM:
+                    _tdx_private_access_check(self, gpa)
+                if not snp_private or not _snp_private_access_check(self, gpa, out.level, out.pfn):
+                    break
+            elif out.ret != RET_PF_RETRY or tries > 16:
                 raise GuestExit(_fault_result(&out))
             tries += 1
-        out.pfn += ((gpa >> 12) & _mask(_level_order(out.level)))
+            if tries > 16:
+                raise GuestExit(_fault_result(&out))
         p = page_data_get(self.v.kvm.host, out.pfn, write)
         if p == NULL and write:
             raise MemoryError("out of memory for page contents")
@@ -556,6 +707,119 @@ cdef class Vcpu:
             memcpy(&o[pos], p + ((a + pos) & 4095), k)
             pos += k
         return bytes(out)
+
+    # -------------------------------------------------------- SEV-SNP guest
+    def pvalidate(self, gpa, pagesize, validate):
+        """The guest's PVALIDATE of the page at gpa (pagesize 0: 4K, 1: 2M): 0 or the code
+        (FAIL_INPUT, FAIL_SIZEMISMATCH, PVALIDATE_FAIL_NOUPDATE when nothing changed).
+        A 4K PVALIDATE on a 2M RMP entry takes an RMP|SIZEM #NPF: KVM PSMASHes, then it runs."""
+        return _snp_pvalidate(self, _u64(gpa, "gpa"), int(pagesize), bool(validate))
+
+    def rmpadjust(self, gpa, pagesize, attrs):
+        """The guest's RMPADJUST (VMPL permissions, VMSA bit) of the page at gpa: 0 or the code."""
+        return _snp_rmpadjust(self, _u64(gpa, "gpa"), int(pagesize), _u64(attrs, "attrs"))
+
+    def psc_msr(self, gpa, op):
+        """A GHCB MSR-protocol page-state change of one page (op 1 private, 2 shared): a
+        HypercallExit to answer with complete_hypercall(), or the GHCB response right away."""
+        self.vm._check_open("page-state change")
+        return _psc_msr(self, _u64(gpa, "gpa"), int(op))
+
+    def page_state_change(self, entries, cur_entry=0, end_entry=None):
+        """A GHCB PSC request (SVM_VMGEXIT_PSC). entries: dicts with gfn, operation, pagesize,
+        cur_page (updated in place as KVM progresses). Returns a HypercallExit (answer with
+        complete_hypercall) or the final PSC return code (0 or VMGEXIT_PSC_ERROR_*)."""
+        self.vm._check_open("page-state change")
+        if self.v.kvm.vm_type != KVM_X86_SNP_VM:
+            raise _err(_errno_mod.EINVAL, "page-state change: only an SEV-SNP guest has it")
+        ents = [dict(gfn=int(e["gfn"]), operation=int(e["operation"]), pagesize=int(e.get("pagesize", 0)),
+                     cur_page=int(e.get("cur_page", 0))) if isinstance(e, dict) else e for e in entries]
+        if not isinstance(entries, list):
+            entries = ents
+        else:
+            entries[:] = ents
+        hdr = dict(cur_entry=int(cur_entry), end_entry=len(entries) - 1 if end_entry is None else int(end_entry))
+        if hdr["end_entry"] >= len(entries) and hdr["end_entry"] < VMGEXIT_PSC_MAX_COUNT:
+            raise ValueError("end_entry is past the entries given")
+        if not self.v.kvm.hypercall_exit_enabled & (1 << 12):
+            return VMGEXIT_PSC_ERROR_GENERIC
+        self._psc = (hdr, entries)
+        return _psc_next(self)
+
+    # ------------------------------------------------------------ TDX guest
+    def tdx_accept(self, gpa):
+        """The guest's TDG.MEM.PAGE.ACCEPT of the private 4K page at gpa: an EPT violation
+        AUGs it first if needed. TDX_SUCCESS, or TDX_PAGE_ALREADY_ACCEPTED."""
+        cdef kvm *k = self.v.kvm
+        cdef uint64_t g = _u64(gpa, "gpa"), v, old
+        cdef kvm_fault_out out
+        _tdx_check(self.vm, "TDG.MEM.PAGE.ACCEPT")
+        if (g >> 12) & k.gfn_direct_bits:
+            return TDVMCALL_STATUS_INVALID_OPERAND
+        if not xa_load(&k.sept, (g >> 12), &v):
+            kvm_mmu_page_fault(&self.v, g & ~(<uint64_t>4095), PFERR_WRITE_MASK, &out)
+            self.vm.host._raise_hook_exc()
+            if out.ret < 0:
+                raise GuestExit(_fault_result(&out))
+            if not xa_load(&k.sept, (g >> 12), &v):
+                raise GuestExit(_fault_result(&out))
+        if (v & 15) == TDX_SEPT_ACCEPTED:
+            return TDX_PAGE_ALREADY_ACCEPTED
+        xa_store_order(&k.sept, g >> 12, 0, (v & ~(<uint64_t>15)) | TDX_SEPT_ACCEPTED, &old)
+        k.tdx_stats[TDX_STAT_ACCEPT] += 1
+        return TDX_SUCCESS
+
+    def tdx_map_gpa(self, gpa, size):
+        """TDG.VP.VMCALL<MapGPA>: the shared bit of gpa says the target state. A HypercallExit
+        per 2M chunk (answer with complete_hypercall), or a TDVMCALL status."""
+        cdef kvm *k = self.v.kvm
+        cdef uint64_t g = _u64(gpa, "gpa"), n = _u64(size, "size"), direct
+        _tdx_check(self.vm, "MapGPA")
+        direct = k.gfn_direct_bits << 12
+        if not k.hypercall_exit_enabled & (1 << 12):
+            return TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED
+        if g + n <= g or (g + n - 1) >> 52 or bool(g & direct) != bool((g + n - 1) & direct):
+            return TDVMCALL_STATUS_INVALID_OPERAND
+        if g & 4095 or n & 4095:
+            return TDVMCALL_STATUS_ALIGN_ERROR
+        self._pending = ("map_gpa", g, g + n, g)
+        return _tdx_map_gpa_next(self)
+
+    def tdx_init_mem_region(self, source_addr, gpa, nr_pages, measure=False):
+        """KVM_TDX_INIT_MEM_REGION: copy nr_pages from the VMM's memory at source_addr into the
+        TD's private memory at gpa (premap, then TDH.MEM.PAGE.ADD), one page at a time.
+        Returns the pages added; on an error after some pages, raises with partial progress kept."""
+        cdef kvm *k = self.v.kvm
+        cdef uint64_t src = _u64(source_addr, "source_addr"), g = _u64(gpa, "gpa")
+        cdef uint64_t n = _u64(nr_pages, "nr_pages"), done = 0
+        cdef int64_t r
+        cdef tdx_populate_args args
+        what = "KVM_TDX_INIT_MEM_REGION"
+        _tdx_check(self.vm, what)
+        if k.launch_state != TD_STATE_INITIALIZED:
+            raise _err(_errno_mod.EINVAL, f"{what}: the TD is not being built (initial memory is fixed)")
+        if src & 4095 or g & 4095 or n == 0 or g + (n << 12) <= g or \
+                (g >> 12) & k.gfn_direct_bits or ((g + (n << 12) - 1) >> 12) & k.gfn_direct_bits:
+            raise _err(_errno_mod.EINVAL, f"{what}: unaligned, empty, wrapping or shared range")
+        args.vcpu = &self.v
+        while done < n:
+            r = kvm_gmem_populate(k, (g >> 12) + done, src + (done << 12), 1, tdx_gmem_post_populate, &args)
+            self.vm.host._raise_hook_exc()
+            if r < 0:
+                raise _err(<int>-r, f"{what}: page {done} of {n} failed ({done} added)")
+            if r != 1:
+                raise _err(_errno_mod.EIO, f"{what}: page {done} of {n} failed")
+            done += 1
+        return done
+
+    def complete_hypercall(self, ret=0):
+        """Userspace's answer (hypercall.ret) to the last HypercallExit; returns the next exit,
+        or the guest-visible result when the request is done."""
+        if self._pending is None:
+            raise _err(_errno_mod.EINVAL, "no hypercall exit is pending on this vCPU")
+        if self._pending[0] == "map_gpa":
+            return _tdx_map_gpa_complete(self, int(ret))
+        return _psc_complete(self, int(ret))
 
     def write(self, gpa, data, error_code=PFERR_WRITE_MASK):
         """A guest write of data at gpa (the fault carries PFERR_WRITE_MASK); see read()."""

@@ -117,14 +117,90 @@ cdef void _vm_check(Vm vm) except *:
                     g += n
 
 
+cdef void _vm_check_coco(Vm vm) except *:
+    """SNP: private SPTEs are backed by this guest's RMP entries at that GPA and size (INV-2).
+    TDX: the mirror S-EPT and the private SPTEs are the same set (INV-8)."""
+    cdef kvm *k = &vm.k
+    cdef gmem_host *h = k.host
+    cdef uint64_t start = 0, first, v, pfn, i, raw, sv
+    cdef int order, level, assigned, rmp_level
+    cdef int64_t premapped = 0
+    name = f"VM fd {vm.fd} (type {k.vm_type})"
+    while xa_find_entry(&k.sptes, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        start = first + _pages(order)
+        if not v & SPTE_PRIVATE:
+            continue
+        level = v & SPTE_LEVEL_MASK
+        if k.vm_type == KVM_X86_SNP_VM:
+            for i in range(_pages(order)):
+                pfn = (v >> SPTE_PFN_SHIFT) + i
+                raw = rmp_raw(h, pfn)
+                snp_lookup_rmpentry(h, pfn, &assigned, &rmp_level)
+                if (not raw & RMP_ASSIGNED or (raw & RMP_ASID_MASK) >> RMP_ASID_SHIFT != k.asid
+                        or (raw & RMP_GPA_MASK) != (first + i) << 12 or rmp_level < level):
+                    raise _InvariantError(f"{name}: private SPTE gfn {first + i:#x} level {level} maps pfn "
+                                          f"{pfn:#x} whose RMP entry is {_rmp_entry(raw)} (level {rmp_level})")
+        elif k.vm_type == KVM_X86_TDX_VM:
+            if level != PG_LEVEL_4K or not xa_load(&k.sept, first, &sv) or sv >> 4 != v >> SPTE_PFN_SHIFT:
+                raise _InvariantError(f"{name}: private SPTE gfn {first:#x} has no matching 4K S-EPT leaf")
+    if k.vm_type == KVM_X86_TDX_VM:
+        start = 0
+        while xa_find_entry(&k.sept, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &sv):
+            start = first + 1
+            if not xa_load(&k.sptes, first, &v) or not v & SPTE_PRIVATE or v >> SPTE_PFN_SHIFT != sv >> 4:
+                raise _InvariantError(f"{name}: S-EPT leaf gfn {first:#x} without its mirror SPTE")
+            if (sv & 15) == TDX_SEPT_PREMAPPED:
+                premapped += 1
+        if premapped != k.nr_premapped or (premapped and k.launch_state == TD_STATE_RUNNABLE):
+            raise _InvariantError(f"{name}: nr_premapped {k.nr_premapped}, {premapped} premapped leaves, "
+                                  f"TD state {k.launch_state}")
+
+
+cdef void _rmp_check(Host host, dict inodes, set vmsa) except *:
+    """Every assigned pfn belongs to a live gmem folio of a VM with that ASID, or is a VMSA,
+    or was leaked; 2M entries are aligned and alone in their region (INV-3, INV-4)."""
+    cdef gmem_host *h = &host.h
+    cdef uint64_t start = 0, first, v, f2, v2, pfn, leaked
+    cdef int order, k2
+    cdef uint32_t id
+    cdef folio *f
+    while xa_find_entry(&h.rmp.entries, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        start = first + 1
+        if v & RMP_PAGESIZE:
+            if first & (PTRS_PER_PMD - 1) or (v & RMP_GPA_MASK) & ((PTRS_PER_PMD << 12) - 1):
+                raise _InvariantError(f"RMP: 2M entry at pfn {first:#x} is misaligned ({_rmp_entry(v)})")
+            if first + 1 <= first + PTRS_PER_PMD - 1 and xa_find_entry(
+                    &h.rmp.entries, first + 1, first + PTRS_PER_PMD - 1, XA_NO_MARK, &f2, &k2, &v2):
+                raise _InvariantError(f"RMP: 2M entry at pfn {first:#x} over a 4K entry at {f2:#x} (mixed 4K state)")
+        if not v & RMP_ASSIGNED:
+            continue
+        for pfn in range(first, first + (PTRS_PER_PMD if v & RMP_PAGESIZE else 1)):
+            if xa_load(&h.rmp.leaked, pfn, &leaked) or pfn in vmsa:
+                continue
+            id = pfn_folio(&h.pm, pfn)
+            if id == 0:
+                raise _InvariantError(f"RMP: freed pfn {pfn:#x} is still assigned ({_rmp_entry(rmp_raw(h, pfn))})")
+            f = folio_get(&h.pm, id)
+            owner = inodes.get(f.mapping)
+            asid = (rmp_raw(h, pfn) & RMP_ASID_MASK) >> RMP_ASID_SHIFT
+            if owner is None or asid not in owner:
+                raise _InvariantError(f"RMP: pfn {pfn:#x} is assigned to ASID {asid} but belongs to "
+                                      f"{'gmem inode ' + str(f.mapping) if owner is not None else 'no guest_memfd'}"
+                                      f" (VM ASIDs {sorted(owner) if owner else []})")
+
+
 def _host_check(Host host):
     _phys_check(&host.h.pm)
     _xa_check_named(&host.h.page_data, "page contents")
     seen_vms = set()
+    inodes = {}          # ino -> ASIDs of the VMs with a file on it
+    vmsa = set()
     for obj in list(host._fds.values()):
         if isinstance(obj, GuestMemfd):
-            _inode_check((<GuestMemfd>obj).file.inode)
-            vm = (<GuestMemfd>obj).file.vm
+            gf = (<GuestMemfd>obj).file
+            _inode_check(gf.inode)
+            vm = gf.vm
+            inodes.setdefault(gf.inode.i.ino, set()).add((<Vm>vm).k.asid)
         elif isinstance(obj, Vm):
             vm = obj
         else:
@@ -132,3 +208,8 @@ def _host_check(Host host):
         if id(vm) not in seen_vms and not (<Vm>vm).destroyed:
             seen_vms.add(id(vm))
             _vm_check(<Vm>vm)
+            _vm_check_coco(<Vm>vm)
+            vmsa.update((<Vm>vm)._vmsa_pfns)
+    if host.h.rmp.enabled:
+        _xa_check_named(&host.h.rmp.entries, "RMP")
+        _rmp_check(host, inodes, vmsa)

@@ -89,6 +89,7 @@ cdef enum:
     PG_uptodate = 1 << 0         # gmem: "prepared" (kvm_gmem_mark_prepared)
     PG_private = 1 << 1          # folio->private holds data (invalidate_folio policy)
     PG_hwpoison = 1 << 2         # memory failure (kvm_gmem_error_folio)
+    PG_leaked = 1 << 3           # snp_leak_pages: never given back to the allocator
 
 ctypedef struct folio:
     uint64_t pfn
@@ -225,11 +226,43 @@ ctypedef int (*gmem_prepare_t)(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) 
 ctypedef void (*gmem_invalidate_t)(gmem_host *host, uint64_t start, uint64_t end) noexcept nogil
 ctypedef int (*private_max_mapping_level_t)(kvm *kvm, uint64_t pfn) noexcept nogil
 
+ctypedef struct kvm_vcpu
+ctypedef void (*handle_rmp_fault_t)(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code) noexcept nogil
+# TDX's external (S-EPT) page-table ops, for private leaves of the mirror root
+ctypedef int (*set_external_spte_t)(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil
+ctypedef void (*remove_external_spte_t)(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil
+
 ctypedef struct kvm_x86_hooks:
     is_private_fault_t is_private_fault
     gmem_prepare_t gmem_prepare
     gmem_invalidate_t gmem_invalidate
     private_max_mapping_level_t private_max_mapping_level
+    handle_rmp_fault_t handle_rmp_fault
+    set_external_spte_t set_external_spte
+    remove_external_spte_t remove_external_spte
+
+# SEV-SNP host state (arch/x86/virt/svm/sev.c)
+cdef enum:
+    SNP_STAT_RMPUPDATE
+    SNP_STAT_RMPUPDATE_FAILED
+    SNP_STAT_PSMASH
+    SNP_STAT_PVALIDATE
+    SNP_STAT_RMP_FAULTS
+    SNP_STAT_RMP_VIOLATIONS
+    SNP_STAT_LEAKED_PAGES
+    SNP_STAT_DIRECT_MAP_SPLITS
+    SNP_NR_STATS
+
+ctypedef struct snp_rmp:
+    int enabled                 # the platform has SNP (an RMP covering all memory)
+    xarray entries              # pfn -> raw low qword (struct rmpentry_raw); absent = 0.
+                                # A 2M entry is stored at its head only.
+    xarray perms                # pfn -> VMPL1..3 permission bytes (RMPADJUST), absent = none
+    xarray direct_map_4k        # 2M region (pfn >> 9) -> 1 where the host direct map was split
+    xarray leaked               # pfn -> 1: snp_leak_pages
+    uint64_t fail_rmpupdate     # fault injection: fail this many RMPUPDATEs ...
+    uint32_t fail_rmpupdate_code  # ... with this code
+    uint64_t stats[SNP_NR_STATS]
 
 ctypedef struct gmem_host:
     physmem pm
@@ -249,6 +282,7 @@ ctypedef struct gmem_host:
     uint64_t trace_cap
     uint64_t trace_seq
     uint32_t trace_mask         # enabled events (1 << TRACE_*)
+    snp_rmp rmp
 
 ctypedef struct gmem_inode:
     gmem_host *host
@@ -301,6 +335,11 @@ ctypedef struct kvm:
     uint64_t inject_inval_start # fault injection: an invalidation between faultin and map
     uint64_t inject_inval_end
     uint64_t stats[VM_NR_STATS]
+    uint64_t hypercall_exit_enabled   # KVM_CAP_EXIT_HYPERCALL bitmap
+    int launch_state            # SNP: 0 running, 1 launch started; TDX: enum kvm_tdx_state
+    xarray sept                 # TDX mirror: gfn -> pfn << 4 | TDX_SEPT_* state
+    int64_t nr_premapped        # TDX: mirror leaves mapped before finalize, not yet PAGE.ADDed
+    uint64_t tdx_stats[8]
 
 ctypedef struct kvm_vcpu:
     kvm *kvm

@@ -16,6 +16,8 @@ include "_physmem.pxi"
 include "_trace.pxi"
 include "_kvm_main.pxi"
 include "_guest_memfd.pxi"
+include "_sev.pxi"
+include "_tdx.pxi"
 include "_mmu.pxi"
 include "_attributes.pxi"
 
@@ -427,4 +429,6 @@ cdef class PhysMem:
 
 include "_api.pxi"
 include "_api_vm.pxi"
+include "_api_snp.pxi"
+include "_api_tdx.pxi"
 include "_check.pxi"

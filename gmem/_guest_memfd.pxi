@@ -24,6 +24,16 @@ cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nog
         start = first + 1
 
 
+cdef void host_clear_pages(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
+    """A host write of zeros: counted as an RMP violation where the RMP forbids it."""
+    cdef uint64_t i
+    if host.rmp.enabled:
+        for i in range(n):
+            if not host_write_ok(host, pfn + i):
+                host.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
+    page_data_drop(host, pfn, n)
+
+
 cdef unsigned char *page_data_get(gmem_host *host, uint64_t pfn, bint create) noexcept nogil:
     cdef uint64_t v, old
     cdef void *p
@@ -83,7 +93,8 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     """.free_folio: the invalidate hook sees only the pfn range, then the pages go back."""
     cdef gmem_host *host = inode.host
     cdef folio *f = folio_get(&host.pm, id)
-    cdef uint64_t start = f.pfn, end = f.pfn + _pages(f.order)
+    cdef uint64_t start = f.pfn, end = f.pfn + _pages(f.order), first, v
+    cdef int order
     cdef gmem_invalidate_t hook = host.hooks[inode.vm_type].gmem_invalidate
     if hook != NULL:
         host.stats[HOST_STAT_GMEM_INVALIDATE] += 1
@@ -92,8 +103,15 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
         host.invalidate_vm_type = inode.vm_type
         hook(host, start, end)
     page_data_drop(host, start, end - start)
-    folio_free(&host.pm, id)
     host.stats[HOST_STAT_FOLIOS_FREED] += 1
+    if host.rmp.leaked.nr_entries and xa_find_entry(&host.rmp.leaked, start, end - 1, XA_NO_MARK,
+                                                    &first, &order, &v):
+        # a page the invalidate hook could not give back stays out of use (snp_leak_pages)
+        f = folio_get(&host.pm, id)
+        f.mapping = 0
+        f.flags = PG_leaked
+        return
+    folio_free(&host.pm, id)
 
 
 cdef int kvm_gmem_split_folio(gmem_inode *inode, uint64_t first, uint32_t id) noexcept nogil:
@@ -194,7 +212,7 @@ cdef int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *ino
     if host.prepared_tracking == GMEM_TRACK_GMEM and (f.flags & PG_uptodate):
         return 0
     if not (f.flags & PG_uptodate):
-        page_data_drop(host, pfn, _pages(order))           # clear_highpage of every page
+        host_clear_pages(host, pfn, _pages(order))         # clear_highpage of every page
     if hook != NULL:
         gfn = slot.base_gfn + f.index - slot.gmem_pgoff    # ALIGN_DOWN(index, nr_pages)
         kvm.stats[VM_STAT_GMEM_PREPARE] += 1
@@ -315,3 +333,64 @@ cdef void kvm_gmem_release(gmem_file *file) noexcept nogil:
     file.next = NULL
     if inode.files == NULL:
         kvm_gmem_evict_inode(inode)
+
+
+# --------------------------------------------------------------- populate
+
+ctypedef int (*kvm_gmem_populate_cb)(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t src,
+                                     int order, void *opaque) noexcept nogil
+
+
+cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64_t npages,
+                               kvm_gmem_populate_cb post_populate, void *opaque) noexcept nogil:
+    """Fill not-yet-prepared private pages with initial contents (SNP_LAUNCH_UPDATE,
+    KVM_TDX_INIT_MEM_REGION): pages done, or the error if the first page failed."""
+    cdef kvm_memory_slot *slot = gfn_to_memslot(kvm, start_gfn)
+    cdef gmem_file *file
+    cdef uint64_t index, gfn, v
+    cdef int64_t i = 0
+    cdef int ret = 0
+    cdef uint32_t id
+    cdef folio *f
+    if npages <= 0:
+        return -_EINVAL
+    if not kvm_slot_has_gmem(slot):
+        return -_EINVAL
+    file = slot.gmem_file
+    if file == NULL or file.released:
+        return -_EFAULT
+    if npages > <int64_t>(slot.npages - (start_gfn - slot.base_gfn)):
+        npages = slot.npages - (start_gfn - slot.base_gfn)
+    while i < npages:
+        gfn = start_gfn + i
+        index = gfn - slot.base_gfn + slot.gmem_pgoff
+        if not xa_load(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
+            ret = -_EIO
+            break
+        ret = kvm_gmem_get_folio(file.inode, index, &id)       # no prepare
+        if ret:
+            break
+        f = folio_get(&kvm.host.pm, id)
+        if f.order and not (f.flags & PG_uptodate):
+            # launch pages are 4K: populate a huge folio page by page
+            ret = kvm_gmem_split_folio(file.inode, f.index, id)
+            if ret:
+                break
+            continue
+        if f.flags & PG_hwpoison:
+            ret = -_EHWPOISON
+            break
+        if f.flags & PG_uptodate:
+            ret = -_EEXIST                                      # already faulted in / populated
+            break
+        if not kvm_range_has_memory_attributes(kvm, gfn, gfn + 1, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+                                               KVM_MEMORY_ATTRIBUTE_PRIVATE):
+            ret = -_EINVAL
+            break
+        ret = post_populate(kvm, gfn, f.pfn + (index - f.index), src + (<uint64_t>i << 12) if src else 0,
+                            0, opaque)
+        if ret:
+            break
+        folio_get(&kvm.host.pm, id).flags |= PG_uptodate       # kvm_gmem_mark_prepared
+        i += 1
+    return ret if (ret and i == 0) else i

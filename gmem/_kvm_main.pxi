@@ -4,6 +4,8 @@
 from libc.stdlib cimport calloc as _calloc
 
 cdef enum:
+    _ENODEV = 19
+    _EINTR = 4
     _EFAULT = 14
     _EIO = 5
     _EHWPOISON = 133
@@ -179,10 +181,15 @@ cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int fi
     cdef int order
     if end <= start:
         return 0
+    if kvm.vm_type != KVM_X86_TDX_VM:
+        filter = 0          # one (direct) root: the filter only picks TDX's mirror or direct root
     while xa_find_entry(&kvm.sptes, index, end - 1, XA_NO_MARK, &first, &order, &v):
         if (filter == 0 or (filter == KVM_FILTER_PRIVATE and (v & SPTE_PRIVATE))
                 or (filter == KVM_FILTER_SHARED and not (v & SPTE_PRIVATE))):
             xa_erase(&kvm.sptes, first, &v)
+            if v & SPTE_PRIVATE and kvm.host.hooks[kvm.vm_type].remove_external_spte != NULL:
+                kvm.host.hooks[kvm.vm_type].remove_external_spte(kvm, first, v & SPTE_LEVEL_MASK,
+                                                                 v >> SPTE_PFN_SHIFT)
             gmem_trace(kvm.host, TRACE_SPTE_ZAP, 0, first, v >> SPTE_PFN_SHIFT, v & SPTE_LEVEL_MASK, 0)
             zapped += 1
         if first + _mask(order) >= end - 1:

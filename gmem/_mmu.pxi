@@ -17,6 +17,7 @@ cdef uint64_t PFERR_WRITE_MASK = 1 << 1
 cdef uint64_t PFERR_RSVD_MASK = 1 << 3
 cdef uint64_t PFERR_FETCH_MASK = 1 << 4
 cdef uint64_t PFERR_GUEST_ENC_MASK = (<uint64_t>1) << 34
+cdef uint64_t PFERR_GUEST_PAGE_MASK = (<uint64_t>1) << 33
 cdef uint64_t PFERR_IMPLICIT_ACCESS = (<uint64_t>1) << 48
 cdef uint64_t PFERR_PRIVATE_ACCESS = (<uint64_t>1) << 49
 cdef uint64_t PFERR_SYNTHETIC_MASK = PFERR_IMPLICIT_ACCESS | PFERR_PRIVATE_ACCESS
@@ -164,6 +165,10 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
                        old & SPTE_LEVEL_MASK, 0)
             kvm.stats[VM_STAT_ZAPPED_SPTES] += 1
             kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
+    if fault.is_private and kvm.host.hooks[kvm.vm_type].set_external_spte != NULL:
+        # TDX: the mirror leaf is forwarded to the S-EPT before it becomes visible
+        if kvm.host.hooks[kvm.vm_type].set_external_spte(kvm, base, fault.goal_level, fault.pfn):
+            return -_EIO
     if xa_store_order(&kvm.sptes, base, order, spte, &old) < 0:
         return -_ENOMEM
     gmem_trace(kvm.host, TRACE_SPTE_INSTALL, vcpu.vcpu_id, base, fault.pfn, fault.goal_level,
@@ -256,6 +261,10 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
     gmem_trace(kvm.host, TRACE_PAGE_FAULT, vcpu.vcpu_id, gpa, error_code, 0, 0)
     if is_private != NULL and is_private(kvm, gpa, error_code):
         error_code |= PFERR_PRIVATE_ACCESS
+        if kvm.vm_type == KVM_X86_TDX_VM:
+            # tdx_handle_ept_violation: a private access is always a write
+            error_code = (error_code & (PFERR_GUEST_FINAL_MASK | PFERR_GUEST_PAGE_MASK)) | \
+                PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS
     if kvm.host.hook_error:
         out.ret = -_EIO
         return out.ret
@@ -269,6 +278,12 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
     if r == RET_PF_INVALID:
         vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
         r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
+        if kvm.vm_type == KVM_X86_TDX_VM and error_code & PFERR_PRIVATE_ACCESS:
+            # local_retry: private faults retry inside KVM, not re-entering the TD
+            while r == RET_PF_RETRY and not kvm.host.hook_error:
+                vcpu.stats[VCPU_STAT_PF_RETRY] += 1
+                vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
+                r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
     if kvm.host.hook_error and r >= 0:
         r = -_EIO
     if r == RET_PF_FIXED:
@@ -280,6 +295,9 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
     elif r == RET_PF_RETRY:
         vcpu.stats[VCPU_STAT_PF_RETRY] += 1
     out.ret = r
+    # npf_interception: an RMP fault is handled once the guest is to be resumed
+    if r >= 0 and error_code & PFERR_GUEST_RMP_MASK and kvm.host.hooks[kvm.vm_type].handle_rmp_fault != NULL:
+        kvm.host.hooks[kvm.vm_type].handle_rmp_fault(vcpu, gpa, error_code)
     return r
 
 
@@ -310,6 +328,12 @@ cdef void kvm_x86_hooks_init(kvm_x86_hooks *hooks, int vm_type) noexcept nogil:
         hooks.is_private_fault = sw_protected_is_private_fault
     elif vm_type == KVM_X86_SNP_VM:
         hooks.is_private_fault = snp_is_private_fault
+        hooks.gmem_prepare = sev_gmem_prepare
+        hooks.gmem_invalidate = sev_gmem_invalidate
+        hooks.private_max_mapping_level = sev_private_max_mapping_level
+        hooks.handle_rmp_fault = sev_handle_rmp_fault
     elif vm_type == KVM_X86_TDX_VM:
         hooks.is_private_fault = tdx_is_private_fault
         hooks.private_max_mapping_level = tdx_private_max_mapping_level
+        hooks.set_external_spte = tdx_sept_set_private_spte
+        hooks.remove_external_spte = tdx_sept_remove_private_spte
