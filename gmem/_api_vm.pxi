@@ -1036,10 +1036,19 @@ cdef class GuestMemfd:
         map_type = fl & 0x0F
         if ln == 0 or off & 4095:
             raise _err(_errno_mod.EINVAL, "mmap: length 0 or offset not page aligned")
-        if ln > (1 << 47) or off + ln < off:
-            raise _err(_errno_mod.ENOMEM, "mmap: length too large")
+        # do_mmap: len = PAGE_ALIGN(len) (0 after wrapping: ENOMEM); get_unmapped_area refuses
+        # len > TASK_SIZE (ENOMEM); file_mmap_ok() refuses offset + len past MAX_LFS_FILESIZE
+        # (EOVERFLOW) -- all before the MAP_TYPE switch and the file's ->mmap
+        ln_al = (ln + 4095) & ~(<uint64_t>4095)
+        if ln_al == 0 or ln_al > _TASK_SIZE_MAX:
+            raise _err(_errno_mod.ENOMEM, "mmap: length too large (len > TASK_SIZE)")
+        if ln_al > _MAX_LFS_FILESIZE or (off >> 12) > ((_MAX_LFS_FILESIZE - ln_al) >> 12):
+            raise _err(_errno_mod.EOVERFLOW, "mmap: offset + length past MAX_LFS_FILESIZE (file_mmap_ok)")
         if map_type not in (_uapi.MAP_SHARED, _uapi.MAP_PRIVATE, 0x03):
             raise _err(_errno_mod.EINVAL, "mmap: flags need MAP_SHARED or MAP_PRIVATE")
+        if map_type == 0x03 and fl & ~0x407f933:
+            # MAP_SHARED_VALIDATE: flags outside LEGACY_MAP_MASK (gmem has no FOP_MMAP_SYNC)
+            raise _err(_errno_mod.EOPNOTSUPP, f"mmap: MAP_SHARED_VALIDATE with unknown flags {fl:#x}")
         if p & _uapi.PROT_EXEC:
             raise _err(_errno_mod.EPERM, "mmap: PROT_EXEC on a noexec (anon_inode) mount")
         if not self.flags & GUEST_MEMFD_FLAG_MMAP:
