@@ -209,7 +209,8 @@ cdef class Host:
 
     Keyword options model kernel builds and the policies argued in the RFC:
     prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
-    invalidate="free_folio"|"invalidate_folio", huge_folios (2M gmem folios,
+    invalidate="free_folio"|"invalidate_folio" (with reattach_private, the re-attach scan
+    after a split that the RFC cover letter suggests), huge_folios (2M gmem folios,
     proposed upstream). Defaults follow Linux 6.18.
     """
     cdef gmem_host h
@@ -235,7 +236,7 @@ cdef class Host:
 
     def __init__(self, memory=64 << 30, platform="amd", *, sw_protected=True,
                  memory_attributes=True, prepare="fault", prepared_tracking="gmem",
-                 invalidate="free_folio", huge_folios=False):
+                 invalidate="free_folio", huge_folios=False, reattach_private=False):
         cdef uint64_t nbytes = _u64(memory, "memory")
         if nbytes == 0 or nbytes & 4095:
             raise ValueError(f"memory {memory} must be a positive multiple of 4096 bytes")
@@ -261,6 +262,7 @@ cdef class Host:
         self.h.prepared_tracking = _POLICIES["prepared_tracking"][prepared_tracking]
         self.h.invalidate_policy = _POLICIES["invalidate"][invalidate]
         self.h.huge_folios = bool(huge_folios)
+        self.h.reattach_private = bool(reattach_private)
         self._fds = {}
         self._custom_types = {}
         self._hook_refs = []
@@ -293,7 +295,7 @@ cdef class Host:
             prepared_tracking=[k for k, v in _POLICIES["prepared_tracking"].items()
                                if v == self.h.prepared_tracking][0],
             invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
-            huge_folios=bool(self.h.huge_folios))
+            huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private))
 
     # ------------------------------------------------------------- fds
     cdef int _install_fd(self, obj) except -1:

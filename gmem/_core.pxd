@@ -272,6 +272,7 @@ ctypedef struct gmem_host:
     uint8_t prepared_tracking
     uint8_t invalidate_policy
     uint8_t huge_folios
+    uint8_t reattach_private    # invalidate_folio: re-attach folio->private to tails after a split
     kvm_x86_hooks hooks[32]
     void *py_hooks[32][4]       # borrowed PyObject* callables behind Python hooks
     void *py_host               # borrowed PyObject* of the gmem.Host

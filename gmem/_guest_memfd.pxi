@@ -96,6 +96,9 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     cdef uint64_t start = f.pfn, end = f.pfn + _pages(f.order), first, v
     cdef int order
     cdef gmem_invalidate_t hook = host.hooks[inode.vm_type].gmem_invalidate
+    # .free_folio sees every folio; .invalidate_folio only those with private data
+    if host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO and not (f.flags & PG_private):
+        hook = NULL
     if hook != NULL:
         host.stats[HOST_STAT_GMEM_INVALIDATE] += 1
         host.stats[HOST_STAT_GMEM_INVALIDATE_PAGES] += end - start
@@ -119,6 +122,7 @@ cdef int kvm_gmem_split_folio(gmem_inode *inode, uint64_t first, uint32_t id) no
     cdef int r = xa_split(&inode.filemap, first, 0)
     cdef uint64_t k, old
     cdef folio *f
+    cdef int had_private
     if r < 0:
         return r
     r = folio_split(&inode.host.pm, id, 0)
@@ -127,8 +131,12 @@ cdef int kvm_gmem_split_folio(gmem_inode *inode, uint64_t first, uint32_t id) no
         xa_store_order(&inode.filemap, first, HPAGE_ORDER, id, &old)
         return r
     f = folio_get(&inode.host.pm, id)
+    had_private = f.flags & PG_private
     for k in range(_pages(HPAGE_ORDER)):
         xa_store_order(&inode.filemap, first + k, 0, pfn_folio(&inode.host.pm, f.pfn + k), &old)
+        if had_private and inode.host.reattach_private:
+            # the scan the RFC cover letter suggests: every tail gets the head's private data back
+            folio_get(&inode.host.pm, pfn_folio(&inode.host.pm, f.pfn + k)).flags |= PG_private
     inode.host.stats[HOST_STAT_FOLIO_SPLITS] += 1
     return 0
 
@@ -223,7 +231,11 @@ cdef int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *ino
         if r:
             kvm.stats[VM_STAT_GMEM_PREPARE_FAILED] += 1
             return r
-    folio_get(&host.pm, id).flags |= PG_uptodate
+    f = folio_get(&host.pm, id)
+    f.flags |= PG_uptodate
+    if hook != NULL and host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO:
+        f.flags |= PG_private           # the arch's "needs invalidation" in folio->private
+        f.private = 1
     return 0
 
 
