@@ -287,13 +287,26 @@ cdef class Vm:
             gfile = None
             if flags & KVM_MEM_GUEST_MEMFD:
                 gfile = self._gmem_bind_check(gmem_fd, offset, npages, what)
+            self._arch_prepare_memory_region(base_gfn, npages, what)
             self._create_memslot(slot, flags, base_gfn, npages, hva, gfile, offset >> 12)
         elif change == KVM_MR_MOVE:
+            self._arch_prepare_memory_region(base_gfn, npages, what)
             self._move_memslot(old, base_gfn)
         else:
             s = &self.k.memslots[old]
             s.flags = flags
             kvm_unmap_gfn_range(&self.k, s.base_gfn, s.base_gfn + s.npages, 0)
+
+    cdef void _arch_prepare_memory_region(self, uint64_t base_gfn, uint64_t npages, str what) except *:
+        """x86 kvm_arch_prepare_memory_region for CREATE/MOVE, which runs after kvm_gmem_bind
+        (so EBADF etc. from the bind come first): the last gfn must not exceed kvm_mmu_max_gfn()
+        (52-bit guest physical addresses, as on this machine's kernel) nor have a TDX shared
+        bit set (kvm_is_gfn_alias)."""
+        cdef uint64_t last = base_gfn + npages - 1
+        if last > ((<uint64_t>1) << (52 - 12)) - 1:
+            raise _err(_errno_mod.EINVAL, f"{what}: the memslot ends above kvm_mmu_max_gfn()")
+        if last & self.k.gfn_direct_bits:
+            raise _err(_errno_mod.EINVAL, f"{what}: the memslot reaches the shared bit (kvm_is_gfn_alias)")
 
     cdef GmemFile _gmem_bind_check(self, uint32_t fd, uint64_t offset, uint64_t npages, str what):
         """kvm_gmem_bind's checks, in order."""
