@@ -201,7 +201,9 @@ cdef class Vm:
         """KVM_SET_USER_MEMORY_REGION2, with the kernel's order of checks."""
         self._check_open("KVM_SET_USER_MEMORY_REGION2")
         if isinstance(guest_memfd, GuestMemfd):
-            guest_memfd = (<GuestMemfd>guest_memfd).fd
+            # a closed GuestMemfd is no open fd (its number may already belong to another file):
+            # pass -1 as gmem.kernel does, so the bind answers EBADF
+            guest_memfd = -1 if (<GuestMemfd>guest_memfd).closed else (<GuestMemfd>guest_memfd).fd
         self._set_memory_region(_u32_wrap(slot, "slot"), _u32_wrap(flags, "flags"),
                                 _u64_wrap(guest_phys_addr, "guest_phys_addr"),
                                 _u64_wrap(memory_size, "memory_size"),
