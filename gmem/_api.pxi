@@ -263,7 +263,9 @@ cdef class Host:
         self.h.invalidate_policy = _POLICIES["invalidate"][invalidate]
         self.h.huge_folios = bool(huge_folios)
         self.h.reattach_private = bool(reattach_private)
-        self._fds = {}
+        # A process's fds 0-2 are open files that are not guest_memfds (set_memory_region_test.c
+        # binds guest_memfd = 0 and expects kvm_gmem_bind's "not a gmem file" EINVAL, not EBADF)
+        self._fds = {0: "stdin", 1: "stdout", 2: "stderr"}
         self._custom_types = {}
         self._hook_refs = []
         self._next_ino = 1
