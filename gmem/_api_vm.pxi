@@ -581,17 +581,36 @@ cdef class Vm:
 
     # ------------------------------------------------------------- faults
     def page_fault_batch(self, gpas, error_codes, vcpu_id=0):
-        """Run faults through the same C path as vcpu.page_fault, the GIL released (Python
-        hooks take it while they run). Returns a FAULT_DTYPE array. vcpu_id is created if absent."""
+        """Run faults through the same C path as vcpu.page_fault, in order, the GIL released
+        (Python hooks take it while they run). vcpu_id is one id or an array of one id per
+        fault; vCPUs that do not exist yet are created. Returns a FAULT_DTYPE array."""
+        cdef kvm_vcpu **vcpus
+        cdef const uint64_t[::1] ids
         self._check_open("page_fault_batch")
         g = _u64_array(gpas, "gpas")
         e = _u64_array(error_codes, "error_codes")
         if g.shape[0] != e.shape[0]:
             raise ValueError(f"gpas ({g.shape[0]}) and error_codes ({e.shape[0]}) differ in length")
-        vid = _u64(vcpu_id, "vcpu_id")
-        vcpu = self._vcpus.get(vid) or self.create_vcpu(vid)
+        if np.ndim(vcpu_id) == 0:
+            ids = np.full(g.shape[0], _u64(vcpu_id, "vcpu_id"), dtype=np.uint64)
+        else:
+            ids = _u64_array(vcpu_id, "vcpu_id")
+            if ids.shape[0] != g.shape[0]:
+                raise ValueError(f"vcpu_id ({ids.shape[0]}) and gpas ({g.shape[0]}) differ in length")
+        uniq = np.unique(np.asarray(ids)) if g.shape[0] else np.zeros(0, np.uint64)
+        if uniq.size and uniq[-1] >= KVM_MAX_VCPU_IDS:
+            raise _err(_errno_mod.EINVAL, f"vcpu id {uniq[-1]} >= KVM_MAX_VCPU_IDS")
+        table = {int(v): (self._vcpus.get(int(v)) or self.create_vcpu(int(v))) for v in uniq}
+        vcpus = <kvm_vcpu **>_calloc(KVM_MAX_VCPU_IDS, sizeof(kvm_vcpu *))
+        if vcpus == NULL:
+            raise MemoryError("vcpu table")
+        for v, vc in table.items():
+            vcpus[v] = &(<Vcpu>vc).v
         out = np.zeros(g.shape[0], dtype=FAULT_DTYPE)
-        _fault_batch(&(<Vcpu>vcpu).v, g, e, out)
+        try:
+            _fault_batch(vcpus, ids, g, e, out)
+        finally:
+            free(vcpus)
         self.host._raise_hook_exc()
         return out
 
@@ -637,14 +656,15 @@ cdef object _u64_array(object a, str what):
     return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
-cdef void _fault_batch(kvm_vcpu *vcpu, const uint64_t[::1] gpas, const uint64_t[::1] ecs,
-                       object out_arr) except *:
+cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t[::1] gpas,
+                       const uint64_t[::1] ecs, object out_arr) except *:
+    """The batch loop: kvm_mmu_page_fault per record, no Python objects, no GIL."""
     cdef kvm_fault_out *out = <kvm_fault_out *>cnp.PyArray_DATA(out_arr)
     cdef Py_ssize_t i, n = gpas.shape[0]
     with nogil:
         for i in range(n):
-            kvm_mmu_page_fault(vcpu, gpas[i], ecs[i], &out[i])
-            if vcpu.kvm.host.hook_error:
+            kvm_mmu_page_fault(vcpus[ids[i]], gpas[i], ecs[i], &out[i])
+            if vcpus[ids[i]].kvm.host.hook_error:
                 break
 
 
