@@ -362,3 +362,13 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
                           int *max_order) noexcept nogil
 cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil
 cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil
+
+# Handles -> structs, for Cython code driving the model without Python objects:
+#   from gmem._core cimport kvm_vcpu, kvm_fault_out, kvm_mmu_page_fault, gmem_vcpu_ptr
+#   cdef kvm_vcpu *v = gmem_vcpu_ptr(vcpu)        # vcpu: a gmem.Vcpu
+#   with nogil:
+#       kvm_mmu_page_fault(v, gpa, error_code, &out)
+# The pointers stay valid while the Python objects live (and the VM is not destroyed).
+cdef kvm_vcpu *gmem_vcpu_ptr(object vcpu) except NULL
+cdef kvm *gmem_vm_ptr(object vm) except NULL
+cdef gmem_host *gmem_host_ptr(object host) except NULL

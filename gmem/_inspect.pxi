@@ -42,3 +42,27 @@ def page_states(Vm vm, gpa, size):
     for name in out.dtype.names:
         out[name] = cols[name]
     return out
+
+
+# ------------------------------------------------------------ C-level API
+
+cdef kvm_vcpu *gmem_vcpu_ptr(object vcpu) except NULL:
+    if not isinstance(vcpu, Vcpu):
+        raise TypeError(f"expected a gmem.Vcpu, not {type(vcpu).__name__}")
+    if (<Vcpu>vcpu).vm.destroyed:
+        raise ValueError("the VM of this vCPU is destroyed")
+    return &(<Vcpu>vcpu).v
+
+
+cdef kvm *gmem_vm_ptr(object vm) except NULL:
+    if not isinstance(vm, Vm):
+        raise TypeError(f"expected a gmem.Vm, not {type(vm).__name__}")
+    if (<Vm>vm).destroyed:
+        raise ValueError("the VM is destroyed")
+    return &(<Vm>vm).k
+
+
+cdef gmem_host *gmem_host_ptr(object host) except NULL:
+    if not isinstance(host, Host):
+        raise TypeError(f"expected a gmem.Host, not {type(host).__name__}")
+    return &(<Host>host).h
