@@ -76,13 +76,26 @@ cdef void _adjust_direct_map(gmem_host *h, uint64_t pfn, int rmp_level) noexcept
         h.rmp.stats[SNP_STAT_DIRECT_MAP_SPLITS] += 1
 
 
+cdef bint _rmp_smashed_region(gmem_host *h, uint64_t head) noexcept nogil:
+    """The 512 4K entries from the 2M-aligned head are what PSMASH leaves: all assigned,
+    with the head's owner and immutability, at GPAs contiguous from the head's."""
+    cdef uint64_t hv, v, i, same = RMP_ASSIGNED | RMP_PAGESIZE | RMP_IMMUTABLE | RMP_ASID_MASK
+    if not xa_load(&h.rmp.entries, head, &hv):
+        return False
+    for i in range(1, PTRS_PER_PMD):
+        if (not xa_load(&h.rmp.entries, head + i, &v) or (v & same) != (hv & same)
+                or (v & RMP_GPA_MASK) != (hv & RMP_GPA_MASK) + (i << 12)):
+            return False
+    return True
+
+
 cdef int rmpupdate_insn(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nogil:
     """RMPUPDATE (F2 0F 01 FE): install `state` (assigned, pagesize, immutable, gpa, asid)
     as pfn's entry; returns the architectural code."""
     cdef uint64_t cur = rmp_raw(h, pfn), head = pfn & ~(<uint64_t>PTRS_PER_PMD - 1), hv, f, v
     cdef uint64_t new, keep
     cdef int k
-    cdef bint in_2m
+    cdef bint in_2m, merge = False
     cdef bint huge = (state & RMP_PAGESIZE) != 0
     h.rmp.stats[SNP_STAT_RMPUPDATE] += 1
     if h.rmp.fail_rmpupdate:
@@ -97,9 +110,13 @@ cdef int rmpupdate_insn(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nog
     if huge:
         if pfn & (PTRS_PER_PMD - 1) or (state & RMP_GPA_MASK) & ((<uint64_t>PTRS_PER_PMD << 12) - 1):
             return RMPUPDATE_FAIL_INPUT
-        # the 512 entries must be one consistent state: all 4K-unassigned, or this 2M entry
+        # the 512 entries must be one consistent state: all unassigned, this 2M entry, or
+        # the 512 4K entries a PSMASH left (APM §15.36: the host rebuilds a 2M page with
+        # RMPUPDATE-to-2M, which clears Validated, and the guest re-PVALIDATEs it at 2M)
         if not in_2m and xa_find_entry(&h.rmp.entries, pfn, pfn + PTRS_PER_PMD - 1, XA_NO_MARK, &f, &k, &v):
-            return RMPUPDATE_FAIL_INPUT
+            if not _rmp_smashed_region(h, pfn):
+                return RMPUPDATE_FAIL_INPUT
+            merge = True
     elif in_2m:
         return RMPUPDATE_FAIL_INPUT      # 4K update inside a 2M entry: PSMASH first
     new = state & (RMP_ASSIGNED | RMP_PAGESIZE | RMP_IMMUTABLE | RMP_GPA_MASK | RMP_ASID_MASK)
@@ -110,6 +127,10 @@ cdef int rmpupdate_insn(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nog
         xa_erase(&h.rmp.perms, pfn, &v)            # VMPL0 full, others none
     if not (new & RMP_ASSIGNED):
         new = 0                                    # unassigned entries are not stored
+    if merge:
+        # the 511 tail entries are now read through the 2M head
+        xa_erase_range(&h.rmp.entries, pfn + 1, pfn + PTRS_PER_PMD - 1)
+        xa_erase_range(&h.rmp.perms, pfn + 1, pfn + PTRS_PER_PMD - 1)
     if _rmp_store(h, pfn, new) < 0:
         return RMPUPDATE_FAIL_INPUT
     return 0
