@@ -296,8 +296,10 @@ cdef object _psc_next(Vcpu vcpu):
     last = idx
     while last + 1 <= hdr["end_entry"]:
         n = entries[last + 1]
+        # snp_begin_psc compares with entry_start.gfn + npages, not gfn + npages: after a
+        # partly done 2M entry (gfn advanced by cur_page) the next 4K entry is not merged
         if (n["operation"] != first["operation"] or n["cur_page"] != 0 or bool(n["pagesize"]) != huge
-                or n["gfn"] != gfn + npages):
+                or n["gfn"] != first["gfn"] + npages):
             break
         npages += 512 if n["pagesize"] else 1
         last += 1
