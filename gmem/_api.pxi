@@ -474,6 +474,38 @@ cdef class Host:
                                 f"{_rmp_entry(rmp_raw(&self.h, p))}, host mapping "
                                 f"{'4K' if xa_load(&self.h.rmp.direct_map_4k, p >> 9, &p) else '2M'}")
 
+    def memory_failure(self, pfn):
+        """memory_failure(pfn) (HWPOISON): a gmem page is marked poisoned and unmapped; later
+        faults on it are memory-fault exits with -EHWPOISON. Returns True for a gmem page."""
+        cdef uint64_t p = _u64(pfn, "pfn")
+        cdef uint32_t id = pfn_folio(&self.h.pm, p)
+        if p >= self.h.pm.end_pfn:
+            raise _err(_errno_mod.EINVAL, f"pfn {pfn:#x} is beyond host memory")
+        if id == 0:
+            return False
+        for obj in self._fds.values():
+            if isinstance(obj, GuestMemfd) and (<GuestMemfd>obj).file.inode.i.ino == folio_get(&self.h.pm, id).mapping:
+                kvm_gmem_error_folio(&(<GuestMemfd>obj).file.inode.i, id)
+                return True
+        folio_get(&self.h.pm, id).flags |= PG_hwpoison
+        return False
+
+    def inject(self, *, alloc_failures=0, prepare_failures=0, prepare_errno=_errno_mod.EIO,
+               rmpupdate_failures=0, rmpupdate_code=3):
+        """Fault injection, as a context manager that clears what is left on exit:
+        page allocations fail with ENOMEM; arch prepares fail with -prepare_errno;
+        RMPUPDATEs return rmpupdate_code (FAIL_OVERLAP is retried, as rmpupdate() does)."""
+        if rmpupdate_failures and not self.h.rmp.enabled:
+            raise ValueError("RMPUPDATE failures need platform='amd'")
+        if not 0 < int(prepare_errno) < 4096:
+            raise ValueError("prepare_errno must be a positive errno")
+        self.h.pm.fail_alloc = _u64(alloc_failures, "alloc_failures")
+        self.h.fail_prepare = _u64(prepare_failures, "prepare_failures")
+        self.h.fail_prepare_errno = int(prepare_errno)
+        if rmpupdate_failures:
+            self.rmp.inject_rmpupdate_failures(rmpupdate_failures, rmpupdate_code)
+        return _Injection(self)
+
     def inject_alloc_failures(self, n):
         """Fault injection: the next n page allocations fail (ENOMEM as the kernel reports it)."""
         self.h.pm.fail_alloc = _u64(n, "n")
@@ -512,3 +544,19 @@ cdef object _check_extension(Host host, Vm vm, uint64_t cap):
     if cap == _uapi.KVM_CAP_PRE_FAULT_MEMORY:
         return 1
     return 0
+
+
+class _Injection:
+    """host.inject(...) as a context manager: on exit, injections not yet consumed are dropped."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def __enter__(self):
+        return self.host
+
+    def __exit__(self, *exc):
+        (<Host>self.host).h.pm.fail_alloc = 0
+        (<Host>self.host).h.fail_prepare = 0
+        (<Host>self.host).h.rmp.fail_rmpupdate = 0
+        return False

@@ -276,6 +276,8 @@ ctypedef struct gmem_host:
     kvm_x86_hooks hooks[32]
     void *py_hooks[32][4]       # borrowed PyObject* callables behind Python hooks
     void *py_host               # borrowed PyObject* of the gmem.Host
+    uint64_t fail_prepare       # fault injection: the next prepares fail ...
+    int fail_prepare_errno      # ... with -errno
     int invalidate_vm_type      # whose gmem_invalidate is running (it gets no kvm)
     int hook_error              # a Python hook raised: stop and re-raise at the boundary
     uint64_t stats[HOST_NR_STATS]

@@ -107,12 +107,13 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
         hook(host, start, end)
     page_data_drop(host, start, end - start)
     host.stats[HOST_STAT_FOLIOS_FREED] += 1
-    if host.rmp.leaked.nr_entries and xa_find_entry(&host.rmp.leaked, start, end - 1, XA_NO_MARK,
-                                                    &first, &order, &v):
-        # a page the invalidate hook could not give back stays out of use (snp_leak_pages)
-        f = folio_get(&host.pm, id)
+    f = folio_get(&host.pm, id)
+    if f.flags & PG_hwpoison or (host.rmp.leaked.nr_entries and xa_find_entry(
+            &host.rmp.leaked, start, end - 1, XA_NO_MARK, &first, &order, &v)):
+        # a poisoned page, or one the invalidate hook could not give back (snp_leak_pages),
+        # never returns to the allocator
         f.mapping = 0
-        f.flags = PG_leaked
+        f.flags = (f.flags & PG_hwpoison) | PG_leaked
         return
     folio_free(&host.pm, id)
 
@@ -224,7 +225,11 @@ cdef int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *ino
     if hook != NULL:
         gfn = slot.base_gfn + f.index - slot.gmem_pgoff    # ALIGN_DOWN(index, nr_pages)
         kvm.stats[VM_STAT_GMEM_PREPARE] += 1
-        r = hook(kvm, gfn, pfn, order)
+        if host.fail_prepare:
+            host.fail_prepare -= 1
+            r = -host.fail_prepare_errno
+        else:
+            r = hook(kvm, gfn, pfn, order)
         if host.hook_error and r == 0:
             r = -_EIO
         gmem_trace(host, TRACE_GMEM_PREPARE, 0, gfn, pfn, order, <uint64_t>(-r))
@@ -406,3 +411,14 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
         folio_get(&kvm.host.pm, id).flags |= PG_uptodate       # kvm_gmem_mark_prepared
         i += 1
     return ret if (ret and i == 0) else i
+
+
+cdef int kvm_gmem_error_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
+    """.error_remove_folio after memory_failure(): zap the guest mappings of the folio but keep
+    it (MF_DELAYED); it is marked poisoned, so kvm_gmem_get_pfn answers -EHWPOISON."""
+    cdef folio *f = folio_get(&inode.host.pm, id)
+    cdef uint64_t start = f.index, end = f.index + _pages(f.order)
+    f.flags |= PG_hwpoison
+    kvm_gmem_invalidate_begin(inode, start, end)
+    kvm_gmem_invalidate_end(inode)
+    return 0
