@@ -264,6 +264,33 @@ cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil:
 
 cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
                         uint64_t *old) noexcept nogil:
+    # Fast path, small enough to be inlined into batch loops: a store of
+    # order 0 onto an existing entry lands on that whole entry, whatever its
+    # order, wherever it is found on the way down.
+    cdef xa_node *node = xa.head
+    cdef int shift, off
+    cdef uint64_t e
+    if order == 0 and node != NULL and _xa_covers(node.shift, index):
+        shift = node.shift
+        while True:
+            off = (index >> shift) & XA_CHUNK_MASK
+            e = node.slots[off]
+            if _xa_is_sibling(e):
+                off = _xa_sibling_off(e)
+                e = node.slots[off]
+            if _xa_is_value(e):
+                old[0] = e >> 1
+                node.slots[off] = _xa_mk_value(value)
+                return 1
+            if e == 0:
+                break
+            node = _xa_to_node(e)
+            shift -= XA_CHUNK_SHIFT
+    return _xa_store_slow(xa, index, order, value, old)
+
+
+cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
+                        uint64_t *old) noexcept nogil:
     cdef int target = order - order % XA_CHUNK_SHIFT
     cdef int off, i, m, n, r, shift, had = 0
     cdef uint64_t e
