@@ -5,7 +5,7 @@ The state lives in C structs in gmem._core; the classes here are handles on it.
 from gmem import uapi
 from gmem._core import (FAULT_DTYPE, RMP_DTYPE, TRACE_DTYPE, TRACE_EVENTS, FaultResult, GuestExit,
                         GuestFault, GuestMemfd, Host, HypercallExit, Mapping, PhysMem, Rmp, RmpEntry,
-                        Trace, Vcpu, Vm, XArray)
+                        Trace, Vcpu, Vm, XArray, page_states)
 from gmem.errors import InvariantError, RmpViolation, SigBus
 
 __version__ = "0.1.0"
