@@ -673,3 +673,26 @@ def test_memory_back_to_baseline(stores):
     for index, order in stores:
         x.erase(align(index, order))
     assert len(x) == 0 and x.memory_bytes == empty and x.nr_nodes == 0
+
+
+# ------------------------------------------- known bugs in the Python wrapper
+
+@pytest.mark.xfail(strict=True, reason="XArray.store_many/load_many cast any array to uint64 "
+                   "(np.ascontiguousarray(..., dtype=np.uint64)): int64 -1 becomes index 2**64-1, "
+                   "2.7 becomes 2, instead of ValueError/TypeError")
+def test_check_xa_err_batch_casts():
+    x = XArray()
+    with pytest.raises(ValueError):
+        x.store_many(np.array([-1], dtype=np.int64), np.array([5], dtype=np.int64))
+    with pytest.raises(TypeError):
+        x.store_many(np.array([2.7]), np.array([5], dtype=np.uint64))
+    with pytest.raises(TypeError):
+        x.load_many(np.array([2.7]))
+    assert len(x) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="XArray.items is a generator function: bad arguments "
+                   "raise only at the first next(), not at the call")
+def test_check_xa_err_items_at_call():
+    with pytest.raises(ValueError):
+        XArray().items(first=-1)
