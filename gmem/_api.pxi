@@ -465,14 +465,14 @@ cdef class Host:
     def touch(self, pfn, write=True):
         """A host CPU access to pfn through the direct map. On "amd" a write to an RMP-assigned
         page, or through a 2M direct mapping over any assigned page, raises gmem.RmpViolation."""
-        cdef uint64_t p = _u64(pfn, "pfn")
+        cdef uint64_t p = _u64(pfn, "pfn"), split
         if p >= self.h.pm.end_pfn:
             raise _err(_errno_mod.EINVAL, f"pfn {pfn:#x} is beyond host memory")
         if write and not host_write_ok(&self.h, p):
             self.h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
-            raise _RmpViolation(f"host write to pfn {p:#x}: RMP #PF (X86_PF_RMP); entry "
-                                f"{_rmp_entry(rmp_raw(&self.h, p))}, host mapping "
-                                f"{'4K' if xa_load(&self.h.rmp.direct_map_4k, p >> 9, &p) else '2M'}")
+            mapping = "4K" if xa_load(&self.h.rmp.direct_map_4k, p >> 9, &split) else "2M"
+            raise _RmpViolation(f"host write to pfn {p:#x} through a {mapping} direct mapping: RMP #PF "
+                                f"(X86_PF_RMP); entry {_rmp_entry(rmp_raw(&self.h, p))}")
 
     def memory_failure(self, pfn):
         """memory_failure(pfn) (HWPOISON): a gmem page is marked poisoned and unmapped; later
