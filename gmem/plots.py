@@ -28,6 +28,21 @@ def have_matplotlib():
     return True
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def classify(states):
     """A category index (into CATEGORIES) per page of gmem.page_states()."""
     cat = np.zeros(len(states), dtype=np.uint8)
@@ -71,9 +86,7 @@ def memory_map(states, path, title="guest memory"):
         scale = max(1, 256 // max(1, grid.shape[0]))
         write_png(path, np.repeat(palette[grid], scale, axis=0))
         return path
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.patches import Patch
     g0 = int(states["gfn"][0]) << 12 if len(states) else 0
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.12 * grid.shape[0]))
@@ -85,19 +98,14 @@ def memory_map(states, path, title="guest memory"):
     present = sorted(set(np.unique(grid).tolist()))
     ax.legend(handles=[Patch(color=np.array(CATEGORIES[i][1]) / 255, label=CATEGORIES[i][0]) for i in present],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def compare_chart(names, counters, keys, path, title="policy comparison"):
     """Grouped bars: one group per counter, one bar per policy set (symmetric log scale)."""
     if not have_matplotlib():
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     x = np.arange(len(keys))
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(keys) + 3), 4.5))
@@ -108,19 +116,14 @@ def compare_chart(names, counters, keys, path, title="policy comparison"):
     ax.set_ylabel("count (log; 0 = no bar)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def replay_chart(chunk_sizes, chunk_seconds, path, title="replay throughput"):
     """Faults per second over the replay, one point per chunk."""
     if not have_matplotlib():
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     done = np.cumsum(chunk_sizes)
     rate = np.asarray(chunk_sizes) / np.maximum(np.asarray(chunk_seconds), 1e-9)
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -129,7 +132,4 @@ def replay_chart(chunk_sizes, chunk_seconds, path, title="replay throughput"):
     ax.set_ylabel("million faults / s")
     ax.set_title(title)
     ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
