@@ -141,7 +141,23 @@ def available():
 # /dev/kvm
 
 
-class Host:
+class _Fd:
+    """An object owning one fd: close() once, usable in a with-statement."""
+    closed = False
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Host(_Fd):
     """/dev/kvm. The model's options (``memory=``, ``platform=``, policies ...) are accepted and
     ignored: the machine is the running kernel."""
 
@@ -167,16 +183,6 @@ class Host:
         fd = _ioctl_int(self.fd, uapi.KVM_CREATE_VM, vm_type, "KVM_CREATE_VM")
         return Vm(self, fd, vm_type)
 
-    def close(self):
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<gmem.kernel.Host fd={self.fd}{' closed' if self.closed else ''}>"
@@ -219,7 +225,7 @@ class _AttributeShadow:
         return 0
 
 
-class Vm:
+class Vm(_Fd):
     """A VM fd from ``KVM_CREATE_VM``. The kernel keeps the VM alive while this fd or any of its
     guest_memfd files is open; ``close()`` closes only the fd."""
 
@@ -289,23 +295,13 @@ class Vm:
         fd = _ioctl_int(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         return Vcpu(self, fd, vcpu_id)
 
-    def close(self):
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return (f"<gmem.kernel.Vm fd={self.fd} vm_type={self.vm_type}"
                 f"{' closed' if self.closed else ''}>")
 
 
-class Vcpu:
+class Vcpu(_Fd):
     """A vCPU fd from ``KVM_CREATE_VCPU``. No guest runs here: see the module docstring."""
 
     def __init__(self, vm, fd, vcpu_id):
@@ -327,23 +323,13 @@ class Vcpu:
             "the real kernel takes #NPF/EPT-violation faults only from a running guest; "
             "gmem.kernel cannot inject one with a chosen error code")
 
-    def close(self):
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --------------------------------------------------------------------------------------------
 # guest_memfd
 
 
-class GuestMemfd:
+class GuestMemfd(_Fd):
     """A guest_memfd fd. Every method is the plain syscall on it; the kernel's refusals come out
     as ``OSError``. After ``close()`` calls raise ``EBADF`` without reaching the kernel (the fd
     number may already belong to another file)."""
@@ -410,16 +396,6 @@ class GuestMemfd:
         _check_open(self, "dup")
         return GuestMemfd(self.vm, os.dup(self.fd), self.size, self.flags)
 
-    def close(self):
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return (f"<gmem.kernel.GuestMemfd fd={self.fd} size={self.size:#x} flags={self.flags:#x}"
