@@ -205,6 +205,7 @@ cdef int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault
     if page_fault_can_be_fast(kvm, fault):
         r = fast_page_fault(kvm, fault, out)
         if r != RET_PF_INVALID:
+            vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
             return r
     r = kvm_mmu_faultin_pfn(vcpu, fault, out)
     if r != RET_PF_CONTINUE:
