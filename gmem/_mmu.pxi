@@ -118,6 +118,10 @@ cdef int kvm_mmu_faultin_pfn(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_ou
         if r != RET_PF_CONTINUE:
             return r
     else:
+        if fault.write and slot.flags & KVM_MEM_READONLY:
+            # __gfn_to_hva_many gives KVM_HVA_ERR_RO_BAD -> KVM_PFN_ERR_RO_FAULT, which
+            # kvm_handle_error_pfn turns into emulation (MMIO semantics for a ROM)
+            return RET_PF_EMULATE
         r = hva_to_pfn(kvm.host, slot.userspace_addr + ((fault.gfn - slot.base_gfn) << 12), &fault.pfn)
         if r:
             # kvm_handle_error_pfn: an unresolvable hva is a memory-fault exit
