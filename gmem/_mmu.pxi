@@ -251,13 +251,24 @@ cdef int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code
     return r
 
 
+cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
+    """mmu.c handle_mmio_page_fault for a TDP fault with PFERR_RSVD_MASK: an MMIO SPTE means
+    emulate; one whose memslot generation is stale (check_mmio_spte) means the slow path; no
+    MMIO SPTE means it was zapped by someone else: let the vCPU fault again."""
+    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, one
+    if not xa_load(&kvm.mmio_sptes, gfn, &one):
+        return RET_PF_RETRY
+    if gfn_to_memslot(kvm, gfn) != NULL:
+        return RET_PF_INVALID       # a memslot was created there since: a stale generation
+    return RET_PF_EMULATE
+
+
 cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
                             kvm_fault_out *out) noexcept nogil:
     """One #NPF / EPT violation with its 64-bit error code; the outcome in *out."""
     cdef kvm *kvm = vcpu.kvm
     cdef is_private_fault_t is_private = kvm.host.hooks[kvm.vm_type].is_private_fault
     cdef int r = RET_PF_INVALID
-    cdef uint64_t one
     memset(out, 0, sizeof(kvm_fault_out))
     # hardware never sets KVM's synthetic bits (npf_interception WARNs and clears them)
     if error_code & PFERR_SYNTHETIC_MASK:
@@ -277,9 +288,10 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
         if error_code & PFERR_PRIVATE_ACCESS:
             out.ret = -_EFAULT      # WARN_ON_ONCE: private MMIO
             return out.ret
-        # handle_mmio_page_fault: an MMIO SPTE means emulate
-        if xa_load(&kvm.mmio_sptes, (gpa >> 12) & ~kvm.gfn_direct_bits, &one):
-            r = RET_PF_EMULATE
+        r = handle_mmio_page_fault(kvm, gpa)
+        if r == RET_PF_EMULATE:
+            out.ret = r             # goto emulate: past the pf_* counters
+            return r
     if r == RET_PF_INVALID:
         vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
         r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
