@@ -269,13 +269,19 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
     cdef kvm *kvm = vcpu.kvm
     cdef is_private_fault_t is_private = kvm.host.hooks[kvm.vm_type].is_private_fault
     cdef int r = RET_PF_INVALID
+    cdef bint private
     memset(out, 0, sizeof(kvm_fault_out))
     # hardware never sets KVM's synthetic bits (npf_interception WARNs and clears them)
     if error_code & PFERR_SYNTHETIC_MASK:
         vcpu.stats[VCPU_STAT_SYNTHETIC_CLEARED] += 1
         error_code &= ~PFERR_SYNTHETIC_MASK
-    gmem_trace(kvm.host, TRACE_PAGE_FAULT, vcpu.vcpu_id, gpa, error_code, 0, 0)
-    if is_private != NULL and is_private(kvm, gpa, error_code):
+    private = is_private != NULL and is_private(kvm, gpa, error_code)
+    # npf_interception sets PFERR_PRIVATE_ACCESS (SNP) before trace_kvm_page_fault;
+    # SW_PROTECTED gets it later, inside kvm_mmu_page_fault
+    gmem_trace(kvm.host, TRACE_PAGE_FAULT, vcpu.vcpu_id, gpa,
+               error_code | (PFERR_PRIVATE_ACCESS if private and is_private != sw_protected_is_private_fault
+                             else 0), 0, 0)
+    if private:
         error_code |= PFERR_PRIVATE_ACCESS
         if kvm.vm_type == KVM_X86_TDX_VM:
             # tdx_handle_ept_violation: a private access is always a write
