@@ -211,7 +211,8 @@ cdef class Host:
     prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
     invalidate="free_folio"|"invalidate_folio" (with reattach_private, the re-attach scan
     after a split that the RFC cover letter suggests), huge_folios (2M gmem folios,
-    proposed upstream). Defaults follow Linux 6.18.
+    proposed upstream), scramble_on_conversion (SW_PROTECTED: converted gmem pages read back
+    as garbage). Defaults follow Linux 6.18.
     """
     cdef gmem_host h
     cdef readonly str platform
@@ -236,7 +237,8 @@ cdef class Host:
 
     def __init__(self, memory=64 << 30, platform="amd", *, sw_protected=True,
                  memory_attributes=True, prepare="fault", prepared_tracking="gmem",
-                 invalidate="free_folio", huge_folios=False, reattach_private=False):
+                 invalidate="free_folio", huge_folios=False, reattach_private=False,
+                 scramble_on_conversion=False):
         cdef uint64_t nbytes = _u64(memory, "memory")
         if nbytes == 0 or nbytes & 4095:
             raise ValueError(f"memory {memory} must be a positive multiple of 4096 bytes")
@@ -263,6 +265,7 @@ cdef class Host:
         self.h.invalidate_policy = _POLICIES["invalidate"][invalidate]
         self.h.huge_folios = bool(huge_folios)
         self.h.reattach_private = bool(reattach_private)
+        self.h.scramble_on_conversion = bool(scramble_on_conversion)
         # A process's fds 0-2 are open files that are not guest_memfds (set_memory_region_test.c
         # binds guest_memfd = 0 and expects kvm_gmem_bind's "not a gmem file" EINVAL, not EBADF)
         self._fds = {0: "stdin", 1: "stdout", 2: "stderr"}
@@ -297,7 +300,8 @@ cdef class Host:
             prepared_tracking=[k for k, v in _POLICIES["prepared_tracking"].items()
                                if v == self.h.prepared_tracking][0],
             invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
-            huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private))
+            huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private),
+            scramble_on_conversion=bool(self.h.scramble_on_conversion))
 
     # ------------------------------------------------------------- fds
     cdef int _install_fd(self, obj) except -1:

@@ -598,8 +598,8 @@ cdef class Vm:
             if ids.shape[0] != g.shape[0]:
                 raise ValueError(f"vcpu_id ({ids.shape[0]}) and gpas ({g.shape[0]}) differ in length")
         uniq = np.unique(np.asarray(ids)) if g.shape[0] else np.zeros(0, np.uint64)
-        if uniq.size and uniq[-1] >= KVM_MAX_VCPU_IDS:
-            raise _err(_errno_mod.EINVAL, f"vcpu id {uniq[-1]} >= KVM_MAX_VCPU_IDS")
+        if uniq.size and int(uniq.max()) >= KVM_MAX_VCPU_IDS:
+            raise _err(_errno_mod.EINVAL, f"vcpu id {int(uniq.max())} >= KVM_MAX_VCPU_IDS")
         table = {int(v): (self._vcpus.get(int(v)) or self.create_vcpu(int(v))) for v in uniq}
         vcpus = <kvm_vcpu **>_calloc(KVM_MAX_VCPU_IDS, sizeof(kvm_vcpu *))
         if vcpus == NULL:

@@ -95,6 +95,30 @@ cdef kvm_memory_slot *_next_slot_in(kvm *kvm, uint64_t *index, uint64_t end) noe
     return slot
 
 
+cdef void kvm_scramble_range(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
+    """The option for SW_PROTECTED VMs: a page that changes between private and shared reads
+    back as garbage (as if encrypted with another key) instead of keeping its bytes."""
+    cdef uint64_t index = start, gfn, idx, v, first, x
+    cdef int order, i
+    cdef kvm_memory_slot *slot = _next_slot_in(kvm, &index, end)
+    cdef unsigned char *p
+    while slot != NULL:
+        gfn = start if start > slot.base_gfn else slot.base_gfn
+        while gfn < end and gfn < slot.base_gfn + slot.npages:
+            idx = gfn - slot.base_gfn + slot.gmem_pgoff
+            if slot.gmem_file != NULL and xa_lookup(&slot.gmem_file.inode.filemap, idx, &v, &first, &order):
+                p = page_data_get(kvm.host, folio_get(&kvm.host.pm, <uint32_t>v).pfn + idx - first, True)
+                x = gfn * (<uint64_t>0x9E3779B97F4A7C15) + 1
+                if p != NULL:
+                    for i in range(4096):
+                        x ^= x << 13
+                        x ^= x >> 7
+                        x ^= x << 17
+                        p[i] = x & 0xFF
+            gfn += 1
+        slot = _next_slot_in(kvm, &index, end)
+
+
 cdef int kvm_vm_set_mem_attributes(kvm *kvm, uint64_t start, uint64_t end, uint64_t attrs) noexcept nogil:
     cdef uint64_t index, s, e
     cdef kvm_memory_slot *slot
@@ -120,6 +144,8 @@ cdef int kvm_vm_set_mem_attributes(kvm *kvm, uint64_t start, uint64_t end, uint6
         kvm_arch_pre_set_memory_attributes(kvm, slot, s, e, attrs)
         slot = _next_slot_in(kvm, &index, end)
     r = xa_assign_range(&kvm.mem_attr_array, start, end - 1, attrs, attrs == 0)
+    if kvm.host.scramble_on_conversion and kvm.vm_type == KVM_X86_SW_PROTECTED_VM:
+        kvm_scramble_range(kvm, start, end)
     index = start
     slot = _next_slot_in(kvm, &index, end)
     while slot != NULL:

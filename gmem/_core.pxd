@@ -273,6 +273,7 @@ ctypedef struct gmem_host:
     uint8_t invalidate_policy
     uint8_t huge_folios
     uint8_t reattach_private    # invalidate_folio: re-attach folio->private to tails after a split
+    uint8_t scramble_on_conversion  # SW_PROTECTED: a converted page's old contents are garbage
     kvm_x86_hooks hooks[32]
     void *py_hooks[32][4]       # borrowed PyObject* callables behind Python hooks
     void *py_host               # borrowed PyObject* of the gmem.Host
