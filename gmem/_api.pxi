@@ -125,7 +125,7 @@ cdef class Trace:
     """Tracepoints of one host: a ring of fixed-size records (see TRACE_EVENTS)."""
     cdef Host host
 
-    def __cinit__(self, Host host):
+    def __cinit__(self, Host host not None):
         self.host = host
 
     def enable(self, *events, capacity=1 << 16):

@@ -29,7 +29,7 @@ cdef class Rmp:
     """The SNP Reverse Map Table of a host (platform "amd")."""
     cdef Host host
 
-    def __cinit__(self, Host host):
+    def __cinit__(self, Host host not None):
         self.host = host
 
     cdef uint64_t _pfn(self, pfn) except? 0:

@@ -36,6 +36,14 @@ class GuestExit(Exception):
         self.result = result
 
 
+cdef int _vm_type_arg(object t) except -1:
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+        raise TypeError(f"vm_type must be an integer, not {type(t).__name__}")
+    if not 0 <= t < KVM_MAX_VM_TYPES:
+        raise ValueError(f"vm_type {t} is outside [0, {KVM_MAX_VM_TYPES})")
+    return <int>t
+
+
 cdef object _fault_result(const kvm_fault_out *o):
     mf = (o.flags, o.gpa, 4096) if o.exit_reason == KVM_EXIT_MEMORY_FAULT else None
     return FaultResult(o.ret, o.exit_reason, mf, o.level, o.pfn)
@@ -56,18 +64,19 @@ cdef class Vm:
     cdef public bytes launch_digest
     cdef object __weakref__
 
-    def __cinit__(self, Host host, int vm_type):
+    def __cinit__(self, Host host not None, vm_type):
         memset(&self.k, 0, sizeof(kvm))
         self.k.host = &host.h
         self.k.py_vm = <void *>self
-        self.k.vm_type = vm_type
+        self.k.vm_type = _vm_type_arg(vm_type)     # indexes the host's hook table
         xa_init(&self.k.slot_index)
         xa_init(&self.k.gfn_to_slot)
         xa_init(&self.k.mem_attr_array)
         xa_init(&self.k.sptes)
         xa_init(&self.k.mmio_sptes)
 
-    def __init__(self, Host host, int vm_type):
+    def __init__(self, Host host not None, vm_type):
+        vm_type = _vm_type_arg(vm_type)
         self.host = host
         self.k.has_private_mem = vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM) \
             or vm_type >= 6
@@ -191,6 +200,10 @@ cdef class Vm:
         intra-host migration. This mirrors a proposed uAPI (KVM_LINK_GUEST_MEMFD), not a merged one."""
         self._check_open("KVM_LINK_GUEST_MEMFD")
         src._check_open("KVM_LINK_GUEST_MEMFD")
+        if src.file.vm.host is not self.host:
+            # another Host is another process: its fds are not open here (and its folios
+            # belong to another allocator)
+            raise _err(_errno_mod.EBADF, "KVM_LINK_GUEST_MEMFD: the guest_memfd belongs to another Host")
         if src.file.vm.k.vm_type != self.k.vm_type:
             raise _err(_errno_mod.EINVAL, "KVM_LINK_GUEST_MEMFD: the VM types differ")
         return GuestMemfd(GmemFile(src.file.inode, self))
@@ -677,10 +690,13 @@ cdef class Vcpu:
     cdef public object _pending      # the userspace exit being answered (complete_hypercall)
     cdef public object _psc          # the guest's PSC buffer: (hdr, entries)
 
-    def __cinit__(self, Vm vm, uint32_t vcpu_id):
+    def __cinit__(self, Vm vm not None, vcpu_id):
+        cdef uint64_t id = _u64(vcpu_id, "vcpu_id")
+        if id >= KVM_MAX_VCPU_IDS:
+            raise ValueError(f"vcpu_id {vcpu_id} >= KVM_MAX_VCPU_IDS")
         memset(&self.v, 0, sizeof(kvm_vcpu))
         self.v.kvm = &vm.k
-        self.v.vcpu_id = vcpu_id
+        self.v.vcpu_id = <uint32_t>id
         self.vm = vm
 
     @property
@@ -878,7 +894,8 @@ cdef class GmemInode:
     cdef gmem_inode i
     cdef Host host
 
-    def __cinit__(self, Host host, uint64_t size, uint64_t flags, int vm_type):
+    def __cinit__(self, Host host not None, uint64_t size, uint64_t flags, vm_type):
+        vm_type = _vm_type_arg(vm_type)          # indexes the host's hook table on free
         memset(&self.i, 0, sizeof(gmem_inode))
         xa_init(&self.i.filemap)
         self.host = host
@@ -902,7 +919,9 @@ cdef class GmemFile:
     cdef Vm vm
     cdef int refs          # fds and mappings
 
-    def __cinit__(self, GmemInode inode, Vm vm):
+    def __cinit__(self, GmemInode inode not None, Vm vm not None):
+        if inode.host is not vm.host:
+            raise ValueError("the inode and the VM belong to different Hosts")
         memset(&self.f, 0, sizeof(gmem_file))
         xa_init(&self.f.bindings)
         self.inode = inode
@@ -931,7 +950,7 @@ cdef class GuestMemfd:
     cdef readonly bint closed
     cdef GmemFile file
 
-    def __cinit__(self, GmemFile file):
+    def __cinit__(self, GmemFile file not None):
         self.file = file
         file.get()
         self.fd = file.vm.host._install_fd(self)
@@ -1102,7 +1121,7 @@ cdef class Mapping:
     cdef readonly int prot
     cdef readonly bint closed
 
-    def __cinit__(self, GmemFile file, uint64_t length, uint64_t offset, int prot):
+    def __cinit__(self, GmemFile file not None, uint64_t length, uint64_t offset, int prot):
         self.file = file
         self.length = length
         self.offset = offset

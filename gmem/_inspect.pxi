@@ -4,7 +4,7 @@ PAGE_STATE_DTYPE = np.dtype([("gfn", "<u8"), ("private", "u1"), ("backed", "u1")
                              ("level", "u1"), ("rmp", "u1"), ("pfn", "<u8")])
 
 
-def page_states(Vm vm, gpa, size):
+def page_states(Vm vm not None, gpa, size):
     """One PAGE_STATE_DTYPE record per guest page of [gpa, gpa + size): private (attribute),
     backed (a gmem folio exists), prepared (uptodate), level (SPTE level, 0 unmapped),
     rmp (0 shared, 1 assigned, 2 assigned and validated; SNP only), pfn (of the gmem page)."""
