@@ -342,7 +342,6 @@ class TestLaunch:
         for pfn in vm.vmsa_pfns:
             e = h.rmp.lookup(pfn)
             assert e == gmem.RmpEntry(True, 0, True, True, vm.asid, u.INITIAL_VMSA_GPA, True)
-            assert pfn % 512 != 0 or True
             with pytest.raises(gmem.RmpViolation):
                 h.touch(pfn)
         with pytest.raises(OSError) as e:
@@ -762,3 +761,16 @@ class TestKnownGaps:
         assert h.rmp.lookup(r.pfn).gpa == 0x5000
         assert v.pvalidate(0x5000, 0, 1) == 0
         h.check()
+
+    @pytest.mark.xfail(strict=True, reason=(
+        "_api_vm.pxi snp_launch_finish allocates the VMSA with folio_alloc(order 0), which can "
+        "return a 2M-aligned pfn; snp_safe_alloc_page_node never does (CPU erratum: spurious RMP "
+        "#PFs when a hugepage overlaps a VMSA's RMP entry; spec §3.8 'Errata kept in the model')"))
+    def test_vmsa_is_never_2m_aligned(self):
+        h = gmem.Host(memory=64 << 20)
+        vm = h.create_vm(u.KVM_X86_SNP_VM)
+        for i in range(4):
+            vm.create_vcpu(i)
+        vm.snp_launch_start()
+        vm.snp_launch_finish()
+        assert all(pfn % 512 for pfn in vm.vmsa_pfns), [hex(p) for p in vm.vmsa_pfns]
