@@ -9,3 +9,11 @@ from gmem._core import (FAULT_DTYPE, RMP_DTYPE, TRACE_DTYPE, TRACE_EVENTS, Fault
 from gmem.errors import InvariantError, RmpViolation, SigBus
 
 __version__ = "0.1.0"
+
+# The public names, for `from gmem import *` and for type checkers (a py.typed package
+# re-exports an imported name only if it is listed here).
+__all__ = [
+    "FAULT_DTYPE", "RMP_DTYPE", "TRACE_DTYPE", "TRACE_EVENTS", "FaultResult", "GuestExit", "GuestFault",
+    "GuestMemfd", "Host", "HypercallExit", "InvariantError", "Mapping", "PhysMem", "Rmp", "RmpEntry",
+    "RmpViolation", "SigBus", "Trace", "Vcpu", "Vm", "XArray", "uapi", "__version__",
+]

@@ -7,6 +7,7 @@ from OPS. See README.md, "Scenario files".
 """
 import copy
 import time
+from typing import Any
 
 import numpy as np
 
@@ -335,7 +336,7 @@ _SNP_GUEST = {
              "memslots": [{"slot": 0, "gpa": 0, "size": "64M", "gmem": "ram"}]}],
 }
 
-BUILTIN = {
+BUILTIN: dict[str, dict[str, Any]] = {
     "snp-life": dict(_SNP_GUEST, description=(
         "An SEV-SNP guest's life: launch of a 1 MiB image, boot-time private faults and PVALIDATE, "
         "page-state changes both ways, a balloon-style discard, a 2M RMP split, shutdown."),
