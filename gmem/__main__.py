@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import time
+import warnings
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,14 +27,25 @@ DEFAULT_POLICY_SETS = [
 ]
 
 
-def _parse_policy(text):
+def _parse_policy(text: str) -> dict[str, Any]:
+    """key=value,... into Host keywords; unknown keys and values are refused here, before
+    anything runs (the values are checked by gmem.Host itself)."""
+    import gmem
     from gmem.scenario import POLICY_KEYS
-    out = {}
+    out: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in POLICY_KEYS:
             raise CliError(f"unknown policy {item!r}: use key=value with keys {', '.join(POLICY_KEYS)}")
         out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    defaults = gmem.Host(memory=2 << 20, platform="none").options
+    for key, value in out.items():
+        if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
+            raise CliError(f"unknown policy {key}={value}: {key} is true or false")
+    try:
+        gmem.Host(memory=2 << 20, platform="none", **out)
+    except (TypeError, ValueError) as e:
+        raise CliError(f"unknown policy in {text!r}: {e}") from None
     return out
 
 
@@ -139,7 +152,7 @@ def _pick(counters, key):
                and not k.startswith(("host.", "rmp.")))
 
 
-def cmd_compare(args):
+def cmd_compare(args: argparse.Namespace) -> int:
     from gmem import plots, scenario
     spec = scenario.get(args.scenario)
     sets = args.policy or DEFAULT_POLICY_SETS
@@ -148,7 +161,7 @@ def cmd_compare(args):
         _check_writable(args.chart)
     results = []
     for p in parsed:
-        snap = {}
+        snap: dict[str, dict[str, Any]] = {}
 
         def on_step(i, step, run, snap=snap):
             if step["op"] != "close":
@@ -158,6 +171,9 @@ def cmd_compare(args):
             results.append(snap.get("c", {}))
         except Exception as e:       # an invariant broken under this policy is a finding, not a crash
             results.append({"error": f"{type(e).__name__}: {e}"})
+    if all("error" in c for c in results):
+        # nothing to compare: the scenario cannot run under any policy set (bad input, most likely)
+        raise CliError(f"{args.scenario} fails under every policy set: {results[0]['error']}")
     names = [",".join(f"{k}={v}" for k, v in p.items()) or "defaults" for p in parsed]
     rows = [(k, *[str(_pick(c, k)) if "error" not in c else "-" for c in results]) for k in COMPARE_KEYS]
     print(f"scenario {args.scenario} under {len(sets)} policy sets:")
@@ -188,8 +204,12 @@ def load_stream(path):
             vcpu = a["vcpu"] if "vcpu" in a.dtype.names else np.zeros(len(a), np.uint64)
             return (np.asarray(vcpu, np.uint64), np.asarray(a["gpa"], np.uint64),
                     np.asarray(a["error_code"], np.uint64))
-        data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.uint64,
-                          converters=lambda s: int(s, 0), ndmin=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # numpy's "input contained no data": reported below
+            data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.uint64,
+                              converters=lambda s: int(s, 0), ndmin=2)
+        if data.size == 0:
+            raise CliError(f"{path}: empty fault stream")
         if data.shape[1] != 3:
             raise CliError(f"{path}: CSV needs three columns vcpu,gpa,error_code")
         return data[:, 0].copy(), data[:, 1].copy(), data[:, 2].copy()
@@ -199,7 +219,7 @@ def load_stream(path):
         raise CliError(f"{path}: cannot read the fault stream: {e}") from None
 
 
-def cmd_replay(args):
+def cmd_replay(args: argparse.Namespace) -> int:
     import gmem
     from gmem import plots, scenario, uapi
     vcpu, gpa, ec = load_stream(args.file)
@@ -210,7 +230,7 @@ def cmd_replay(args):
     vm_type = scenario.VM_TYPES.get(args.vm_type)
     if vm_type is None:
         raise CliError(f"unknown vm type {args.vm_type!r}")
-    platform = {uapi.KVM_X86_SNP_VM: "amd", uapi.KVM_X86_TDX_VM: "intel"}.get(vm_type, "amd")
+    platform: Literal["amd", "intel"] = "intel" if vm_type == uapi.KVM_X86_TDX_VM else "amd"
     host = gmem.Host(memory=scenario.parse_size(args.memory), platform=platform, huge_folios=args.huge_folios)
     vm = host.create_vm(vm_type)
     top = int((gpa & ~np.uint64(vm.shared_gpa_bit or 0)).max()) + 4096

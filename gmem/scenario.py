@@ -270,6 +270,8 @@ def op_split(run, step):
     """A 4K PVALIDATE (rescind then validate again) inside a 2M private page: the RMP|SIZEM
     #NPF makes KVM PSMASH the 2M RMP entry and map 4K."""
     name, vm = run.vm(step)
+    if vm.vm_type != uapi.KVM_X86_SNP_VM or run.host.rmp is None:
+        raise ScenarioError(f"split: vm {name} is not an SNP guest")
     vcpu = run.vcpus[name][int(step.get("vcpu", 0))]
     gpa = parse_size(step.get("gpa", 0), "gpa")
     before = run.host.rmp.stats["psmash"]
@@ -298,11 +300,54 @@ OPS = {"attributes": op_attributes, "allocate": op_allocate, "punch": op_punch, 
        "split": op_split, "check": op_check, "close": op_close}
 
 
+SPEC_KEYS = ("description", "host", "vms", "steps")
+
+
+def check_shape(spec):
+    """ScenarioError unless spec has the shape of a scenario: tables and lists of tables where
+    the format has them (the values are checked when they are used)."""
+    if not isinstance(spec, dict):
+        raise ScenarioError("a scenario is a table (dict)")
+    unknown = set(spec) - set(SPEC_KEYS)
+    if unknown:
+        raise ScenarioError(f"unknown key(s) {', '.join(sorted(unknown))} (one of {', '.join(SPEC_KEYS)})")
+    if not isinstance(spec.get("host", {}), dict):
+        raise ScenarioError("[host] must be a table")
+    for key in ("vms", "steps"):
+        items = spec.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise ScenarioError(f"{key} must be an array of tables ([[{key}]])")
+    for v in spec.get("vms", []):
+        for key in ("gmem", "memslots"):
+            items = v.get(key, [])
+            if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+                raise ScenarioError(f"vm {v.get('name', '?')}: {key} must be an array of tables")
+
+
+def _malformed(where, e):
+    """The ScenarioError for what a badly written scenario raises (a missing key, a value of
+    the wrong type or range, a vCPU index past vcpus)."""
+    if isinstance(e, KeyError):
+        return ScenarioError(f"{where}: missing key {e}")
+    return ScenarioError(f"{where}: {e}")
+
+
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError)
+
+
 def run(spec, options=None, on_step=None, trace=False):
     """Run a scenario dict; returns the Run (host, VMs, counters(), events, timings).
-    trace=True records every tracepoint from the first step on (r.host.trace)."""
+    trace=True records every tracepoint from the first step on (r.host.trace).
+    A scenario that cannot be run as written raises ScenarioError; the kernel's refusals
+    raise OSError as the API does."""
     spec = copy.deepcopy(spec)
-    r = Run(spec, options)
+    check_shape(spec)
+    try:
+        r = Run(spec, options)
+    except ScenarioError:
+        raise
+    except _MALFORMED as e:
+        raise _malformed("[[vms]]", e) from None
     if trace:
         r.host.trace.enable(capacity=1 << 22)
     r.timings = []
@@ -315,6 +360,10 @@ def run(spec, options=None, on_step=None, trace=False):
             OPS[op](r, step)
         except GuestExit as e:
             raise ScenarioError(f"step {i} ({op}): the guest exited to userspace: {e.result}") from None
+        except ScenarioError:
+            raise
+        except _MALFORMED as e:
+            raise _malformed(f"step {i} ({op})", e) from None
         r.timings.append((op, time.perf_counter() - t))
         if on_step:
             on_step(i, step, r)
