@@ -142,9 +142,13 @@ cdef class XArray:
         return None
 
     def items(self, first=0, last=_U64_MAX, mark=None):
-        """Yield (first_index, order, value) for each entry overlapping [first, last]."""
-        cdef uint64_t start = _u64(first, "first"), l = _u64(last, "last"), f, v, end
-        cdef int m = _mark_arg(mark), k
+        """Iterate (first_index, order, value) over the entries overlapping [first, last]
+        (arguments are checked at the call)."""
+        return self._items(_u64(first, "first"), _u64(last, "last"), _mark_arg(mark))
+
+    def _items(self, uint64_t start, uint64_t l, int m):
+        cdef uint64_t f, v, end
+        cdef int k
         while xa_find_entry(&self.xa, start, l, m, &f, &k, &v):
             yield (f, k, v)
             end = f + ((((<uint64_t>1) << k) - 1))
@@ -186,7 +190,7 @@ cdef class XArray:
     # ------------------------------------------------------------ batch calls
     def load_many(self, indices):
         """xa_load over a uint64 array: (values uint64, present bool) arrays."""
-        cdef const uint64_t[::1] idx = np.ascontiguousarray(indices, dtype=np.uint64)
+        cdef const uint64_t[::1] idx = _u64_array(indices, "indices")
         cdef Py_ssize_t n = idx.shape[0], i
         out = np.zeros(n, dtype=np.uint64)
         present = np.zeros(n, dtype=np.bool_)
@@ -199,8 +203,8 @@ cdef class XArray:
 
     def store_many(self, indices, values, order=0):
         """xa_store_order for each (index, value) pair, in order."""
-        cdef const uint64_t[::1] idx = np.ascontiguousarray(indices, dtype=np.uint64)
-        cdef const uint64_t[::1] val = np.ascontiguousarray(values, dtype=np.uint64)
+        cdef const uint64_t[::1] idx = _u64_array(indices, "indices")
+        cdef const uint64_t[::1] val = _u64_array(values, "values")
         cdef int o = _order_arg(order, XA_MAX_ORDER), r = 0
         cdef Py_ssize_t n = idx.shape[0], i
         cdef uint64_t old, mask = (((<uint64_t>1) << o)) - 1
@@ -299,7 +303,7 @@ cdef class PhysMem:
 
     def free_many(self, pfns, order=0):
         """Free blocks from alloc_many (no per-block double-free check: benchmarks only)."""
-        cdef const uint64_t[::1] p = np.ascontiguousarray(pfns, dtype=np.uint64)
+        cdef const uint64_t[::1] p = _u64_array(pfns, "pfns")
         cdef int o = _order_arg(order, MAX_PAGE_ORDER)
         cdef Py_ssize_t i
         for i in range(p.shape[0]):

@@ -677,9 +677,6 @@ def test_memory_back_to_baseline(stores):
 
 # ------------------------------------------- known bugs in the Python wrapper
 
-@pytest.mark.xfail(strict=True, reason="XArray.store_many/load_many cast any array to uint64 "
-                   "(np.ascontiguousarray(..., dtype=np.uint64)): int64 -1 becomes index 2**64-1, "
-                   "2.7 becomes 2, instead of ValueError/TypeError")
 def test_check_xa_err_batch_casts():
     x = XArray()
     with pytest.raises(ValueError):
@@ -691,8 +688,6 @@ def test_check_xa_err_batch_casts():
     assert len(x) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="XArray.items is a generator function: bad arguments "
-                   "raise only at the first next(), not at the call")
 def test_check_xa_err_items_at_call():
     with pytest.raises(ValueError):
         XArray().items(first=-1)
