@@ -169,7 +169,8 @@ def test_demo(tmp_path):
     assert listing(tmp_path) == ["gmem-demo.png"]
     w, h = png_info(tmp_path / "gmem-demo.png")
     assert w >= 256 and h >= 32
-    assert (tmp_path / "gmem-demo.png").stat().st_size > 2000
+    # a labelled figure with matplotlib; else the bare map (flat colours compress to ~1 KB)
+    assert (tmp_path / "gmem-demo.png").stat().st_size > (10000 if HAVE_MPL else 500)
 
 
 def test_demo_no_plot_and_out(tmp_path):
@@ -186,8 +187,8 @@ def test_demo_without_matplotlib(tmp_path, no_mpl):
     out = ok(gmem_cli(tmp_path, "demo", env_extra=no_mpl))
     assert "wrote gmem-demo.png (bare image" in out
     w, h = png_info(tmp_path / "gmem-demo.png")
-    assert w == 512                  # one column per 4K page of a 2M row
-    assert h >= 32 and (tmp_path / "gmem-demo.png").stat().st_size > 100
+    assert (w, h) == (512, 256)      # one column per 4K page, 32 rows of 2M scaled x8
+    assert (tmp_path / "gmem-demo.png").stat().st_size > 500
 
 
 # ------------------------------------------------------------------- run
