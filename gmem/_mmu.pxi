@@ -287,6 +287,10 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
             # tdx_handle_ept_violation: a private access is always a write
             error_code = (error_code & (PFERR_GUEST_FINAL_MASK | PFERR_GUEST_PAGE_MASK)) | \
                 PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS
+    elif kvm.vm_type == KVM_X86_TDX_VM and error_code & PFERR_FETCH_MASK:
+        # tdx_handle_ept_violation: a TD cannot fetch from shared memory (KVM_BUG_ON)
+        out.ret = -_EIO
+        return out.ret
     if kvm.host.hook_error:
         out.ret = -_EIO
         return out.ret

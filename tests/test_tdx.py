@@ -257,9 +257,6 @@ class TestRuntime:
         assert list(out["gpa"][1:3]) == [0x5000, 0x6000]
         h.check()
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "_mmu.pxi kvm_mmu_page_fault: tdx_handle_ept_violation KVM_BUG_ONs an instruction fetch "
-        "from a shared GPA and returns -EIO (spec §4.3); the model maps the page"))
     def test_fetch_from_shared_gpa_is_a_kvm_bug(self):
         h, vm, f, v = self.runnable(private=False)
         r = v.page_fault(vm.shared_gpa_bit | 0x5000, u.PFERR_FETCH_MASK)
