@@ -72,6 +72,38 @@ cdef uint32_t _u32_wrap(object x, str what) except? 0:
     return <uint32_t>(x & _U32)
 
 
+cdef object _int_arg(object x, str what, object lo, object hi):
+    """An integer argument in [lo, hi) (None: unbounded): TypeError for anything but an int
+    (floats, strings, bools), ValueError outside the range -- never an OverflowError from a C
+    conversion."""
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer, not {type(x).__name__}")
+    x = int(x)
+    if (lo is not None and x < lo) or (hi is not None and x >= hi):
+        raise ValueError(f"{what} {x} is outside [{lo}, {hi})")
+    return x
+
+
+cdef inline object _c_int_arg(object x, str what):
+    return _int_arg(x, what, -(1 << 31), 1 << 31)
+
+
+cdef bytes _bytes_arg(object data, str what):
+    """Bytes-like data or an iterable of byte values; an int is refused (bytes(n) would be
+    n zero bytes, and an OverflowError for n >= 2**63)."""
+    if isinstance(data, (int, np.integer)):
+        raise TypeError(f"{what} must be bytes-like or an iterable of ints, not {type(data).__name__}")
+    return bytes(data)
+
+
+cdef inline uint64_t _buffer_len(object n, str what) except? 0:
+    """A length of bytes to return: a Python object cannot be 2**63 bytes or more."""
+    cdef uint64_t ln = _u64(n, what)
+    if ln >= (<uint64_t>1) << 63:
+        raise ValueError(f"{what} {ln} is larger than any buffer")
+    return ln
+
+
 cdef inline int64_t _s64(uint64_t x) noexcept nogil:
     return <int64_t>x
 
@@ -186,7 +218,8 @@ cdef class Trace:
         lines = []
         recs = self.to_numpy()
         if limit is not None:
-            recs = recs[-int(limit):]
+            n = _int_arg(limit, "limit", 0, None)
+            recs = recs[len(recs) - n:] if n < len(recs) else recs
         for r in recs:
             ev = int(r["event"])
             fields = []
@@ -441,7 +474,7 @@ cdef class Host:
 
     def read_user(self, hva, n):
         """Read the VMM's own memory (the shared backing of memslots) at hva."""
-        cdef uint64_t a = _u64(hva, "hva"), ln = _u64(n, "n"), pos = 0, k
+        cdef uint64_t a = _u64(hva, "hva"), ln = _buffer_len(n, "n"), pos = 0, k
         out = bytearray(ln)
         cdef unsigned char[::1] o = out if ln else None
         while pos < ln:
@@ -453,7 +486,7 @@ cdef class Host:
     def write_user(self, hva, data):
         """Write the VMM's own memory at hva."""
         cdef uint64_t a = _u64(hva, "hva"), pos = 0, k
-        b = bytes(data)
+        b = _bytes_arg(data, "data")
         cdef uint64_t ln = len(b)
         cdef const unsigned char[::1] d = b if ln else None
         while pos < ln:
@@ -499,15 +532,23 @@ cdef class Host:
         """Fault injection, as a context manager that clears what is left on exit:
         page allocations fail with ENOMEM; arch prepares fail with -prepare_errno;
         RMPUPDATEs return rmpupdate_code (FAIL_OVERLAP is retried, as rmpupdate() does)."""
-        if rmpupdate_failures and not self.h.rmp.enabled:
+        # every argument is checked before anything is armed: a refused call injects nothing
+        cdef uint64_t na = _u64(alloc_failures, "alloc_failures")
+        cdef uint64_t npf = _u64(prepare_failures, "prepare_failures")
+        cdef uint64_t nr = _u64(rmpupdate_failures, "rmpupdate_failures")
+        if nr and not self.h.rmp.enabled:
             raise ValueError("RMPUPDATE failures need platform='amd'")
-        if not 0 < int(prepare_errno) < 4096:
+        if isinstance(prepare_errno, bool) or not isinstance(prepare_errno, (int, np.integer)) \
+                or not 0 < prepare_errno < 4096:
             raise ValueError("prepare_errno must be a positive errno")
-        self.h.pm.fail_alloc = _u64(alloc_failures, "alloc_failures")
-        self.h.fail_prepare = _u64(prepare_failures, "prepare_failures")
+        if nr and rmpupdate_code not in (RMPUPDATE_FAIL_INPUT, RMPUPDATE_FAIL_PERMISSION,
+                                         RMPUPDATE_FAIL_INUSE, RMPUPDATE_FAIL_OVERLAP):
+            raise ValueError(f"not an RMPUPDATE failure code: {rmpupdate_code}")
+        self.h.pm.fail_alloc = na
+        self.h.fail_prepare = npf
         self.h.fail_prepare_errno = int(prepare_errno)
-        if rmpupdate_failures:
-            self.rmp.inject_rmpupdate_failures(rmpupdate_failures, rmpupdate_code)
+        if nr:
+            self.rmp.inject_rmpupdate_failures(nr, rmpupdate_code)
         return _Injection(self)
 
     def inject_alloc_failures(self, n):

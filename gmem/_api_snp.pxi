@@ -60,12 +60,12 @@ cdef class Rmp:
 
     def make_private(self, pfn, gpa, level, asid, immutable=False):
         """rmp_make_private: 0 or -errno (rmpupdate loops on FAIL_OVERLAP, else -EFAULT)."""
-        return rmp_make_private(&self.host.h, self._pfn(pfn), _u64(gpa, "gpa"), int(level),
+        return rmp_make_private(&self.host.h, self._pfn(pfn), _u64(gpa, "gpa"), _c_int_arg(level, "level"),
                                 _u32_wrap(asid, "asid"), bool(immutable))
 
     def make_shared(self, pfn, level):
         """rmp_make_shared: 0 or -errno."""
-        return rmp_make_shared(&self.host.h, self._pfn(pfn), int(level))
+        return rmp_make_shared(&self.host.h, self._pfn(pfn), _c_int_arg(level, "level"))
 
     def view(self, start, stop):
         """Entries for pfns [start, stop) as an RMP_DTYPE array."""

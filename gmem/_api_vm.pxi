@@ -658,6 +658,20 @@ cdef class Vm:
         return d
 
 
+cdef dict _psc_entry(object e, Py_ssize_t i):
+    """One PSC entry as a dict of the GHCB's psc_entry bitfields: cur_page:12, gfn:40,
+    operation:4, pagesize:1 (gfn and operation required)."""
+    if not isinstance(e, dict):
+        raise TypeError(f"PSC entry {i} must be a dict, not {type(e).__name__}")
+    for key in ("gfn", "operation"):
+        if key not in e:
+            raise ValueError(f"PSC entry {i} has no {key!r}")
+    return dict(gfn=_int_arg(e["gfn"], "gfn", 0, 1 << 40),
+                operation=_int_arg(e["operation"], "operation", 0, 1 << 4),
+                pagesize=_int_arg(e.get("pagesize", 0), "pagesize", 0, 2),
+                cur_page=_int_arg(e.get("cur_page", 0), "cur_page", 0, 1 << 12))
+
+
 cdef object _u64_array(object a, str what):
     arr = np.asarray(a)
     if arr.ndim != 1:
@@ -747,7 +761,7 @@ cdef class Vcpu:
         PFERR_GUEST_ENC_MASK for an SNP private access). Raises gmem.GuestExit when a fault
         cannot be resolved in KVM (memory-fault exit, emulation, error)."""
         cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
-        cdef uint64_t ln = _u64(n, "n")
+        cdef uint64_t ln = _buffer_len(n, "n")
         cdef unsigned char *p
         self.vm._check_open("guest read")
         out = bytearray(ln)
@@ -764,17 +778,17 @@ cdef class Vcpu:
         """The guest's PVALIDATE of the page at gpa (pagesize 0: 4K, 1: 2M): 0 or the code
         (FAIL_INPUT, FAIL_SIZEMISMATCH, PVALIDATE_FAIL_NOUPDATE when nothing changed).
         A 4K PVALIDATE on a 2M RMP entry takes an RMP|SIZEM #NPF: KVM PSMASHes, then it runs."""
-        return _snp_pvalidate(self, _u64(gpa, "gpa"), int(pagesize), bool(validate))
+        return _snp_pvalidate(self, _u64(gpa, "gpa"), _c_int_arg(pagesize, "pagesize"), bool(validate))
 
     def rmpadjust(self, gpa, pagesize, attrs):
         """The guest's RMPADJUST (VMPL permissions, VMSA bit) of the page at gpa: 0 or the code."""
-        return _snp_rmpadjust(self, _u64(gpa, "gpa"), int(pagesize), _u64(attrs, "attrs"))
+        return _snp_rmpadjust(self, _u64(gpa, "gpa"), _c_int_arg(pagesize, "pagesize"), _u64(attrs, "attrs"))
 
     def psc_msr(self, gpa, op):
         """A GHCB MSR-protocol page-state change of one page (op 1 private, 2 shared): a
         HypercallExit to answer with complete_hypercall(), or the GHCB response right away."""
         self.vm._check_open("page-state change")
-        return _psc_msr(self, _u64(gpa, "gpa"), int(op))
+        return _psc_msr(self, _u64(gpa, "gpa"), _c_int_arg(op, "op"))
 
     def page_state_change(self, entries, cur_entry=0, end_entry=None):
         """A GHCB PSC request (SVM_VMGEXIT_PSC). entries: dicts with gfn, operation, pagesize,
@@ -783,13 +797,14 @@ cdef class Vcpu:
         self.vm._check_open("page-state change")
         if self.v.kvm.vm_type != KVM_X86_SNP_VM:
             raise _err(_errno_mod.EINVAL, "page-state change: only an SEV-SNP guest has it")
-        ents = [dict(gfn=int(e["gfn"]), operation=int(e["operation"]), pagesize=int(e.get("pagesize", 0)),
-                     cur_page=int(e.get("cur_page", 0))) if isinstance(e, dict) else e for e in entries]
+        ents = [_psc_entry(e, i) for i, e in enumerate(entries)]
         if not isinstance(entries, list):
             entries = ents
         else:
             entries[:] = ents
-        hdr = dict(cur_entry=int(cur_entry), end_entry=len(entries) - 1 if end_entry is None else int(end_entry))
+        # the GHCB header's cur_entry and end_entry are 16-bit fields
+        hdr = dict(cur_entry=_int_arg(cur_entry, "cur_entry", 0, 1 << 16),
+                   end_entry=len(entries) - 1 if end_entry is None else _int_arg(end_entry, "end_entry", 0, 1 << 16))
         if hdr["end_entry"] >= len(entries) and hdr["end_entry"] < VMGEXIT_PSC_MAX_COUNT:
             raise ValueError("end_entry is past the entries given")
         if not self.v.kvm.hypercall_exit_enabled & (1 << 12):
@@ -869,15 +884,15 @@ cdef class Vcpu:
         if self._pending is None:
             raise _err(_errno_mod.EINVAL, "no hypercall exit is pending on this vCPU")
         if self._pending[0] == "map_gpa":
-            return _tdx_map_gpa_complete(self, int(ret))
-        return _psc_complete(self, int(ret))
+            return _tdx_map_gpa_complete(self, _int_arg(ret, "ret", -(1 << 63), 1 << 64))
+        return _psc_complete(self, _int_arg(ret, "ret", -(1 << 63), 1 << 64))
 
     def write(self, gpa, data, error_code=PFERR_WRITE_MASK):
         """A guest write of data at gpa (the fault carries PFERR_WRITE_MASK); see read()."""
         cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
         cdef unsigned char *p
         self.vm._check_open("guest write")
-        b = bytes(data)
+        b = _bytes_arg(data, "data")
         cdef uint64_t ln = len(b)
         cdef const unsigned char[::1] d = b if ln else None
         while pos < ln:
@@ -1118,14 +1133,14 @@ cdef class Mapping:
     cdef GmemFile file
     cdef readonly uint64_t length
     cdef readonly uint64_t offset
-    cdef readonly int prot
+    cdef readonly uint32_t prot
     cdef readonly bint closed
 
-    def __cinit__(self, GmemFile file not None, uint64_t length, uint64_t offset, int prot):
+    def __cinit__(self, GmemFile file not None, length, offset, prot):
         self.file = file
-        self.length = length
-        self.offset = offset
-        self.prot = prot
+        self.length = _u64(length, "length")
+        self.offset = _u64(offset, "offset")
+        self.prot = _u32_wrap(prot, "prot")
         file.get()             # a VMA holds a file reference
 
     def __len__(self):
@@ -1208,7 +1223,7 @@ cdef class Mapping:
         a, b = self._range(key)
         if not self.prot & _uapi.PROT_WRITE:
             raise _err(_errno_mod.EACCES, "write to a mapping without PROT_WRITE (SIGSEGV)")
-        data = bytes([value]) if isinstance(value, int) else bytes(value)
+        data = bytes([value]) if isinstance(value, (int, np.integer)) else bytes(value)
         if len(data) != b - a:
             raise ValueError(f"{len(data)} bytes for a {b - a}-byte slice")
         cdef const unsigned char[::1] d = data if data else None
