@@ -23,6 +23,7 @@ cdef enum:
     XA_MAX_MARKS = 3
     XA_MAX_ORDER = 63
     XA_NO_MARK = -1
+    XA_NODE_CACHE = 8
 
 # A slot holds 0 (empty), a value (v << 1 | 1, like xa_mk_value), a sibling
 # (canonical offset << 2 | 2, like xa_mk_sibling) or a pointer to a child node.
@@ -38,6 +39,8 @@ ctypedef struct xarray:
     xa_node *head
     uint64_t nr_entries
     uint64_t nr_nodes
+    xa_node *node_cache         # up to XA_NODE_CACHE freed nodes kept for reuse (not counted)
+    uint32_t nr_cached
     uint64_t nr_by_order[64]   # entries of each order (nr_indices = sum n << order)
 
 cdef void xa_init(xarray *xa) noexcept nogil

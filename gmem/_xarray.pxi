@@ -68,14 +68,31 @@ cdef inline int _xa_max_offset(int shift) noexcept nogil:
 
 
 cdef xa_node *_xa_node_alloc(xarray *xa, int shift, xa_node *parent, int offset) noexcept nogil:
-    cdef xa_node *n = <xa_node *>calloc(1, sizeof(xa_node))
-    if n == NULL:
-        return NULL
+    cdef xa_node *n = xa.node_cache
+    if n != NULL:
+        # a node freed a moment ago: trees that shrink and grow again skip malloc
+        xa.node_cache = n.parent
+        xa.nr_cached -= 1
+        memset(n, 0, sizeof(xa_node))
+    else:
+        n = <xa_node *>calloc(1, sizeof(xa_node))
+        if n == NULL:
+            return NULL
     n.shift = shift
     n.parent = parent
     n.offset = offset
     xa.nr_nodes += 1
     return n
+
+
+cdef void _xa_node_free(xarray *xa, xa_node *n) noexcept nogil:
+    xa.nr_nodes -= 1
+    if xa.nr_cached < XA_NODE_CACHE:
+        n.parent = xa.node_cache
+        xa.node_cache = n
+        xa.nr_cached += 1
+    else:
+        free(n)
 
 
 cdef int _xa_entry_order(const xa_node *node, int off) noexcept nogil:
@@ -98,8 +115,7 @@ cdef void _xa_free_subtree(xarray *xa, xa_node *node) noexcept nogil:
         elif _xa_is_value(e):
             xa.nr_by_order[_xa_entry_order(node, off)] -= 1
             xa.nr_entries -= 1
-    xa.nr_nodes -= 1
-    free(node)
+    _xa_node_free(xa, node)
 
 
 cdef void _xa_update_marks_up(xa_node *node) noexcept nogil:
@@ -121,8 +137,7 @@ cdef void _xa_shrink(xarray *xa) noexcept nogil:
     cdef xa_node *child
     while head != NULL:
         if head.count == 0:
-            free(head)
-            xa.nr_nodes -= 1
+            _xa_node_free(xa, head)
             xa.head = NULL
             return
         if head.count != 1 or not _xa_is_node(head.slots[0]):
@@ -130,8 +145,7 @@ cdef void _xa_shrink(xarray *xa) noexcept nogil:
         child = _xa_to_node(head.slots[0])
         child.parent = NULL
         child.offset = 0
-        free(head)
-        xa.nr_nodes -= 1
+        _xa_node_free(xa, head)
         xa.head = child
         head = child
 
@@ -146,8 +160,7 @@ cdef void _xa_delete_empty(xarray *xa, xa_node *node) noexcept nogil:
         p.count -= 1
         for m in range(XA_MAX_MARKS):
             p.marks[m] &= ~_xa_bit(node.offset)
-        free(node)
-        xa.nr_nodes -= 1
+        _xa_node_free(xa, node)
         node = p
     if node != NULL:
         _xa_update_marks_up(node)
@@ -207,8 +220,13 @@ cdef void xa_init(xarray *xa) noexcept nogil:
 
 
 cdef void xa_destroy(xarray *xa) noexcept nogil:
+    cdef xa_node *n
     if xa.head != NULL:
         _xa_free_subtree(xa, xa.head)
+    while xa.node_cache != NULL:
+        n = xa.node_cache
+        xa.node_cache = n.parent
+        free(n)
     xa_init(xa)
 
 
