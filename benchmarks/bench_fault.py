@@ -1,0 +1,207 @@
+"""The x86 fault path (vcpu.page_fault, vm.page_fault_batch) against the pure-Python reference.
+
+A 4 GiB SW_PROTECTED guest: one guest_memfd memslot, every page private. Each figure
+is ns per fault (extra_info ns_per_op_min/median, ns_per_fault):
+
+  fault warm batch   faults on mapped pages: PRESENT|WRITE (fast_page_fault) and
+                     not-present WRITE (the slow path down to kvm_tdp_mmu_map: spurious)
+  fault cold batch   first private 4K faults: allocate the folio, prepare, map; a fresh
+                     host per round (benchmark.pedantic with setup); sequential and random
+  fault scalar       one vcpu.page_fault call per fault
+  fault reference    tests/reference_fault.py on the same streams (fewer faults), with the
+                     batch path's figure on that stream and the ratio in extra_info
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gmem
+from gmem import uapi as U
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
+from reference_fault import RefHost  # noqa: E402
+
+GUEST = 4 << 30
+NPAGES = GUEST >> 12                      # 1M faults per round
+HVA = 1 << 40
+SCALAR_N = 1 << 14
+REF_N = 1 << 13
+W, PW = U.PFERR_WRITE_MASK, U.PFERR_PRESENT_MASK | U.PFERR_WRITE_MASK
+
+SEQ = np.arange(NPAGES, dtype=np.uint64) << 12
+RANDOM = np.random.default_rng(7).permutation(SEQ)
+STREAMS = {"sequential": SEQ, "random": RANDOM}
+
+
+def guest(huge_folios=False):
+    """A host with a 4 GiB SW_PROTECTED guest, all of it private (nothing faulted yet)."""
+    host = gmem.Host(memory=2 * GUEST, platform="amd", huge_folios=huge_folios)
+    vm = host.create_vm(U.KVM_X86_SW_PROTECTED_VM)
+    f = vm.create_guest_memfd(GUEST)
+    vm.set_user_memory_region2(0, U.KVM_MEM_GUEST_MEMFD, 0, GUEST, userspace_addr=HVA, guest_memfd=f)
+    vm.set_memory_attributes(0, GUEST, U.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    return host, vm, f, vm.create_vcpu(0)
+
+
+def ref_guest():
+    ref = RefHost().create_vm(U.KVM_X86_SW_PROTECTED_VM)
+    f = ref.create_guest_memfd(GUEST)
+    ref.set_user_memory_region2(0, U.KVM_MEM_GUEST_MEMFD, 0, GUEST, HVA, f, 0)
+    ref.set_memory_attributes(0, GUEST, U.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    return ref
+
+
+def codes(n, ec):
+    return np.full(n, ec, dtype=np.uint64)
+
+
+def report(benchmark, record, n, **extra):
+    """ns/fault (fastest round) and, against the batch path on the same stream, the speed-up."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:                          # None under --benchmark-disable
+        extra["ns_per_fault"] = round(stats.stats.min / n * 1e9, 1)
+        if "batch_ns_per_fault" in extra:
+            extra["batch_speedup"] = round(extra["ns_per_fault"] / extra["batch_ns_per_fault"], 1)
+    record(benchmark, n, **extra)
+
+
+@pytest.fixture(scope="module")
+def warm():
+    """The guest with every page mapped (4K private SPTEs), shared by the warm benchmarks."""
+    host, vm, f, vcpu = guest()
+    out = vm.page_fault_batch(SEQ, codes(NPAGES, W))
+    assert (out["ret"] == U.RET_PF_FIXED).all()
+    return host, vm, f, vcpu
+
+
+# ------------------------------------------------------------------ warm
+
+@pytest.mark.benchmark(group="fault warm batch")
+@pytest.mark.parametrize("order", sorted(STREAMS))
+@pytest.mark.parametrize("ec", ["present_write", "not_present_write"])
+def test_batch_warm(benchmark, record, warm, order, ec):
+    host, vm, f, vcpu = warm
+    gpas, e = STREAMS[order], codes(NPAGES, PW if ec == "present_write" else W)
+    out = benchmark(vm.page_fault_batch, gpas, e)
+    assert (out["ret"] == U.RET_PF_SPURIOUS).all()
+    report(benchmark, record, NPAGES, goal_ns=10)
+
+
+# ------------------------------------------------------------------ cold
+
+@pytest.mark.benchmark(group="fault cold batch")
+@pytest.mark.parametrize("order", sorted(STREAMS))
+def test_batch_cold_4k(benchmark, record, order):
+    gpas, e = STREAMS[order], codes(NPAGES, W)
+    held = {}
+
+    def setup():
+        held.clear()                       # the previous round's host goes away untimed
+        host, vm, f, vcpu = guest()
+        held["vm"] = vm
+        held["keep"] = (host, f, vcpu)
+        return (vm, gpas, e), {}
+
+    def run(vm, gpas, e):
+        return vm.page_fault_batch(gpas, e)
+
+    out = benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
+    assert (out["ret"] == U.RET_PF_FIXED).all() and held["vm"].stats["pages_4k"] == NPAGES
+    report(benchmark, record, NPAGES, goal_ns=100)
+
+
+# ---------------------------------------------------------------- scalar
+
+@pytest.mark.benchmark(group="fault scalar")
+@pytest.mark.parametrize("ec", ["present_write", "not_present_write"])
+def test_scalar_warm(benchmark, record, warm, ec):
+    host, vm, f, vcpu = warm
+    gpas = [int(g) for g in RANDOM[:SCALAR_N]]
+    code = PW if ec == "present_write" else W
+    pf = vcpu.page_fault
+
+    def run():
+        for g in gpas:
+            pf(g, code)
+
+    benchmark(run)
+    report(benchmark, record, SCALAR_N, goal_ns=300)
+
+
+@pytest.mark.benchmark(group="fault scalar")
+def test_scalar_cold_4k(benchmark, record):
+    gpas = [int(g) for g in SEQ[:SCALAR_N]]
+    held = {}
+
+    def setup():
+        held.clear()
+        held["guest"] = guest()
+        return (held["guest"][3],), {}
+
+    def run(vcpu):
+        pf = vcpu.page_fault
+        for g in gpas:
+            pf(g, W)
+
+    benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
+    report(benchmark, record, SCALAR_N, goal_ns=300)
+
+
+# ------------------------------------------------------------- reference
+
+def batch_ns(gpas, ec, warm, rounds=5):
+    """ns/fault of page_fault_batch on this stream: best of rounds, each on a fresh guest
+    (warm: with the stream's pages faulted in first, as the reference has them)."""
+    best = float("inf")
+    e = codes(len(gpas), ec)
+    for _ in range(rounds):
+        host, vm, f, vcpu = guest()
+        if warm:
+            vm.page_fault_batch(gpas, codes(len(gpas), W))
+        t = time.perf_counter()
+        vm.page_fault_batch(gpas, e)
+        best = min(best, time.perf_counter() - t)
+    return best / len(gpas) * 1e9
+
+
+@pytest.mark.benchmark(group="fault reference")
+@pytest.mark.parametrize("order", sorted(STREAMS))
+def test_reference_cold_4k(benchmark, record, order):
+    gpas = STREAMS[order][:REF_N]
+    held = {}
+
+    def setup():
+        held["ref"] = ref_guest()
+        return (held["ref"],), {}
+
+    def run(ref):
+        for g in gpas.tolist():
+            ref.page_fault(0, g, W)
+
+    benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
+    assert held["ref"].vm_stats["pages_4k"] == REF_N
+    fast = batch_ns(gpas, W, warm=False)
+    report(benchmark, record, REF_N, batch_ns_per_fault=round(fast, 1), goal_speedup=100)
+
+
+@pytest.mark.benchmark(group="fault reference")
+@pytest.mark.parametrize("order", sorted(STREAMS))
+@pytest.mark.parametrize("ec", ["present_write", "not_present_write"])
+def test_reference_warm(benchmark, record, ec, order):
+    gpas = STREAMS[order][:REF_N]
+    code = PW if ec == "present_write" else W
+    ref = ref_guest()
+    for g in gpas.tolist():
+        ref.page_fault(0, g, W)
+    glist = gpas.tolist()
+
+    def run():
+        for g in glist:
+            ref.page_fault(0, g, code)
+
+    benchmark(run)
+    fast = batch_ns(gpas, code, warm=True)
+    report(benchmark, record, REF_N, batch_ns_per_fault=round(fast, 1), goal_speedup=100)
