@@ -291,6 +291,8 @@ class RefVm:
             # tdx_handle_ept_violation: a private access is a write (and GUEST_FINAL/PAGE kept)
             error_code = (error_code & (U.PFERR_GUEST_FINAL_MASK | U.PFERR_GUEST_PAGE_MASK)) | \
                 U.PFERR_WRITE_MASK
+        elif self.vm_type == U.KVM_X86_TDX_VM and error_code & U.PFERR_FETCH_MASK:
+            return Result(-EIO)                          # a TD fetching from shared memory: KVM_BUG_ON
         gfn = (gpa >> PAGE_SHIFT) & ~self.gfn_direct_bits
         r = None
         if error_code & U.PFERR_RSVD_MASK:
