@@ -820,6 +820,11 @@ cdef class Vcpu:
         cdef uint64_t g = _u64(gpa, "gpa"), v, old
         cdef kvm_fault_out out
         _tdx_check(self.vm, "TDG.MEM.PAGE.ACCEPT")
+        if k.launch_state != TD_STATE_RUNNABLE:
+            # no guest instruction runs before KVM_TDX_FINALIZE_VM (tdx_vcpu_pre_run: -EINVAL);
+            # accepting here would turn a premapped leaf into an accepted one behind nr_premapped
+            raise _err(_errno_mod.EINVAL, "TDG.MEM.PAGE.ACCEPT: the TD is not runnable yet "
+                       "(KVM_RUN before KVM_TDX_FINALIZE_VM)")
         if (g >> 12) & k.gfn_direct_bits:
             return TDVMCALL_STATUS_INVALID_OPERAND
         if not xa_load(&k.sept, (g >> 12), &v):
