@@ -287,6 +287,7 @@ cdef class Host:
             raise ValueError("SW_PROTECTED, SEV-SNP and TDX VMs need KVM_SET_MEMORY_ATTRIBUTES "
                              "(their Kconfig selects KVM_GENERIC_MEMORY_ATTRIBUTES)")
         phys_init(&self.h.pm, 0, nbytes >> 12)
+        self.h.pm.pcp_enabled = 1
         xa_init(&self.h.page_data)
         xa_init(&self.h.user_pages)
         self.h.rmp.enabled = platform == "amd"

@@ -18,6 +18,9 @@ cdef void _phys_check(const physmem *pm) except *:
             spans.append((f << o, 1 << o, "free block"))
             free_pages += 1 << o
             start = f + 1
+    for o in range(pm.pcp_count):
+        spans.append((pm.pcp[o], 1, "per-cpu free page"))
+    free_pages += pm.pcp_count
     start = 0
     while xa_find_entry(&pm.memmap, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &f, &k, &v):
         spans.append((f, 1 << k, f"folio {v}"))

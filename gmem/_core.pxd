@@ -87,6 +87,8 @@ cdef int xa_check(const xarray *xa) noexcept nogil
 cdef enum:
     MAX_PAGE_ORDER = 18          # largest buddy block: 1 GiB of 4 KiB pages
     NR_PAGE_ORDERS = 19
+    PCP_HIGH = 512               # per-cpu list of free 4K pages: drained above this ...
+    PCP_BATCH_ORDER = 6          # ... and refilled / drained 64 pages at a time
     FOLIO_CHUNK_SHIFT = 12       # folios are allocated in chunks of 4096 structs
     # folio->flags
     PG_uptodate = 1 << 0         # gmem: "prepared" (kvm_gmem_mark_prepared)
@@ -112,6 +114,9 @@ ctypedef struct physmem:
     uint64_t watermark
     uint64_t nr_free_pages
     uint64_t fail_alloc          # fault injection: fail this many allocations
+    int pcp_enabled              # order-0 pages go through pcp (the Host's allocator)
+    uint32_t pcp_count
+    uint64_t pcp[512]            # free 4K pages kept out of the buddy lists (free_unref_page)
     xarray free_area[19]         # index pfn >> order of each free block
     # folio table: ids index chunked arrays of structs; id 0 is never used
     folio **folio_chunks
@@ -127,6 +132,8 @@ cdef void phys_destroy(physmem *pm) noexcept nogil
 cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil
 # Return a block (coalescing with free buddies).  The caller guarantees it was allocated.
 cdef void phys_free(physmem *pm, uint64_t pfn, int order) noexcept nogil
+# Give every page on the per-cpu list back to the buddy lists (drain_all_pages).
+cdef void phys_drain_pcp(physmem *pm) noexcept nogil
 # 0 if [pfn, pfn + 1 << order) is wholly allocated, else -EINVAL (free or out of range).
 cdef int phys_check_allocated(const physmem *pm, uint64_t pfn, int order) noexcept nogil
 cdef uint64_t phys_nr_free_blocks(const physmem *pm, int order) noexcept nogil

@@ -6,7 +6,8 @@
 # are free without being described, and freeing back down to the watermark
 # lowers it again, so the allocator's memory follows what is in use.
 
-from libc.stdlib cimport malloc, realloc
+from libc.stdlib cimport malloc, realloc, qsort
+from libc.string cimport memmove
 
 cdef enum:
     _FREE_MARK = 0
@@ -65,12 +66,81 @@ cdef int _carve_order(const physmem *pm, uint64_t pfn) noexcept nogil:
     return o
 
 
+cdef int _pcp_refill(physmem *pm) noexcept nogil:
+    """rmqueue_bulk: move a block of free pages onto the per-cpu list (lowest pfn on top)."""
+    cdef int o
+    cdef uint64_t p, i
+    for o in range(PCP_BATCH_ORDER, -1, -1):
+        if _buddy_alloc(pm, o, &p) == 0:
+            pm.nr_free_pages += _pages(o)       # still free: only their list changed
+            for i in range(_pages(o)):
+                pm.pcp[pm.pcp_count + i] = p + _pages(o) - 1 - i
+            pm.pcp_count += _pages(o)
+            return 0
+    return -_ENOMEM
+
+
+cdef int _cmp_u64(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0], y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef void _pcp_drain(physmem *pm, uint32_t n) noexcept nogil:
+    """free_pcppages_bulk: the n coldest pages (bottom of the list) go back to the buddy,
+    aligned runs of them as one block (the buddy would merge them anyway)."""
+    cdef uint32_t i = 0, k
+    cdef int o
+    cdef uint64_t *b = pm.pcp
+    qsort(b, n, sizeof(uint64_t), _cmp_u64)
+    while i < n:
+        o = 0
+        while (o < PCP_BATCH_ORDER and not (b[i] & (_pages(o + 1) - 1)) and i + _pages(o + 1) <= n
+               and b[i + _pages(o + 1) - 1] == b[i] + _pages(o + 1) - 1):
+            o += 1                  # sorted and distinct: the ends decide the run
+        pm.nr_free_pages -= _pages(o)
+        _buddy_free(pm, b[i], o)
+        i += _pages(o)
+    memmove(&pm.pcp[0], &pm.pcp[n], (pm.pcp_count - n) * sizeof(uint64_t))
+    pm.pcp_count -= n
+
+
+cdef void phys_drain_pcp(physmem *pm) noexcept nogil:
+    _pcp_drain(pm, pm.pcp_count)
+
+
 cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
-    cdef int o, c
-    cdef uint64_t idx = 0, v, p, watermark = pm.watermark
     if pm.fail_alloc:
         pm.fail_alloc -= 1
         return -_ENOMEM
+    if order == 0 and pm.pcp_enabled:
+        if pm.pcp_count == 0 and _pcp_refill(pm) < 0:
+            return -_ENOMEM
+        pm.pcp_count -= 1
+        pfn[0] = pm.pcp[pm.pcp_count]
+        pm.nr_free_pages -= 1
+        return 0
+    if _buddy_alloc(pm, order, pfn) == 0:
+        return 0
+    if pm.pcp_count:
+        phys_drain_pcp(pm)                      # the slow path drains the per-cpu lists
+        return _buddy_alloc(pm, order, pfn)
+    return -_ENOMEM
+
+
+cdef void phys_free(physmem *pm, uint64_t pfn, int order) noexcept nogil:
+    if order == 0 and pm.pcp_enabled:
+        if pm.pcp_count == PCP_HIGH:
+            _pcp_drain(pm, _pages(PCP_BATCH_ORDER))
+        pm.pcp[pm.pcp_count] = pfn
+        pm.pcp_count += 1
+        pm.nr_free_pages += 1
+        return
+    _buddy_free(pm, pfn, order)
+
+
+cdef int _buddy_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
+    cdef int o, c
+    cdef uint64_t idx = 0, v, p, watermark = pm.watermark
     # the smallest free block that is large enough
     for o in range(order, NR_PAGE_ORDERS):
         if pm.free_area[o].nr_entries:
@@ -102,7 +172,7 @@ cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
         o -= 1
         if _free_area_add(pm, p + _pages(o), o) < 0:
             pm.nr_free_pages -= _pages(o + 1)
-            phys_free(pm, p, o + 1)          # undo: nothing was handed out
+            _buddy_free(pm, p, o + 1)        # undo: nothing was handed out
             return -_ENOMEM
     pm.nr_free_pages -= _pages(order)
     pfn[0] = p
@@ -126,7 +196,7 @@ cdef void _phys_lower_watermark(physmem *pm, uint64_t floor) noexcept nogil:
                 break
 
 
-cdef void phys_free(physmem *pm, uint64_t pfn, int order) noexcept nogil:
+cdef void _buddy_free(physmem *pm, uint64_t pfn, int order) noexcept nogil:
     cdef uint64_t buddy
     pm.nr_free_pages += _pages(order)
     while order < MAX_PAGE_ORDER:
