@@ -277,6 +277,7 @@ cdef class Vm:
             if old < 0:
                 raise _err(EINVAL, f"{what}: deleting slot {slot:#x}, which does not exist")
             self._delete_memslot(old)
+            self.k.memslots_generation += 1
             return
         base_gfn = gpa >> 12
         change = KVM_MR_CREATE
@@ -311,6 +312,7 @@ cdef class Vm:
             s = &self.k.memslots[old]
             s.flags = flags
             kvm_unmap_gfn_range(&self.k, s.base_gfn, s.base_gfn + s.npages, 0)
+        self.k.memslots_generation += 1      # install_new_memslots: MMIO SPTEs go stale
 
     cdef void _arch_prepare_memory_region(self, uint64_t base_gfn, uint64_t npages, str what) except *:
         """x86 kvm_arch_prepare_memory_region for CREATE/MOVE, which runs after kvm_gmem_bind

@@ -341,7 +341,8 @@ ctypedef struct kvm:
     xarray gfn_to_slot          # gfn -> memslots index (address space 0)
     xarray mem_attr_array       # gfn -> memory attributes
     xarray sptes                # gfn -> spte (multi-index for huge mappings)
-    xarray mmio_sptes           # gfn -> 1
+    xarray mmio_sptes           # gfn -> the memslot generation it was made in
+    uint64_t memslots_generation  # bumped by every memslot change (kvm_memslots.generation)
     uint64_t mmu_invalidate_seq
     int64_t mmu_invalidate_in_progress
     uint64_t mmu_invalidate_range_start

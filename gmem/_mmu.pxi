@@ -108,7 +108,7 @@ cdef int kvm_mmu_faultin_pfn(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_ou
         # kvm_handle_noslot_fault: private -> exit; shared -> MMIO SPTE, emulate
         if fault.is_private:
             return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -_EFAULT)
-        if xa_store_order(&kvm.mmio_sptes, fault.gfn, 0, 1, &old) < 0:
+        if xa_store_order(&kvm.mmio_sptes, fault.gfn, 0, kvm.memslots_generation, &old) < 0:
             return -_ENOMEM
         return RET_PF_EMULATE
     if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn):
@@ -255,11 +255,11 @@ cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
     """mmu.c handle_mmio_page_fault for a TDP fault with PFERR_RSVD_MASK: an MMIO SPTE means
     emulate; one whose memslot generation is stale (check_mmio_spte) means the slow path; no
     MMIO SPTE means it was zapped by someone else: let the vCPU fault again."""
-    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, one
-    if not xa_load(&kvm.mmio_sptes, gfn, &one):
+    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, gen
+    if not xa_load(&kvm.mmio_sptes, gfn, &gen):
         return RET_PF_RETRY
-    if gfn_to_memslot(kvm, gfn) != NULL:
-        return RET_PF_INVALID       # a memslot was created there since: a stale generation
+    if gen != kvm.memslots_generation:
+        return RET_PF_INVALID       # check_mmio_spte: made before some memslot change
     return RET_PF_EMULATE
 
 

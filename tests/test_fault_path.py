@@ -1005,9 +1005,6 @@ def test_long_random_stream(stream):
         assert twin.levels[2] > 0, "no 2M mapping was ever made"
 
 
-@pytest.mark.xfail(strict=True, reason="the model has no memslot generation: an MMIO SPTE stays "
-                   "valid across unrelated memslot changes (check_mmio_spte would send the RSVD fault "
-                   "down the slow path); the fix belongs to the memslot update in _api_vm.pxi")
 def test_mmio_spte_stale_after_an_unrelated_memslot_change():
     host, vm, f, vcpu = make_vm(slot_size=M)
     assert vcpu.page_fault(8 * M, WRITE).ret == EMULATE
