@@ -9,22 +9,50 @@ cdef enum:
     KVM_MR_FLAGS_ONLY = 2
 
 
-class FaultResult:
+cdef class FaultResult:
     """The outcome of one vcpu.page_fault(): ret (RET_PF_* or -errno), exit_reason,
     memory_fault ((flags, gpa, size) for KVM_EXIT_MEMORY_FAULT), level and pfn when mapped."""
-    __slots__ = ("ret", "exit_reason", "memory_fault", "level", "pfn")
+    cdef kvm_fault_out o
+    cdef uint64_t mf_size
 
     def __init__(self, ret, exit_reason, memory_fault, level, pfn):
-        self.ret, self.exit_reason, self.memory_fault, self.level, self.pfn = \
-            ret, exit_reason, memory_fault, level, pfn
+        self.o.ret, self.o.exit_reason, self.o.level, self.o.pfn = ret, exit_reason, level, pfn
+        if memory_fault is not None:
+            self.o.flags, self.o.gpa, self.mf_size = memory_fault
+
+    @property
+    def ret(self):
+        return self.o.ret
+
+    @property
+    def exit_reason(self):
+        return self.o.exit_reason
+
+    @property
+    def memory_fault(self):
+        if self.o.exit_reason != KVM_EXIT_MEMORY_FAULT:
+            return None
+        return (self.o.flags, self.o.gpa, self.mf_size)
+
+    @property
+    def level(self):
+        return self.o.level
+
+    @property
+    def pfn(self):
+        return self.o.pfn
 
     def __repr__(self):
         return (f"FaultResult(ret={self.ret}, exit_reason={self.exit_reason}, "
                 f"memory_fault={self.memory_fault}, level={self.level}, pfn={self.pfn:#x})")
 
     def __eq__(self, other):
-        return isinstance(other, FaultResult) and all(
-            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+        if not isinstance(other, FaultResult):
+            return NotImplemented
+        return (self.ret, self.exit_reason, self.memory_fault, self.level, self.pfn) == \
+            (other.ret, other.exit_reason, other.memory_fault, other.level, other.pfn)
+
+    __hash__ = None
 
 
 class GuestExit(Exception):
@@ -45,8 +73,10 @@ cdef int _vm_type_arg(object t) except -1:
 
 
 cdef object _fault_result(const kvm_fault_out *o):
-    mf = (o.flags, o.gpa, 4096) if o.exit_reason == KVM_EXIT_MEMORY_FAULT else None
-    return FaultResult(o.ret, o.exit_reason, mf, o.level, o.pfn)
+    cdef FaultResult r = FaultResult.__new__(FaultResult)
+    r.o = o[0]
+    r.mf_size = 4096            # KVM_EXIT_MEMORY_FAULT always reports one page
+    return r
 
 
 # ----------------------------------------------------------------------- Vm
@@ -595,39 +625,47 @@ cdef class Vm:
         return {name: self.k.tdx_stats[i] for i, name in enumerate(TDX_STATS)}
 
     # ------------------------------------------------------------- faults
-    def page_fault_batch(self, gpas, error_codes, vcpu_id=0):
+    def page_fault_batch(self, gpas, error_codes, vcpu_id=0, out=None):
         """Run faults through the same C path as vcpu.page_fault, in order, the GIL released
         (Python hooks take it while they run). vcpu_id is one id or an array of one id per
-        fault; vCPUs that do not exist yet are created. Returns a FAULT_DTYPE array."""
+        fault; vCPUs that do not exist yet are created. Returns a FAULT_DTYPE array (out, if
+        given one of the right length, is filled and returned: no allocation per call)."""
+        cdef kvm_vcpu *one
         cdef kvm_vcpu **vcpus
-        cdef const uint64_t[::1] ids
         self._check_open("page_fault_batch")
         g = _u64_array(gpas, "gpas")
         e = _u64_array(error_codes, "error_codes")
-        if g.shape[0] != e.shape[0]:
-            raise ValueError(f"gpas ({g.shape[0]}) and error_codes ({e.shape[0]}) differ in length")
+        n = g.shape[0]
+        if e.shape[0] != n:
+            raise ValueError(f"gpas ({n}) and error_codes ({e.shape[0]}) differ in length")
+        if out is None:
+            out = np.empty(n, dtype=FAULT_DTYPE)
+        elif not isinstance(out, np.ndarray) or out.dtype != FAULT_DTYPE or out.shape != (n,) \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable, contiguous FAULT_DTYPE array of length {n}")
         if np.ndim(vcpu_id) == 0:
-            ids = np.full(g.shape[0], _u64(vcpu_id, "vcpu_id"), dtype=np.uint64)
+            one = &self._vcpu(_u64(vcpu_id, "vcpu_id")).v
+            _fault_batch(&one, None, g, e, out)
         else:
             ids = _u64_array(vcpu_id, "vcpu_id")
-            if ids.shape[0] != g.shape[0]:
-                raise ValueError(f"vcpu_id ({ids.shape[0]}) and gpas ({g.shape[0]}) differ in length")
-        uniq = np.unique(np.asarray(ids)) if g.shape[0] else np.zeros(0, np.uint64)
-        if uniq.size and int(uniq.max()) >= KVM_MAX_VCPU_IDS:
-            raise _err(_errno_mod.EINVAL, f"vcpu id {int(uniq.max())} >= KVM_MAX_VCPU_IDS")
-        table = {int(v): (self._vcpus.get(int(v)) or self.create_vcpu(int(v))) for v in uniq}
-        vcpus = <kvm_vcpu **>_calloc(KVM_MAX_VCPU_IDS, sizeof(kvm_vcpu *))
-        if vcpus == NULL:
-            raise MemoryError("vcpu table")
-        for v, vc in table.items():
-            vcpus[v] = &(<Vcpu>vc).v
-        out = np.zeros(g.shape[0], dtype=FAULT_DTYPE)
-        try:
-            _fault_batch(vcpus, ids, g, e, out)
-        finally:
-            free(vcpus)
+            if ids.shape[0] != n:
+                raise ValueError(f"vcpu_id ({ids.shape[0]}) and gpas ({n}) differ in length")
+            vcpus = <kvm_vcpu **>_calloc(KVM_MAX_VCPU_IDS, sizeof(kvm_vcpu *))
+            if vcpus == NULL:
+                raise MemoryError("vcpu table")
+            try:
+                for v in (np.unique(ids) if n else ()):
+                    vcpus[v] = &self._vcpu(int(v)).v
+                _fault_batch(vcpus, ids, g, e, out)
+            finally:
+                free(vcpus)
         self.host._raise_hook_exc()
         return out
+
+    cdef Vcpu _vcpu(self, uint64_t vid):
+        """The vCPU with this id, created if absent (KVM_MAX_VCPU_IDS applies)."""
+        vc = self._vcpus.get(vid)
+        return vc if vc is not None else self.create_vcpu(vid)
 
     def inject_invalidation(self, gpa, size):
         """Fault injection: run an invalidation of [gpa, gpa + size) between the next fault's
@@ -687,13 +725,18 @@ cdef object _u64_array(object a, str what):
 
 cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t[::1] gpas,
                        const uint64_t[::1] ecs, object out_arr) except *:
-    """The batch loop: kvm_mmu_page_fault per record, no Python objects, no GIL."""
+    """The batch loop: kvm_mmu_page_fault per record, no Python objects, no GIL. Without ids,
+    every fault is taken by vcpus[0]."""
     cdef kvm_fault_out *out = <kvm_fault_out *>cnp.PyArray_DATA(out_arr)
     cdef Py_ssize_t i, n = gpas.shape[0]
+    cdef kvm_vcpu *v = vcpus[0]
+    cdef bint many = ids is not None
     with nogil:
         for i in range(n):
-            kvm_mmu_page_fault(vcpus[ids[i]], gpas[i], ecs[i], &out[i])
-            if vcpus[ids[i]].kvm.host.hook_error:
+            if many:
+                v = vcpus[ids[i]]
+            kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
+            if v.kvm.host.hook_error:
                 break
 
 

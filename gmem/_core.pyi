@@ -317,23 +317,28 @@ class _Injection:
 
 # ---------------------------------------------------------- fault results, exits
 
+@disjoint_base
 class FaultResult:
     """The outcome of one vcpu.page_fault()."""
 
-    __slots__ = ("ret", "exit_reason", "memory_fault", "level", "pfn")
     __hash__: ClassVar[None]  # type: ignore[assignment]
-    ret: int
-    """RET_PF_* or -errno."""
-    exit_reason: int
-    """0, or uapi.KVM_EXIT_MEMORY_FAULT."""
-    memory_fault: tuple[int, int, int] | None
-    """(flags, gpa, size) for KVM_EXIT_MEMORY_FAULT, else None."""
-    level: int
-    """Mapping level installed (1=4K, 2=2M, 3=1G), 0 when nothing was mapped."""
-    pfn: int
+    @property
+    def ret(self) -> int:
+        """RET_PF_* or -errno."""
+    @property
+    def exit_reason(self) -> int:
+        """0, or uapi.KVM_EXIT_MEMORY_FAULT."""
+    @property
+    def memory_fault(self) -> tuple[int, int, int] | None:
+        """(flags, gpa, size) for KVM_EXIT_MEMORY_FAULT, else None."""
+    @property
+    def level(self) -> int:
+        """Mapping level installed (1=4K, 2=2M, 3=1G), 0 when nothing was mapped."""
+    @property
+    def pfn(self) -> int: ...
     def __init__(self, ret: int, exit_reason: int, memory_fault: tuple[int, int, int] | None,
                  level: int, pfn: int) -> None: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
 
 class GuestExit(Exception):
     """A guest access stopped in userspace; .result is what KVM_RUN would have returned."""
@@ -446,8 +451,9 @@ class Vm:
     @property
     def tdx_stats(self) -> dict[str, int]: ...
     def page_fault_batch(self, gpas: npt.ArrayLike, error_codes: npt.ArrayLike,
-                         vcpu_id: _Int | npt.ArrayLike = 0) -> _Record:
-        """Faults through the same C path as vcpu.page_fault, in order: a FAULT_DTYPE array."""
+                         vcpu_id: _Int | npt.ArrayLike = 0, out: _Record | None = None) -> _Record:
+        """Faults through the same C path as vcpu.page_fault, in order: a FAULT_DTYPE array
+        (out, when given, is filled and returned)."""
     def inject_invalidation(self, gpa: _Int, size: _Int) -> None:
         """Fault injection: an invalidation of [gpa, gpa + size) inside the next fault."""
     def sptes(self) -> list[tuple[int, int, int, bool, bool]]:
