@@ -320,6 +320,10 @@ def main(argv=None):
     except (CliError, ScenarioError) as e:
         print(f"gmem {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (gmem ... | head): not an error of ours; keep the exit quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         print(f"gmem {args.command}: error: {e}", file=sys.stderr)
         return 2

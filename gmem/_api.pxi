@@ -468,6 +468,11 @@ cdef class Host:
         cdef unsigned char *p
         if hva_to_pfn(&self.h, hva, &pfn) < 0:
             raise _err(_errno_mod.EFAULT, f"hva {hva:#x} is not mapped in the VMM")
+        if write and rmp_raw(&self.h, pfn) & RMP_ASSIGNED:
+            # a user-mode RMP #PF: "Unexpected RMP page fault for user address" -> SIGBUS
+            self.h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
+            raise _SigBus(f"SIGBUS: VMM write at hva {hva:#x} hits pfn {pfn:#x}, assigned in the "
+                          f"RMP ({_rmp_entry(rmp_raw(&self.h, pfn))})", hva)
         p = page_data_get(&self.h, pfn, write)
         if p == NULL and write:
             raise MemoryError("out of memory for page contents")

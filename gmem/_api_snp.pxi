@@ -3,7 +3,8 @@
 
 from collections import namedtuple as _namedtuple
 
-RmpEntry = _namedtuple("RmpEntry", "assigned pagesize immutable validated asid gpa vmsa")
+RmpEntry = _namedtuple("RmpEntry", "assigned pagesize immutable validated asid gpa vmsa",
+                       module="gmem._core")
 RMP_DTYPE = np.dtype([("pfn", "<u8"), ("assigned", "u1"), ("pagesize", "u1"), ("immutable", "u1"),
                       ("validated", "u1"), ("vmsa", "u1"), ("asid", "<u2"), ("gpa", "<u8")])
 SNP_STATS = ("rmpupdate", "rmpupdate_failed", "psmash", "pvalidate", "rmp_faults", "rmp_violations",

@@ -561,7 +561,8 @@ cdef class Vm:
         if self.k.vm_type != KVM_X86_SNP_VM or self.k.launch_state != 1:
             raise _err(_errno_mod.EINVAL, f"{what}: not an SNP VM being launched")
         for vid in sorted(self._vcpus):
-            if folio_alloc(&self.host.h.pm, 0, &id) < 0:
+            id = _snp_safe_alloc_page(&self.host.h)
+            if id == 0:
                 raise _err(_errno_mod.ENOMEM, f"{what}: VMSA page")
             pfn = folio_get(&self.host.h.pm, id).pfn
             if rmp_make_private(&self.host.h, pfn, INITIAL_VMSA_GPA, PG_LEVEL_4K, self.k.asid, True):

@@ -244,6 +244,23 @@ cdef int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *ino
     return 0
 
 
+cdef int kvm_gmem_fit_folio(gmem_inode *inode, kvm_memory_slot *slot, uint64_t index,
+                            uint32_t *id) noexcept nogil:
+    """A huge folio bound where gfns and file indices disagree modulo its size cannot be
+    mapped or prepared as one page: split it into 4K folios before its first use."""
+    cdef folio *f = folio_get(&inode.host.pm, id[0])
+    cdef uint64_t v
+    cdef int r
+    if f.order == 0 or f.flags & PG_uptodate or \
+            ((slot.base_gfn - slot.gmem_pgoff) & _mask(f.order)) == 0:
+        return 0
+    r = kvm_gmem_split_folio(inode, f.index, id[0])
+    if r == 0:
+        xa_load(&inode.filemap, index, &v)
+        id[0] = <uint32_t>v
+    return r
+
+
 cdef int kvm_gmem_prepare_bound(gmem_inode *inode, uint64_t index, uint32_t id) noexcept nogil:
     """The RFC's prepare at allocation: every file with a binding at index, now;
     unbound ranges are deferred to the fault."""
@@ -252,7 +269,9 @@ cdef int kvm_gmem_prepare_bound(gmem_inode *inode, uint64_t index, uint32_t id) 
     cdef int r
     while f != NULL:
         if not f.released and xa_load(&f.bindings, index, &v):
-            r = kvm_gmem_prepare_folio(f.kvm, &f.kvm.memslots[v], inode, id)
+            r = kvm_gmem_fit_folio(inode, &f.kvm.memslots[v], index, &id)
+            if r == 0:
+                r = kvm_gmem_prepare_folio(f.kvm, &f.kvm.memslots[v], inode, id)
             if r:
                 return r
         f = f.next
@@ -293,6 +312,8 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
     if not xa_load(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
         return -_EIO
     r = kvm_gmem_get_folio(file.inode, index, &id)
+    if r == 0:
+        r = kvm_gmem_fit_folio(file.inode, slot, index, &id)
     if r:
         return r
     f = folio_get(&kvm.host.pm, id)
@@ -408,7 +429,11 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
                             0, opaque)
         if ret:
             break
-        folio_get(&kvm.host.pm, id).flags |= PG_uptodate       # kvm_gmem_mark_prepared
+        f = folio_get(&kvm.host.pm, id)
+        f.flags |= PG_uptodate                                  # kvm_gmem_mark_prepared
+        if kvm.host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO:
+            f.flags |= PG_private       # the arch changed the page's state: it needs invalidation
+            f.private = 1
         i += 1
     return ret if (ret and i == 0) else i
 

@@ -280,3 +280,18 @@ cdef void sev_handle_rmp_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code
     # the real kernel zaps from the unaligned gfn
     kvm_zap_gfn_range_invalidate(kvm, gfn, gfn + PTRS_PER_PMD, 0)
 
+
+
+cdef uint32_t _snp_safe_alloc_page(gmem_host *h) noexcept nogil:
+    """snp_safe_alloc_page_node: a 4K page for a VMSA/VMCB that is never 2M-aligned (a CPU
+    erratum gives spurious RMP #PFs when a hugepage overlaps such a page's RMP entry).
+    A folio id, or 0 when out of memory."""
+    cdef uint32_t id, spare = 0
+    if folio_alloc(&h.pm, 0, &id) < 0:
+        return 0
+    if folio_get(&h.pm, id).pfn & (PTRS_PER_PMD - 1) == 0:
+        spare = id
+        if folio_alloc(&h.pm, 0, &id) < 0:
+            id = 0
+        folio_free(&h.pm, spare)        # its buddy is the next page: never aligned
+    return id

@@ -2,8 +2,15 @@
 
 
 class SigBus(Exception):
-    """An access through a guest_memfd mapping that the kernel answers with SIGBUS
-    (kvm_gmem_fault_user_mapping: beyond i_size, or a gmem without INIT_SHARED)."""
+    """An access the kernel answers with SIGBUS: through a guest_memfd mapping
+    (kvm_gmem_fault_user_mapping: beyond i_size, or a gmem without INIT_SHARED), or a VMM
+    write to an RMP-assigned page. .offset: the first faulting byte (of the mapping), or hva."""
+
+    offset: int
+
+    def __init__(self, message, offset=0):
+        super().__init__(message)
+        self.offset = offset
 
 
 class RmpViolation(Exception):

@@ -18,8 +18,9 @@ VM_TYPES = {"default": uapi.KVM_X86_DEFAULT_VM, "sw_protected": uapi.KVM_X86_SW_
             "sev": uapi.KVM_X86_SEV_VM, "sev_es": uapi.KVM_X86_SEV_ES_VM, "snp": uapi.KVM_X86_SNP_VM,
             "tdx": uapi.KVM_X86_TDX_VM}
 HOST_KEYS = {"memory", "platform", "sw_protected", "memory_attributes", "prepare", "prepared_tracking",
-             "invalidate", "huge_folios", "reattach_private"}
-POLICY_KEYS = ("prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private")
+             "invalidate", "huge_folios", "reattach_private", "scramble_on_conversion"}
+POLICY_KEYS = ("prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private",
+               "scramble_on_conversion")
 HVA_BASE = 0x7F0000000000
 ENC = uapi.PFERR_GUEST_ENC_MASK
 

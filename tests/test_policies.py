@@ -95,8 +95,12 @@ def workload(c):
     vm.set_memory_attributes(2 * MB, 2 * MB, 0)
     f.punch_hole(2 * MB, 2 * MB)
     step("punch2m")
-    h.write_user(HVA + MB, b"shared")
-    log["shared_read"] = v.read(MB, 6, 0)
+    try:
+        h.write_user(HVA + MB, b"shared")
+        log["shared_read"] = v.read(MB, 6, 0)
+    except gmem.SigBus as e:      # the VMM's page is a freed pfn still assigned in the RMP
+        log["vmm_sigbus"] = str(e)
+        log["shared_read"] = None
     # back to private, faulted in again
     vm.set_memory_attributes(2 * MB, 2 * MB, PRIVATE)
     faults(vm, 2 * MB, 4 * MB, log)
@@ -147,8 +151,9 @@ def test_invariants(results):
     t = table(results)
     for key, (c, log) in results.items():
         assert log["bad_faults"] == 0, f"{key}: faults did not map\n{t}"
-        assert log["shared_read"] == b"shared", f"{key}\n{t}"
         if broken(c):
+            # the stale assignment can also surface as the VMM's SIGBUS when the pfn is reused
+            assert log["shared_read"] == b"shared" or "assigned in the RMP" in log["vmm_sigbus"], t
             # the split dropped folio->private from the tails: the punched tail is freed
             # without gmem_invalidate, so a freed pfn stays assigned
             errs = [e for e in log["checks"].values() if e is not None]
@@ -157,6 +162,7 @@ def test_invariants(results):
             assert log["checks"]["punch4k"] is not None, f"{key}\n{t}"
             assert log["final_assigned"] > 0, f"{key}\n{t}"
         else:
+            assert log["shared_read"] == b"shared", f"{key}\n{t}"
             bad = {k: e for k, e in log["checks"].items() if e is not None}
             assert not bad, f"{key}: {bad}\n{t}"
             assert log["final_assigned"] == 0, f"{key}\n{t}"

@@ -732,11 +732,8 @@ class TestPageStateChange:
 
 
 class TestKnownGaps:
-    """Bugs outside the SNP backend's files, kept visible (strict xfail: they must fail today)."""
+    """Gaps found while writing these tests, fixed since: kept as regression tests."""
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "_api.pxi Host.write_user / _mmu.pxi hva_to_pfn: a VMM (user-mode) write to a page the "
-        "RMP assigns is not checked; the kernel delivers SIGBUS for the RMP #PF (spec §3.2)"))
     def test_vmm_write_to_assigned_page_faults(self):
         h = gmem.Host(memory=64 << 20)
         h.write_user(HVA, b"a")
@@ -745,11 +742,6 @@ class TestKnownGaps:
         with pytest.raises((gmem.RmpViolation, gmem.SigBus)):
             h.write_user(HVA, b"b")
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "_guest_memfd.pxi kvm_gmem_get_folio: with huge_folios a 2M folio is allocated even where "
-        "the binding's gfns are not 2M-aligned with the file's indices; sev_gmem_prepare then "
-        "makes a 2M RMP entry at ALIGN_DOWN(gfn, 512), so every page's RMP GPA is wrong "
-        "(INV-2; PVALIDATE faults forever)"))
     def test_misaligned_binding_with_huge_folios(self):
         h = gmem.Host(memory=256 << 20, huge_folios=True)
         vm = h.create_vm(u.KVM_X86_SNP_VM)
@@ -762,10 +754,6 @@ class TestKnownGaps:
         assert v.pvalidate(0x5000, 0, 1) == 0
         h.check()
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "_api_vm.pxi snp_launch_finish allocates the VMSA with folio_alloc(order 0), which can "
-        "return a 2M-aligned pfn; snp_safe_alloc_page_node never does (CPU erratum: spurious RMP "
-        "#PFs when a hugepage overlaps a VMSA's RMP entry; spec §3.8 'Errata kept in the model')"))
     def test_vmsa_is_never_2m_aligned(self):
         h = gmem.Host(memory=64 << 20)
         vm = h.create_vm(u.KVM_X86_SNP_VM)
