@@ -301,6 +301,13 @@ cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
                 node.slots[off] = _xa_mk_value(value)
                 return 1
             if e == 0:
+                if shift == 0:
+                    # an empty slot of an existing leaf: no marks to inherit or propagate
+                    node.slots[off] = _xa_mk_value(value)
+                    node.count += 1
+                    xa.nr_entries += 1
+                    xa.nr_by_order[0] += 1
+                    return 0
                 break
             node = _xa_to_node(e)
             shift -= XA_CHUNK_SHIFT
