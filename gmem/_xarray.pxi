@@ -417,13 +417,20 @@ cdef int _xa_erase_at(xarray *xa, xa_node *node, int off) noexcept nogil:
     cdef int k = _xa_entry_order(node, off)
     cdef int n = 1 << (k - node.shift)
     cdef int i, m
+    cdef uint64_t marked = 0
     for i in range(off, off + n):
         node.slots[i] = 0
     node.count -= n
     for m in range(XA_MAX_MARKS):
+        marked |= node.marks[m] & _xa_range_bits(off, n)
         node.marks[m] &= ~_xa_range_bits(off, n)
     xa.nr_entries -= 1
     xa.nr_by_order[k] -= 1
+    if node.count or marked:
+        if marked:
+            _xa_update_marks_up(node)
+        if node.count:
+            return k                # the tree's shape is unchanged
     _xa_delete_empty(xa, node)
     return k
 
