@@ -99,6 +99,7 @@ cdef class Vm:
         self.k.host = &host.h
         self.k.py_vm = <void *>self
         self.k.vm_type = _vm_type_arg(vm_type)     # indexes the host's hook table
+        self.k.last_used_slot = -1
         xa_init(&self.k.slot_index)
         xa_init(&self.k.gfn_to_slot)
         xa_init(&self.k.mem_attr_array)
@@ -137,6 +138,8 @@ cdef class Vm:
         free(self.k.memslots)
         self.k.memslots = NULL
         self.k.nr_memslots = 0
+        self.k.last_used_slot = -1
+        self.k.attr_memo_valid = 0
         xa_destroy(&self.k.slot_index)
         xa_destroy(&self.k.gfn_to_slot)
         xa_destroy(&self.k.mem_attr_array)

@@ -144,6 +144,7 @@ cdef int kvm_vm_set_mem_attributes(kvm *kvm, uint64_t start, uint64_t end, uint6
         kvm_arch_pre_set_memory_attributes(kvm, slot, s, e, attrs)
         slot = _next_slot_in(kvm, &index, end)
     r = xa_assign_range(&kvm.mem_attr_array, start, end - 1, attrs, attrs == 0)
+    kvm.attr_memo_valid = 0
     if kvm.host.scramble_on_conversion and kvm.vm_type == KVM_X86_SW_PROTECTED_VM:
         kvm_scramble_range(kvm, start, end)
     index = start

@@ -339,6 +339,10 @@ ctypedef struct kvm:
     uint32_t nr_memslots        # entries in memslots (used or not)
     xarray slot_index           # slot id (as_id << 16 | id) -> memslots index
     xarray gfn_to_slot          # gfn -> memslots index (address space 0)
+    int64_t last_used_slot      # memslots index of the last lookup (kvm_vcpu.last_used_slot)
+    uint64_t attr_memo_gfn      # the last attribute lookup, valid until attributes change
+    uint64_t attr_memo_val
+    int attr_memo_valid
     xarray mem_attr_array       # gfn -> memory attributes
     xarray sptes                # gfn -> spte (multi-index for huge mappings)
     xarray mmio_sptes           # gfn -> the memslot generation it was made in

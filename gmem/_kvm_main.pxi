@@ -60,7 +60,14 @@ cdef int xa_assign_range(xarray *xa, uint64_t first, uint64_t last, uint64_t val
 
 cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil:
     cdef uint64_t idx
+    cdef kvm_memory_slot *s
+    if kvm.last_used_slot >= 0:
+        # the kernel's last_used_slot: consecutive lookups mostly hit one slot
+        s = &kvm.memslots[kvm.last_used_slot]
+        if s.used and gfn - s.base_gfn < s.npages:
+            return s
     if xa_load(&kvm.gfn_to_slot, gfn, &idx):
+        kvm.last_used_slot = idx
         return &kvm.memslots[idx]
     return NULL
 
@@ -89,9 +96,12 @@ cdef uint64_t lpage_info_count(const kvm_memory_slot *slot, int level) noexcept 
 
 cdef inline uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
     cdef uint64_t v
-    if xa_load(&kvm.mem_attr_array, gfn, &v):
-        return v
-    return 0
+    if kvm.attr_memo_valid and kvm.attr_memo_gfn == gfn:
+        return kvm.attr_memo_val      # a fault asks twice (vendor entry, then faultin)
+    if not xa_load(&kvm.mem_attr_array, gfn, &v):
+        v = 0
+    kvm.attr_memo_gfn, kvm.attr_memo_val, kvm.attr_memo_valid = gfn, v, 1
+    return v
 
 
 cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil:
