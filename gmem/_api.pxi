@@ -254,6 +254,7 @@ cdef class Host:
     cdef readonly int fd
     cdef readonly Trace trace
     cdef dict _fds
+    cdef dict _gmem_files
     cdef dict _custom_types
     cdef public object _hook_exc
     cdef list _hook_refs
@@ -303,6 +304,9 @@ cdef class Host:
         # A process's fds 0-2 are open files that are not guest_memfds (set_memory_region_test.c
         # binds guest_memfd = 0 and expects kvm_gmem_bind's "not a gmem file" EINVAL, not EBADF)
         self._fds = {0: "stdin", 1: "stdout", 2: "stderr"}
+        # every live guest_memfd struct file, whether an fd or only a mapping holds it
+        # (memory_failure and check() must reach an inode whose fds are all closed)
+        self._gmem_files = {}
         self._custom_types = {}
         self._hook_refs = []
         self._next_ino = 1
@@ -526,9 +530,9 @@ cdef class Host:
             raise _err(_errno_mod.EINVAL, f"pfn {pfn:#x} is beyond host memory")
         if id == 0:
             return False
-        for obj in self._fds.values():
-            if isinstance(obj, GuestMemfd) and (<GuestMemfd>obj).file.inode.i.ino == folio_get(&self.h.pm, id).mapping:
-                kvm_gmem_error_folio(&(<GuestMemfd>obj).file.inode.i, id)
+        for gf in self._gmem_files.values():
+            if (<GmemFile>gf).inode.i.ino == folio_get(&self.h.pm, id).mapping:
+                kvm_gmem_error_folio(&(<GmemFile>gf).inode.i, id)
                 return True
         folio_get(&self.h.pm, id).flags |= PG_hwpoison
         return False

@@ -1000,6 +1000,7 @@ cdef class GmemFile:
         self.f.next = inode.i.files
         inode.i.files = &self.f
         vm._refs += 1          # the file pins the VM
+        vm.host._gmem_files[id(self)] = self
 
     cdef void get(self):
         self.refs += 1
@@ -1007,6 +1008,7 @@ cdef class GmemFile:
     cdef void put(self) except *:
         self.refs -= 1
         if self.refs == 0:
+            self.vm.host._gmem_files.pop(id(self), None)
             kvm_gmem_release(&self.f)
             self.vm._refs -= 1
             self.vm._put()
