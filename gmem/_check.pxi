@@ -84,6 +84,9 @@ cdef void _vm_check(Vm vm) except *:
             raise _InvariantError(f"{where}: not inside one memslot (stale SPTE)")
         if pfn_folio(&k.host.pm, pfn) == 0 or pfn_folio(&k.host.pm, pfn + _mask(order)) == 0:
             raise _InvariantError(f"{where}: maps a freed page (stale SPTE)")
+        if (folio_get(&k.host.pm, pfn_folio(&k.host.pm, pfn)).flags |
+                folio_get(&k.host.pm, pfn_folio(&k.host.pm, pfn + _mask(order))).flags) & PG_hwpoison:
+            raise _InvariantError(f"{where}: maps a poisoned page (stale SPTE: memory_failure did not zap it)")
         if k.has_private_mem:
             for gfn in range(first, first + _pages(order)):
                 if kvm_mem_is_private(k, gfn) != bool(v & SPTE_PRIVATE):
@@ -190,18 +193,75 @@ cdef void _rmp_check(Host host, dict inodes, set vmsa) except *:
                 raise _InvariantError(f"RMP: pfn {pfn:#x} is assigned to ASID {asid} but belongs to "
                                       f"{'gmem inode ' + str(f.mapping) if owner is not None else 'no guest_memfd'}"
                                       f" (VM ASIDs {sorted(owner) if owner else []})")
+            if not f.flags & PG_uptodate:
+                raise _InvariantError(f"RMP: pfn {pfn:#x} (gmem inode {f.mapping}, index {f.index + pfn - f.pfn:#x})"
+                                      f" is assigned ({_rmp_entry(rmp_raw(h, pfn))}) but its folio was never "
+                                      "prepared: the next prepare zeroes a guest-owned page (INV-4, INV-5)")
+
+
+cdef void _gmem_rmp_check(Host host, list files) except *:
+    """From the guest_memfd side (INV-2, INV-4): a prepared page of an SNP guest_memfd is
+    RMP-assigned, and an assigned page bound in a memslot of the VM with its ASID is assigned
+    at the GPA the memslot gives it."""
+    cdef gmem_host *h = &host.h
+    cdef GmemFile gf
+    cdef uint64_t start, first, v, k, idx, pfn, raw, sv, gfn
+    cdef int order
+    cdef folio *f
+    cdef kvm_memory_slot *slot
+    for gf in files:
+        start = 0
+        while xa_find_entry(&gf.inode.i.filemap, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK,
+                            &first, &order, &v):
+            start = first + _pages(order)
+            f = folio_get(&h.pm, <uint32_t>v)
+            if not f.flags & PG_uptodate:
+                continue
+            for k in range(_pages(order)):
+                idx, pfn = first + k, f.pfn + k
+                raw = rmp_raw(h, pfn)
+                if not raw & RMP_ASSIGNED:
+                    if gf.inode.i.vm_type == KVM_X86_SNP_VM and not f.flags & PG_leaked:
+                        raise _InvariantError(f"gmem inode {gf.inode.i.ino} index {idx:#x} (pfn {pfn:#x}) is "
+                                              "prepared for an SNP guest but not RMP-assigned: the prepare "
+                                              "hook did not make it private (INV-4)")
+                    continue
+                if (raw & RMP_ASID_MASK) >> RMP_ASID_SHIFT != gf.vm.k.asid or gf.f.released:
+                    continue
+                if not xa_load(&gf.f.bindings, idx, &sv):
+                    continue
+                slot = &gf.vm.k.memslots[sv]
+                gfn = slot.base_gfn + idx - slot.gmem_pgoff
+                if (raw & RMP_GPA_MASK) != gfn << 12:
+                    raise _InvariantError(f"RMP: pfn {pfn:#x} (gmem inode {gf.inode.i.ino}, index {idx:#x}) is "
+                                          f"bound at gfn {gfn:#x} of VM fd {gf.vm.fd} (ASID {gf.vm.k.asid}) "
+                                          f"but assigned at gpa {raw & RMP_GPA_MASK:#x} (INV-2: wrong GPA)")
 
 
 def _host_check(Host host):
+    cdef GmemFile gf
     _phys_check(&host.h.pm)
     _xa_check_named(&host.h.page_data, "page contents")
     seen_vms = set()
+    seen_inodes = set()
     inodes = {}          # ino -> ASIDs of the VMs with a file on it
     vmsa = set()
-    for obj in list(host._fds.values()):
+    # the open fds first (VMs and guest_memfds, in fd order), then the guest_memfd files only a
+    # mapping keeps alive (they pin their VM, whose fd may be closed)
+    objs = list(host._fds.values())
+    objs += [gf for gf in host._gmem_files.values()]
+    files = []
+    for obj in objs:
         if isinstance(obj, GuestMemfd):
-            gf = (<GuestMemfd>obj).file
-            _inode_check(gf.inode)
+            obj = (<GuestMemfd>obj).file
+        if isinstance(obj, GmemFile):
+            gf = obj
+            if gf in files:
+                continue
+            files.append(gf)
+            if gf.inode.i.ino not in seen_inodes:
+                seen_inodes.add(gf.inode.i.ino)
+                _inode_check(gf.inode)
             vm = gf.vm
             inodes.setdefault(gf.inode.i.ino, set()).add((<Vm>vm).k.asid)
         elif isinstance(obj, Vm):
@@ -216,3 +276,4 @@ def _host_check(Host host):
     if host.h.rmp.enabled:
         _xa_check_named(&host.h.rmp.entries, "RMP")
         _rmp_check(host, inodes, vmsa)
+        _gmem_rmp_check(host, files)
