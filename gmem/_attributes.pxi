@@ -72,7 +72,8 @@ cdef void kvm_arch_post_set_memory_attributes(kvm *kvm, kvm_memory_slot *slot, u
         n = _pages(_level_order(level))
         gfn = start & ~(n - 1)
         if gfn != start or gfn + n > end:
-            if gfn >= slot.base_gfn:
+            # only a head hugepage the memslot covers whole has lpage_info (as the tail below)
+            if gfn >= slot.base_gfn and gfn + n <= slot.base_gfn + slot.npages:
                 _update_mixed(kvm, slot, gfn, level, attrs)
             gfn += n
         while gfn + n <= end:
