@@ -112,13 +112,27 @@ cdef inline int64_t _s64(uint64_t x) noexcept nogil:
 
 cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
     fn = <object>h.py_hooks[vm_type][which]
+    cdef Host host = <Host>h.py_host
+    host._hook_depth += 1
     try:
         return fn(*args)
     except BaseException as e:
-        (<Host>h.py_host)._hook_exc = e
+        host._hook_exc = e
         h.hook_error = 1
         h.stats[HOST_STAT_HOOK_ERRORS] += 1
         return default
+    finally:
+        host._hook_depth -= 1
+
+
+cdef void _refuse_in_hook(Host host, str what) except *:
+    """A hook runs under the locks of the path that called it (the fault holds a file reference,
+    the folio lock and the invalidate lock; truncation holds the invalidate lock): a call that
+    frees files, folios, memslots or the VM from inside a hook would deadlock in the kernel, and
+    would pull memory from under the C path here.  It is refused."""
+    if host._hook_depth:
+        raise _err(_errno_mod.EDEADLK, f"{what}: called from inside a gmem hook (the kernel holds the "
+                   "locks this needs: it would deadlock)")
 
 
 cdef int _py_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
@@ -258,6 +272,7 @@ cdef class Host:
     cdef dict _custom_types
     cdef public object _hook_exc
     cdef list _hook_refs
+    cdef int _hook_depth         # Python hooks running now: gmem refuses to be re-entered from one
     cdef uint32_t _next_ino
     cdef uint32_t _next_asid
     cdef object __weakref__

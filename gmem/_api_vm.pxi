@@ -167,6 +167,7 @@ cdef class Vm:
         """Close the VM fd; the VM is destroyed once no guest_memfd of it is open either."""
         if self.closed:
             return
+        _refuse_in_hook(self.host, "close(VM fd)")
         self.closed = True
         self.host._close_fd(self.fd)
         self._put()
@@ -246,6 +247,7 @@ cdef class Vm:
                                 userspace_addr=0, guest_memfd=-1, guest_memfd_offset=0):
         """KVM_SET_USER_MEMORY_REGION2, with the kernel's order of checks."""
         self._check_open("KVM_SET_USER_MEMORY_REGION2")
+        _refuse_in_hook(self.host, "KVM_SET_USER_MEMORY_REGION2")
         if isinstance(guest_memfd, GuestMemfd):
             # a closed GuestMemfd is no open fd (its number may already belong to another file):
             # pass -1 as gmem.kernel does, so the bind answers EBADF
@@ -260,6 +262,7 @@ cdef class Vm:
     def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr=0):
         """KVM_SET_USER_MEMORY_REGION (v1: no guest_memfd)."""
         self._check_open("KVM_SET_USER_MEMORY_REGION")
+        _refuse_in_hook(self.host, "KVM_SET_USER_MEMORY_REGION")
         self._set_memory_region(_u32_wrap(slot, "slot"), _u32_wrap(flags, "flags"),
                                 _u64_wrap(guest_phys_addr, "guest_phys_addr"),
                                 _u64_wrap(memory_size, "memory_size"),
@@ -1049,6 +1052,7 @@ cdef class GuestMemfd:
     def close(self):
         if self.closed:
             return
+        _refuse_in_hook(self.file.vm.host, "close(guest_memfd)")
         self.closed = True
         self.file.vm.host._close_fd(self.fd)
         self.file.put()
@@ -1103,6 +1107,7 @@ cdef class GuestMemfd:
     def fallocate(self, mode, offset, length):
         """fallocate(2): vfs_fallocate's checks, then kvm_gmem_fallocate's."""
         self._check_open("fallocate")
+        _refuse_in_hook(self.file.vm.host, "fallocate")
         cdef uint64_t m = _u32_wrap(mode, "mode"), off = _u64_wrap(offset, "offset")
         cdef uint64_t ln = _u64_wrap(length, "length")
         cdef int r
@@ -1205,6 +1210,7 @@ cdef class Mapping:
     def close(self):
         """munmap."""
         if not self.closed:
+            _refuse_in_hook(self.file.vm.host, "munmap")
             self.closed = True
             self.file.put()
 
