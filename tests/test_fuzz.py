@@ -19,6 +19,7 @@ the RMP on purpose; they run on a scratch host whose check() is not asserted.
 Under ASan, run with ASAN_OPTIONS=allocator_may_return_null=1: the deliberately huge
 allocations (a 2**40-byte read) must come back as MemoryError, not abort the process.
 """
+import errno
 import math
 import os
 import pickle
@@ -516,3 +517,57 @@ if __name__ == "__main__":          # a quick way to see every finding at once
         fl, crash = in_child(run_spec, s)
         print(s.name, "CRASH " + crash if crash else "", *(fl or []), sep="\n  " if fl else " ")
     sys.exit(0)
+
+
+# ---------------------------------------------------------- hooks that re-enter gmem
+
+def _reentry_world(vm_type, **kw):
+    h = gmem.Host(memory=64 * MB, platform="intel" if vm_type == u.KVM_X86_TDX_VM else "amd", **kw)
+    vm = h.create_vm(vm_type)
+    f = vm.create_guest_memfd(4 * MB)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA, f, 0)
+    vm.set_memory_attributes(0, 4 * MB, PRIVATE)
+    return h, vm, f, vm.create_vcpu(0)
+
+
+_REENTRY = {
+    "close the file and the VM": lambda w: (w["f"].close(), w["vm"].close()),
+    "punch the whole file": lambda w: w["f"].punch_hole(0, 4 * MB),
+    "delete the memslot": lambda w: w["vm"].set_user_memory_region2(0, GMEM, 0, 0, HVA, w["f"], 0),
+    "munmap the last mapping": lambda w: w["m"].close(),
+}
+
+
+@pytest.mark.parametrize("action", list(_REENTRY))
+@pytest.mark.parametrize("hook", ["gmem_prepare", "gmem_invalidate", "private_max_mapping_level",
+                                  "is_private_fault"])
+def test_hooks_that_reenter_gmem(hook, action):
+    """A hook that frees what the C path calling it holds (the file, the folio being prepared,
+    the memslot, the VM) was a use-after-free (ASan: kvm_mmu_faultin_pfn_gmem read the freed
+    memslot array; kvm_gmem_get_pfn shifted by a freed folio's order 255).  The kernel would
+    deadlock on its own locks there; the model refuses with EDEADLK, which comes out of the call
+    that ran the hook, and stays consistent."""
+    h, vm, f, v = _reentry_world(u.KVM_X86_SW_PROTECTED_VM, huge_folios=True)
+    w = dict(vm=vm, f=f)
+    f2 = vm.create_guest_memfd(2 * MB, u.GUEST_MEMFD_FLAG_MMAP)
+    w["m"] = f2.mmap(4096)
+    f2.close()
+    ret = {"gmem_prepare": 0, "gmem_invalidate": None, "private_max_mapping_level": 2,
+           "is_private_fault": True}[hook]
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        _REENTRY[action](w)
+        return ret
+
+    h.register_hooks(u.KVM_X86_SW_PROTECTED_VM, **{hook: broken})
+    with pytest.raises(OSError) as e:
+        v.page_fault(2 * MB + 0x3000, u.PFERR_WRITE_MASK)
+        f.punch_hole(0, 4 * MB)                 # the invalidate hook runs on free
+    assert e.value.errno == errno.EDEADLK and calls
+    h.check()
+    h.register_hooks(u.KVM_X86_SW_PROTECTED_VM, **{hook: None})
+    assert v.page_fault(2 * MB + 0x3000, u.PFERR_WRITE_MASK).ret in (u.RET_PF_FIXED, u.RET_PF_SPURIOUS)
+    _REENTRY[action](w)                         # outside a hook it is fine
+    h.check()
