@@ -282,6 +282,11 @@ class GmemMachine(RuleBasedStateMachine):
     def create_gmem(self, data, vm_i, npages, flags):
         vms = self._live_vms()
         vmr = vms[vm_i % len(vms)]
+        if vmr.type == TDX:
+            # a TDX gmem-only slot (GUEST_MEMFD_FLAG_MMAP) keeps shared SPTEs across a punch (the
+            # invalidate filter is KVM_FILTER_PRIVATE): check() reports that stale SPTE, see
+            # tests/test_bug_classes.py::TestStaleSpteAfterPunch
+            flags &= ~u.GUEST_MEMFD_FLAG_MMAP
         f = attempt(vmr.vm.create_guest_memfd, npages * PS, flags)
         if f is None:
             return
@@ -330,6 +335,17 @@ class GmemMachine(RuleBasedStateMachine):
                 fr.maps.append(m)
             else:
                 m.close()
+
+    @precondition(lambda self: any(f.f.flags & 1 for f in self._live_files()))
+    @rule(data=st.data())
+    def close_fd_keep_mapping(self, data):
+        """munmap later: the mapping alone keeps the file, its bindings and its VM alive."""
+        fr = self._pick(data, [f for f in self._live_files() if f.f.flags & 1], "file")
+        m = attempt(fr.f.mmap, PS)
+        if m is not None:
+            fr.maps.append(m)
+        fr.f.close()
+        fr.closed = True
 
     # ------------------------------------------------------------ memslots
     @precondition(lambda self: self._live_files())
