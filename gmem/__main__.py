@@ -273,6 +273,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Random operations over SNP, TDX and SW_PROTECTED guests, check() every --check-every."""
+    from gmem import soak
+    if args.ops < 0 or args.check_every <= 0:
+        raise CliError("--ops must be >= 0 and --check-every > 0")
+
+    def progress(done, total, fig):
+        if not args.quiet:
+            print(f"\r{done:>12,}/{total:,} ops  {fig['ops_per_s']:>9,} ops/s  "
+                  f"model {fig['memory_bytes'] / 2**20:7.1f} MiB  RSS {fig['rss_bytes'] / 2**20:7.1f} MiB",
+                  end="", file=sys.stderr, flush=True)
+
+    r = soak.run(ops=args.ops, seed=args.seed, check_every=args.check_every, progress=progress)
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(json.dumps(r, indent=2) if args.json else soak.format_result(r))
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 def build_parser():
@@ -309,6 +328,14 @@ def build_parser():
     rp.add_argument("--plot", metavar="PNG", help="write a throughput chart")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
     rp.set_defaults(func=cmd_replay)
+
+    sk = sub.add_parser("soak", help="random operations over SNP, TDX and SW_PROTECTED guests, checked")
+    sk.add_argument("--ops", type=int, default=10**6, help="operations (default: %(default)s)")
+    sk.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    sk.add_argument("--check-every", type=int, default=10**4, help="host.check() interval (default: %(default)s)")
+    sk.add_argument("--json", action="store_true", help="print the figures as JSON")
+    sk.add_argument("--quiet", action="store_true", help="no progress line")
+    sk.set_defaults(func=cmd_soak)
     return p
 
 
