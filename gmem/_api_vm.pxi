@@ -1005,6 +1005,11 @@ cdef class GmemFile:
         vm._refs += 1          # the file pins the VM
         vm.host._gmem_files[id(self)] = self
 
+    def __dealloc__(self):
+        # a file never released (its fd and mappings never closed, the objects collected):
+        # its bindings tree would leak (kvm_gmem_release destroys it otherwise; idempotent)
+        xa_destroy(&self.f.bindings)
+
     cdef void get(self):
         self.refs += 1
 
