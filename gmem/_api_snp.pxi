@@ -180,6 +180,7 @@ cdef tuple _snp_rmp_target(Vcpu vcpu, uint64_t gpa, int pagesize, str insn):
     cdef gmem_host *h = vcpu.v.kvm.host
     cdef uint64_t pfn, raw
     cdef int spte_level, assigned, level
+    vcpu.vm._check_open(insn)
     if vcpu.v.kvm.vm_type != KVM_X86_SNP_VM:
         raise _err(_errno_mod.EINVAL, f"{insn}: only an SEV-SNP guest has it (#UD)")
     if pagesize not in (0, 1) or (pagesize and gpa & ((PTRS_PER_PMD << 12) - 1)):
