@@ -83,27 +83,15 @@ cdef class Rmp:
 
     def assigned(self):
         """Every assigned pfn, ascending (2M entries expanded)."""
-        cdef uint64_t start = 0, first, v, i
-        cdef int order
         out = []
-        while xa_find_entry(&self.host.h.rmp.entries, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        for first, order, v in _xa_entries(&self.host.h.rmp.entries):
             if v & RMP_ASSIGNED:
-                if v & RMP_PAGESIZE:
-                    out.extend(range(first, first + PTRS_PER_PMD))
-                else:
-                    out.append(first)
-            start = first + 1
+                out.extend(range(first, first + (PTRS_PER_PMD if v & RMP_PAGESIZE else 1)))
         return out
 
     @property
     def leaked(self):
-        cdef uint64_t start = 0, first, v
-        cdef int order
-        out = []
-        while xa_find_entry(&self.host.h.rmp.leaked, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
-            out.append(first)
-            start = first + 1
-        return out
+        return [first for first, order, v in _xa_entries(&self.host.h.rmp.leaked)]
 
     @property
     def stats(self):

@@ -619,13 +619,7 @@ cdef class Vm:
 
     def sept(self):
         """TDX mirror S-EPT leaves: {gfn: (pfn, state)}."""
-        cdef uint64_t start = 0, first, v
-        cdef int order
-        out = {}
-        while xa_find_entry(&self.k.sept, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
-            out[first] = (v >> 4, TDX_SEPT_STATES[v & 15])
-            start = first + 1
-        return out
+        return {first: (v >> 4, TDX_SEPT_STATES[v & 15]) for first, order, v in _xa_entries(&self.k.sept)}
 
     @property
     def tdx_stats(self):
@@ -685,14 +679,8 @@ cdef class Vm:
 
     def sptes(self):
         """The SPTEs as a list of (gfn, level, pfn, writable, private)."""
-        out = []
-        cdef uint64_t start = 0, first, v
-        cdef int order
-        while xa_find_entry(&self.k.sptes, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
-            out.append((first, <int>(v & SPTE_LEVEL_MASK), v >> SPTE_PFN_SHIFT,
-                        bool(v & SPTE_WRITABLE), bool(v & SPTE_PRIVATE)))
-            start = first + ((<uint64_t>1) << order)
-        return out
+        return [(first, v & SPTE_LEVEL_MASK, v >> SPTE_PFN_SHIFT, bool(v & SPTE_WRITABLE),
+                 bool(v & SPTE_PRIVATE)) for first, order, v in _xa_entries(&self.k.sptes)]
 
     @property
     def stats(self):

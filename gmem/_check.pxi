@@ -2,8 +2,8 @@
 
 cdef void _phys_check(const physmem *pm) except *:
     """Free areas, watermark, folio table and counters agree."""
-    cdef int o, r, k
-    cdef uint64_t free_pages = 0, f, v, start
+    cdef int o, r
+    cdef uint64_t free_pages = 0
     for o in range(NR_PAGE_ORDERS):
         r = xa_check(&pm.free_area[o])
         if r < 0:
@@ -13,20 +13,16 @@ cdef void _phys_check(const physmem *pm) except *:
         raise _InvariantError(f"memmap xarray inconsistent ({r})")
     spans = []
     for o in range(NR_PAGE_ORDERS):
-        start = 0
-        while xa_find_entry(&pm.free_area[o], start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &f, &k, &v):
+        for f, k, v in _xa_entries(&pm.free_area[o]):
             spans.append((f << o, 1 << o, "free block"))
             free_pages += 1 << o
-            start = f + 1
     for o in range(pm.pcp_count):
         spans.append((pm.pcp[o], 1, "per-cpu free page"))
     free_pages += pm.pcp_count
-    start = 0
-    while xa_find_entry(&pm.memmap, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &f, &k, &v):
+    for f, k, v in _xa_entries(&pm.memmap):
         spans.append((f, 1 << k, f"folio {v}"))
         if folio_get(pm, <uint32_t>v).pfn != f or folio_get(pm, <uint32_t>v).order != k:
             raise _InvariantError(f"folio {v} disagrees with memmap at pfn {f:#x}")
-        start = f + ((<uint64_t>1) << k)
     spans.sort()
     end = pm.start_pfn
     for p, n, what in spans:

@@ -189,8 +189,8 @@ class PhysMem:
         """Split the folio headed at pfn into folios of order."""
     def folio(self, pfn: _Int) -> _Folio | None:
         """The folio containing pfn, or None."""
-    def folios(self) -> Iterator[tuple[int, int]]:
-        """Yield (pfn, order) of every folio, in pfn order."""
+    def folios(self) -> list[tuple[int, int]]:
+        """(pfn, order) of every folio, in pfn order."""
     @property
     def nr_folios(self) -> int: ...
     @property

@@ -53,6 +53,21 @@ cdef int _mark_arg(object mark) except -2:
     return <int>mark
 
 
+cdef list _xa_entries(const xarray *xa):
+    """Every entry as (first index, order, value), ascending: for the cold paths that list or
+    check a whole array."""
+    cdef uint64_t start = 0, first, v, end
+    cdef int order
+    out = []
+    while xa_find_entry(xa, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        out.append((first, order, v))
+        end = first + ((((<uint64_t>1) << order) - 1))
+        if end == <uint64_t>0xFFFFFFFFFFFFFFFF:
+            break
+        start = end + 1
+    return out
+
+
 cdef class XArray:
     """lib/xarray.c: 64-bit indices -> 63-bit values, with multi-index entries and 3 marks.
 
@@ -361,20 +376,8 @@ cdef class PhysMem:
                     mapping=f.mapping, index=f.index, private=f.private)
 
     def folios(self):
-        """Yield (pfn, order) of every folio, in pfn order."""
-        cdef uint64_t f, v
-        cdef int k
-        for f, k, v in self._memmap_items():
-            yield (f, k)
-
-    def _memmap_items(self):
-        cdef uint64_t start = 0, f, v
-        cdef int k
-        while xa_find_entry(&self.pm.memmap, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &f, &k, &v):
-            yield (f, k, v)
-            start = f + ((<uint64_t>1) << k)
-            if start == 0:
-                return
+        """(pfn, order) of every folio, in pfn order."""
+        return [(f, k) for f, k, v in _xa_entries(&self.pm.memmap)]
 
     @property
     def nr_folios(self):
@@ -395,40 +398,9 @@ cdef class PhysMem:
         self.pm.fail_alloc = _u64(n, "n")
 
     def check(self):
-        """Cross-check the free areas, the watermark, the folio table and the counters."""
-        cdef int o, r
-        cdef uint64_t free_pages = 0, f, v, start
-        cdef int k
-        for o in range(NR_PAGE_ORDERS):
-            r = xa_check(&self.pm.free_area[o])
-            if r < 0:
-                raise AssertionError(f"free_area[{o}] xarray inconsistent ({r})")
-        r = xa_check(&self.pm.memmap)
-        if r < 0:
-            raise AssertionError(f"memmap xarray inconsistent ({r})")
-        # free blocks: aligned, below the watermark, disjoint from each other and from folios
-        spans = []
-        for o in range(NR_PAGE_ORDERS):
-            start = 0
-            while xa_find_entry(&self.pm.free_area[o], start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &f, &k, &v):
-                spans.append((f << o, 1 << o, "free"))
-                free_pages += 1 << o
-                start = f + 1
-        for f, k, v in self._memmap_items():
-            spans.append((f, 1 << k, "folio"))
-            if folio_get(&self.pm, <uint32_t>v).pfn != f or folio_get(&self.pm, <uint32_t>v).order != k:
-                raise AssertionError(f"folio {v} disagrees with memmap at pfn {f:#x}")
-        spans.sort()
-        end = self.pm.start_pfn
-        for p, n, what in spans:
-            if p < end:
-                raise AssertionError(f"{what} block at pfn {p:#x} overlaps the previous block")
-            end = p + n
-        if end > self.pm.watermark:
-            raise AssertionError(f"a block ends at {end:#x}, above the watermark {self.pm.watermark:#x}")
-        free_pages += self.pm.end_pfn - self.pm.watermark
-        if free_pages != self.pm.nr_free_pages:
-            raise AssertionError(f"nr_free_pages {self.pm.nr_free_pages} != {free_pages} counted")
+        """Cross-check the free areas, the watermark, the folio table and the counters
+        (gmem.InvariantError, an AssertionError, names the first inconsistency)."""
+        _phys_check(&self.pm)
 
 
 include "_api.pxi"
