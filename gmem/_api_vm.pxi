@@ -718,20 +718,34 @@ cdef object _u64_array(object a, str what):
     return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
+cdef enum:
+    PREFETCH_AHEAD = 16      # faults: a DRAM miss is worth about this many warm faults
+
+
 cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t[::1] gpas,
                        const uint64_t[::1] ecs, object out_arr) except *:
     """The batch loop: kvm_mmu_page_fault per record, no Python objects, no GIL. Without ids,
     every fault is taken by vcpus[0]."""
     cdef kvm_fault_out *out = <kvm_fault_out *>cnp.PyArray_DATA(out_arr)
     cdef Py_ssize_t i, n = gpas.shape[0]
-    cdef kvm_vcpu *v = vcpus[0]
     cdef bint many = ids is not None
+    cdef kvm_vcpu *v = vcpus[ids[0]] if many and n else vcpus[0]
+    cdef kvm *k = v.kvm
+    cdef uint64_t leaf1 = <uint64_t>-1, leaf2 = <uint64_t>-1
     with nogil:
         for i in range(n):
+            # the leaves of fault i + AHEAD, then the folio of fault i + AHEAD / 2; a stream
+            # that stays in one 64-page leaf needs neither
+            if i + PREFETCH_AHEAD < n and gpas[i + PREFETCH_AHEAD] >> 18 != leaf1:
+                leaf1 = gpas[i + PREFETCH_AHEAD] >> 18
+                kvm_mmu_prefetch_leaves(k, gpas[i + PREFETCH_AHEAD])
+            if i + PREFETCH_AHEAD // 2 < n and gpas[i + PREFETCH_AHEAD // 2] >> 18 != leaf2:
+                leaf2 = gpas[i + PREFETCH_AHEAD // 2] >> 18
+                kvm_mmu_prefetch_folio(k, gpas[i + PREFETCH_AHEAD // 2])
             if many:
                 v = vcpus[ids[i]]
             kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
-            if v.kvm.host.hook_error:
+            if k.host.hook_error:
                 break
 
 

@@ -40,6 +40,8 @@ ctypedef struct xarray:
     uint64_t nr_entries
     uint64_t nr_nodes
     xa_node *node_cache         # up to XA_NODE_CACHE freed nodes kept for reuse (not counted)
+    xa_node *hint               # the leaf (shift 0) node of the last walk, or NULL
+    uint64_t hint_index         # the first index it covers (no node header to read)
     uint32_t nr_cached
     uint64_t nr_by_order[64]   # entries of each order (nr_indices = sum n << order)
 
@@ -51,6 +53,8 @@ cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nog
 cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
                    uint64_t *first, int *order) noexcept nogil
 cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil
+# The address of index's slot in its leaf node (not read), or NULL: for prefetching.
+cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil
 # Store value over the naturally aligned range of 1 << order indices at index
 # (index must be aligned).  A store into part of a larger entry stores at every
 # index of that entry; smaller entries inside the range are replaced by one entry.
@@ -340,7 +344,8 @@ ctypedef struct kvm:
     xarray slot_index           # slot id (as_id << 16 | id) -> memslots index
     xarray gfn_to_slot          # gfn -> memslots index (address space 0)
     int64_t last_used_slot      # memslots index of the last lookup (kvm_vcpu.last_used_slot)
-    uint64_t attr_memo_gfn      # the last attribute lookup, valid until attributes change
+    uint64_t attr_memo_first    # the entry of the last attribute lookup: [first, last] hold
+    uint64_t attr_memo_last     # attr_memo_val, valid until attributes change
     uint64_t attr_memo_val
     int attr_memo_valid
     xarray mem_attr_array       # gfn -> memory attributes

@@ -16,7 +16,12 @@ cdef enum:
     GUEST_MEMFD_FLAG_MMAP = 1 << 0
     GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
-cdef uint64_t INVALID_GFN = 0xFFFFFFFFFFFFFFFF
+cdef extern from *:
+    # a constant, not a module variable
+    """
+    #define GMEM_INVALID_GFN (0xFFFFFFFFFFFFFFFFULL)
+    """
+    const uint64_t INVALID_GFN "GMEM_INVALID_GFN"
 
 
 cdef inline uint64_t _mask(int order) noexcept nogil:
@@ -59,13 +64,21 @@ cdef int xa_assign_range(xarray *xa, uint64_t first, uint64_t last, uint64_t val
 # ------------------------------------------------------------------ memslots
 
 cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil:
-    cdef uint64_t idx
+    return __gfn_to_memslot(kvm, gfn)
+
+
+cdef inline kvm_memory_slot *__gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil:
     cdef kvm_memory_slot *s
     if kvm.last_used_slot >= 0:
         # the kernel's last_used_slot: consecutive lookups mostly hit one slot
         s = &kvm.memslots[kvm.last_used_slot]
         if s.used and gfn - s.base_gfn < s.npages:
             return s
+    return search_memslots(kvm, gfn)
+
+
+cdef kvm_memory_slot *search_memslots(kvm *kvm, uint64_t gfn) noexcept nogil:
+    cdef uint64_t idx
     if xa_load(&kvm.gfn_to_slot, gfn, &idx):
         kvm.last_used_slot = idx
         return &kvm.memslots[idx]
@@ -95,17 +108,26 @@ cdef uint64_t lpage_info_count(const kvm_memory_slot *slot, int level) noexcept 
 # ---------------------------------------------------------- memory attributes
 
 cdef inline uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
-    cdef uint64_t v
-    if kvm.attr_memo_valid and kvm.attr_memo_gfn == gfn:
-        return kvm.attr_memo_val      # a fault asks twice (vendor entry, then faultin)
-    if not xa_load(&kvm.mem_attr_array, gfn, &v):
+    cdef uint64_t v, first
+    cdef int order
+    if kvm.attr_memo_valid and gfn - kvm.attr_memo_first <= kvm.attr_memo_last - kvm.attr_memo_first:
+        # a fault asks twice (vendor entry, then faultin), and neighbours share one entry
+        return kvm.attr_memo_val
+    if xa_lookup(&kvm.mem_attr_array, gfn, &v, &first, &order):
+        kvm.attr_memo_first, kvm.attr_memo_last = first, first + _mask(order)
+    else:
         v = 0
-    kvm.attr_memo_gfn, kvm.attr_memo_val, kvm.attr_memo_valid = gfn, v, 1
+        kvm.attr_memo_first = kvm.attr_memo_last = gfn
+    kvm.attr_memo_val, kvm.attr_memo_valid = v, 1
     return v
 
 
-cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil:
+cdef inline int _kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil:
     return (kvm_get_memory_attributes(kvm, gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
+
+
+cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil:
+    return _kvm_mem_is_private(kvm, gfn)
 
 
 cdef int kvm_range_has_memory_attributes(kvm *kvm, uint64_t start, uint64_t end,

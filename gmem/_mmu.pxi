@@ -12,16 +12,30 @@ cdef enum:
     KVM_EXIT_MEMORY_FAULT = 39
     KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
-cdef uint64_t PFERR_PRESENT_MASK = 1 << 0
-cdef uint64_t PFERR_WRITE_MASK = 1 << 1
-cdef uint64_t PFERR_RSVD_MASK = 1 << 3
-cdef uint64_t PFERR_FETCH_MASK = 1 << 4
-cdef uint64_t PFERR_GUEST_ENC_MASK = (<uint64_t>1) << 34
-cdef uint64_t PFERR_GUEST_PAGE_MASK = (<uint64_t>1) << 33
-cdef uint64_t PFERR_IMPLICIT_ACCESS = (<uint64_t>1) << 48
-cdef uint64_t PFERR_PRIVATE_ACCESS = (<uint64_t>1) << 49
-cdef uint64_t PFERR_SYNTHETIC_MASK = PFERR_IMPLICIT_ACCESS | PFERR_PRIVATE_ACCESS
-cdef uint64_t MMAP_MIN_ADDR = 65536
+cdef extern from *:
+    # constants, so the compiler folds them into the fault path
+    """
+    #define GMEM_PFERR_PRESENT_MASK (1ULL << 0)
+    #define GMEM_PFERR_WRITE_MASK (1ULL << 1)
+    #define GMEM_PFERR_RSVD_MASK (1ULL << 3)
+    #define GMEM_PFERR_FETCH_MASK (1ULL << 4)
+    #define GMEM_PFERR_GUEST_ENC_MASK (1ULL << 34)
+    #define GMEM_PFERR_GUEST_PAGE_MASK (1ULL << 33)
+    #define GMEM_PFERR_IMPLICIT_ACCESS (1ULL << 48)
+    #define GMEM_PFERR_PRIVATE_ACCESS (1ULL << 49)
+    #define GMEM_PFERR_SYNTHETIC_MASK (GMEM_PFERR_IMPLICIT_ACCESS | GMEM_PFERR_PRIVATE_ACCESS)
+    #define GMEM_MMAP_MIN_ADDR (65536ULL)
+    """
+    const uint64_t PFERR_PRESENT_MASK "GMEM_PFERR_PRESENT_MASK"
+    const uint64_t PFERR_WRITE_MASK "GMEM_PFERR_WRITE_MASK"
+    const uint64_t PFERR_RSVD_MASK "GMEM_PFERR_RSVD_MASK"
+    const uint64_t PFERR_FETCH_MASK "GMEM_PFERR_FETCH_MASK"
+    const uint64_t PFERR_GUEST_ENC_MASK "GMEM_PFERR_GUEST_ENC_MASK"
+    const uint64_t PFERR_GUEST_PAGE_MASK "GMEM_PFERR_GUEST_PAGE_MASK"
+    const uint64_t PFERR_IMPLICIT_ACCESS "GMEM_PFERR_IMPLICIT_ACCESS"
+    const uint64_t PFERR_PRIVATE_ACCESS "GMEM_PFERR_PRIVATE_ACCESS"
+    const uint64_t PFERR_SYNTHETIC_MASK "GMEM_PFERR_SYNTHETIC_MASK"
+    const uint64_t MMAP_MIN_ADDR "GMEM_MMAP_MIN_ADDR"
 
 
 ctypedef struct kvm_page_fault:
@@ -102,7 +116,7 @@ cdef int kvm_mmu_faultin_pfn(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_ou
     cdef int r
     # snapshot the sequence before anything is looked up
     fault.mmu_seq = kvm.mmu_invalidate_seq
-    if fault.is_private != kvm_mem_is_private(kvm, fault.gfn):
+    if fault.is_private != _kvm_mem_is_private(kvm, fault.gfn):
         return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -_EFAULT)
     if slot == NULL:
         # kvm_handle_noslot_fault: private -> exit; shared -> MMIO SPTE, emulate
@@ -180,17 +194,17 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     return RET_PF_FIXED
 
 
-cdef int page_fault_can_be_fast(kvm *kvm, kvm_page_fault *fault) noexcept nogil:
+cdef inline int page_fault_can_be_fast(kvm *kvm, kvm_page_fault *fault) noexcept nogil:
     if fault.error_code & PFERR_RSVD_MASK:
         return 0
-    if kvm.has_private_mem and fault.is_private != kvm_mem_is_private(kvm, fault.gfn):
+    if kvm.has_private_mem and fault.is_private != _kvm_mem_is_private(kvm, fault.gfn):
         return 0
     if not fault.present:
         return 0            # TDP with A/D bits: a not-present fault is never fast
     return fault.write
 
 
-cdef int fast_page_fault(kvm *kvm, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+cdef inline int fast_page_fault(kvm *kvm, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
     cdef uint64_t spte
     if kvm.vm_type == KVM_X86_TDX_VM and fault.is_private:
         return RET_PF_INVALID    # fast pf is not supported for mirrored roots
@@ -203,7 +217,7 @@ cdef int fast_page_fault(kvm *kvm, kvm_page_fault *fault, kvm_fault_out *out) no
     return RET_PF_INVALID
 
 
-cdef int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
     cdef kvm *kvm = vcpu.kvm
     cdef int r
     if page_fault_can_be_fast(kvm, fault):
@@ -228,11 +242,10 @@ cdef int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault
     return r
 
 
-cdef int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+cdef inline int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
                                kvm_fault_out *out) noexcept nogil:
     cdef kvm_page_fault fault
     cdef int r
-    memset(&fault, 0, sizeof(fault))
     fault.addr = gpa
     fault.error_code = error_code
     fault.write = (error_code & PFERR_WRITE_MASK) != 0
@@ -241,9 +254,11 @@ cdef int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code
     fault.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
     fault.max_level = KVM_MAX_HUGEPAGE_LEVEL
     fault.goal_level = PG_LEVEL_4K
+    fault.pfn = fault.mmu_seq = 0
+    fault.map_writable = 0
     # memslots do not know the TDX shared bit
     fault.gfn = (gpa >> 12) & ~vcpu.kvm.gfn_direct_bits
-    fault.slot = gfn_to_memslot(vcpu.kvm, fault.gfn)
+    fault.slot = __gfn_to_memslot(vcpu.kvm, fault.gfn)
     r = kvm_tdp_mmu_page_fault(vcpu, &fault, out)
     if r == RET_PF_EMULATE and fault.is_private:
         # KVM cannot emulate an access to private memory
@@ -328,11 +343,48 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
     return r
 
 
+# --------------------------------------------------------- batch prefetch
+# Not the kernel's: a batch knows its next faults, so while one fault runs it pulls
+# into the cache the leaves a later one will read: SPTE and gmem filemap slots first,
+# then (once that filemap slot is cached) the folio. Nothing here changes state.
+
+cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn) noexcept nogil:
+    cdef kvm_memory_slot *s = NULL
+    cdef uint64_t idx
+    if kvm.last_used_slot >= 0:
+        s = &kvm.memslots[kvm.last_used_slot]
+        if not s.used or gfn - s.base_gfn >= s.npages:
+            s = NULL
+    if s == NULL:
+        if not xa_load(&kvm.gfn_to_slot, gfn, &idx):
+            return NULL
+        s = &kvm.memslots[idx]
+    if s.gmem_file == NULL or s.gmem_file.released:
+        return NULL
+    return xa_leaf_slot(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff)
+
+
+cdef void kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa) noexcept nogil:
+    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
+    cdef const uint64_t *p = xa_leaf_slot(&kvm.sptes, gfn)
+    if p != NULL:
+        gmem_prefetch(p)
+    p = _filemap_slot(kvm, gfn)
+    if p != NULL:
+        gmem_prefetch(p)
+
+
+cdef void kvm_mmu_prefetch_folio(kvm *kvm, uint64_t gpa) noexcept nogil:
+    cdef const uint64_t *p = _filemap_slot(kvm, (gpa >> 12) & ~kvm.gfn_direct_bits)
+    if p != NULL and _xa_is_value(p[0]):
+        gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
+
+
 # ------------------------------------------------------------ native hooks
 
 cdef int sw_protected_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
     # kvm_mmu_page_fault: attributes decide, except for RSVD (MMIO) faults
-    return not (error_code & PFERR_RSVD_MASK) and kvm_mem_is_private(kvm, gpa >> 12)
+    return not (error_code & PFERR_RSVD_MASK) and _kvm_mem_is_private(kvm, gpa >> 12)
 
 
 cdef int snp_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:

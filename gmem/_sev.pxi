@@ -23,17 +23,32 @@ cdef enum:
     PVALIDATE_FAIL_NOUPDATE = 255
     PTRS_PER_PMD = 512
 
-cdef uint64_t RMP_ASSIGNED = 1
-cdef uint64_t RMP_PAGESIZE = 1 << 1
-cdef uint64_t RMP_IMMUTABLE = 1 << 2
-cdef uint64_t RMP_GPA_MASK = (((<uint64_t>1) << 39) - 1) << 12
-cdef uint64_t RMP_ASID_SHIFT = 51
-cdef uint64_t RMP_ASID_MASK = (<uint64_t>0x3FF) << 51
-cdef uint64_t RMP_VMSA = (<uint64_t>1) << 61
-cdef uint64_t RMP_VALIDATED = (<uint64_t>1) << 62
-cdef uint64_t PFERR_GUEST_RMP_MASK = (<uint64_t>1) << 31
-cdef uint64_t PFERR_GUEST_FINAL_MASK = (<uint64_t>1) << 32
-cdef uint64_t PFERR_GUEST_SIZEM_MASK = (<uint64_t>1) << 35
+cdef extern from *:
+    # constants, so the compiler folds them
+    """
+    #define GMEM_RMP_ASSIGNED (1ULL)
+    #define GMEM_RMP_PAGESIZE (1ULL << 1)
+    #define GMEM_RMP_IMMUTABLE (1ULL << 2)
+    #define GMEM_RMP_GPA_MASK (((1ULL << 39) - 1) << 12)
+    #define GMEM_RMP_ASID_SHIFT (51ULL)
+    #define GMEM_RMP_ASID_MASK (0x3FFULL << 51)
+    #define GMEM_RMP_VMSA (1ULL << 61)
+    #define GMEM_RMP_VALIDATED (1ULL << 62)
+    #define GMEM_PFERR_GUEST_RMP_MASK (1ULL << 31)
+    #define GMEM_PFERR_GUEST_FINAL_MASK (1ULL << 32)
+    #define GMEM_PFERR_GUEST_SIZEM_MASK (1ULL << 35)
+    """
+    const uint64_t RMP_ASSIGNED "GMEM_RMP_ASSIGNED"
+    const uint64_t RMP_PAGESIZE "GMEM_RMP_PAGESIZE"
+    const uint64_t RMP_IMMUTABLE "GMEM_RMP_IMMUTABLE"
+    const uint64_t RMP_GPA_MASK "GMEM_RMP_GPA_MASK"
+    const uint64_t RMP_ASID_SHIFT "GMEM_RMP_ASID_SHIFT"
+    const uint64_t RMP_ASID_MASK "GMEM_RMP_ASID_MASK"
+    const uint64_t RMP_VMSA "GMEM_RMP_VMSA"
+    const uint64_t RMP_VALIDATED "GMEM_RMP_VALIDATED"
+    const uint64_t PFERR_GUEST_RMP_MASK "GMEM_PFERR_GUEST_RMP_MASK"
+    const uint64_t PFERR_GUEST_FINAL_MASK "GMEM_PFERR_GUEST_FINAL_MASK"
+    const uint64_t PFERR_GUEST_SIZEM_MASK "GMEM_PFERR_GUEST_SIZEM_MASK"
 
 
 cdef inline uint64_t rmp_raw(gmem_host *h, uint64_t pfn) noexcept nogil:

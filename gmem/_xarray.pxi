@@ -14,8 +14,10 @@ from libc.string cimport memset
 cdef extern from *:
     """
     static inline int gmem_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
+    #define gmem_prefetch(p) __builtin_prefetch((const void *)(p))
     """
     int gmem_ctz64(unsigned long long x) noexcept nogil
+    void gmem_prefetch(const void *p) noexcept nogil
 
 cdef enum:
     _ENOENT = 2
@@ -87,6 +89,8 @@ cdef xa_node *_xa_node_alloc(xarray *xa, int shift, xa_node *parent, int offset)
 
 cdef void _xa_node_free(xarray *xa, xa_node *n) noexcept nogil:
     xa.nr_nodes -= 1
+    if xa.hint == n:
+        xa.hint = NULL
     if xa.nr_cached < XA_NODE_CACHE:
         n.parent = xa.node_cache
         xa.node_cache = n
@@ -196,11 +200,13 @@ cdef int _xa_expand(xarray *xa, uint64_t index, int min_shift) noexcept nogil:
 
 cdef xa_node *_xa_walk(const xarray *xa, uint64_t index, int *off) noexcept nogil:
     """The node holding the entry covering index, with its canonical offset; or NULL."""
-    cdef xa_node *node = xa.head
+    cdef xa_node *node = _xa_hint(xa, index)
     cdef uint64_t e
     cdef int o
-    if node == NULL or not _xa_covers(node.shift, index):
-        return NULL
+    if node == NULL:
+        node = xa.head
+        if node == NULL or not _xa_covers(node.shift, index):
+            return NULL
     while True:
         o = (index >> node.shift) & XA_CHUNK_MASK
         e = node.slots[o]
@@ -209,6 +215,8 @@ cdef xa_node *_xa_walk(const xarray *xa, uint64_t index, int *off) noexcept nogi
             e = node.slots[o]
         if _xa_is_value(e):
             off[0] = o
+            if node.shift == 0:
+                _xa_set_hint(xa, node, index)
             return node
         if e == 0:
             return NULL
@@ -253,10 +261,78 @@ cdef inline int _xa_load_from(const xa_node *node, uint64_t index, uint64_t *val
         shift -= XA_CHUNK_SHIFT
 
 
+cdef inline xa_node *_xa_hint(const xarray *xa, uint64_t index) noexcept nogil:
+    """The hinted leaf if it covers index (a sequential stream stays in one leaf for 64
+    indices: one compare instead of a walk from the head)."""
+    if xa.hint_index == (index & ~(<uint64_t>XA_CHUNK_MASK)):
+        return xa.hint
+    return NULL
+
+
+cdef inline void _xa_set_hint(const xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
+    # the hint is a cache, not state: lookups through a const xarray may set it
+    (<xarray *>xa).hint = leaf
+    (<xarray *>xa).hint_index = index & ~(<uint64_t>XA_CHUNK_MASK)
+
+
+cdef inline int _xa_leaf_get(const xa_node *leaf, int o, uint64_t *value) noexcept nogil:
+    """Slot o of a leaf: a value, a sibling of one, or nothing (no larger entry can
+    cover an index that has a leaf)."""
+    cdef uint64_t e = leaf.slots[o]
+    if _xa_is_sibling(e):
+        e = leaf.slots[_xa_sibling_off(e)]
+    if _xa_is_value(e):
+        value[0] = e >> 1
+        return 1
+    return 0
+
+
 cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
-    if xa.head == NULL or not _xa_covers(xa.head.shift, index):
+    cdef xa_node *node = _xa_hint(xa, index)
+    cdef uint64_t e
+    cdef int shift
+    if node != NULL:
+        return _xa_leaf_get(node, index & XA_CHUNK_MASK, value)
+    node = xa.head
+    if node == NULL or not _xa_covers(node.shift, index):
         return 0
-    return _xa_load_from(xa.head, index, value)
+    shift = node.shift          # carried down: see _xa_load_from
+    while shift:
+        e = node.slots[(index >> shift) & XA_CHUNK_MASK]
+        if not _xa_is_node(e):
+            return _xa_leaf_get(node, (index >> shift) & XA_CHUNK_MASK, value)
+        node = _xa_to_node(e)
+        shift -= XA_CHUNK_SHIFT
+    _xa_set_hint(xa, node, index)
+    return _xa_leaf_get(node, index & XA_CHUNK_MASK, value)
+
+
+cdef xa_node *_xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
+    """The shift-0 node covering index, walked from the head; NULL if there is none."""
+    cdef xa_node *node = xa.head
+    cdef uint64_t e
+    cdef int shift
+    if node == NULL or not _xa_covers(node.shift, index):
+        return NULL
+    shift = node.shift
+    while shift:
+        e = node.slots[(index >> shift) & XA_CHUNK_MASK]
+        if not _xa_is_node(e):
+            return NULL
+        node = _xa_to_node(e)
+        shift -= XA_CHUNK_SHIFT
+    return node
+
+
+cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil:
+    """Where index's slot is in its leaf, found without reading the leaf itself, or NULL if
+    index has no leaf: a batch prefetches it for a later lookup. Leaves the hint alone."""
+    cdef xa_node *node = _xa_hint(xa, index)
+    if node == NULL:
+        node = _xa_leaf(xa, index)
+        if node == NULL:
+            return NULL
+    return &node.slots[index & XA_CHUNK_MASK]
 
 
 cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
@@ -285,11 +361,16 @@ cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
     # Fast path, small enough to be inlined into batch loops: a store of
     # order 0 onto an existing entry lands on that whole entry, whatever its
     # order, wherever it is found on the way down.
-    cdef xa_node *node = xa.head
-    cdef int shift, off
+    cdef xa_node *node = _xa_hint(xa, index)
+    cdef int shift = 0, off
     cdef uint64_t e
-    if order == 0 and node != NULL and _xa_covers(node.shift, index):
-        shift = node.shift
+    if order == 0 and node == NULL:
+        node = xa.head
+        if node != NULL and not _xa_covers(node.shift, index):
+            node = NULL
+        if node != NULL:
+            shift = node.shift
+    if order == 0 and node != NULL:
         while True:
             off = (index >> shift) & XA_CHUNK_MASK
             e = node.slots[off]
@@ -297,12 +378,15 @@ cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
                 off = _xa_sibling_off(e)
                 e = node.slots[off]
             if _xa_is_value(e):
+                if shift == 0:
+                    _xa_set_hint(xa, node, index)
                 old[0] = e >> 1
                 node.slots[off] = _xa_mk_value(value)
                 return 1
             if e == 0:
                 if shift == 0:
                     # an empty slot of an existing leaf: no marks to inherit or propagate
+                    _xa_set_hint(xa, node, index)
                     node.slots[off] = _xa_mk_value(value)
                     node.count += 1
                     xa.nr_entries += 1
@@ -709,4 +793,6 @@ cdef int xa_check(const xarray *xa) noexcept nogil:
     for k in range(64):
         if by_order[k] != xa.nr_by_order[k]:
             return -10
+    if xa.hint != NULL and _xa_leaf(xa, xa.hint_index) != xa.hint:
+        return -11                     # the lookup hint is not the leaf of its index
     return 0
