@@ -438,6 +438,8 @@ cdef class Vm:
         if gfile is not None:
             s.gmem_file = &gfile.f
             s.gmem_pgoff = pgoff
+            if gfile.f.inode.flags & GUEST_MEMFD_FLAG_MMAP:
+                s.flags |= KVM_MEMSLOT_GMEM_ONLY        # kvm_gmem_bind
         s.used = 1
 
     cdef void _delete_memslot(self, int i):
@@ -468,7 +470,7 @@ cdef class Vm:
         for i in range(self.k.nr_memslots):
             s = &self.k.memslots[i]
             if s.used:
-                out.append(dict(slot=s.id, flags=s.flags, guest_phys_addr=s.base_gfn << 12,
+                out.append(dict(slot=s.id, flags=s.flags & 0xFFFF, guest_phys_addr=s.base_gfn << 12,
                                 memory_size=s.npages << 12, userspace_addr=s.userspace_addr,
                                 guest_memfd_offset=s.gmem_pgoff << 12, bound=s.gmem_file != NULL))
         return sorted(out, key=lambda d: d["slot"])

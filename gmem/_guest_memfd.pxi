@@ -161,7 +161,11 @@ cdef void kvm_gmem_truncate(gmem_inode *inode, uint64_t start, uint64_t end) noe
 # -------------------------------------------------------------- invalidation
 
 cdef inline int kvm_gmem_invalidate_filter(gmem_inode *inode) noexcept nogil:
-    # kvm_gmem_get_invalidate_filter (6.18)
+    # kvm_gmem_get_invalidate_filter (6.18, unchanged in 7.0-rc): a file without INIT_SHARED
+    # is taken to hold only private memory.  Known kernel gap, kept: a TDX VM's gmem-only slot
+    # (MMAP without INIT_SHARED) also maps shared faults from the file (__kvm_mmu_faultin_pfn),
+    # and KVM_FILTER_PRIVATE zaps only TDX's mirror root, so punch/release/memory_failure leave
+    # those shared SPTEs; check() names them.  Other VM types have one root, zapped whole.
     if inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
         return KVM_FILTER_SHARED
     return KVM_FILTER_PRIVATE

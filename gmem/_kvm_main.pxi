@@ -13,6 +13,7 @@ cdef enum:
     KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
     KVM_MEM_READONLY = 1 << 1
     KVM_MEM_GUEST_MEMFD = 1 << 2
+    KVM_MEMSLOT_GMEM_ONLY = 1 << 17     # internal (bits 16-31 are never userspace's)
     GUEST_MEMFD_FLAG_MMAP = 1 << 0
     GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
@@ -90,9 +91,10 @@ cdef inline int kvm_slot_has_gmem(const kvm_memory_slot *slot) noexcept nogil:
 
 
 cdef inline int kvm_memslot_is_gmem_only(const kvm_memory_slot *slot) noexcept nogil:
-    # 6.18 KVM_MEMSLOT_GMEM_ONLY: a gmem slot whose file has GUEST_MEMFD_FLAG_MMAP
-    return (slot != NULL and slot.gmem_file != NULL
-            and (slot.gmem_file.inode.flags & GUEST_MEMFD_FLAG_MMAP) != 0)
+    # 6.18: a slot flag kvm_gmem_bind sets when the file has GUEST_MEMFD_FLAG_MMAP; it
+    # outlives the file (kvm_gmem_release only clears slot->gmem.file), so a dead gmem-only
+    # slot still faults through kvm_gmem_get_pfn (-EFAULT), never through userspace_addr
+    return slot != NULL and (slot.flags & KVM_MEMSLOT_GMEM_ONLY) != 0
 
 
 cdef inline uint32_t *lpage_info_slot(kvm_memory_slot *slot, uint64_t gfn, int level) noexcept nogil:

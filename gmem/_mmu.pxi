@@ -127,6 +127,9 @@ cdef int kvm_mmu_faultin_pfn(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_ou
         return RET_PF_EMULATE
     if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
+    # __kvm_mmu_faultin_pfn: a gmem-only slot serves shared faults from the file too, with no
+    # check that the file holds shared memory (on a TDX VM, whose files cannot be INIT_SHARED,
+    # that shared SPTE survives a punch: see kvm_gmem_invalidate_filter)
     if fault.is_private or kvm_memslot_is_gmem_only(slot):
         r = kvm_mmu_faultin_pfn_gmem(vcpu, fault, out)
         if r != RET_PF_CONTINUE:

@@ -6,8 +6,8 @@ the access raises gmem.RmpViolation.
                                                   next prepare zeroes a guest-owned page"
 2. a freed page still assigned in the RMP      -> check(): "freed pfn ... is still assigned"
 3. a stale SPTE after a hole punch             -> check(): "maps a freed page (stale SPTE)"
-   (zapping is no hook: provoked without one, through a TDX gmem-only slot; the hook paths are
-   shown to be closed)
+   (zapping is no hook: the hook paths are shown to be closed; the one stale SPTE the public
+   API makes is the kernel's own, a TDX gmem-only slot's shared SPTE, named as a kernel gap)
 4. a 2M RMP entry over mixed 4K state          -> check(): a 2M NPT mapping over a 4K RMP entry
                                                   (INV-2), a 2M entry over pages it does not own;
                                                   RMPUPDATE itself refuses 2M over 4K entries
@@ -287,30 +287,62 @@ class TestFreedPageStillAssigned:
 # ------------------------------------------------------ 3. stale SPTE after a punch
 
 class TestStaleSpteAfterPunch:
-    def test_tdx_gmem_only_slot_keeps_its_shared_spte(self):
-        """Zapping is not a hook, so no broken hook makes a stale SPTE.  The public API makes
-        one without any hook: a TDX guest_memfd created with GUEST_MEMFD_FLAG_MMAP makes its
-        memslot gmem-only (6.18), so a shared access (GPA with the shared bit) maps the gmem
-        page in the direct root; punch_hole zaps with kvm_gmem_get_invalidate_filter(), which
-        is KVM_FILTER_PRIVATE without INIT_SHARED (and TDX cannot have INIT_SHARED), so only the
-        mirror root is zapped and the shared SPTE keeps the freed page.  check() names it.
-        (If the model zaps both roots for a gmem-only slot, no stale SPTE is left.)"""
+    @pytest.mark.parametrize("how", ["punch", "close"])
+    def test_tdx_gmem_only_slot_keeps_its_shared_spte(self, how):
+        """Zapping is not a hook, so no broken hook makes a stale SPTE.  The kernel leaves one
+        itself (6.18, unchanged in 7.0-rc) and the model keeps it: a TDX guest_memfd created
+        with GUEST_MEMFD_FLAG_MMAP makes its memslot gmem-only (kvm_gmem_bind), so a shared
+        access (GPA with the shared bit) is served from the file too (__kvm_mmu_faultin_pfn)
+        and mapped in the direct root.  A punch, or the last close (kvm_gmem_release), zaps with
+        kvm_gmem_get_invalidate_filter(): KVM_FILTER_PRIVATE without INIT_SHARED, which TDX
+        cannot have, i.e. the mirror root only.  The private SPTE goes, the shared one keeps the
+        freed page, and check() names it as that kernel gap, not as a model bug."""
         h = gmem.Host(memory=64 * MB, platform="intel")
         vm = h.create_vm(u.KVM_X86_TDX_VM)
         f = vm.create_guest_memfd(MB2, u.GUEST_MEMFD_FLAG_MMAP)
         vm.set_user_memory_region2(0, GMEM, 0, MB2, HVA, f, 0)
+        vm.set_memory_attributes(0x2000, 4096, PRIVATE)
         v = vm.create_vcpu(0)
-        r = v.page_fault(vm.shared_gpa_bit | 0x1000, W)
-        assert r.ret == u.RET_PF_FIXED and vm.sptes() == [(1, 1, r.pfn, True, False)]
+        shared = v.page_fault(vm.shared_gpa_bit | 0x1000, W)
+        private = v.page_fault(0x2000, W)
+        assert shared.ret == private.ret == u.RET_PF_FIXED
+        # both pages come from the file
+        assert h.folio(shared.pfn)["mapping"] == h.folio(private.pfn)["mapping"] == f.ino
+        assert vm.sptes() == [(1, 1, shared.pfn, True, False), (2, 1, private.pfn, True, True)]
+        assert list(vm.sept()) == [2]
+        h.check()
+        if how == "punch":
+            f.punch_hole(0, MB2)
+        else:
+            f.close()
+        assert h.folio(shared.pfn) is None and h.folio(private.pfn) is None    # both pages are free
+        assert vm.sptes() == [(1, 1, shared.pfn, True, False)] and vm.sept() == {}
+        stale = (f"SPTE gfn 0x1 level 1 pfn {shared.pfn:#x}: maps a freed page \\(stale SPTE; known kernel "
+                 "gap: kvm_gmem_get_invalidate_filter\\(\\) is KVM_FILTER_PRIVATE")
+        with pytest.raises(gmem.InvariantError, match=stale):
+            h.check()
+        if how == "close":
+            # the slot stays gmem-only without its file: a shared fault is -EFAULT, never the VMM's page
+            r = v.page_fault(vm.shared_gpa_bit | 0x3000, W)
+            assert (r.ret, r.exit_reason, r.memory_fault) == \
+                (-errno.EFAULT, u.KVM_EXIT_MEMORY_FAULT, (0, 0x3000, 4096))
+
+    @pytest.mark.parametrize("vm_type", [u.KVM_X86_SW_PROTECTED_VM, SNP, u.KVM_X86_DEFAULT_VM])
+    def test_one_root_vms_zap_the_shared_spte_of_a_gmem_only_slot(self, vm_type):
+        """For contrast: without TDX's mirror root the filter picks nothing
+        (kvm_gfn_range_filter_to_root_types: KVM_DIRECT_ROOTS), so the same punch zaps the shared
+        SPTE of a gmem-only slot and check() passes."""
+        h = gmem.Host(memory=64 * MB, platform="amd")
+        vm = h.create_vm(vm_type)
+        f = vm.create_guest_memfd(MB2, u.GUEST_MEMFD_FLAG_MMAP)
+        vm.set_user_memory_region2(0, GMEM, 0, MB2, HVA, f, 0)
+        r = vm.create_vcpu(0).page_fault(0x1000, W)
+        assert r.ret == u.RET_PF_FIXED and h.folio(r.pfn)["mapping"] == f.ino
+        assert vm.sptes() == [(1, 1, r.pfn, True, False)]
         h.check()
         f.punch_hole(0, MB2)
-        assert h.folio(r.pfn) is None                      # the page is free
-        if vm.sptes():
-            with pytest.raises(gmem.InvariantError, match=f"SPTE gfn 0x1 level 1 pfn {r.pfn:#x}: "
-                                                          "maps a freed page \\(stale SPTE\\)"):
-                h.check()
-        else:
-            h.check()
+        assert vm.sptes() == [] and h.folio(r.pfn) is None
+        h.check()
 
     @pytest.mark.parametrize("hook", ["gmem_prepare", "private_max_mapping_level", "is_private_fault"])
     def test_a_hook_cannot_punch_under_a_fault(self, hook):

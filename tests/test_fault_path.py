@@ -369,6 +369,26 @@ def test_gmem_close_zaps_its_memslots():
     host.check()
 
 
+def test_gmem_only_slot_stays_gmem_only_after_its_file_is_closed():
+    """KVM_MEMSLOT_GMEM_ONLY is a memslot flag that kvm_gmem_bind sets for a
+    GUEST_MEMFD_FLAG_MMAP file (internal: not in the slot's uAPI flags), and kvm_gmem_release
+    only clears slot->gmem.file: after the last close a shared fault still goes to
+    kvm_gmem_get_pfn (-EFAULT, a memory-fault exit), never to the VMM's page at userspace_addr."""
+    host = gmem.Host(memory=64 * M, platform="amd")
+    vm = host.create_vm(DEFAULT)
+    f = vm.create_guest_memfd(2 * M, U.GUEST_MEMFD_FLAG_MMAP | U.GUEST_MEMFD_FLAG_INIT_SHARED)
+    vm.set_user_memory_region2(0, GMEM, 0, 2 * M, userspace_addr=HVA, guest_memfd=f)
+    vcpu = vm.create_vcpu(0)
+    r = vcpu.page_fault(0, WRITE)
+    assert r.ret == FIXED and host.folio(r.pfn)["mapping"] == f.ino      # from the file
+    f.close()
+    assert sptes(vm) == {}
+    assert_exit(vcpu.page_fault(PAGE, WRITE), PAGE, private=False)
+    assert sptes(vm) == {}
+    assert [(s["flags"], s["bound"]) for s in vm.memslots()] == [(GMEM, False)]
+    host.check()
+
+
 # ------------------------------------------------------------ hugepages (§2.8, §2.11)
 
 def test_2m_private_mapping_from_a_2m_folio():

@@ -283,8 +283,9 @@ class GmemMachine(RuleBasedStateMachine):
         vms = self._live_vms()
         vmr = vms[vm_i % len(vms)]
         if vmr.type == TDX:
-            # a TDX gmem-only slot (GUEST_MEMFD_FLAG_MMAP) keeps shared SPTEs across a punch (the
-            # invalidate filter is KVM_FILTER_PRIVATE): check() reports that stale SPTE, see
+            # a TDX gmem-only slot (GUEST_MEMFD_FLAG_MMAP) keeps shared SPTEs across a punch or
+            # close, as the 6.18 kernel does (the invalidate filter is KVM_FILTER_PRIVATE):
+            # check() reports that stale SPTE as a known kernel gap, see
             # tests/test_bug_classes.py::TestStaleSpteAfterPunch
             flags &= ~u.GUEST_MEMFD_FLAG_MMAP
         f = attempt(vmr.vm.create_guest_memfd, npages * PS, flags)

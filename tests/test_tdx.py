@@ -295,3 +295,31 @@ class TestRuntime:
         assert h.stats["used_pages"] == used - 256
         assert vm.tdx_stats["remove"] == 256
         h.check()
+
+
+class TestGuestMemfdFlags:
+    @pytest.mark.parametrize("vm_type,platform", [(u.KVM_X86_TDX_VM, "intel"), (u.KVM_X86_SNP_VM, "amd"),
+                                                  (u.KVM_X86_SW_PROTECTED_VM, "amd"),
+                                                  (u.KVM_X86_DEFAULT_VM, "amd")])
+    def test_mmap_on_every_vm_init_shared_only_without_private_memory(self, vm_type, platform):
+        """kvm_gmem_get_supported_flags (6.18): MMAP on every VM, INIT_SHARED only if
+        kvm_arch_supports_gmem_init_shared(), on x86 !kvm_arch_has_private_mem().  A TDX (SNP,
+        SW_PROTECTED) guest_memfd can be MMAP, which makes its memslots gmem-only, but never
+        INIT_SHARED: EINVAL, checked before the size."""
+        MMAP, INIT_SHARED = u.GUEST_MEMFD_FLAG_MMAP, u.GUEST_MEMFD_FLAG_INIT_SHARED
+        h = gmem.Host(memory=64 << 20, platform=platform)
+        vm = h.create_vm(vm_type)
+        private = vm_type != u.KVM_X86_DEFAULT_VM
+        assert vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) == (MMAP if private else MMAP | INIT_SHARED)
+        f = vm.create_guest_memfd(MB2, MMAP)
+        assert f.flags == MMAP
+        vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, MB2, HVA, f, 0)
+        assert [s["flags"] for s in vm.memslots()] == [u.KVM_MEM_GUEST_MEMFD]   # GMEM_ONLY is internal
+        for flags in (INIT_SHARED, MMAP | INIT_SHARED):
+            if private:
+                with pytest.raises(OSError, match="kvm_gmem_get_supported_flags") as e:
+                    vm.create_guest_memfd(0, flags)
+                assert e.value.errno == errno.EINVAL
+            else:
+                assert vm.create_guest_memfd(MB2, flags).flags == flags
+        h.check()
