@@ -744,9 +744,7 @@ cdef str _pre_fault_reason(int e, uint64_t gpa):
         return f"gpa {gpa:#x} is in the shared alias (kvm_is_gfn_alias)"
     if e == _errno_mod.ENOENT:
         return f"no memslot at gpa {gpa:#x} (RET_PF_EMULATE: emulated MMIO)"
-    if e == _errno_mod.EIO:
-        return f"the fault at gpa {gpa:#x} could not be fixed"
-    return f"the fault at gpa {gpa:#x} failed (memory-fault exit or allocation)"
+    return f"the fault at gpa {gpa:#x} failed (kvm_tdp_map_page)"
 
 
 # --------------------------------------------------------------------- Vcpu
