@@ -331,7 +331,7 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
 # ------------------------------------------------------ KVM_PRE_FAULT_MEMORY
 
 cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int *level) noexcept nogil:
-    """mmu.c kvm_tdp_map_page (6.19: kvm_tdp_page_prefault): the vCPU's fault path as a
+    """mmu.c kvm_tdp_map_page (since renamed kvm_tdp_page_prefault): the vCPU's fault path as a
     prefetch, again while RET_PF_RETRY; 0 with *level the mapping's, or -errno. No pf_*
     stat moves: kvm_mmu_page_fault counts those, kvm_mmu_do_page_fault does not (6.11)."""
     cdef kvm_fault_out out
