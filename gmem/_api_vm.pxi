@@ -751,6 +751,18 @@ cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t
                 break
 
 
+cdef str _pre_fault_reason(int e, uint64_t gpa):
+    """The rule behind a KVM_PRE_FAULT_MEMORY errno (kvm_arch_vcpu_pre_fault_memory)."""
+    if e == _errno_mod.EOPNOTSUPP:
+        return ("kvm->arch.pre_fault_allowed is false (SNP before KVM_SEV_SNP_LAUNCH_FINISH, "
+                "TDX before KVM_TDX_FINALIZE_VM)")
+    if e == _errno_mod.EINVAL:
+        return f"gpa {gpa:#x} is in the shared alias (kvm_is_gfn_alias)"
+    if e == _errno_mod.ENOENT:
+        return f"no memslot at gpa {gpa:#x} (RET_PF_EMULATE: emulated MMIO)"
+    return f"the fault at gpa {gpa:#x} failed (kvm_tdp_map_page)"
+
+
 # --------------------------------------------------------------------- Vcpu
 
 cdef class Vcpu:
@@ -781,6 +793,33 @@ cdef class Vcpu:
         kvm_mmu_page_fault(&self.v, g, e, &out)
         self.vm.host._raise_hook_exc()
         return _fault_result(&out)
+
+    def pre_fault_memory(self, gpa, size, flags=0):
+        """KVM_PRE_FAULT_MEMORY: map [gpa, gpa + size) through the vCPU's fault path, page by
+        page (kvm_tdp_map_page), private where the attributes say so; the pf_* stats do not
+        count it. Returns what the kernel copies back into struct kvm_pre_fault_memory: the
+        (gpa, size) not yet mapped, (gpa + size, 0) when all was. A failure after some progress
+        is not raised (the ioctl returns 0; call again from the returned gpa to see it);
+        without progress it raises OSError with the kernel's errno and nothing changes."""
+        cdef kvm_pre_fault_memory range
+        cdef int r
+        what = "KVM_PRE_FAULT_MEMORY"
+        range.gpa = _u64_wrap(gpa, "gpa")
+        range.size = _u64_wrap(size, "size")
+        range.flags = _u64_wrap(flags, "flags")
+        self.vm._check_open(what)
+        # kvm_vcpu_pre_fault_memory's own checks, before any vCPU work
+        if range.flags:
+            raise _err(_errno_mod.EINVAL, f"{what}: flags must be 0")
+        if range.gpa & 4095 or range.size & 4095 or range.gpa + range.size <= range.gpa:
+            raise _err(_errno_mod.EINVAL, f"{what}: gpa and size must be page aligned, size "
+                       "non-zero, and gpa + size must not wrap")
+        with nogil:
+            r = kvm_vcpu_pre_fault_memory(&self.v, &range)
+        self.vm.host._raise_hook_exc()
+        if r < 0:
+            raise _err(-r, f"{what}: {_pre_fault_reason(-r, range.gpa)}")
+        return (range.gpa, range.size)
 
     @property
     def stats(self):

@@ -476,6 +476,8 @@ class Vcpu:
     def stats(self) -> dict[str, int]: ...
     def page_fault(self, gpa: _Int, error_code: _Int) -> FaultResult:
         """One #NPF / EPT violation with the full 64-bit error code."""
+    def pre_fault_memory(self, gpa: _Int, size: _Int, flags: _Int = 0) -> tuple[int, int]:
+        """KVM_PRE_FAULT_MEMORY: the (gpa, size) left unmapped, as the kernel copies them back."""
     def read(self, gpa: _Int, n: _Int, error_code: _Int = 0) -> bytes:
         """A guest read of n bytes at gpa (raises GuestExit when a fault exits to userspace)."""
     def write(self, gpa: _Int, data: _Bytes, error_code: _Int = 2) -> None:

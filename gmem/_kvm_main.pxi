@@ -9,6 +9,7 @@ cdef enum:
     _EFAULT = 14
     _EIO = 5
     _EHWPOISON = 133
+    _EOPNOTSUPP = 95
     KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
     KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
     KVM_MEM_READONLY = 1 << 1
@@ -161,6 +162,30 @@ cdef int kvm_range_has_memory_attributes(kvm *kvm, uint64_t start, uint64_t end,
             return 1
         index = first + _mask(order) + 1
     return 1
+
+
+# --------------------------------------------------------- KVM_PRE_FAULT_MEMORY
+
+ctypedef struct kvm_pre_fault_memory:
+    uint64_t gpa
+    uint64_t size
+    uint64_t flags
+
+
+cdef int kvm_vcpu_pre_fault_memory(kvm_vcpu *vcpu, kvm_pre_fault_memory *range) noexcept nogil:
+    """The ioctl's loop (its argument checks are at the Python boundary): range advances past
+    what each step covered; the error comes back only if nothing was done."""
+    cdef uint64_t full_size = range.size
+    cdef int64_t r
+    while True:
+        r = kvm_arch_vcpu_pre_fault_memory(vcpu, range.gpa, range.size)
+        if r <= 0:
+            break                   # r == 0 and -EIO are WARN_ON_ONCE in the kernel
+        range.size -= r
+        range.gpa += r
+        if range.size == 0:
+            break
+    return <int>r if full_size == range.size else 0
 
 
 # ------------------------------------------------------ invalidation and zap

@@ -383,6 +383,53 @@ cdef void kvm_mmu_prefetch_folio(kvm *kvm, uint64_t gpa) noexcept nogil:
         gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
 
 
+# ------------------------------------------------------ KVM_PRE_FAULT_MEMORY
+
+cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int *level) noexcept nogil:
+    """mmu.c kvm_tdp_map_page (since renamed kvm_tdp_page_prefault): the vCPU's fault path as a
+    prefetch, again while RET_PF_RETRY; 0 with *level the mapping's, or -errno. No pf_*
+    stat moves: kvm_mmu_page_fault counts those, kvm_mmu_do_page_fault does not (6.11)."""
+    cdef kvm_fault_out out
+    cdef int r = RET_PF_RETRY
+    memset(&out, 0, sizeof(out))
+    while r == RET_PF_RETRY:
+        # signal_pending: no signals here; kvm_check_request(KVM_REQ_VM_DEAD): a hook raised
+        if vcpu.kvm.host.hook_error:
+            return -_EIO
+        r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, &out)
+    if r < 0:
+        return r
+    if r == RET_PF_FIXED or r == RET_PF_SPURIOUS or r == RET_PF_WRITE_PROTECTED:
+        level[0] = out.level if out.level else PG_LEVEL_4K
+        return 0
+    if r == RET_PF_EMULATE:
+        return -_ENOENT             # no memslot: emulated MMIO
+    return -_EIO                    # WARN_ONCE: could not fix page fault during prefault
+
+
+cdef int64_t kvm_arch_vcpu_pre_fault_memory(kvm_vcpu *vcpu, uint64_t gpa, uint64_t size) noexcept nogil:
+    """mmu.c: map the page at gpa as the guest reaches it (private iff the attributes say so,
+    TDX shared memory through its shared alias); the bytes covered, at most size, or -errno."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef uint64_t error_code = PFERR_GUEST_FINAL_MASK, direct_bits = 0, huge, end
+    cdef int level = PG_LEVEL_4K, r
+    if not kvm.pre_fault_allowed:
+        return -_EOPNOTSUPP         # SNP before LAUNCH_FINISH, TDX before FINALIZE_VM
+    if (gpa >> 12) & kvm.gfn_direct_bits:
+        return -_EINVAL             # kvm_is_gfn_alias: memslot addresses only (6.16)
+    if kvm.has_private_mem and kvm_mem_is_private(kvm, gpa >> 12):
+        error_code |= PFERR_PRIVATE_ACCESS
+    else:
+        direct_bits = kvm.gfn_direct_bits << 12
+    r = kvm_tdp_map_page(vcpu, gpa | direct_bits, error_code, &level)
+    if r < 0:
+        return r
+    # a huge mapping may start below gpa and end past gpa + size
+    huge = (<uint64_t>4096) << _level_order(level)
+    end = (gpa & ~(huge - 1)) + huge
+    return <int64_t>(size if size < end - gpa else end - gpa)
+
+
 # ------------------------------------------------------------ native hooks
 
 cdef int sw_protected_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
