@@ -721,32 +721,40 @@ cdef object _u64_array(object a, str what):
 
 
 cdef enum:
-    PREFETCH_AHEAD = 16      # faults: a DRAM miss is worth about this many warm faults
+    PREFETCH_AHEAD = 8       # faults between prefetch stages: a DRAM miss is worth this many
+
+
+cdef inline void _prefetch_stage(kvm *k, uint64_t gpa, int stage, uint64_t *last) noexcept nogil:
+    """A stage's prefetch for a later fault, unless it falls in the node that stage went
+    to last (a sequential stream needs none)."""
+    cdef uint64_t key = gpa >> (18 + 6 * (stage == PREFETCH_NODE))
+    if key != last[stage]:
+        last[stage] = key
+        kvm_mmu_prefetch(k, gpa, stage)
 
 
 cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t[::1] gpas,
                        const uint64_t[::1] ecs, object out_arr) except *:
     """The batch loop: kvm_mmu_page_fault per record, no Python objects, no GIL. Without ids,
-    every fault is taken by vcpus[0]."""
+    every fault is taken by vcpus[0]. Fault i + AHEAD * (s + 1) gets prefetch stage s."""
     cdef kvm_fault_out *out = <kvm_fault_out *>cnp.PyArray_DATA(out_arr)
     cdef Py_ssize_t i, n = gpas.shape[0]
     cdef bint many = ids is not None
     cdef kvm_vcpu *v = vcpus[ids[0]] if many and n else vcpus[0]
     cdef kvm *k = v.kvm
-    cdef uint64_t leaf1 = <uint64_t>-1, leaf2 = <uint64_t>-1
+    cdef uint64_t last[3]
+    last[0] = last[1] = last[2] = <uint64_t>-1
     with nogil:
         for i in range(n):
-            # the leaves of fault i + AHEAD, then the folio of fault i + AHEAD / 2; a stream
-            # that stays in one 64-page leaf needs neither
-            if i + PREFETCH_AHEAD < n and gpas[i + PREFETCH_AHEAD] >> 18 != leaf1:
-                leaf1 = gpas[i + PREFETCH_AHEAD] >> 18
-                kvm_mmu_prefetch_leaves(k, gpas[i + PREFETCH_AHEAD])
-            if i + PREFETCH_AHEAD // 2 < n and gpas[i + PREFETCH_AHEAD // 2] >> 18 != leaf2:
-                leaf2 = gpas[i + PREFETCH_AHEAD // 2] >> 18
-                kvm_mmu_prefetch_folio(k, gpas[i + PREFETCH_AHEAD // 2])
+            if i + 3 * PREFETCH_AHEAD < n:
+                _prefetch_stage(k, gpas[i + 3 * PREFETCH_AHEAD], PREFETCH_NODE, last)
+                _prefetch_stage(k, gpas[i + 2 * PREFETCH_AHEAD], PREFETCH_LEAF, last)
+                _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, last)
+            elif i + PREFETCH_AHEAD < n:
+                _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, last)
             if many:
                 v = vcpus[ids[i]]
-            kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
+            __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
             if k.host.hook_error:
                 break
 

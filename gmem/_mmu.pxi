@@ -197,7 +197,7 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     return RET_PF_FIXED
 
 
-cdef inline int page_fault_can_be_fast(kvm *kvm, kvm_page_fault *fault) noexcept nogil:
+cdef inline int page_fault_can_be_fast(kvm *kvm, const kvm_page_fault *fault) noexcept nogil:
     if fault.error_code & PFERR_RSVD_MASK:
         return 0
     if kvm.has_private_mem and fault.is_private != _kvm_mem_is_private(kvm, fault.gfn):
@@ -207,11 +207,11 @@ cdef inline int page_fault_can_be_fast(kvm *kvm, kvm_page_fault *fault) noexcept
     return fault.write
 
 
-cdef inline int fast_page_fault(kvm *kvm, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+cdef inline int fast_page_fault(kvm *kvm, const kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
     cdef uint64_t spte
     if kvm.vm_type == KVM_X86_TDX_VM and fault.is_private:
         return RET_PF_INVALID    # fast pf is not supported for mirrored roots
-    if not xa_load(&kvm.sptes, fault.gfn, &spte):
+    if not xa_load_hinted(&kvm.sptes, fault.gfn, &spte):
         return RET_PF_INVALID
     if (spte & SPTE_WRITABLE) or not fault.write:
         out.level = spte & SPTE_LEVEL_MASK
@@ -220,14 +220,18 @@ cdef inline int fast_page_fault(kvm *kvm, kvm_page_fault *fault, kvm_fault_out *
     return RET_PF_INVALID
 
 
-cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+cdef int kvm_tdp_mmu_map_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+    """kvm_tdp_mmu_page_fault past fast_page_fault: faultin under the mmu_seq snapshot,
+    level, staleness check, map."""
     cdef kvm *kvm = vcpu.kvm
     cdef int r
-    if page_fault_can_be_fast(kvm, fault):
-        r = fast_page_fault(kvm, fault, out)
-        if r != RET_PF_INVALID:
-            vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
-            return r
+    # kvm_mmu_do_page_fault's fields that only this path reads
+    fault.slot = __gfn_to_memslot(kvm, fault.gfn)
+    fault.exec = (fault.error_code & PFERR_FETCH_MASK) != 0
+    fault.max_level = KVM_MAX_HUGEPAGE_LEVEL
+    fault.goal_level = PG_LEVEL_4K
+    fault.pfn = fault.mmu_seq = 0
+    fault.map_writable = 0
     r = kvm_mmu_faultin_pfn(vcpu, fault, out)
     if r != RET_PF_CONTINUE:
         return r
@@ -245,23 +249,32 @@ cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kv
     return r
 
 
+cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, const kvm_page_fault *fault,
+                                       kvm_fault_out *out) noexcept nogil:
+    cdef kvm_page_fault slow
+    cdef int r
+    if page_fault_can_be_fast(vcpu.kvm, fault):
+        r = fast_page_fault(vcpu.kvm, fault, out)
+        if r != RET_PF_INVALID:
+            vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
+            return r
+    # the slow path gets a copy: the fast path's struct never escapes, so it lives in registers
+    slow = fault[0]
+    return kvm_tdp_mmu_map_fault(vcpu, &slow, out)
+
+
 cdef inline int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
-                               kvm_fault_out *out) noexcept nogil:
+                                      kvm_fault_out *out) noexcept nogil:
     cdef kvm_page_fault fault
     cdef int r
     fault.addr = gpa
     fault.error_code = error_code
     fault.write = (error_code & PFERR_WRITE_MASK) != 0
     fault.present = (error_code & PFERR_PRESENT_MASK) != 0
-    fault.exec = (error_code & PFERR_FETCH_MASK) != 0
     fault.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
-    fault.max_level = KVM_MAX_HUGEPAGE_LEVEL
-    fault.goal_level = PG_LEVEL_4K
-    fault.pfn = fault.mmu_seq = 0
-    fault.map_writable = 0
-    # memslots do not know the TDX shared bit
+    # memslots do not know the TDX shared bit; the slot is looked up past the fast path,
+    # which does not use it (the kernel's lookup only updates last_used_slot)
     fault.gfn = (gpa >> 12) & ~vcpu.kvm.gfn_direct_bits
-    fault.slot = __gfn_to_memslot(vcpu.kvm, fault.gfn)
     r = kvm_tdp_mmu_page_fault(vcpu, &fault, out)
     if r == RET_PF_EMULATE and fault.is_private:
         # KVM cannot emulate an access to private memory
@@ -284,6 +297,12 @@ cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
 cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
                             kvm_fault_out *out) noexcept nogil:
     """One #NPF / EPT violation with its 64-bit error code; the outcome in *out."""
+    return __kvm_mmu_page_fault(vcpu, gpa, error_code, out)
+
+
+cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+                                     kvm_fault_out *out) noexcept nogil:
+    # inline, so that the batch loop holds the vCPU's and VM's fields in registers
     cdef kvm *kvm = vcpu.kvm
     cdef is_private_fault_t is_private = kvm.host.hooks[kvm.vm_type].is_private_fault
     cdef int r = RET_PF_INVALID
@@ -348,10 +367,17 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
 
 # --------------------------------------------------------- batch prefetch
 # Not the kernel's: a batch knows its next faults, so while one fault runs it pulls
-# into the cache the leaves a later one will read: SPTE and gmem filemap slots first,
-# then (once that filemap slot is cached) the folio. Nothing here changes state.
+# into the cache what a later one will read, in stages, each needing the previous one's
+# lines: the SPTE and gmem filemap nodes above the leaves, then the leaf slots, then
+# the folio named by the filemap slot. Nothing here changes state.
 
-cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn) noexcept nogil:
+cdef enum:
+    PREFETCH_FOLIO = 0      # stages, nearest first
+    PREFETCH_LEAF = 1
+    PREFETCH_NODE = 2       # the shift-6 nodes: too many for the L2 in a large guest
+
+
+cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn, int shift) noexcept nogil:
     cdef kvm_memory_slot *s = NULL
     cdef uint64_t idx
     if kvm.last_used_slot >= 0:
@@ -364,23 +390,22 @@ cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn) noexcept nogil
         s = &kvm.memslots[idx]
     if s.gmem_file == NULL or s.gmem_file.released:
         return NULL
-    return xa_leaf_slot(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff)
+    return xa_slot_at(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff, shift)
 
 
-cdef void kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa) noexcept nogil:
+cdef void kvm_mmu_prefetch(kvm *kvm, uint64_t gpa, int stage) noexcept nogil:
     cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
-    cdef const uint64_t *p = xa_leaf_slot(&kvm.sptes, gfn)
+    cdef int shift = XA_CHUNK_SHIFT if stage == PREFETCH_NODE else 0
+    cdef const uint64_t *p = _filemap_slot(kvm, gfn, shift)
+    if stage == PREFETCH_FOLIO:
+        if p != NULL and _xa_is_value(p[0]):
+            gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
+        return
     if p != NULL:
         gmem_prefetch(p)
-    p = _filemap_slot(kvm, gfn)
+    p = xa_slot_at(&kvm.sptes, gfn, shift)
     if p != NULL:
         gmem_prefetch(p)
-
-
-cdef void kvm_mmu_prefetch_folio(kvm *kvm, uint64_t gpa) noexcept nogil:
-    cdef const uint64_t *p = _filemap_slot(kvm, (gpa >> 12) & ~kvm.gfn_direct_bits)
-    if p != NULL and _xa_is_value(p[0]):
-        gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
 
 
 # ------------------------------------------------------ KVM_PRE_FAULT_MEMORY

@@ -218,8 +218,8 @@ cdef int host_write_ok(gmem_host *h, uint64_t pfn) noexcept nogil:
     """Would a host write to pfn, through the host's direct map, pass the RMP check?"""
     cdef uint64_t base, f, v, hv
     cdef int k
-    if not h.rmp.enabled:
-        return 1
+    if not h.rmp.enabled or h.rmp.entries.nr_entries == 0:
+        return 1                    # nothing assigned anywhere (no SNP guest yet)
     if rmp_raw(h, pfn) & RMP_ASSIGNED:
         return 0
     if xa_load(&h.rmp.direct_map_4k, pfn >> 9, &v):

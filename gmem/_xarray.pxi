@@ -287,6 +287,14 @@ cdef inline int _xa_leaf_get(const xa_node *leaf, int o, uint64_t *value) noexce
     return 0
 
 
+cdef inline int xa_load_hinted(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
+    """xa_load with the hint check inlined into the caller (hot paths)."""
+    cdef xa_node *leaf = _xa_hint(xa, index)
+    if leaf != NULL:
+        return _xa_leaf_get(leaf, index & XA_CHUNK_MASK, value)
+    return xa_load(xa, index, value)
+
+
 cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
     cdef xa_node *node = _xa_hint(xa, index)
     cdef uint64_t e
@@ -322,6 +330,24 @@ cdef xa_node *_xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
     return node
+
+
+cdef const uint64_t *xa_slot_at(const xarray *xa, uint64_t index, int shift) noexcept nogil:
+    """Where the slot covering index is in the node of this shift on its path, found
+    without reading that node, or NULL if the path ends above it: for prefetching."""
+    cdef xa_node *node = xa.head
+    cdef uint64_t e
+    cdef int s
+    if node == NULL or not _xa_covers(node.shift, index) or node.shift < shift:
+        return NULL
+    s = node.shift              # carried down: no node header is read
+    while s > shift:
+        e = node.slots[(index >> s) & XA_CHUNK_MASK]
+        if not _xa_is_node(e):
+            return NULL
+        node = _xa_to_node(e)
+        s -= XA_CHUNK_SHIFT
+    return &node.slots[(index >> shift) & XA_CHUNK_MASK]
 
 
 cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil:
