@@ -724,13 +724,13 @@ cdef enum:
     PREFETCH_AHEAD = 8       # faults between prefetch stages: a DRAM miss is worth this many
 
 
-cdef inline void _prefetch_stage(kvm *k, uint64_t gpa, int stage, uint64_t *last) noexcept nogil:
+cdef inline uint64_t _prefetch_stage(kvm *k, uint64_t gpa, int stage, uint64_t last) noexcept nogil:
     """A stage's prefetch for a later fault, unless it falls in the node that stage went
-    to last (a sequential stream needs none)."""
+    to last (a sequential stream needs none); the node it went to."""
     cdef uint64_t key = gpa >> (18 + 6 * (stage == PREFETCH_NODE))
-    if key != last[stage]:
-        last[stage] = key
+    if key != last:
         kvm_mmu_prefetch(k, gpa, stage)
+    return key
 
 
 cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t[::1] gpas,
@@ -742,20 +742,20 @@ cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t
     cdef bint many = ids is not None
     cdef kvm_vcpu *v = vcpus[ids[0]] if many and n else vcpus[0]
     cdef kvm *k = v.kvm
-    cdef uint64_t last[3]
-    last[0] = last[1] = last[2] = <uint64_t>-1
+    cdef gmem_host *host = k.host
+    cdef uint64_t node = <uint64_t>-1, leaf = <uint64_t>-1, folio = <uint64_t>-1
     with nogil:
         for i in range(n):
             if i + 3 * PREFETCH_AHEAD < n:
-                _prefetch_stage(k, gpas[i + 3 * PREFETCH_AHEAD], PREFETCH_NODE, last)
-                _prefetch_stage(k, gpas[i + 2 * PREFETCH_AHEAD], PREFETCH_LEAF, last)
-                _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, last)
+                node = _prefetch_stage(k, gpas[i + 3 * PREFETCH_AHEAD], PREFETCH_NODE, node)
+                leaf = _prefetch_stage(k, gpas[i + 2 * PREFETCH_AHEAD], PREFETCH_LEAF, leaf)
+                folio = _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, folio)
             elif i + PREFETCH_AHEAD < n:
-                _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, last)
+                folio = _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, folio)
             if many:
                 v = vcpus[ids[i]]
             __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
-            if k.host.hook_error:
+            if host.hook_error:
                 break
 
 

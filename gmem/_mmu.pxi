@@ -312,7 +312,10 @@ cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t erro
     if error_code & PFERR_SYNTHETIC_MASK:
         vcpu.stats[VCPU_STAT_SYNTHETIC_CLEARED] += 1
         error_code &= ~PFERR_SYNTHETIC_MASK
-    private = is_private != NULL and is_private(kvm, gpa, error_code)
+    if is_private == sw_protected_is_private_fault:
+        private = _sw_protected_is_private_fault(kvm, gpa, error_code)   # a direct call inlines
+    else:
+        private = is_private != NULL and is_private(kvm, gpa, error_code)
     # npf_interception sets PFERR_PRIVATE_ACCESS (SNP) before trace_kvm_page_fault;
     # SW_PROTECTED gets it later, inside kvm_mmu_page_fault
     gmem_trace(kvm.host, TRACE_PAGE_FAULT, vcpu.vcpu_id, gpa,
@@ -457,9 +460,13 @@ cdef int64_t kvm_arch_vcpu_pre_fault_memory(kvm_vcpu *vcpu, uint64_t gpa, uint64
 
 # ------------------------------------------------------------ native hooks
 
-cdef int sw_protected_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+cdef inline int _sw_protected_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
     # kvm_mmu_page_fault: attributes decide, except for RSVD (MMIO) faults
     return not (error_code & PFERR_RSVD_MASK) and _kvm_mem_is_private(kvm, gpa >> 12)
+
+
+cdef int sw_protected_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    return _sw_protected_is_private_fault(kvm, gpa, error_code)
 
 
 cdef int snp_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:

@@ -99,13 +99,18 @@ cdef void _xa_node_free(xarray *xa, xa_node *n) noexcept nogil:
         free(n)
 
 
-cdef int _xa_entry_order(const xa_node *node, int off) noexcept nogil:
-    """Order of the entry whose canonical slot is off."""
+cdef inline int _xa_entry_order_at(const xa_node *node, int shift, int off) noexcept nogil:
+    """Order of the entry whose canonical slot is off, in a node of this shift."""
     cdef uint64_t sib = _xa_mk_sibling(off)
     cdef int n = 1
     while off + n < XA_CHUNK_SIZE and node.slots[off + n] == sib:
         n <<= 1
-    return node.shift + gmem_ctz64(n)
+    return shift + gmem_ctz64(n)
+
+
+cdef int _xa_entry_order(const xa_node *node, int off) noexcept nogil:
+    """Order of the entry whose canonical slot is off."""
+    return _xa_entry_order_at(node, node.shift, off)
 
 
 cdef void _xa_free_subtree(xarray *xa, xa_node *node) noexcept nogil:
@@ -198,29 +203,39 @@ cdef int _xa_expand(xarray *xa, uint64_t index, int min_shift) noexcept nogil:
     return 0
 
 
-cdef xa_node *_xa_walk(const xarray *xa, uint64_t index, int *off) noexcept nogil:
-    """The node holding the entry covering index, with its canonical offset; or NULL."""
+cdef xa_node *_xa_walk_shift(const xarray *xa, uint64_t index, int *off, int *shift) noexcept nogil:
+    """The node holding the entry covering index, with its canonical offset and the node's
+    shift; or NULL. The shift is carried down: no node header is read (see _xa_load_from)."""
     cdef xa_node *node = _xa_hint(xa, index)
     cdef uint64_t e
-    cdef int o
+    cdef int o, sh = 0
     if node == NULL:
         node = xa.head
         if node == NULL or not _xa_covers(node.shift, index):
             return NULL
+        sh = node.shift
     while True:
-        o = (index >> node.shift) & XA_CHUNK_MASK
+        o = (index >> sh) & XA_CHUNK_MASK
         e = node.slots[o]
         if _xa_is_sibling(e):
             o = _xa_sibling_off(e)
             e = node.slots[o]
         if _xa_is_value(e):
-            off[0] = o
-            if node.shift == 0:
+            if sh == 0:
                 _xa_set_hint(xa, node, index)
+            off[0] = o
+            shift[0] = sh
             return node
         if e == 0:
             return NULL
         node = _xa_to_node(e)
+        sh -= XA_CHUNK_SHIFT
+
+
+cdef inline xa_node *_xa_walk(const xarray *xa, uint64_t index, int *off) noexcept nogil:
+    """The node holding the entry covering index, with its canonical offset; or NULL."""
+    cdef int shift
+    return _xa_walk_shift(xa, index, off, &shift)
 
 
 cdef void xa_init(xarray *xa) noexcept nogil:
@@ -363,11 +378,11 @@ cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nog
 
 cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
                    uint64_t *first, int *order) noexcept nogil:
-    cdef int off, k
-    cdef xa_node *node = _xa_walk(xa, index, &off)
+    cdef int off, k, shift
+    cdef xa_node *node = _xa_walk_shift(xa, index, &off, &shift)
     if node == NULL:
         return 0
-    k = _xa_entry_order(node, off)
+    k = _xa_entry_order_at(node, shift, off)
     value[0] = node.slots[off] >> 1
     order[0] = k
     first[0] = index & ~((((<uint64_t>1) << k) - 1))
