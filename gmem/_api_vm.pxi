@@ -724,12 +724,13 @@ cdef enum:
     PREFETCH_AHEAD = 8       # faults between prefetch stages: a DRAM miss is worth this many
 
 
-cdef inline uint64_t _prefetch_stage(kvm *k, uint64_t gpa, int stage, uint64_t last) noexcept nogil:
+cdef inline uint64_t _prefetch_stage(kvm *k, uint64_t gpa, uint64_t error_code, int stage,
+                                     uint64_t last) noexcept nogil:
     """A stage's prefetch for a later fault, unless it falls in the node that stage went
     to last (a sequential stream needs none); the node it went to."""
     cdef uint64_t key = gpa >> (18 + 6 * (stage == PREFETCH_NODE))
     if key != last:
-        kvm_mmu_prefetch(k, gpa, stage)
+        kvm_mmu_prefetch(k, gpa, error_code, stage)
     return key
 
 
@@ -747,11 +748,15 @@ cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t
     with nogil:
         for i in range(n):
             if i + 3 * PREFETCH_AHEAD < n:
-                node = _prefetch_stage(k, gpas[i + 3 * PREFETCH_AHEAD], PREFETCH_NODE, node)
-                leaf = _prefetch_stage(k, gpas[i + 2 * PREFETCH_AHEAD], PREFETCH_LEAF, leaf)
-                folio = _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, folio)
+                node = _prefetch_stage(k, gpas[i + 3 * PREFETCH_AHEAD], ecs[i + 3 * PREFETCH_AHEAD],
+                                       PREFETCH_NODE, node)
+                leaf = _prefetch_stage(k, gpas[i + 2 * PREFETCH_AHEAD], ecs[i + 2 * PREFETCH_AHEAD],
+                                       PREFETCH_LEAF, leaf)
+                folio = _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], ecs[i + PREFETCH_AHEAD],
+                                        PREFETCH_FOLIO, folio)
             elif i + PREFETCH_AHEAD < n:
-                folio = _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], PREFETCH_FOLIO, folio)
+                folio = _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], ecs[i + PREFETCH_AHEAD],
+                                        PREFETCH_FOLIO, folio)
             if many:
                 v = vcpus[ids[i]]
             __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])

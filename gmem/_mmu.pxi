@@ -396,10 +396,12 @@ cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn, int shift) noe
     return xa_slot_at(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff, shift)
 
 
-cdef void kvm_mmu_prefetch(kvm *kvm, uint64_t gpa, int stage) noexcept nogil:
+cdef void kvm_mmu_prefetch(kvm *kvm, uint64_t gpa, uint64_t error_code, int stage) noexcept nogil:
     cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
     cdef int shift = XA_CHUNK_SHIFT if stage == PREFETCH_NODE else 0
-    cdef const uint64_t *p = _filemap_slot(kvm, gfn, shift)
+    # a present fault most likely ends in fast_page_fault, which reads only the SPTE
+    cdef bint gmem = not (error_code & PFERR_PRESENT_MASK)
+    cdef const uint64_t *p = _filemap_slot(kvm, gfn, shift) if gmem else NULL
     if stage == PREFETCH_FOLIO:
         if p != NULL and _xa_is_value(p[0]):
             gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))

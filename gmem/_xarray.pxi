@@ -476,6 +476,15 @@ cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
             old[0] = node.slots[off] >> 1
             node.slots[off] = _xa_mk_value(value)
             return 1
+    if order == 0 and e == 0:
+        # a new 4K entry in an empty leaf slot (maybe in a leaf made just now): nothing to
+        # replace, no marks to inherit or to summarise upwards, nothing to shrink
+        node.slots[off] = _xa_mk_value(value)
+        node.count += 1
+        xa.nr_entries += 1
+        xa.nr_by_order[0] += 1
+        _xa_set_hint(xa, node, index)
+        return 0
     # An entry whose canonical slot is in this node has an order of at least
     # target, so when order == target there is no need to measure it.
     if _xa_is_sibling(e) or (_xa_is_value(e) and (order == target or _xa_entry_order(node, off) >= order)):
