@@ -326,7 +326,8 @@ cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nog
             return _xa_leaf_get(node, (index >> shift) & XA_CHUNK_MASK, value)
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
-    _xa_set_hint(xa, node, index)
+    if xa.hint != node:
+        _xa_set_hint(xa, node, index)
     return _xa_leaf_get(node, index & XA_CHUNK_MASK, value)
 
 
