@@ -691,3 +691,59 @@ def test_check_xa_err_batch_casts():
 def test_check_xa_err_items_at_call():
     with pytest.raises(ValueError):
         XArray().items(first=-1)
+
+
+# ------------------------------------------------------------- the leaf hint
+
+def test_leaf_hint_follows_the_tree():
+    """Loads and stores remember the last leaf they walked to (gmem's, not the kernel's):
+    a leaf freed, replaced by a larger entry, split or re-made elsewhere must never answer."""
+    x = XArray()
+    for i in range(64, 128):
+        x.store(i, i)
+    assert x.load(70) == 70                    # the hint is now the leaf of [64, 128)
+    x.store(0, 9, order=9)                     # a 2M entry frees that leaf
+    assert [x.load(i) for i in (70, 0, 511)] == [9, 9, 9] and x.load(512) is None
+    x.check()
+    x.split(0, 0)                              # 512 new 4K entries in fresh leaves
+    assert x.load(70) == 9 and x.store(70, 1) == 9 and x.load(70) == 1 and x.load(71) == 9
+    x.check()
+    x.erase_range(0, 511)                      # every leaf freed; the tree empties
+    assert x.load(70) is None and x.nr_nodes == 0
+    x.store(70, 2)                             # a new leaf, perhaps at the freed one's address
+    assert x.load(70) == 2 and x.load(71) is None and x.load(6) is None
+    x.store(1 << 40, 3)                        # the tree grows a level above that leaf
+    assert x.load(70) == 2 and x.load(1 << 40) == 3
+    x.erase(1 << 40)                           # and shrinks back
+    assert x.load(70) == 2 and x.load(1 << 40) is None
+    x.check()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["store", "erase", "big"]),
+                          st.integers(0, 1023)), max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_leaf_hint_against_a_dict(ops):
+    """Sequential-ish streams (where the hint hits) of stores, erases and 64-index entries
+    answer every load as a dict of indices does; xa_check also verifies the hint."""
+    x, ref = XArray(), {}
+    for n, (op, i) in enumerate(ops):
+        if op == "store":
+            x.store(i, n)
+            first = next((f for f in ref if ref[f][1] > 0 and f <= i < f + 64), None)
+            if first is not None:              # a store into a big entry lands on all of it
+                ref[first] = (n, 64)
+            else:
+                ref[i] = (n, 0)
+        elif op == "erase":
+            x.erase(i)
+            ref = {f: v for f, v in ref.items() if not (f <= i < f + (64 if v[1] else 1))}
+        else:
+            base = i & ~63
+            x.store(base, n, order=6)
+            ref = {f: v for f, v in ref.items() if not (base <= f < base + 64) and
+                   not (v[1] and f <= base < f + 64)}
+            ref[base] = (n, 64)
+        for j in (i, i ^ 1, (i + 1) & 1023):
+            hit = next((v[0] for f, v in ref.items() if f <= j < f + max(v[1], 1)), None)
+            assert x.load(j) == hit
+    x.check()
