@@ -22,20 +22,14 @@ ctypedef struct tdx_populate_args:
 cdef int tdx_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t src, int order,
                                 void *opaque) noexcept nogil:
     cdef tdx_populate_args *args = <tdx_populate_args *>opaque
-    cdef kvm_fault_out out
     cdef uint64_t spfn, v, old
     cdef unsigned char *d
     cdef unsigned char *s
-    cdef int r
-    # kvm_tdp_map_page: build the mirror leaf (premapped: the TD is not runnable yet)
-    r = RET_PF_RETRY
-    while r == RET_PF_RETRY:
-        r = kvm_mmu_do_page_fault(args.vcpu, gfn << 12, PFERR_GUEST_FINAL_MASK | PFERR_WRITE_MASK |
-                                  PFERR_PRIVATE_ACCESS, &out)
+    cdef int level, r
+    # build the mirror leaf (premapped: the TD is not runnable yet)
+    r = kvm_tdp_map_page(args.vcpu, gfn << 12, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS, &level)
     if r < 0:
         return r
-    if r != RET_PF_FIXED and r != RET_PF_SPURIOUS:
-        return -_EIO
     if hva_to_pfn(kvm.host, src, &spfn):
         return -_EFAULT
     # TDH.MEM.PAGE.ADD: the page enters the TD with the source's contents, accepted
