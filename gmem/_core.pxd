@@ -55,7 +55,6 @@ cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
 cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil
 # The address of index's slot in its leaf node (not read), or NULL: for prefetching.
 cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil
-cdef const uint64_t *xa_slot_at(const xarray *xa, uint64_t index, int shift) noexcept nogil
 # Store value over the naturally aligned range of 1 << order indices at index
 # (index must be aligned).  A store into part of a larger entry stores at every
 # index of that entry; smaller entries inside the range are replaced by one entry.

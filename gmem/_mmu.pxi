@@ -370,17 +370,16 @@ cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t erro
 
 # --------------------------------------------------------- batch prefetch
 # Not the kernel's: a batch knows its next faults, so while one fault runs it pulls
-# into the cache what a later one will read, in stages, each needing the previous one's
-# lines: the SPTE and gmem filemap nodes above the leaves, then the leaf slots, then
-# the folio named by the filemap slot. Nothing here changes state.
+# into the cache what a later one will read, in two stages, the second needing the
+# first one's lines: the SPTE and gmem filemap leaf slots, then the folio named by that
+# filemap slot. Nothing here changes state.
 
 cdef enum:
     PREFETCH_FOLIO = 0      # stages, nearest first
     PREFETCH_LEAF = 1
-    PREFETCH_NODE = 2       # the shift-6 nodes: too many for the L2 in a large guest
 
 
-cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn, int shift) noexcept nogil:
+cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn) noexcept nogil:
     cdef kvm_memory_slot *s = NULL
     cdef uint64_t idx
     if kvm.last_used_slot >= 0:
@@ -393,22 +392,21 @@ cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn, int shift) noe
         s = &kvm.memslots[idx]
     if s.gmem_file == NULL or s.gmem_file.released:
         return NULL
-    return xa_slot_at(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff, shift)
+    return xa_leaf_slot(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff)
 
 
 cdef void kvm_mmu_prefetch(kvm *kvm, uint64_t gpa, uint64_t error_code, int stage) noexcept nogil:
     cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
-    cdef int shift = XA_CHUNK_SHIFT if stage == PREFETCH_NODE else 0
     # a present fault most likely ends in fast_page_fault, which reads only the SPTE
     cdef bint gmem = not (error_code & PFERR_PRESENT_MASK)
-    cdef const uint64_t *p = _filemap_slot(kvm, gfn, shift) if gmem else NULL
+    cdef const uint64_t *p = _filemap_slot(kvm, gfn) if gmem else NULL
     if stage == PREFETCH_FOLIO:
         if p != NULL and _xa_is_value(p[0]):
             gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
         return
     if p != NULL:
         gmem_prefetch(p)
-    p = xa_slot_at(&kvm.sptes, gfn, shift)
+    p = xa_leaf_slot(&kvm.sptes, gfn)
     if p != NULL:
         gmem_prefetch(p)
 

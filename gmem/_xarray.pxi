@@ -348,24 +348,6 @@ cdef xa_node *_xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
     return node
 
 
-cdef const uint64_t *xa_slot_at(const xarray *xa, uint64_t index, int shift) noexcept nogil:
-    """Where the slot covering index is in the node of this shift on its path, found
-    without reading that node, or NULL if the path ends above it: for prefetching."""
-    cdef xa_node *node = xa.head
-    cdef uint64_t e
-    cdef int s
-    if node == NULL or not _xa_covers(node.shift, index) or node.shift < shift:
-        return NULL
-    s = node.shift              # carried down: no node header is read
-    while s > shift:
-        e = node.slots[(index >> s) & XA_CHUNK_MASK]
-        if not _xa_is_node(e):
-            return NULL
-        node = _xa_to_node(e)
-        s -= XA_CHUNK_SHIFT
-    return &node.slots[(index >> shift) & XA_CHUNK_MASK]
-
-
 cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil:
     """Where index's slot is in its leaf, found without reading the leaf itself, or NULL if
     index has no leaf: a batch prefetches it for a later lookup. Leaves the hint alone."""
