@@ -128,11 +128,23 @@ cdef inline void _host_lock(Host host) noexcept:
     cdef long me = PyThread_get_thread_ident()
     if host._owner == me:
         host._depth += 1
-        return
-    while host._owner != 0:
+    elif host._owner == 0 and host._serving == host._tickets:
+        host._owner = me
+        host._depth = 1
+    else:
+        _host_wait(host, me)
+
+
+cdef void _host_wait(Host host, long me) noexcept:
+    """Wait for the host, in turn: a thread calling again as soon as its call returned (a loop
+    of batches) would otherwise take the host back before a waiter gets the GIL, forever."""
+    cdef uint64_t ticket = host._tickets
+    host._tickets += 1
+    while host._owner != 0 or host._serving != ticket:
         with nogil:                          # sleeps while the owner is parked
             PyThread_acquire_lock(host._lock, WAIT_LOCK)
             PyThread_release_lock(host._lock)
+    host._serving += 1
     host._owner = me
     host._depth = 1
 
@@ -358,6 +370,8 @@ cdef class Host:
     cdef int _depth              # its nested calls
     cdef PyThread_type_lock _lock     # held by the owner while it is parked (_host_park)
     cdef int _parked
+    cdef uint64_t _tickets       # threads that ever waited for the host (_host_wait)
+    cdef uint64_t _serving       # of them, those that got it
     cdef uint32_t _next_ino
     cdef uint32_t _next_asid
     cdef object __weakref__

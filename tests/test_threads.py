@@ -160,6 +160,35 @@ def test_batches_on_one_host_are_serialized():
     assert w["vm"].stats["pf_fixed"] == ref["vm"].stats["pf_fixed"] == NPAGES
 
 
+def test_a_loop_of_batches_does_not_starve_another_thread():
+    """Waiters get the host in turn.  Thread A calls page_fault_batch in a loop until thread B
+    has made its calls: were A to take the host back as soon as its call returned (before B,
+    woken, got the GIL), B would wait as long as A loops, here up to the cap."""
+    h = gmem.Host(memory=64 * MB)
+    vm = h.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    f = vm.create_guest_memfd(MB)
+    vm.set_user_memory_region2(0, GMEM, 0, MB, HVA, f, 0)
+    gpas = np.arange(64, dtype=np.uint64) << np.uint64(12)
+    ecs = np.full(64, W, np.uint64)
+    n = dict(a=0, b=0)
+    cap = 200_000
+
+    def a():
+        while n["b"] < 16 and n["a"] < cap:
+            vm.page_fault_batch(gpas, ecs)
+            n["a"] += 1
+
+    def b():
+        while n["a"] == 0:
+            time.sleep(0.001)
+        for _ in range(16):
+            vm.stats
+            n["b"] += 1
+
+    run_threads(a, b)
+    assert n["b"] == 16 and n["a"] < cap
+
+
 def test_pre_fault_memory_and_calls_from_another_thread():
     """pre_fault_memory allocates and maps the whole guest, the GIL released, while thread B
     allocates, punches and converts on the same host."""
