@@ -8,6 +8,9 @@ from gmem import uapi as _uapi
 from gmem.errors import SigBus as _SigBus, InvariantError as _InvariantError, RmpViolation as _RmpViolation
 
 from cpython.ref cimport PyObject
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, PyThread_get_thread_ident,
+                               WAIT_LOCK, NOWAIT_LOCK)
 from libc.string cimport memcpy
 
 cdef unsigned char _ZERO_PAGE[4096]
@@ -108,12 +111,95 @@ cdef inline int64_t _s64(uint64_t x) noexcept nogil:
     return <int64_t>x
 
 
+# ------------------------------------------------------------ the host lock
+# One lock per Host stands for the kernel's locks (slots_lock, mmu_lock, the filemap
+# invalidate lock, ...).  Every call that reads or writes a host's C state holds the host
+# from its first line to its return: page_fault_batch and pre_fault_memory across their
+# nogil loop, and the other calls too, since one that runs a Python hook (or a finalizer)
+# lets other threads have the GIL in its middle.
+#
+# The holder is the _owner field, read and written with the GIL held: taking a free host
+# costs no system call.  The OS lock is for waiting: the owner holds it ("parks") while it
+# may keep the GIL away for long (a nogil loop, a Python hook), and waiters sleep on it.
+# No thread waits for anything while holding the GIL: the owner may need the GIL to finish.
+
+cdef inline void _host_lock(Host host) noexcept:
+    """Hold the host, recursively for the thread holding it."""
+    cdef long me = PyThread_get_thread_ident()
+    if host._owner == me:
+        host._depth += 1
+    elif host._owner == 0 and host._serving == host._tickets:
+        host._owner = me
+        host._depth = 1
+    else:
+        _host_wait(host, me)
+
+
+cdef void _host_wait(Host host, long me) noexcept:
+    """Wait for the host, in turn: a thread calling again as soon as its call returned (a loop
+    of batches) would otherwise take the host back before a waiter gets the GIL, forever."""
+    cdef uint64_t ticket = host._tickets
+    host._tickets += 1
+    while host._owner != 0 or host._serving != ticket:
+        with nogil:                          # sleeps while the owner is parked
+            PyThread_acquire_lock(host._lock, WAIT_LOCK)
+            PyThread_release_lock(host._lock)
+    host._serving += 1
+    host._owner = me
+    host._depth = 1
+
+
+cdef inline void _host_unlock(Host host) noexcept:
+    host._depth -= 1
+    if host._depth == 0:
+        host._owner = 0
+
+
+cdef void _host_park(Host host) noexcept:
+    """The owner takes the OS lock before it lets the GIL go for long."""
+    if host._parked == 0 and not PyThread_acquire_lock(host._lock, NOWAIT_LOCK):
+        with nogil:                          # a waiter holds it for an instant
+            PyThread_acquire_lock(host._lock, WAIT_LOCK)
+    host._parked += 1
+
+
+cdef void _host_unpark(Host host) noexcept:
+    host._parked -= 1
+    if host._parked == 0:
+        PyThread_release_lock(host._lock)
+
+
+@cython.final
+@cython.no_gc
+@cython.freelist(8)
+cdef class _HostHold:
+    """Holds a host while it lives: a local of the call it guards, dropped when that call
+    returns or raises (Cython drops locals only then)."""
+    cdef Host host
+
+    def __dealloc__(self):
+        if self.host is not None:
+            _host_unlock(self.host)
+
+
+cdef _HostHold _host_enter(Host host):
+    """The gate of every call on a host's C state: `held = _host_enter(host)`, its first line,
+    waits (GIL released) while another thread holds the host, then holds it until the call
+    ends.  _refuse_in_hook comes after it: hooks run only in the thread holding the host, so
+    a call from another thread is not refused, it waits."""
+    cdef _HostHold held = _HostHold.__new__(_HostHold)
+    _host_lock(host)
+    held.host = host
+    return held
+
+
 # ------------------------------------------------------------ Python hooks
 
 cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
     fn = <object>h.py_hooks[vm_type][which]
     cdef Host host = <Host>h.py_host
-    host._hook_depth += 1
+    host._hook_depth += 1           # per thread in effect: only the host's owner runs hooks
+    _host_park(host)                # a hook may keep the GIL away: waiters sleep
     try:
         return fn(*args)
     except BaseException as e:
@@ -122,6 +208,7 @@ cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object 
         h.stats[HOST_STAT_HOOK_ERRORS] += 1
         return default
     finally:
+        _host_unpark(host)
         host._hook_depth -= 1
 
 
@@ -176,6 +263,7 @@ cdef class Trace:
 
     def enable(self, *events, capacity=1 << 16):
         """Record these events (all if none are named) in a ring of `capacity` records."""
+        held = _host_enter(self.host)
         cdef gmem_host *h = &self.host.h
         cdef uint64_t cap = _u64(capacity, "capacity")
         cdef gmem_trace_rec *buf
@@ -197,6 +285,7 @@ cdef class Trace:
         h.trace_mask |= mask
 
     def disable(self, *events):
+        held = _host_enter(self.host)
         cdef gmem_host *h = &self.host.h
         for e in (events or TRACE_EVENTS):
             if e not in TRACE_EVENTS:
@@ -204,20 +293,24 @@ cdef class Trace:
             h.trace_mask &= ~(1 << TRACE_EVENTS.index(e))
 
     def clear(self):
+        held = _host_enter(self.host)
         self.host.h.trace_seq = 0
 
     @property
     def enabled(self):
+        held = _host_enter(self.host)
         return tuple(e for i, e in enumerate(TRACE_EVENTS) if (self.host.h.trace_mask >> i) & 1)
 
     @property
     def lost(self):
         """Records overwritten because the ring was full."""
+        held = _host_enter(self.host)
         cdef gmem_host *h = &self.host.h
         return h.trace_seq - h.trace_cap if h.trace_cap and h.trace_seq > h.trace_cap else 0
 
     def to_numpy(self):
         """The records still in the ring, oldest first, as a TRACE_DTYPE array (a copy)."""
+        held = _host_enter(self.host)
         cdef gmem_host *h = &self.host.h
         if h.trace_buf == NULL or h.trace_seq == 0:
             return np.zeros(0, dtype=TRACE_DTYPE)
@@ -273,6 +366,12 @@ cdef class Host:
     cdef public object _hook_exc
     cdef list _hook_refs
     cdef int _hook_depth         # Python hooks running now: gmem refuses to be re-entered from one
+    cdef long _owner             # the thread holding the host (_host_enter), 0 for none
+    cdef int _depth              # its nested calls
+    cdef PyThread_type_lock _lock     # held by the owner while it is parked (_host_park)
+    cdef int _parked
+    cdef uint64_t _tickets       # threads that ever waited for the host (_host_wait)
+    cdef uint64_t _serving       # of them, those that got it
     cdef uint32_t _next_ino
     cdef uint32_t _next_asid
     cdef object __weakref__
@@ -280,6 +379,9 @@ cdef class Host:
     def __cinit__(self):
         cdef int t
         memset(&self.h, 0, sizeof(gmem_host))
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError("host lock")
         self.h.py_host = <void *>self
         for t in range(KVM_MAX_VM_TYPES):
             kvm_x86_hooks_init(&self.h.hooks[t], t)
@@ -343,6 +445,8 @@ cdef class Host:
         xa_destroy(&self.h.rmp.leaked)
         phys_destroy(&self.h.pm)
         free(self.h.trace_buf)
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
 
     @property
     def options(self):
@@ -409,6 +513,7 @@ cdef class Host:
         A type this host lacks (6..31) becomes creatable, with private memory like SW_PROTECTED."""
         cdef int t
         cdef kvm_x86_hooks native
+        held = _host_enter(self)                  # the fault path reads the hook table
         if isinstance(vm_type, bool) or not isinstance(vm_type, int) or not 0 <= vm_type < KVM_MAX_VM_TYPES:
             raise ValueError(f"vm_type must be in [0, {KVM_MAX_VM_TYPES})")
         for name, fn in hooks.items():
@@ -451,10 +556,12 @@ cdef class Host:
 
     @property
     def nr_free_pages(self):
+        held = _host_enter(self)
         return self.h.pm.nr_free_pages
 
     @property
     def stats(self):
+        held = _host_enter(self)
         d = {name: self.h.stats[i] for i, name in enumerate(HOST_STATS)}
         d["free_pages"] = self.h.pm.nr_free_pages
         d["used_pages"] = self.h.pm.end_pfn - self.h.pm.start_pfn - self.h.pm.nr_free_pages
@@ -464,6 +571,7 @@ cdef class Host:
     @property
     def memory_bytes(self):
         """C memory used by the model's own bookkeeping of host memory."""
+        held = _host_enter(self)
         cdef size_t n = sizeof(gmem_host) + xa_memory_bytes(&self.h.pm.memmap)
         cdef int o
         for o in range(NR_PAGE_ORDERS):
@@ -474,6 +582,7 @@ cdef class Host:
 
     def folio(self, pfn):
         """The folio containing pfn: dict(pfn, order, flags, refcount, mapping, index, private) or None."""
+        held = _host_enter(self)
         cdef uint32_t id = pfn_folio(&self.h.pm, _u64(pfn, "pfn"))
         cdef folio *f
         if id == 0:
@@ -499,6 +608,7 @@ cdef class Host:
 
     def read_user(self, hva, n):
         """Read the VMM's own memory (the shared backing of memslots) at hva."""
+        held = _host_enter(self)
         cdef uint64_t a = _u64(hva, "hva"), ln = _buffer_len(n, "n"), pos = 0, k
         out = bytearray(ln)
         cdef unsigned char[::1] o = out if ln else None
@@ -510,6 +620,7 @@ cdef class Host:
 
     def write_user(self, hva, data):
         """Write the VMM's own memory at hva."""
+        held = _host_enter(self)
         cdef uint64_t a = _u64(hva, "hva"), pos = 0, k
         b = _bytes_arg(data, "data")
         cdef uint64_t ln = len(b)
@@ -527,6 +638,7 @@ cdef class Host:
     def touch(self, pfn, write=True):
         """A host CPU access to pfn through the direct map. On "amd" a write to an RMP-assigned
         page, or through a 2M direct mapping over any assigned page, raises gmem.RmpViolation."""
+        held = _host_enter(self)
         cdef uint64_t p = _u64(pfn, "pfn"), split
         if p >= self.h.pm.end_pfn:
             raise _err(_errno_mod.EINVAL, f"pfn {pfn:#x} is beyond host memory")
@@ -539,6 +651,7 @@ cdef class Host:
     def memory_failure(self, pfn):
         """memory_failure(pfn) (HWPOISON): a gmem page is marked poisoned and unmapped; later
         faults on it are memory-fault exits with -EHWPOISON. Returns True for a gmem page."""
+        held = _host_enter(self)
         cdef uint64_t p = _u64(pfn, "pfn")
         cdef uint32_t id = pfn_folio(&self.h.pm, p)
         if p >= self.h.pm.end_pfn:
@@ -557,6 +670,7 @@ cdef class Host:
         """Fault injection, as a context manager that clears what is left on exit:
         page allocations fail with ENOMEM; arch prepares fail with -prepare_errno;
         RMPUPDATEs return rmpupdate_code (FAIL_OVERLAP is retried, as rmpupdate() does)."""
+        held = _host_enter(self)
         # every argument is checked before anything is armed: a refused call injects nothing
         cdef uint64_t na = _u64(alloc_failures, "alloc_failures")
         cdef uint64_t npf = _u64(prepare_failures, "prepare_failures")
@@ -578,10 +692,12 @@ cdef class Host:
 
     def inject_alloc_failures(self, n):
         """Fault injection: the next n page allocations fail (ENOMEM as the kernel reports it)."""
+        held = _host_enter(self)
         self.h.pm.fail_alloc = _u64(n, "n")
 
     def check(self):
         """Cross-check every structure; raise gmem.InvariantError naming the first inconsistency."""
+        held = _host_enter(self)
         _host_check(self)
 
 
@@ -626,6 +742,7 @@ class _Injection:
         return self.host
 
     def __exit__(self, *exc):
+        held = _host_enter(self.host)
         (<Host>self.host).h.pm.fail_alloc = 0
         (<Host>self.host).h.fail_prepare = 0
         (<Host>self.host).h.rmp.fail_rmpupdate = 0

@@ -41,35 +41,42 @@ cdef class Rmp:
 
     def lookup(self, pfn):
         """The entry for pfn; its pagesize is 1 only at the head of a 2M entry."""
+        held = _host_enter(self.host)
         return _rmp_entry(rmp_raw(&self.host.h, self._pfn(pfn)))
 
     def level(self, pfn):
         """snp_lookup_rmpentry's level: PG_LEVEL_2M inside a 2M entry, else PG_LEVEL_4K."""
+        held = _host_enter(self.host)
         cdef int assigned, level
         snp_lookup_rmpentry(&self.host.h, self._pfn(pfn), &assigned, &level)
         return level
 
     def rmpupdate(self, pfn, *, assigned, pagesize=0, immutable=False, gpa=0, asid=0):
         """The RMPUPDATE instruction: its architectural return code."""
+        held = _host_enter(self.host)
         cdef uint64_t p = self._pfn(pfn)
         return rmpupdate_insn(&self.host.h, p, rmp_state(bool(assigned), PG_LEVEL_2M if pagesize else PG_LEVEL_4K,
                                                         bool(immutable), _u64(gpa, "gpa"), _u32_wrap(asid, "asid")))
 
     def psmash(self, pfn):
         """The PSMASH instruction: its architectural return code."""
+        held = _host_enter(self.host)
         return psmash_insn(&self.host.h, self._pfn(pfn))
 
     def make_private(self, pfn, gpa, level, asid, immutable=False):
         """rmp_make_private: 0 or -errno (rmpupdate loops on FAIL_OVERLAP, else -EFAULT)."""
+        held = _host_enter(self.host)
         return rmp_make_private(&self.host.h, self._pfn(pfn), _u64(gpa, "gpa"), _c_int_arg(level, "level"),
                                 _u32_wrap(asid, "asid"), bool(immutable))
 
     def make_shared(self, pfn, level):
         """rmp_make_shared: 0 or -errno."""
+        held = _host_enter(self.host)
         return rmp_make_shared(&self.host.h, self._pfn(pfn), _c_int_arg(level, "level"))
 
     def view(self, start, stop):
         """Entries for pfns [start, stop) as an RMP_DTYPE array."""
+        held = _host_enter(self.host)
         cdef uint64_t a = self._pfn(start), b = _u64(stop, "stop"), i, raw
         if b < a or b - a > (1 << 24):
             raise ValueError("need start <= stop and at most 2**24 pfns")
@@ -83,6 +90,7 @@ cdef class Rmp:
 
     def assigned(self):
         """Every assigned pfn, ascending (2M entries expanded)."""
+        held = _host_enter(self.host)
         out = []
         for first, order, v in _xa_entries(&self.host.h.rmp.entries):
             if v & RMP_ASSIGNED:
@@ -91,14 +99,17 @@ cdef class Rmp:
 
     @property
     def leaked(self):
+        held = _host_enter(self.host)
         return [first for first, order, v in _xa_entries(&self.host.h.rmp.leaked)]
 
     @property
     def stats(self):
+        held = _host_enter(self.host)
         return {name: self.host.h.rmp.stats[i] for i, name in enumerate(SNP_STATS)}
 
     def inject_rmpupdate_failures(self, n, code=RMPUPDATE_FAIL_INUSE):
         """Fault injection: the next n RMPUPDATEs return code (FAIL_OVERLAP is retried, as rmpupdate() does)."""
+        held = _host_enter(self.host)
         if code not in (RMPUPDATE_FAIL_INPUT, RMPUPDATE_FAIL_PERMISSION, RMPUPDATE_FAIL_INUSE,
                         RMPUPDATE_FAIL_OVERLAP):
             raise ValueError(f"not an RMPUPDATE failure code: {code}")

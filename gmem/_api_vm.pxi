@@ -165,6 +165,7 @@ cdef class Vm:
 
     def close(self):
         """Close the VM fd; the VM is destroyed once no guest_memfd of it is open either."""
+        held = _host_enter(self.host)
         if self.closed:
             return
         _refuse_in_hook(self.host, "close(VM fd)")
@@ -198,6 +199,7 @@ cdef class Vm:
     # ------------------------------------------------------------ vCPUs
     def create_vcpu(self, vcpu_id=0):
         """KVM_CREATE_VCPU."""
+        held = _host_enter(self.host)
         self._check_open("KVM_CREATE_VCPU")
         cdef uint64_t id = _u64_wrap(vcpu_id, "vcpu_id")
         if id >= KVM_MAX_VCPU_IDS:
@@ -215,6 +217,7 @@ cdef class Vm:
     # --------------------------------------------------------- guest_memfd
     def create_guest_memfd(self, size, flags=0):
         """KVM_CREATE_GUEST_MEMFD: flags are checked before size (kvm_gmem_create)."""
+        held = _host_enter(self.host)
         self._check_open("KVM_CREATE_GUEST_MEMFD")
         cdef uint64_t sz = _u64_wrap(size, "size"), fl = _u64_wrap(flags, "flags")
         cdef uint64_t supported = GUEST_MEMFD_FLAG_MMAP
@@ -232,6 +235,7 @@ cdef class Vm:
     def link_guest_memfd(self, GuestMemfd src not None):
         """A new guest_memfd of this VM on the same inode as src: the shared-inode model of
         intra-host migration. This mirrors a proposed uAPI (KVM_LINK_GUEST_MEMFD), not a merged one."""
+        held = _host_enter(self.host)
         self._check_open("KVM_LINK_GUEST_MEMFD")
         src._check_open("KVM_LINK_GUEST_MEMFD")
         if src.file.vm.host is not self.host:
@@ -246,6 +250,7 @@ cdef class Vm:
     def set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size,
                                 userspace_addr=0, guest_memfd=-1, guest_memfd_offset=0):
         """KVM_SET_USER_MEMORY_REGION2, with the kernel's order of checks."""
+        held = _host_enter(self.host)
         self._check_open("KVM_SET_USER_MEMORY_REGION2")
         _refuse_in_hook(self.host, "KVM_SET_USER_MEMORY_REGION2")
         if isinstance(guest_memfd, GuestMemfd):
@@ -261,6 +266,7 @@ cdef class Vm:
 
     def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr=0):
         """KVM_SET_USER_MEMORY_REGION (v1: no guest_memfd)."""
+        held = _host_enter(self.host)
         self._check_open("KVM_SET_USER_MEMORY_REGION")
         _refuse_in_hook(self.host, "KVM_SET_USER_MEMORY_REGION")
         self._set_memory_region(_u32_wrap(slot, "slot"), _u32_wrap(flags, "flags"),
@@ -464,6 +470,7 @@ cdef class Vm:
     def memslots(self):
         """The memslots as dicts (slot, flags, guest_phys_addr, memory_size, userspace_addr,
         guest_memfd_offset, bound)."""
+        held = _host_enter(self.host)
         cdef uint32_t i
         cdef kvm_memory_slot *s
         out = []
@@ -478,6 +485,7 @@ cdef class Vm:
     # ----------------------------------------------------------- attributes
     def set_memory_attributes(self, address, size, attributes, flags=0):
         """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes)."""
+        held = _host_enter(self.host)
         self._check_open("KVM_SET_MEMORY_ATTRIBUTES")
         cdef uint64_t a = _u64_wrap(address, "address"), sz = _u64_wrap(size, "size")
         cdef uint64_t attrs = _u64_wrap(attributes, "attributes"), fl = _u64_wrap(flags, "flags")
@@ -502,11 +510,13 @@ cdef class Vm:
 
     def get_memory_attributes(self, gfn):
         """The attributes of one gfn (kvm_get_memory_attributes; no ioctl reads them)."""
+        held = _host_enter(self.host)
         return kvm_get_memory_attributes(&self.k, _u64(gfn, "gfn"))
 
     def enable_cap(self, cap, *args):
         """KVM_ENABLE_CAP on the VM: KVM_CAP_EXIT_HYPERCALL (args[0]: bitmap of hypercalls
         that exit to userspace; only KVM_HC_MAP_GPA_RANGE is valid)."""
+        held = _host_enter(self.host)
         self._check_open("KVM_ENABLE_CAP")
         c = _u64_wrap(cap, "cap")
         a0 = _u64_wrap(args[0] if args else 0, "args[0]")
@@ -520,6 +530,7 @@ cdef class Vm:
     # ------------------------------------------------------------ SEV-SNP
     def snp_launch_start(self, policy=0x30000):
         """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
+        held = _host_enter(self.host)
         self._check_open("KVM_SEV_SNP_LAUNCH_START")
         if self.k.vm_type != KVM_X86_SNP_VM or self.k.launch_state:
             raise _err(_errno_mod.EINVAL, "KVM_SEV_SNP_LAUNCH_START: not an SNP VM, or launch already started")
@@ -530,6 +541,7 @@ cdef class Vm:
     def snp_launch_update(self, gfn_start, uaddr, length, page_type, flags=0):
         """KVM_SEV_SNP_LAUNCH_UPDATE through kvm_gmem_populate: the pages must be PRIVATE in the
         attributes and not yet prepared (EEXIST). Returns the updated (gfn_start, uaddr, len)."""
+        held = _host_enter(self.host)
         cdef snp_populate_args args
         cdef int64_t count
         cdef uint64_t gfn = _u64(gfn_start, "gfn_start"), src = _u64(uaddr, "uaddr"), ln = _u64(length, "len")
@@ -562,6 +574,7 @@ cdef class Vm:
     def snp_launch_finish(self):
         """KVM_SEV_SNP_LAUNCH_FINISH: each vCPU's VMSA becomes a private, immutable page; the
         guest runs and pre-faulting is allowed."""
+        held = _host_enter(self.host)
         cdef uint32_t id
         cdef uint64_t pfn, raw, old
         what = "KVM_SEV_SNP_LAUNCH_FINISH"
@@ -589,6 +602,7 @@ cdef class Vm:
     # ---------------------------------------------------------------- TDX
     def tdx_init_vm(self, gpaw=52):
         """KVM_TDX_INIT_VM: GPAW 52 (shared bit 51) or 48 (shared bit 47); the TD is being built."""
+        held = _host_enter(self.host)
         _tdx_check(self, "KVM_TDX_INIT_VM")
         if self.k.launch_state != TD_STATE_RUNNABLE or self.k.sept.nr_entries or gpaw not in (48, 52):
             raise _err(_errno_mod.EINVAL, "KVM_TDX_INIT_VM: already initialised, or GPAW not 48/52")
@@ -598,6 +612,7 @@ cdef class Vm:
 
     def tdx_finalize_vm(self):
         """KVM_TDX_FINALIZE_VM: refused (EINVAL) while a premapped page was never added."""
+        held = _host_enter(self.host)
         _tdx_check(self, "KVM_TDX_FINALIZE_VM")
         if self.k.launch_state != TD_STATE_INITIALIZED or self.k.nr_premapped:
             raise _err(_errno_mod.EINVAL, "KVM_TDX_FINALIZE_VM: TD not initialised, or "
@@ -607,24 +622,29 @@ cdef class Vm:
 
     @property
     def td_state(self):
+        held = _host_enter(self.host)
         return ("uninitialized", "initialized", "runnable")[self.k.launch_state] \
             if self.k.vm_type == KVM_X86_TDX_VM else None
 
     @property
     def nr_premapped(self):
+        held = _host_enter(self.host)
         return self.k.nr_premapped
 
     @property
     def shared_gpa_bit(self):
         """TDX: the GPA bit that selects the shared alias (0 for other types)."""
+        held = _host_enter(self.host)
         return self.k.gfn_direct_bits << 12
 
     def sept(self):
         """TDX mirror S-EPT leaves: {gfn: (pfn, state)}."""
+        held = _host_enter(self.host)
         return {first: (v >> 4, TDX_SEPT_STATES[v & 15]) for first, order, v in _xa_entries(&self.k.sept)}
 
     @property
     def tdx_stats(self):
+        held = _host_enter(self.host)
         return {name: self.k.tdx_stats[i] for i, name in enumerate(TDX_STATS)}
 
     # ------------------------------------------------------------- faults
@@ -632,7 +652,11 @@ cdef class Vm:
         """Run faults through the same C path as vcpu.page_fault, in order, the GIL released
         (Python hooks take it while they run). vcpu_id is one id or an array of one id per
         fault; vCPUs that do not exist yet are created. Returns a FAULT_DTYPE array (out, if
-        given one of the right length, is filled and returned: no allocation per call)."""
+        given one of the right length, is filled and returned: no allocation per call).
+        Threads: the batch holds its host's lock for the whole call, so other threads' calls
+        on that host wait and land before or after it, never between two faults; other hosts
+        run in parallel."""
+        held = _host_enter(self.host)
         cdef kvm_vcpu *one
         cdef kvm_vcpu **vcpus
         self._check_open("page_fault_batch")
@@ -648,7 +672,7 @@ cdef class Vm:
             raise ValueError(f"out must be a writable, contiguous FAULT_DTYPE array of length {n}")
         if np.ndim(vcpu_id) == 0:
             one = &self._vcpu(_u64(vcpu_id, "vcpu_id")).v
-            _fault_batch(&one, None, g, e, out)
+            _fault_batch_parked(self.host, &one, None, g, e, out)
         else:
             ids = _u64_array(vcpu_id, "vcpu_id")
             if ids.shape[0] != n:
@@ -659,7 +683,7 @@ cdef class Vm:
             try:
                 for v in (np.unique(ids) if n else ()):
                     vcpus[v] = &self._vcpu(int(v)).v
-                _fault_batch(vcpus, ids, g, e, out)
+                _fault_batch_parked(self.host, vcpus, ids, g, e, out)
             finally:
                 free(vcpus)
         self.host._raise_hook_exc()
@@ -673,6 +697,7 @@ cdef class Vm:
     def inject_invalidation(self, gpa, size):
         """Fault injection: run an invalidation of [gpa, gpa + size) between the next fault's
         pfn lookup and its map (as if an mmu notifier ran then): that fault returns RET_PF_RETRY."""
+        held = _host_enter(self.host)
         cdef uint64_t a = _u64(gpa, "gpa"), n = _u64(size, "size")
         if n == 0:
             raise ValueError("size must be positive")
@@ -681,11 +706,13 @@ cdef class Vm:
 
     def sptes(self):
         """The SPTEs as a list of (gfn, level, pfn, writable, private)."""
+        held = _host_enter(self.host)
         return [(first, v & SPTE_LEVEL_MASK, v >> SPTE_PFN_SHIFT, bool(v & SPTE_WRITABLE),
                  bool(v & SPTE_PRIVATE)) for first, order, v in _xa_entries(&self.k.sptes)]
 
     @property
     def stats(self):
+        held = _host_enter(self.host)
         d = {"pages_4k": self.k.sptes.nr_by_order[0], "pages_2m": self.k.sptes.nr_by_order[9],
              "pages_1g": self.k.sptes.nr_by_order[18]}
         for i, name in enumerate(VM_STATS):
@@ -761,6 +788,17 @@ cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t
                 break
 
 
+cdef void _fault_batch_parked(Host host, kvm_vcpu **vcpus, const uint64_t[::1] ids,
+                              const uint64_t[::1] gpas, const uint64_t[::1] ecs, object out) except *:
+    """_fault_batch with the host parked across it (one OS lock per batch): other threads'
+    calls on the host sleep on the lock until it ends."""
+    _host_park(host)
+    try:
+        _fault_batch(vcpus, ids, gpas, ecs, out)
+    finally:
+        _host_unpark(host)
+
+
 cdef str _pre_fault_reason(int e, uint64_t gpa):
     """The rule behind a KVM_PRE_FAULT_MEMORY errno (kvm_arch_vcpu_pre_fault_memory)."""
     if e == _errno_mod.EOPNOTSUPP:
@@ -798,10 +836,17 @@ cdef class Vcpu:
     def page_fault(self, gpa, error_code):
         """One #NPF / EPT violation with the full 64-bit error code (kvm_mmu_page_fault)."""
         cdef kvm_fault_out out
-        cdef uint64_t g = _u64(gpa, "gpa"), e = _u64(error_code, "error_code")
-        self.vm._check_open("page fault")
-        kvm_mmu_page_fault(&self.v, g, e, &out)
-        self.vm.host._raise_hook_exc()
+        cdef uint64_t g, e
+        cdef Host host = self.vm.host
+        _host_lock(host)            # the hot scalar path: try/finally, not a _host_enter object
+        try:
+            g = _u64(gpa, "gpa")
+            e = _u64(error_code, "error_code")
+            self.vm._check_open("page fault")
+            kvm_mmu_page_fault(&self.v, g, e, &out)
+            host._raise_hook_exc()
+        finally:
+            _host_unlock(host)
         return _fault_result(&out)
 
     def pre_fault_memory(self, gpa, size, flags=0):
@@ -810,7 +855,9 @@ cdef class Vcpu:
         count it. Returns what the kernel copies back into struct kvm_pre_fault_memory: the
         (gpa, size) not yet mapped, (gpa + size, 0) when all was. A failure after some progress
         is not raised (the ioctl returns 0; call again from the returned gpa to see it);
-        without progress it raises OSError with the kernel's errno and nothing changes."""
+        without progress it raises OSError with the kernel's errno and nothing changes.
+        Like page_fault_batch it runs with the GIL released, holding its host's lock."""
+        held = _host_enter(self.vm.host)
         cdef kvm_pre_fault_memory range
         cdef int r
         what = "KVM_PRE_FAULT_MEMORY"
@@ -824,8 +871,12 @@ cdef class Vcpu:
         if range.gpa & 4095 or range.size & 4095 or range.gpa + range.size <= range.gpa:
             raise _err(_errno_mod.EINVAL, f"{what}: gpa and size must be page aligned, size "
                        "non-zero, and gpa + size must not wrap")
-        with nogil:
-            r = kvm_vcpu_pre_fault_memory(&self.v, &range)
+        _host_park(self.vm.host)
+        try:
+            with nogil:
+                r = kvm_vcpu_pre_fault_memory(&self.v, &range)
+        finally:
+            _host_unpark(self.vm.host)
         self.vm.host._raise_hook_exc()
         if r < 0:
             raise _err(-r, f"{what}: {_pre_fault_reason(-r, range.gpa)}")
@@ -833,6 +884,7 @@ cdef class Vcpu:
 
     @property
     def stats(self):
+        held = _host_enter(self.vm.host)
         return {name: self.v.stats[i] for i, name in enumerate(VCPU_STATS)}
 
     cdef unsigned char *_guest_page(self, uint64_t gpa, uint64_t error_code, bint write) except NULL:
@@ -865,6 +917,7 @@ cdef class Vcpu:
         """A guest read of n bytes at gpa, faulting pages in with error_code (add
         PFERR_GUEST_ENC_MASK for an SNP private access). Raises gmem.GuestExit when a fault
         cannot be resolved in KVM (memory-fault exit, emulation, error)."""
+        held = _host_enter(self.vm.host)
         cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
         cdef uint64_t ln = _buffer_len(n, "n")
         cdef unsigned char *p
@@ -883,15 +936,18 @@ cdef class Vcpu:
         """The guest's PVALIDATE of the page at gpa (pagesize 0: 4K, 1: 2M): 0 or the code
         (FAIL_INPUT, FAIL_SIZEMISMATCH, PVALIDATE_FAIL_NOUPDATE when nothing changed).
         A 4K PVALIDATE on a 2M RMP entry takes an RMP|SIZEM #NPF: KVM PSMASHes, then it runs."""
+        held = _host_enter(self.vm.host)
         return _snp_pvalidate(self, _u64(gpa, "gpa"), _c_int_arg(pagesize, "pagesize"), bool(validate))
 
     def rmpadjust(self, gpa, pagesize, attrs):
         """The guest's RMPADJUST (VMPL permissions, VMSA bit) of the page at gpa: 0 or the code."""
+        held = _host_enter(self.vm.host)
         return _snp_rmpadjust(self, _u64(gpa, "gpa"), _c_int_arg(pagesize, "pagesize"), _u64(attrs, "attrs"))
 
     def psc_msr(self, gpa, op):
         """A GHCB MSR-protocol page-state change of one page (op 1 private, 2 shared): a
         HypercallExit to answer with complete_hypercall(), or the GHCB response right away."""
+        held = _host_enter(self.vm.host)
         self.vm._check_open("page-state change")
         return _psc_msr(self, _u64(gpa, "gpa"), _c_int_arg(op, "op"))
 
@@ -899,6 +955,7 @@ cdef class Vcpu:
         """A GHCB PSC request (SVM_VMGEXIT_PSC). entries: dicts with gfn, operation, pagesize,
         cur_page (updated in place as KVM progresses). Returns a HypercallExit (answer with
         complete_hypercall) or the final PSC return code (0 or VMGEXIT_PSC_ERROR_*)."""
+        held = _host_enter(self.vm.host)
         self.vm._check_open("page-state change")
         if self.v.kvm.vm_type != KVM_X86_SNP_VM:
             raise _err(_errno_mod.EINVAL, "page-state change: only an SEV-SNP guest has it")
@@ -921,6 +978,7 @@ cdef class Vcpu:
     def tdx_accept(self, gpa):
         """The guest's TDG.MEM.PAGE.ACCEPT of the private 4K page at gpa: an EPT violation
         AUGs it first if needed. TDX_SUCCESS, or TDX_PAGE_ALREADY_ACCEPTED."""
+        held = _host_enter(self.vm.host)
         cdef kvm *k = self.v.kvm
         cdef uint64_t g = _u64(gpa, "gpa"), v, old
         cdef kvm_fault_out out
@@ -948,6 +1006,7 @@ cdef class Vcpu:
     def tdx_map_gpa(self, gpa, size):
         """TDG.VP.VMCALL<MapGPA>: the shared bit of gpa says the target state. A HypercallExit
         per 2M chunk (answer with complete_hypercall), or a TDVMCALL status."""
+        held = _host_enter(self.vm.host)
         cdef kvm *k = self.v.kvm
         cdef uint64_t g = _u64(gpa, "gpa"), n = _u64(size, "size"), direct
         _tdx_check(self.vm, "MapGPA")
@@ -965,6 +1024,7 @@ cdef class Vcpu:
         """KVM_TDX_INIT_MEM_REGION: copy nr_pages from the VMM's memory at source_addr into the
         TD's private memory at gpa (premap, then TDH.MEM.PAGE.ADD), one page at a time.
         Returns the pages added; on an error after some pages, raises with partial progress kept."""
+        held = _host_enter(self.vm.host)
         cdef kvm *k = self.v.kvm
         cdef uint64_t src = _u64(source_addr, "source_addr"), g = _u64(gpa, "gpa")
         cdef uint64_t n = _u64(nr_pages, "nr_pages"), done = 0
@@ -991,6 +1051,7 @@ cdef class Vcpu:
     def complete_hypercall(self, ret=0):
         """Userspace's answer (hypercall.ret) to the last HypercallExit; returns the next exit,
         or the guest-visible result when the request is done."""
+        held = _host_enter(self.vm.host)
         if self._pending is None:
             raise _err(_errno_mod.EINVAL, "no hypercall exit is pending on this vCPU")
         if self._pending[0] == "map_gpa":
@@ -999,6 +1060,7 @@ cdef class Vcpu:
 
     def write(self, gpa, data, error_code=PFERR_WRITE_MASK):
         """A guest write of data at gpa (the fault carries PFERR_WRITE_MASK); see read()."""
+        held = _host_enter(self.vm.host)
         cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
         cdef unsigned char *p
         self.vm._check_open("guest write")
@@ -1032,8 +1094,13 @@ cdef class GmemInode:
         host._next_ino += 1
 
     def __dealloc__(self):
+        cdef Host host = self.host
         if self.i.filemap.nr_entries:
+            if host is not None:
+                _host_lock(host)                # its folios go back to the host's allocator
             kvm_gmem_evict_inode(&self.i)
+            if host is not None:
+                _host_unlock(host)
         xa_destroy(&self.i.filemap)
 
 
@@ -1108,6 +1175,7 @@ cdef class GuestMemfd:
             raise _err(_errno_mod.EBADF, f"{what}: guest_memfd fd is closed")
 
     def close(self):
+        held = _host_enter(self.file.vm.host)
         if self.closed:
             return
         _refuse_in_hook(self.file.vm.host, "close(guest_memfd)")
@@ -1123,6 +1191,7 @@ cdef class GuestMemfd:
 
     def dup(self):
         """dup(2): a new fd on the same file."""
+        held = _host_enter(self.file.vm.host)
         self._check_open("dup")
         return GuestMemfd(self.file)
 
@@ -1164,6 +1233,7 @@ cdef class GuestMemfd:
 
     def fallocate(self, mode, offset, length):
         """fallocate(2): vfs_fallocate's checks, then kvm_gmem_fallocate's."""
+        held = _host_enter(self.file.vm.host)
         self._check_open("fallocate")
         _refuse_in_hook(self.file.vm.host, "fallocate")
         cdef uint64_t m = _u32_wrap(mode, "mode"), off = _u64_wrap(offset, "offset")
@@ -1218,6 +1288,7 @@ cdef class GuestMemfd:
 
     def mmap(self, length, offset=0, prot=_uapi.PROT_READ | _uapi.PROT_WRITE, flags=_uapi.MAP_SHARED):
         """mmap(2): do_mmap's checks, then kvm_gmem_mmap's (6.18)."""
+        held = _host_enter(self.file.vm.host)
         self._check_open("mmap")
         cdef uint64_t ln = _u64_wrap(length, "length"), off = _u64_wrap(offset, "offset")
         cdef uint64_t p = _u32_wrap(prot, "prot"), fl = _u32_wrap(flags, "flags")
@@ -1267,6 +1338,7 @@ cdef class Mapping:
 
     def close(self):
         """munmap."""
+        held = _host_enter(self.file.vm.host)
         if not self.closed:
             _refuse_in_hook(self.file.vm.host, "munmap")
             self.closed = True
@@ -1322,6 +1394,7 @@ cdef class Mapping:
         return p if p != NULL else <unsigned char *>_ZERO_PAGE
 
     def __getitem__(self, key):
+        held = _host_enter(self.file.vm.host)
         cdef uint64_t a, b, pos, n
         cdef unsigned char *p
         a, b = self._range(key)
@@ -1338,6 +1411,7 @@ cdef class Mapping:
         return bytes(out) if isinstance(key, slice) else out[0]
 
     def __setitem__(self, key, value):
+        held = _host_enter(self.file.vm.host)
         cdef uint64_t a, b, pos, n
         cdef unsigned char *p
         a, b = self._range(key)

@@ -8,6 +8,7 @@ def page_states(Vm vm not None, gpa, size):
     """One PAGE_STATE_DTYPE record per guest page of [gpa, gpa + size): private (attribute),
     backed (a gmem folio exists), prepared (uptodate), level (SPTE level, 0 unmapped),
     rmp (0 shared, 1 assigned, 2 assigned and validated; SNP only), pfn (of the gmem page)."""
+    held = _host_enter(vm.host)
     cdef kvm *k = &vm.k
     cdef uint64_t g0 = _u64(gpa, "gpa") >> 12, n = _u64(size, "size") >> 12, i, gfn, v, first, idx, raw
     cdef int order
