@@ -486,6 +486,13 @@ def test_hostile_argument_mixtures(data):
         spec.fn(w, *args)
     except spec.allowed():
         pass
+    finally:
+        # the world is shared between examples: failures one of them armed (inject_*) must
+        # not leak into the next one's calls
+        w.amd.inject_alloc_failures(0)
+        w.intel.inject_alloc_failures(0)
+        w.rmp.inject_rmpupdate_failures(0)
+        w.amd.rmp.inject_rmpupdate_failures(0)
     check_all(w)
 
 
