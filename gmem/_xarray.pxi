@@ -326,7 +326,9 @@ cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nog
             return _xa_leaf_get(node, (index >> shift) & XA_CHUNK_MASK, value)
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
-    if xa.hint != node:
+    if (index & XA_CHUNK_MASK) == 0 or (index >> XA_CHUNK_SHIFT) - (xa.hint_index >> XA_CHUNK_SHIFT) == 1:
+        # a stream entering a leaf at its start, or moving on from the hinted one: follow it.
+        # Random loads mostly leave the hint alone: writing it on every load slows them
         _xa_set_hint(xa, node, index)
     return _xa_leaf_get(node, index & XA_CHUNK_MASK, value)
 
