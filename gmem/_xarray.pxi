@@ -222,7 +222,7 @@ cdef xa_node *_xa_walk_shift(const xarray *xa, uint64_t index, int *off, int *sh
             e = node.slots[o]
         if _xa_is_value(e):
             if sh == 0:
-                _xa_set_hint(xa, node, index)
+                _xa_follow(xa, node, index)
             off[0] = o
             shift[0] = sh
             return node
@@ -290,6 +290,14 @@ cdef inline void _xa_set_hint(const xarray *xa, xa_node *leaf, uint64_t index) n
     (<xarray *>xa).hint_index = index & ~(<uint64_t>XA_CHUNK_MASK)
 
 
+cdef inline void _xa_follow(const xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
+    """After a walk to leaf: hint it if a stream is entering it at its first index or moving
+    on from the hinted leaf to the next. Random accesses mostly leave the hint alone:
+    writing it on every walk slows them (each walk would wait on the last one's store)."""
+    if (index & XA_CHUNK_MASK) == 0 or (index >> XA_CHUNK_SHIFT) - (xa.hint_index >> XA_CHUNK_SHIFT) == 1:
+        _xa_set_hint(xa, leaf, index)
+
+
 cdef inline int _xa_leaf_get(const xa_node *leaf, int o, uint64_t *value) noexcept nogil:
     """Slot o of a leaf: a value, a sibling of one, or nothing (no larger entry can
     cover an index that has a leaf)."""
@@ -326,10 +334,7 @@ cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nog
             return _xa_leaf_get(node, (index >> shift) & XA_CHUNK_MASK, value)
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
-    if (index & XA_CHUNK_MASK) == 0 or (index >> XA_CHUNK_SHIFT) - (xa.hint_index >> XA_CHUNK_SHIFT) == 1:
-        # a stream entering a leaf at its start, or moving on from the hinted one: follow it.
-        # Random loads mostly leave the hint alone: writing it on every load slows them
-        _xa_set_hint(xa, node, index)
+    _xa_follow(xa, node, index)
     return _xa_leaf_get(node, index & XA_CHUNK_MASK, value)
 
 
@@ -405,14 +410,14 @@ cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
                 e = node.slots[off]
             if _xa_is_value(e):
                 if shift == 0:
-                    _xa_set_hint(xa, node, index)
+                    _xa_follow(xa, node, index)
                 old[0] = e >> 1
                 node.slots[off] = _xa_mk_value(value)
                 return 1
             if e == 0:
                 if shift == 0:
                     # an empty slot of an existing leaf: no marks to inherit or propagate
-                    _xa_set_hint(xa, node, index)
+                    _xa_follow(xa, node, index)
                     node.slots[off] = _xa_mk_value(value)
                     node.count += 1
                     xa.nr_entries += 1
@@ -468,7 +473,7 @@ cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
         node.count += 1
         xa.nr_entries += 1
         xa.nr_by_order[0] += 1
-        _xa_set_hint(xa, node, index)
+        _xa_follow(xa, node, index)
         return 0
     # An entry whose canonical slot is in this node has an order of at least
     # target, so when order == target there is no need to measure it.
