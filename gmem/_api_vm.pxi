@@ -769,9 +769,14 @@ cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t
     cdef kvm_fault_out *out = <kvm_fault_out *>cnp.PyArray_DATA(out_arr)
     cdef Py_ssize_t i, n = gpas.shape[0]
     cdef bint many = ids is not None
-    cdef kvm_vcpu *v = vcpus[ids[0]] if many and n else vcpus[0]
-    cdef kvm *k = v.kvm
-    cdef gmem_host *host = k.host
+    cdef kvm_vcpu *v
+    cdef kvm *k
+    cdef gmem_host *host
+    if n == 0:
+        return                  # (with ids, the vCPU table has no entry to read)
+    v = vcpus[ids[0]] if many else vcpus[0]
+    k = v.kvm
+    host = k.host
     cdef uint64_t leaf = <uint64_t>-1, folio = <uint64_t>-1
     with nogil:
         for i in range(n):

@@ -40,7 +40,7 @@ ctypedef struct xarray:
     uint64_t nr_entries
     uint64_t nr_nodes
     xa_node *node_cache         # up to XA_NODE_CACHE freed nodes kept for reuse (not counted)
-    xa_node *hint               # the leaf (shift 0) node of the last walk, or NULL
+    xa_node *hint               # a leaf (shift 0) node a sequential stream is in, or NULL
     uint64_t hint_index         # the first index it covers (no node header to read)
     uint32_t nr_cached
     uint64_t nr_by_order[64]   # entries of each order (nr_indices = sum n << order)

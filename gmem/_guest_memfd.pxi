@@ -64,7 +64,7 @@ cdef int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *id) noe
     cdef gmem_host *host = inode.host
     cdef uint32_t i
     cdef folio *f
-    if xa_load(&inode.filemap, index, &v):
+    if xa_load_follow(&inode.filemap, index, &v):
         id[0] = <uint32_t>v
         return 0
     if host.huge_folios:
@@ -313,7 +313,7 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
     if file == NULL or file.released:
         return -_EFAULT
     index = gfn - slot.base_gfn + slot.gmem_pgoff
-    if not xa_load(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
+    if not xa_load_follow(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
         return -_EIO
     r = kvm_gmem_get_folio(file.inode, index, &id)
     if r == 0:
@@ -406,7 +406,7 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
     while i < npages:
         gfn = start_gfn + i
         index = gfn - slot.base_gfn + slot.gmem_pgoff
-        if not xa_load(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
+        if not xa_load_follow(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
             ret = -_EIO
             break
         ret = kvm_gmem_get_folio(file.inode, index, &id)       # no prepare

@@ -39,7 +39,6 @@ cdef extern from *:
 
 
 ctypedef struct kvm_page_fault:
-    uint64_t addr
     uint64_t error_code
     uint64_t gfn
     uint64_t pfn
@@ -48,7 +47,6 @@ ctypedef struct kvm_page_fault:
     int is_private
     int write
     int present
-    int exec
     int max_level
     int goal_level
     int map_writable
@@ -176,7 +174,7 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     cdef int order = _level_order(fault.goal_level), k
     cdef uint64_t base = fault.gfn & ~_mask(order), old, first
     cdef uint64_t spte = make_spte(fault.pfn, fault.goal_level, fault.map_writable, fault.is_private)
-    if xa_lookup(&kvm.sptes, fault.gfn, &old, &first, &k):
+    if xa_lookup_follow(&kvm.sptes, fault.gfn, &old, &first, &k):
         if k == order and old == spte:
             return RET_PF_SPURIOUS
         if k > order:
@@ -211,7 +209,7 @@ cdef inline int fast_page_fault(kvm *kvm, const kvm_page_fault *fault, kvm_fault
     cdef uint64_t spte
     if kvm.vm_type == KVM_X86_TDX_VM and fault.is_private:
         return RET_PF_INVALID    # fast pf is not supported for mirrored roots
-    if not xa_load_hinted(&kvm.sptes, fault.gfn, &spte):
+    if not xa_load_follow(&kvm.sptes, fault.gfn, &spte):
         return RET_PF_INVALID
     if (spte & SPTE_WRITABLE) or not fault.write:
         out.level = spte & SPTE_LEVEL_MASK
@@ -227,7 +225,6 @@ cdef int kvm_tdp_mmu_map_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_
     cdef int r
     # kvm_mmu_do_page_fault's fields that only this path reads
     fault.slot = __gfn_to_memslot(kvm, fault.gfn)
-    fault.exec = (fault.error_code & PFERR_FETCH_MASK) != 0
     fault.max_level = KVM_MAX_HUGEPAGE_LEVEL
     fault.goal_level = PG_LEVEL_4K
     fault.pfn = fault.mmu_seq = 0
@@ -267,7 +264,6 @@ cdef inline int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t err
                                       kvm_fault_out *out) noexcept nogil:
     cdef kvm_page_fault fault
     cdef int r
-    fault.addr = gpa
     fault.error_code = error_code
     fault.write = (error_code & PFERR_WRITE_MASK) != 0
     fault.present = (error_code & PFERR_PRESENT_MASK) != 0
@@ -347,7 +343,9 @@ cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t erro
         r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
         if kvm.vm_type == KVM_X86_TDX_VM and error_code & PFERR_PRIVATE_ACCESS:
             # local_retry: private faults retry inside KVM, not re-entering the TD
-            while r == RET_PF_RETRY and not kvm.host.hook_error:
+            # (an invalidation still in progress can only be a Python hook's caller: the
+            # vCPU goes back to the guest, as it would on a pending signal)
+            while r == RET_PF_RETRY and not kvm.host.hook_error and not kvm.mmu_invalidate_in_progress:
                 vcpu.stats[VCPU_STAT_PF_RETRY] += 1
                 vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
                 r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
@@ -418,13 +416,19 @@ cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int
     prefetch, again while RET_PF_RETRY; 0 with *level the mapping's, or -errno. No pf_*
     stat moves: kvm_mmu_page_fault counts those, kvm_mmu_do_page_fault does not (6.11)."""
     cdef kvm_fault_out out
-    cdef int r = RET_PF_RETRY
+    cdef int r
     memset(&out, 0, sizeof(out))
-    while r == RET_PF_RETRY:
-        # signal_pending: no signals here; kvm_check_request(KVM_REQ_VM_DEAD): a hook raised
+    while True:
+        # kvm_check_request(KVM_REQ_VM_DEAD): a hook raised
         if vcpu.kvm.host.hook_error:
             return -_EIO
         r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, &out)
+        if r != RET_PF_RETRY:
+            break
+        if vcpu.kvm.mmu_invalidate_in_progress:
+            # signal_pending: the one retry that never ends here is an invalidation only our
+            # caller (a Python hook inside it) could finish; the kernel's task gets a signal
+            return -_EINTR
     if r < 0:
         return r
     if r == RET_PF_FIXED or r == RET_PF_SPURIOUS or r == RET_PF_WRITE_PROTECTED:

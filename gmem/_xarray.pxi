@@ -203,9 +203,11 @@ cdef int _xa_expand(xarray *xa, uint64_t index, int min_shift) noexcept nogil:
     return 0
 
 
-cdef xa_node *_xa_walk_shift(const xarray *xa, uint64_t index, int *off, int *shift) noexcept nogil:
+cdef xa_node *_xa_walk_shift(xarray *xa, uint64_t index, int *off, int *shift,
+                             bint follow) noexcept nogil:
     """The node holding the entry covering index, with its canonical offset and the node's
-    shift; or NULL. The shift is carried down: no node header is read (see _xa_load_from)."""
+    shift; or NULL. The shift is carried down: no node header is read (see _xa_load_from).
+    follow: the caller owns xa (a store follows), so the walk may move the leaf hint."""
     cdef xa_node *node = _xa_hint(xa, index)
     cdef uint64_t e
     cdef int o, sh = 0
@@ -221,7 +223,7 @@ cdef xa_node *_xa_walk_shift(const xarray *xa, uint64_t index, int *off, int *sh
             o = _xa_sibling_off(e)
             e = node.slots[o]
         if _xa_is_value(e):
-            if sh == 0:
+            if sh == 0 and follow:
                 _xa_follow(xa, node, index)
             off[0] = o
             shift[0] = sh
@@ -235,7 +237,7 @@ cdef xa_node *_xa_walk_shift(const xarray *xa, uint64_t index, int *off, int *sh
 cdef inline xa_node *_xa_walk(const xarray *xa, uint64_t index, int *off) noexcept nogil:
     """The node holding the entry covering index, with its canonical offset; or NULL."""
     cdef int shift
-    return _xa_walk_shift(xa, index, off, &shift)
+    return _xa_walk_shift(<xarray *>xa, index, off, &shift, False)
 
 
 cdef void xa_init(xarray *xa) noexcept nogil:
@@ -284,13 +286,14 @@ cdef inline xa_node *_xa_hint(const xarray *xa, uint64_t index) noexcept nogil:
     return NULL
 
 
-cdef inline void _xa_set_hint(const xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
-    # the hint is a cache, not state: lookups through a const xarray may set it
-    (<xarray *>xa).hint = leaf
-    (<xarray *>xa).hint_index = index & ~(<uint64_t>XA_CHUNK_MASK)
+cdef inline void _xa_set_hint(xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
+    # two words: only the array's owner writes them (stores, and the owner's *_follow
+    # lookups); plain loads and lookups only read them, so readers may run in parallel
+    xa.hint = leaf
+    xa.hint_index = index & ~(<uint64_t>XA_CHUNK_MASK)
 
 
-cdef inline void _xa_follow(const xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
+cdef inline void _xa_follow(xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
     """After a walk to leaf: hint it if a stream is entering it at its first index or moving
     on from the hinted leaf to the next. Random accesses mostly leave the hint alone:
     writing it on every walk slows them (each walk would wait on the last one's store)."""
@@ -298,32 +301,24 @@ cdef inline void _xa_follow(const xarray *xa, xa_node *leaf, uint64_t index) noe
         _xa_set_hint(xa, leaf, index)
 
 
-cdef inline int _xa_leaf_get(const xa_node *leaf, int o, uint64_t *value) noexcept nogil:
-    """Slot o of a leaf: a value, a sibling of one, or nothing (no larger entry can
-    cover an index that has a leaf)."""
-    cdef uint64_t e = leaf.slots[o]
+cdef inline int _xa_slot_get(const xa_node *node, int o, uint64_t *value) noexcept nogil:
+    """Slot o of a node at the end of a walk: a value, a sibling of one, or nothing (in a
+    leaf, no larger entry can cover an index)."""
+    cdef uint64_t e = node.slots[o]
     if _xa_is_sibling(e):
-        e = leaf.slots[_xa_sibling_off(e)]
+        e = node.slots[_xa_sibling_off(e)]
     if _xa_is_value(e):
         value[0] = e >> 1
         return 1
     return 0
 
 
-cdef inline int xa_load_hinted(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
-    """xa_load with the hint check inlined into the caller (hot paths)."""
-    cdef xa_node *leaf = _xa_hint(xa, index)
-    if leaf != NULL:
-        return _xa_leaf_get(leaf, index & XA_CHUNK_MASK, value)
-    return xa_load(xa, index, value)
-
-
-cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
+cdef inline int _xa_load(const xarray *xa, uint64_t index, uint64_t *value, bint follow) noexcept nogil:
     cdef xa_node *node = _xa_hint(xa, index)
     cdef uint64_t e
     cdef int shift
     if node != NULL:
-        return _xa_leaf_get(node, index & XA_CHUNK_MASK, value)
+        return _xa_slot_get(node, index & XA_CHUNK_MASK, value)
     node = xa.head
     if node == NULL or not _xa_covers(node.shift, index):
         return 0
@@ -331,11 +326,26 @@ cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nog
     while shift:
         e = node.slots[(index >> shift) & XA_CHUNK_MASK]
         if not _xa_is_node(e):
-            return _xa_leaf_get(node, (index >> shift) & XA_CHUNK_MASK, value)
+            return _xa_slot_get(node, (index >> shift) & XA_CHUNK_MASK, value)
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
-    _xa_follow(xa, node, index)
-    return _xa_leaf_get(node, index & XA_CHUNK_MASK, value)
+    if follow:
+        _xa_follow(<xarray *>xa, node, index)
+    return _xa_slot_get(node, index & XA_CHUNK_MASK, value)
+
+
+cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
+    """Writes nothing, so any number of threads may load from one array at once."""
+    return _xa_load(xa, index, value, False)
+
+
+cdef inline int xa_load_follow(xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
+    """xa_load for the array's owner (the fault path, under the host lock): a sequential
+    stream moves the leaf hint along; the hint check is inlined into the caller."""
+    cdef xa_node *leaf = _xa_hint(xa, index)
+    if leaf != NULL:
+        return _xa_slot_get(leaf, index & XA_CHUNK_MASK, value)
+    return _xa_load(xa, index, value, True)
 
 
 cdef xa_node *_xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
@@ -366,10 +376,10 @@ cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nog
     return &node.slots[index & XA_CHUNK_MASK]
 
 
-cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
-                   uint64_t *first, int *order) noexcept nogil:
+cdef inline int _xa_lookup(xarray *xa, uint64_t index, uint64_t *value, uint64_t *first,
+                           int *order, bint follow) noexcept nogil:
     cdef int off, k, shift
-    cdef xa_node *node = _xa_walk_shift(xa, index, &off, &shift)
+    cdef xa_node *node = _xa_walk_shift(xa, index, &off, &shift, follow)
     if node == NULL:
         return 0
     k = _xa_entry_order_at(node, shift, off)
@@ -377,6 +387,17 @@ cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
     order[0] = k
     first[0] = index & ~((((<uint64_t>1) << k) - 1))
     return 1
+
+
+cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
+                   uint64_t *first, int *order) noexcept nogil:
+    return _xa_lookup(<xarray *>xa, index, value, first, order, False)
+
+
+cdef int xa_lookup_follow(xarray *xa, uint64_t index, uint64_t *value,
+                          uint64_t *first, int *order) noexcept nogil:
+    """xa_lookup for the array's owner, about to store at index: the walk may move the hint."""
+    return _xa_lookup(xa, index, value, first, order, True)
 
 
 cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil:

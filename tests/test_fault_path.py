@@ -1031,3 +1031,14 @@ def test_mmio_spte_stale_after_an_unrelated_memslot_change():
     vm.set_user_memory_region2(1, 0, 16 * M, M, userspace_addr=HVA + 16 * M)   # elsewhere
     assert vcpu.page_fault(8 * M, RSVD | PRESENT).ret == EMULATE
     assert (vcpu.stats["pf_taken"], vcpu.stats["pf_emulate"]) == (2, 2)        # the slow path ran
+
+
+def test_empty_batch_with_a_vcpu_id_array():
+    """No faults, vCPU ids as an (empty) array: an empty result, nothing touched."""
+    host = gmem.Host(memory=64 << 20)
+    vm = host.create_vm(U.KVM_X86_SW_PROTECTED_VM)
+    empty = np.zeros(0, np.uint64)
+    out = vm.page_fault_batch(empty, empty, vcpu_id=empty)
+    assert out.shape == (0,) and out.dtype == gmem.FAULT_DTYPE
+    assert vm.stats["pf_taken"] == 0
+    host.check()

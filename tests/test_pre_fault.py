@@ -499,3 +499,29 @@ def test_real_kernel_without_tdp_refuses():
             vcpu.close()
             vm.close()
             del cbuf
+
+
+def test_pre_fault_from_an_invalidate_hook_is_interrupted():
+    """A hook inside a punch's invalidation pre-faults the range being invalidated: the
+    retry could only end when the punch does, so it ends with EINTR (the kernel's task
+    would see a signal) instead of spinning; the punch then completes."""
+    host = gmem.Host(memory=64 * M)
+    vm = host.create_vm(SW)
+    f = vm.create_guest_memfd(SZ_2M)
+    vm.set_user_memory_region2(0, GMEM, 0, SZ_2M, userspace_addr=HVA, guest_memfd=f)
+    vm.set_memory_attributes(0, SZ_2M, PRIVATE)
+    vcpu = vm.create_vcpu(0)
+    vcpu.page_fault(0, U.PFERR_WRITE_MASK)
+    seen = []
+
+    def invalidate(h, start, end):
+        try:
+            vcpu.pre_fault_memory(0, 4096)
+        except OSError as e:
+            seen.append(e.errno)
+
+    host.register_hooks(SW, gmem_invalidate=invalidate)
+    f.punch_hole(0, PAGE)
+    assert seen == [errno.EINTR]
+    assert vm.sptes() == [] and host.stats["folios"] == 0
+    host.check()

@@ -334,3 +334,28 @@ class TestHooks:
         run_threads(a, b)
         assert order == ["invalidate returns", ("invalidations", 2048, 0)]     # the whole punch
         h.check()
+
+
+def test_parallel_readers_of_one_xarray():
+    """Loads write nothing (the leaf hint moves only for the array's owner), so several
+    threads may read one XArray at once, each in its own sequential stream."""
+    n = 1 << 16
+    xa = gmem.XArray()
+    xa.store_many(np.arange(n, dtype=np.uint64), np.arange(n, dtype=np.uint64))
+    bad = []
+
+    def reader(off):
+        idx = (np.arange(n, dtype=np.uint64) + off) % n
+        for _ in range(100):
+            v, present = xa.load_many(idx)
+            if not (present.all() and (v == idx).all()):
+                bad.append(off)
+                return
+
+    ts = [threading.Thread(target=reader, args=(o,)) for o in (0, 12345, 33333, 50000)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert bad == []
+    xa.check()
