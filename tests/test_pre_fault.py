@@ -313,13 +313,20 @@ def test_a_failing_python_hook_is_raised():
 
 # ---------------------------------------------------------------------- SEV-SNP, TDX
 
+def gmem_vm(vm_type, platform="amd", size=4 * M, private=2 * M, init=lambda vm: None):
+    """A VM with one guest_memfd memslot of size at gpa 0, its first private bytes private
+    (init runs before the memslot: TDX's INIT_VM): host, vm, vcpu 0, the guest_memfd."""
+    host = gmem.Host(memory=256 * M, platform=platform)
+    vm = host.create_vm(vm_type)
+    init(vm)
+    f = vm.create_guest_memfd(size)
+    vm.set_user_memory_region2(0, GMEM, 0, size, userspace_addr=HVA, guest_memfd=f)
+    vm.set_memory_attributes(0, private, PRIVATE)
+    return host, vm, vm.create_vcpu(0), f
+
+
 def snp_vm():
-    host = gmem.Host(memory=256 * M, platform="amd")
-    vm = host.create_vm(SNP)
-    f = vm.create_guest_memfd(4 * M)
-    vm.set_user_memory_region2(0, GMEM, 0, 4 * M, userspace_addr=HVA, guest_memfd=f)
-    vm.set_memory_attributes(0, 2 * M, PRIVATE)
-    return host, vm, vm.create_vcpu(0)
+    return gmem_vm(SNP)[:3]
 
 
 def test_snp_refuses_until_launch_finish():
@@ -354,13 +361,7 @@ def test_sev_without_private_memory_may_pre_fault(vm_type):
 
 
 def tdx_vm():
-    host = gmem.Host(memory=256 * M, platform="intel")
-    vm = host.create_vm(TDX)
-    vm.tdx_init_vm(52)
-    f = vm.create_guest_memfd(4 * M)
-    vm.set_user_memory_region2(0, GMEM, 0, 4 * M, userspace_addr=HVA, guest_memfd=f)
-    vm.set_memory_attributes(0, 2 * M, PRIVATE)
-    return host, vm, vm.create_vcpu(0)
+    return gmem_vm(TDX, platform="intel", init=lambda vm: vm.tdx_init_vm(52))[:3]
 
 
 def test_tdx_refuses_until_finalize():
@@ -505,12 +506,7 @@ def test_pre_fault_from_an_invalidate_hook_is_interrupted():
     """A hook inside a punch's invalidation pre-faults the range being invalidated: the
     retry could only end when the punch does, so it ends with EINTR (the kernel's task
     would see a signal) instead of spinning; the punch then completes."""
-    host = gmem.Host(memory=64 * M)
-    vm = host.create_vm(SW)
-    f = vm.create_guest_memfd(SZ_2M)
-    vm.set_user_memory_region2(0, GMEM, 0, SZ_2M, userspace_addr=HVA, guest_memfd=f)
-    vm.set_memory_attributes(0, SZ_2M, PRIVATE)
-    vcpu = vm.create_vcpu(0)
+    host, vm, vcpu, f = gmem_vm(SW, size=SZ_2M, private=SZ_2M)
     vcpu.page_fault(0, U.PFERR_WRITE_MASK)
     seen = []
 
