@@ -69,20 +69,22 @@ cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil:
     return __gfn_to_memslot(kvm, gfn)
 
 
-cdef inline kvm_memory_slot *__gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil:
+cdef inline kvm_memory_slot *__gfn_to_memslot(kvm *kvm, uint64_t gfn, bint update=True) noexcept nogil:
+    """update=False: a lookup that changes nothing (the batch prefetch)."""
     cdef kvm_memory_slot *s
     if kvm.last_used_slot >= 0:
         # the kernel's last_used_slot: consecutive lookups mostly hit one slot
         s = &kvm.memslots[kvm.last_used_slot]
         if s.used and gfn - s.base_gfn < s.npages:
             return s
-    return search_memslots(kvm, gfn)
+    return search_memslots(kvm, gfn, update)
 
 
-cdef kvm_memory_slot *search_memslots(kvm *kvm, uint64_t gfn) noexcept nogil:
+cdef kvm_memory_slot *search_memslots(kvm *kvm, uint64_t gfn, bint update) noexcept nogil:
     cdef uint64_t idx
     if xa_load(&kvm.gfn_to_slot, gfn, &idx):
-        kvm.last_used_slot = idx
+        if update:
+            kvm.last_used_slot = idx
         return &kvm.memslots[idx]
     return NULL
 

@@ -378,17 +378,8 @@ cdef enum:
 
 
 cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn) noexcept nogil:
-    cdef kvm_memory_slot *s = NULL
-    cdef uint64_t idx
-    if kvm.last_used_slot >= 0:
-        s = &kvm.memslots[kvm.last_used_slot]
-        if not s.used or gfn - s.base_gfn >= s.npages:
-            s = NULL
-    if s == NULL:
-        if not xa_load(&kvm.gfn_to_slot, gfn, &idx):
-            return NULL
-        s = &kvm.memslots[idx]
-    if s.gmem_file == NULL or s.gmem_file.released:
+    cdef kvm_memory_slot *s = __gfn_to_memslot(kvm, gfn, False)
+    if s == NULL or s.gmem_file == NULL or s.gmem_file.released:
         return NULL
     return xa_leaf_slot(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff)
 
