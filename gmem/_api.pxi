@@ -196,8 +196,12 @@ cdef _HostHold _host_enter(Host host):
 # ------------------------------------------------------------ Python hooks
 
 cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
-    fn = <object>h.py_hooks[vm_type][which]
     cdef Host host = <Host>h.py_host
+    # looked up, not borrowed: the cyclic GC may have cleared host._hook_fns (the callable
+    # on its way out) while an inode it frees still evicts folios: no call then
+    fn = host._hook_fns.get((vm_type, which)) if host._hook_fns is not None else None
+    if fn is None:
+        return default
     host._hook_depth += 1           # per thread in effect: only the host's owner runs hooks
     _host_park(host)                # a hook may keep the GIL away: waiters sleep
     try:
@@ -364,7 +368,7 @@ cdef class Host:
     cdef dict _gmem_files
     cdef dict _custom_types
     cdef public object _hook_exc
-    cdef list _hook_refs
+    cdef dict _hook_fns           # (vm_type, hook index) -> the Python callable
     cdef int _hook_depth         # Python hooks running now: gmem refuses to be re-entered from one
     cdef long _owner             # the thread holding the host (_host_enter), 0 for none
     cdef int _depth              # its nested calls
@@ -425,7 +429,7 @@ cdef class Host:
         # (memory_failure and check() must reach an inode whose fds are all closed)
         self._gmem_files = {}
         self._custom_types = {}
-        self._hook_refs = []
+        self._hook_fns = {}
         self._next_ino = 1
         self._next_asid = 1
         self.trace = Trace(self)
@@ -536,10 +540,9 @@ cdef class Host:
                     self.h.hooks[t].gmem_invalidate = native.gmem_invalidate
                 else:
                     self.h.hooks[t].private_max_mapping_level = native.private_max_mapping_level
-                self.h.py_hooks[t][i] = NULL
+                self._hook_fns.pop((t, i), None)
                 continue
-            self._hook_refs.append(fn)            # keeps the callable alive
-            self.h.py_hooks[t][i] = <void *>fn
+            self._hook_fns[(t, i)] = fn
             if i == 0:
                 self.h.hooks[t].is_private_fault = _py_is_private_fault
             elif i == 1:

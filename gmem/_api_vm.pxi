@@ -1081,6 +1081,7 @@ cdef class Vcpu:
 
 # ------------------------------------------------------- guest_memfd files
 
+@cython.no_gc_clear      # __dealloc__ frees folios into self.host: the cyclic GC must not drop it first
 cdef class GmemInode:
     """The guest_memfd inode: the filemap of folios (AS_INACCESSIBLE)."""
     cdef gmem_inode i

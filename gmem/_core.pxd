@@ -289,7 +289,6 @@ ctypedef struct gmem_host:
     uint8_t reattach_private    # invalidate_folio: re-attach folio->private to tails after a split
     uint8_t scramble_on_conversion  # SW_PROTECTED: a converted page's old contents are garbage
     kvm_x86_hooks hooks[32]
-    void *py_hooks[32][4]       # borrowed PyObject* callables behind Python hooks
     void *py_host               # borrowed PyObject* of the gmem.Host
     uint64_t fail_prepare       # fault injection: the next prepares fail ...
     int fail_prepare_errno      # ... with -errno

@@ -274,3 +274,21 @@ class TestRestore:
         assert v.page_fault(0x1000, 0).ret == u.RET_PF_FIXED and prep.calls == []
         assert vm.stats["gmem_prepare"] == 0                     # SW_PROTECTED has no native prepare
         b.check()
+
+
+def test_cyclic_garbage_with_a_python_hook():
+    """host -> hook -> guest_memfd -> inode -> host: the cyclic GC frees it all. The inode's
+    eviction frees folios into its host (kept alive for it) and skips a Python hook the GC
+    has already let go of (it used to call the half-freed callable: a segfault)."""
+    import gc
+    calls = []
+    for _ in range(50):
+        host = gmem.Host(memory=64 << 20)
+        vm = host.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+        f = vm.create_guest_memfd(2 << 20)
+        f.allocate(0, 2 << 20)
+        host.register_hooks(u.KVM_X86_SW_PROTECTED_VM,
+                            gmem_invalidate=lambda h, s, e, f=f: calls.append(e - s))
+        del host, vm, f
+        gc.collect()
+    assert set(calls) <= {1, 512}
