@@ -9,7 +9,7 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-cflags = ["-O3", "-fno-strict-aliasing"]
+cflags = ["-O3", "-fno-strict-aliasing", "--param=max-inline-insns-single=500"]
 ldflags = []
 if os.environ.get("GMEM_DEBUG"):
     cflags = ["-O0", "-g"]

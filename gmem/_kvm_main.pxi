@@ -113,11 +113,16 @@ cdef uint64_t lpage_info_count(const kvm_memory_slot *slot, int level) noexcept 
 # ---------------------------------------------------------- memory attributes
 
 cdef inline uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
-    cdef uint64_t v, first
-    cdef int order
     if kvm.attr_memo_valid and gfn - kvm.attr_memo_first <= kvm.attr_memo_last - kvm.attr_memo_first:
         # a fault asks twice (vendor entry, then faultin), and neighbours share one entry
         return kvm.attr_memo_val
+    return kvm_get_memory_attributes_memo(kvm, gfn)
+
+
+cdef uint64_t kvm_get_memory_attributes_memo(kvm *kvm, uint64_t gfn) noexcept nogil:
+    """The attributes at gfn from the XArray, memoized with the extent of their entry."""
+    cdef uint64_t v, first
+    cdef int order
     if xa_lookup(&kvm.mem_attr_array, gfn, &v, &first, &order):
         kvm.attr_memo_first, kvm.attr_memo_last = first, first + _mask(order)
     else:

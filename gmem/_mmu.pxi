@@ -298,11 +298,12 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
 
 cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
                                      kvm_fault_out *out) noexcept nogil:
-    # inline, so that the batch loop holds the vCPU's and VM's fields in registers
+    # inline and short, so that the batch loop holds the vCPU's and VM's fields in
+    # registers: what a batch seldom sees (TDX, MMIO, a dead VM) is kvm_mmu_page_fault_unusual's
     cdef kvm *kvm = vcpu.kvm
     cdef is_private_fault_t is_private = kvm.host.hooks[kvm.vm_type].is_private_fault
-    cdef int r = RET_PF_INVALID
     cdef bint private
+    cdef int r
     memset(out, 0, sizeof(kvm_fault_out))
     # hardware never sets KVM's synthetic bits (npf_interception WARNs and clears them)
     if error_code & PFERR_SYNTHETIC_MASK:
@@ -317,6 +318,21 @@ cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t erro
     gmem_trace(kvm.host, TRACE_PAGE_FAULT, vcpu.vcpu_id, gpa,
                error_code | (PFERR_PRIVATE_ACCESS if private and is_private != sw_protected_is_private_fault
                              else 0), 0, 0)
+    if kvm.vm_type == KVM_X86_TDX_VM or error_code & PFERR_RSVD_MASK or kvm.host.hook_error:
+        return kvm_mmu_page_fault_unusual(vcpu, gpa, error_code, private, out)
+    if private:
+        error_code |= PFERR_PRIVATE_ACCESS
+    vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
+    r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
+    return kvm_mmu_page_fault_done(vcpu, gpa, error_code, r, out)
+
+
+cdef int kvm_mmu_page_fault_unusual(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, bint private,
+                                    kvm_fault_out *out) noexcept nogil:
+    """__kvm_mmu_page_fault past the vendor's private decision, for a TDX fault, an MMIO
+    (RSVD) fault or a VM whose hook raised."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef int r = RET_PF_INVALID
     if private:
         error_code |= PFERR_PRIVATE_ACCESS
         if kvm.vm_type == KVM_X86_TDX_VM:
@@ -349,6 +365,13 @@ cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t erro
                 vcpu.stats[VCPU_STAT_PF_RETRY] += 1
                 vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
                 r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
+    return kvm_mmu_page_fault_done(vcpu, gpa, error_code, r, out)
+
+
+cdef inline int kvm_mmu_page_fault_done(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int r,
+                                        kvm_fault_out *out) noexcept nogil:
+    """The outcome's counters, and the RMP fault handling that follows it."""
+    cdef kvm *kvm = vcpu.kvm
     if kvm.host.hook_error and r >= 0:
         r = -_EIO
     if r == RET_PF_FIXED:
