@@ -229,6 +229,8 @@ cdef xa_node *_xa_walk_shift(xarray *xa, uint64_t index, int *off, int *shift,
             shift[0] = sh
             return node
         if e == 0:
+            if sh == 0 and follow:
+                _xa_set_hint(xa, node, index)   # a miss in a leaf: the owner's store follows
             return NULL
         node = _xa_to_node(e)
         sh -= XA_CHUNK_SHIFT
@@ -295,8 +297,9 @@ cdef inline void _xa_set_hint(xarray *xa, xa_node *leaf, uint64_t index) noexcep
 
 cdef inline void _xa_follow(xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
     """After a walk to leaf: hint it if a stream is entering it at its first index or moving
-    on from the hinted leaf to the next. Random accesses mostly leave the hint alone:
-    writing it on every walk slows them (each walk would wait on the last one's store)."""
+    on from the hinted leaf to the next. Random hits mostly leave the hint alone: writing
+    it on every walk slows them (each walk would wait on the last one's store). A miss in
+    a leaf always hints it (the walks call _xa_set_hint): the owner's store comes next."""
     if (index & XA_CHUNK_MASK) == 0 or (index >> XA_CHUNK_SHIFT) - (xa.hint_index >> XA_CHUNK_SHIFT) == 1:
         _xa_set_hint(xa, leaf, index)
 
@@ -329,9 +332,13 @@ cdef inline int _xa_load(const xarray *xa, uint64_t index, uint64_t *value, bint
             return _xa_slot_get(node, (index >> shift) & XA_CHUNK_MASK, value)
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
-    if follow:
+    if not follow:
+        return _xa_slot_get(node, index & XA_CHUNK_MASK, value)
+    if _xa_slot_get(node, index & XA_CHUNK_MASK, value):
         _xa_follow(<xarray *>xa, node, index)
-    return _xa_slot_get(node, index & XA_CHUNK_MASK, value)
+        return 1
+    _xa_set_hint(<xarray *>xa, node, index)     # a miss in a leaf: the owner's store follows
+    return 0
 
 
 cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
