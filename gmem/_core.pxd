@@ -122,7 +122,8 @@ ctypedef struct physmem:
     uint32_t pcp_count
     uint64_t pcp[512]            # free 4K pages kept out of the buddy lists (free_unref_page)
     xarray free_area[19]         # index pfn >> order of each free block
-    # folio table: ids index chunked arrays of structs; id 0 is never used
+    # folio table: ids index chunked arrays of structs (a struct never moves, so a
+    # folio * stays valid while its id is held); id 0 is never used
     folio **folio_chunks
     uint32_t nr_chunks
     uint32_t folio_next_id       # ids below this have been handed out once

@@ -56,7 +56,7 @@ cdef inline folio *gmem_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     return folio_get(&inode.host.pm, id)
 
 
-cdef int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
+cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
     """filemap_grab_folio: the folio at index, allocated if absent (2M when
     huge_folios allows: an aligned, empty 2M range inside i_size)."""
     cdef uint64_t v, first, old, base
@@ -80,7 +80,7 @@ cdef int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *id) noe
         order = 0
     f.mapping = inode.ino
     f.index = index & ~_mask(order)
-    if xa_store_order(&inode.filemap, f.index, order, i, &old) < 0:
+    if xa_store_follow(&inode.filemap, f.index, order, i, &old) < 0:
         folio_free(&host.pm, i)
         host.stats[HOST_STAT_ALLOC_FAILURES] += 1
         return -_ENOMEM
@@ -213,12 +213,11 @@ cdef void kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) n
 
 # ----------------------------------------------------------------- prepare
 
-cdef int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *inode,
-                                uint32_t id) noexcept nogil:
+cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *inode,
+                                folio *f) noexcept nogil:
     """Zero a folio the first time and run the arch prepare hook, as the policy says:
     with "prepared" tracked by gmem (uptodate) a prepared folio is skipped."""
     cdef gmem_host *host = inode.host
-    cdef folio *f = folio_get(&host.pm, id)
     cdef gmem_prepare_t hook = host.hooks[kvm.vm_type].gmem_prepare
     cdef uint64_t gfn, pfn = f.pfn
     cdef int order = f.order, r = 0
@@ -240,7 +239,6 @@ cdef int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *ino
         if r:
             kvm.stats[VM_STAT_GMEM_PREPARE_FAILED] += 1
             return r
-    f = folio_get(&host.pm, id)
     f.flags |= PG_uptodate
     if hook != NULL and host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO:
         f.flags |= PG_private           # the arch's "needs invalidation" in folio->private
@@ -275,7 +273,7 @@ cdef int kvm_gmem_prepare_bound(gmem_inode *inode, uint64_t index, uint32_t id) 
         if not f.released and xa_load(&f.bindings, index, &v):
             r = kvm_gmem_fit_folio(inode, &f.kvm.memslots[v], index, &id)
             if r == 0:
-                r = kvm_gmem_prepare_folio(f.kvm, &f.kvm.memslots[v], inode, id)
+                r = kvm_gmem_prepare_folio(f.kvm, &f.kvm.memslots[v], inode, folio_get(&inode.host.pm, id))
             if r:
                 return r
         f = f.next
@@ -323,10 +321,9 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
     f = folio_get(&kvm.host.pm, id)
     if f.flags & PG_hwpoison:
         return -_EHWPOISON
-    r = kvm_gmem_prepare_folio(kvm, slot, file.inode, id)
+    r = kvm_gmem_prepare_folio(kvm, slot, file.inode, f)
     if r:
         return r
-    f = folio_get(&kvm.host.pm, id)
     pfn[0] = f.pfn + (index - f.index)
     # A huge folio maps huge only where gfn and index agree modulo its size.
     max_order[0] = f.order if ((gfn ^ index) & _mask(f.order)) == 0 else 0

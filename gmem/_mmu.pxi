@@ -188,7 +188,7 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
         # TDX: the mirror leaf is forwarded to the S-EPT before it becomes visible
         if kvm.host.hooks[kvm.vm_type].set_external_spte(kvm, base, fault.goal_level, fault.pfn):
             return -_EIO
-    if xa_store_order(&kvm.sptes, base, order, spte, &old) < 0:
+    if xa_store_follow(&kvm.sptes, base, order, spte, &old) < 0:
         return -_ENOMEM
     gmem_trace(kvm.host, TRACE_SPTE_INSTALL, vcpu.vcpu_id, base, fault.pfn, fault.goal_level,
                fault.is_private)

@@ -299,7 +299,7 @@ cdef int folio_alloc(physmem *pm, int order, uint32_t *id) noexcept nogil:
     if phys_alloc(pm, order, &pfn) < 0:
         _folio_release_id(pm, i)
         return -_ENOMEM
-    if xa_store_order(&pm.memmap, pfn, order, i, &old) < 0:
+    if xa_store_follow(&pm.memmap, pfn, order, i, &old) < 0:
         phys_free(pm, pfn, order)
         _folio_release_id(pm, i)
         return -_ENOMEM

@@ -415,15 +415,46 @@ cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil:
     return _xa_entry_order(node, off)
 
 
+cdef inline int _xa_store_in_leaf(xarray *xa, xa_node *leaf, uint64_t index, uint64_t value,
+                                  uint64_t *old) noexcept nogil:
+    """An order-0 store at index in its leaf: onto the whole entry there (1, *old set), or
+    into an empty slot (0; no marks to inherit or propagate)."""
+    cdef int off = index & XA_CHUNK_MASK
+    cdef uint64_t e = leaf.slots[off]
+    if _xa_is_sibling(e):
+        off = _xa_sibling_off(e)
+        e = leaf.slots[off]
+    leaf.slots[off] = _xa_mk_value(value)
+    if e:
+        old[0] = e >> 1
+        return 1
+    leaf.count += 1
+    xa.nr_entries += 1
+    xa.nr_by_order[0] += 1
+    return 0
+
+
+cdef inline int xa_store_follow(xarray *xa, uint64_t index, int order, uint64_t value,
+                                uint64_t *old) noexcept nogil:
+    """xa_store_order where the owner expects index's leaf to be hinted (its *_follow lookup
+    of index just missed there, or a sequential stream is filling it): an order-0 store
+    into the hinted leaf is inlined into the caller."""
+    cdef xa_node *leaf = _xa_hint(xa, index)
+    if order == 0 and leaf != NULL:
+        return _xa_store_in_leaf(xa, leaf, index, value, old)
+    return xa_store_order(xa, index, order, value, old)
+
+
 cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
                         uint64_t *old) noexcept nogil:
-    # Fast path, small enough to be inlined into batch loops: a store of
-    # order 0 onto an existing entry lands on that whole entry, whatever its
-    # order, wherever it is found on the way down.
+    # Fast path: a store of order 0 onto an existing entry lands on that whole entry,
+    # whatever its order, wherever it is found on the way down.
     cdef xa_node *node = _xa_hint(xa, index)
     cdef int shift = 0, off
     cdef uint64_t e
-    if order == 0 and node == NULL:
+    if order == 0 and node != NULL:
+        return _xa_store_in_leaf(xa, node, index, value, old)
+    if order == 0:
         node = xa.head
         if node != NULL and not _xa_covers(node.shift, index):
             node = NULL
@@ -444,13 +475,8 @@ cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
                 return 1
             if e == 0:
                 if shift == 0:
-                    # an empty slot of an existing leaf: no marks to inherit or propagate
                     _xa_follow(xa, node, index)
-                    node.slots[off] = _xa_mk_value(value)
-                    node.count += 1
-                    xa.nr_entries += 1
-                    xa.nr_by_order[0] += 1
-                    return 0
+                    return _xa_store_in_leaf(xa, node, index, value, old)
                 break
             node = _xa_to_node(e)
             shift -= XA_CHUNK_SHIFT
