@@ -749,43 +749,47 @@ cdef object _u64_array(object a, str what):
 
 cdef enum:
     PREFETCH_AHEAD = 4       # faults between the two prefetch stages (measured: 4 beats 2-24)
-
-
-cdef inline uint64_t _prefetch_stage(kvm *k, uint64_t gpa, uint64_t error_code, int stage,
-                                     uint64_t last) noexcept nogil:
-    """A stage's prefetch for a later fault, unless it falls in the leaf that stage went
-    to last (a sequential stream needs none); the leaf it went to."""
-    cdef uint64_t key = gpa >> 18
-    if key != last:
-        kvm_mmu_prefetch(k, gpa, error_code, stage)
-    return key
+    PREFETCH_RING = 16       # the leaves of faults i .. i + 2 * AHEAD (a power of two)
 
 
 cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t[::1] gpas,
                        const uint64_t[::1] ecs, object out_arr) except *:
     """The batch loop: kvm_mmu_page_fault per record, no Python objects, no GIL. Without ids,
-    every fault is taken by vcpus[0]. Fault i + 2 * AHEAD gets its leaves prefetched, fault
-    i + AHEAD its folio."""
+    every fault is taken by vcpus[0]. Fault i + 2 * AHEAD gets its leaves prefetched (unless
+    they are the ones the stage went to last: a sequential stream needs none), fault
+    i + AHEAD its folio, and fault i its leaves as hints."""
     cdef kvm_fault_out *out = <kvm_fault_out *>cnp.PyArray_DATA(out_arr)
-    cdef Py_ssize_t i, n = gpas.shape[0]
+    cdef Py_ssize_t i, j, n = gpas.shape[0]
     cdef bint many = ids is not None
     cdef kvm_vcpu *v
     cdef kvm *k
     cdef gmem_host *host
+    cdef kvm_fault_leaves ring[PREFETCH_RING]
+    cdef kvm_fault_leaves *lv
+    cdef uint64_t key, last = <uint64_t>-1
     if n == 0:
         return                  # (with ids, the vCPU table has no entry to read)
     v = vcpus[ids[0]] if many else vcpus[0]
     k = v.kvm
     host = k.host
-    cdef uint64_t leaf = <uint64_t>-1, folio = <uint64_t>-1
+    memset(ring, 0, sizeof(ring))
     with nogil:
         for i in range(n):
-            if i + 2 * PREFETCH_AHEAD < n:
-                leaf = _prefetch_stage(k, gpas[i + 2 * PREFETCH_AHEAD], ecs[i + 2 * PREFETCH_AHEAD],
-                                       PREFETCH_LEAF, leaf)
-            if i + PREFETCH_AHEAD < n:
-                folio = _prefetch_stage(k, gpas[i + PREFETCH_AHEAD], ecs[i + PREFETCH_AHEAD],
-                                        PREFETCH_FOLIO, folio)
+            j = i + 2 * PREFETCH_AHEAD
+            if j < n:
+                lv = &ring[j & (PREFETCH_RING - 1)]
+                key = gpas[j] >> 18
+                if key != last:
+                    kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], lv)
+                else:
+                    lv.spte = lv.filemap = NULL
+                last = key
+            lv = &ring[(i + PREFETCH_AHEAD) & (PREFETCH_RING - 1)]
+            if lv.filemap != NULL and i + PREFETCH_AHEAD < n:
+                kvm_mmu_prefetch_folio(k, lv)
+            lv = &ring[i & (PREFETCH_RING - 1)]
+            if lv.spte != NULL or lv.filemap != NULL:
+                kvm_mmu_hint_leaves(k, gpas[i], lv)
             if many:
                 v = vcpus[ids[i]]
             __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])

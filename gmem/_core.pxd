@@ -13,7 +13,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 
 cdef enum:
-    GMEM_CAPI_VERSION = 1
+    GMEM_CAPI_VERSION = 2
 
 # ---------------------------------------------------------------- lib/xarray.c
 cdef enum:
@@ -42,6 +42,8 @@ ctypedef struct xarray:
     xa_node *node_cache         # up to XA_NODE_CACHE freed nodes kept for reuse (not counted)
     xa_node *hint               # a leaf (shift 0) node a sequential stream is in, or NULL
     uint64_t hint_index         # the first index it covers (no node header to read)
+    uint64_t node_gen           # bumped when a node is freed: a leaf found earlier (xa_leaf)
+                                # is still its index's leaf while node_gen is unchanged
     uint32_t nr_cached
     uint64_t nr_by_order[64]   # entries of each order (nr_indices = sum n << order)
 
@@ -55,6 +57,8 @@ cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
 cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil
 # The address of index's slot in its leaf node (not read), or NULL: for prefetching.
 cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil
+# The leaf node (shift 0) covering index, or NULL; for xa_hint_leaf while node_gen holds.
+cdef xa_node *xa_leaf(const xarray *xa, uint64_t index) noexcept nogil
 # Store value over the naturally aligned range of 1 << order indices at index
 # (index must be aligned).  A store into part of a larger entry stores at every
 # index of that entry; smaller entries inside the range are replaced by one entry.

@@ -193,6 +193,11 @@ cdef class XArray:
         return self.xa.nr_nodes
 
     @property
+    def node_gen(self):
+        """Nodes freed so far: a leaf found earlier is still its index's leaf while this holds."""
+        return self.xa.node_gen
+
+    @property
     def memory_bytes(self):
         return xa_memory_bytes(&self.xa)
 

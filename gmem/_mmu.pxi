@@ -392,35 +392,60 @@ cdef inline int kvm_mmu_page_fault_done(kvm_vcpu *vcpu, uint64_t gpa, uint64_t e
 # --------------------------------------------------------- batch prefetch
 # Not the kernel's: a batch knows its next faults, so while one fault runs it pulls
 # into the cache what a later one will read, in two stages, the second needing the
-# first one's lines: the SPTE and gmem filemap leaf slots, then the folio named by that
-# filemap slot. Nothing here changes state.
+# first one's lines: the SPTE and gmem filemap leaves, then the folio named by that
+# filemap slot. The leaves found become the arrays' hints when that fault comes, so its
+# lookups walk nothing (a leaf is still its index's leaf while no node of its array was
+# freed: node_gen). Nothing else changes state.
 
-cdef enum:
-    PREFETCH_FOLIO = 0      # stages, nearest first
-    PREFETCH_LEAF = 1
+ctypedef struct kvm_fault_leaves:
+    # what the leaf stage found for a later fault (NULL: nothing, or not looked up)
+    xa_node *spte
+    xa_node *filemap
+    xarray *filemap_xa          # the gmem file's page cache, kept alive by its memslot
+    uint64_t filemap_index
+    uint64_t spte_gen
+    uint64_t filemap_gen
 
 
-cdef inline const uint64_t *_filemap_slot(kvm *kvm, uint64_t gfn) noexcept nogil:
-    cdef kvm_memory_slot *s = __gfn_to_memslot(kvm, gfn, False)
-    if s == NULL or s.gmem_file == NULL or s.gmem_file.released:
-        return NULL
-    return xa_leaf_slot(&s.gmem_file.inode.filemap, gfn - s.base_gfn + s.gmem_pgoff)
-
-
-cdef void kvm_mmu_prefetch(kvm *kvm, uint64_t gpa, uint64_t error_code, int stage) noexcept nogil:
+cdef void kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code,
+                                  kvm_fault_leaves *lv) noexcept nogil:
     cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
-    # a present fault most likely ends in fast_page_fault, which reads only the SPTE
-    cdef bint gmem = not (error_code & PFERR_PRESENT_MASK)
-    cdef const uint64_t *p = _filemap_slot(kvm, gfn) if gmem else NULL
-    if stage == PREFETCH_FOLIO:
-        if p != NULL and _xa_is_value(p[0]):
-            gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
+    cdef kvm_memory_slot *s
+    lv.spte = xa_leaf(&kvm.sptes, gfn)
+    lv.spte_gen = kvm.sptes.node_gen
+    if lv.spte != NULL:
+        gmem_prefetch(&lv.spte.slots[gfn & XA_CHUNK_MASK])
+    lv.filemap = NULL
+    if error_code & PFERR_PRESENT_MASK:
+        return          # most likely fast_page_fault, which reads only the SPTE
+    s = __gfn_to_memslot(kvm, gfn, False)
+    if s == NULL or s.gmem_file == NULL or s.gmem_file.released:
         return
-    if p != NULL:
-        gmem_prefetch(p)
-    p = xa_leaf_slot(&kvm.sptes, gfn)
-    if p != NULL:
-        gmem_prefetch(p)
+    lv.filemap_xa = &s.gmem_file.inode.filemap
+    lv.filemap_index = gfn - s.base_gfn + s.gmem_pgoff
+    lv.filemap = xa_leaf(lv.filemap_xa, lv.filemap_index)
+    lv.filemap_gen = lv.filemap_xa.node_gen
+    if lv.filemap != NULL:
+        gmem_prefetch(&lv.filemap.slots[lv.filemap_index & XA_CHUNK_MASK])
+
+
+cdef inline bint _leaf_valid(const xarray *xa, const xa_node *leaf, uint64_t gen) noexcept nogil:
+    return leaf != NULL and xa.node_gen == gen
+
+
+cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
+    # walked again rather than read through lv.filemap: measured faster (the walk's
+    # dependent loads give the leaf stage's prefetch of the slot time to land)
+    cdef const uint64_t *p = xa_leaf_slot(lv.filemap_xa, lv.filemap_index)
+    if p != NULL and _xa_is_value(p[0]):
+        gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
+
+
+cdef inline void kvm_mmu_hint_leaves(kvm *kvm, uint64_t gpa, const kvm_fault_leaves *lv) noexcept nogil:
+    if _leaf_valid(&kvm.sptes, lv.spte, lv.spte_gen):
+        xa_hint_leaf(&kvm.sptes, lv.spte, (gpa >> 12) & ~kvm.gfn_direct_bits)
+    if _leaf_valid(lv.filemap_xa, lv.filemap, lv.filemap_gen):
+        xa_hint_leaf(lv.filemap_xa, lv.filemap, lv.filemap_index)
 
 
 # ------------------------------------------------------ KVM_PRE_FAULT_MEMORY

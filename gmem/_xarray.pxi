@@ -89,6 +89,7 @@ cdef xa_node *_xa_node_alloc(xarray *xa, int shift, xa_node *parent, int offset)
 
 cdef void _xa_node_free(xarray *xa, xa_node *n) noexcept nogil:
     xa.nr_nodes -= 1
+    xa.node_gen += 1
     if xa.hint == n:
         xa.hint = NULL
     if xa.nr_cached < XA_NODE_CACHE:
@@ -248,13 +249,16 @@ cdef void xa_init(xarray *xa) noexcept nogil:
 
 cdef void xa_destroy(xarray *xa) noexcept nogil:
     cdef xa_node *n
+    cdef uint64_t gen
     if xa.head != NULL:
         _xa_free_subtree(xa, xa.head)
     while xa.node_cache != NULL:
         n = xa.node_cache
         xa.node_cache = n.parent
         free(n)
+    gen = xa.node_gen
     xa_init(xa)
+    xa.node_gen = gen + 1           # no leaf found before stays valid
 
 
 cdef inline int _xa_load_from(const xa_node *node, uint64_t index, uint64_t *value) noexcept nogil:
@@ -372,15 +376,23 @@ cdef xa_node *_xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
     return node
 
 
+cdef xa_node *xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
+    """index's leaf, hinted or walked, or NULL if it has none. Leaves the hint alone."""
+    cdef xa_node *node = _xa_hint(xa, index)
+    return node if node != NULL else _xa_leaf(xa, index)
+
+
 cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil:
     """Where index's slot is in its leaf, found without reading the leaf itself, or NULL if
     index has no leaf: a batch prefetches it for a later lookup. Leaves the hint alone."""
-    cdef xa_node *node = _xa_hint(xa, index)
-    if node == NULL:
-        node = _xa_leaf(xa, index)
-        if node == NULL:
-            return NULL
-    return &node.slots[index & XA_CHUNK_MASK]
+    cdef xa_node *node = xa_leaf(xa, index)
+    return &node.slots[index & XA_CHUNK_MASK] if node != NULL else NULL
+
+
+cdef inline void xa_hint_leaf(xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
+    """The owner hints leaf, which xa_leaf found for index with no node freed since (the
+    array's node_gen unchanged): lookups at index then walk nothing."""
+    _xa_set_hint(xa, leaf, index)
 
 
 cdef inline int _xa_lookup(xarray *xa, uint64_t index, uint64_t *value, uint64_t *first,

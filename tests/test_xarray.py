@@ -747,3 +747,18 @@ def test_leaf_hint_against_a_dict(ops):
             hit = next((v[0] for f, v in ref.items() if f <= j < f + max(v[1], 1)), None)
             assert x.load(j) == hit
     x.check()
+
+
+def test_node_gen_moves_on_every_node_freed():
+    """node_gen (the batch's test that a leaf it found earlier is still its index's leaf)
+    stays while nodes are only added, and moves by one per node freed."""
+    x = XArray()
+    for i in range(0, 4096, 7):
+        x.store(i, i)
+    assert x.node_gen == 0 and x.nr_nodes > 64
+    nodes = x.nr_nodes
+    x.erase_range(0, 63)                       # the first leaf empties and goes
+    assert x.node_gen == 1 and x.nr_nodes == nodes - 1
+    x.store(0, 1, order=12)                    # one entry over everything: every node goes
+    assert x.node_gen == nodes and x.load(4095) == 1
+    x.check()
