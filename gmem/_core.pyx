@@ -27,8 +27,22 @@ _U64_MAX = (1 << 64) - 1
 _VALUE_MAX = (1 << 63) - 1
 
 
+cdef extern from "Python.h":
+    # raw: (unsigned long long)-1 with OverflowError set for a negative or too large int
+    unsigned long long _PyLong_AsU64 "PyLong_AsUnsignedLongLong"(object o)
+    void *PyErr_Occurred()          # borrowed, NULL if none
+    void PyErr_Clear()
+
+
 cdef uint64_t _u64(object x, str what) except? 0:
     """An index/pfn argument: a Python int in [0, 2**64)."""
+    cdef uint64_t v
+    if type(x) is int:              # the scalar fault path's case: one C conversion
+        v = _PyLong_AsU64(x)
+        if v != <uint64_t>-1 or PyErr_Occurred() == NULL:
+            return v
+        PyErr_Clear()
+        raise ValueError(f"{what} {x} is outside [0, 2**64)")
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
         raise TypeError(f"{what} must be an integer, not {type(x).__name__}")
     x = int(x)
