@@ -293,6 +293,11 @@ cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
 cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
                             kvm_fault_out *out) noexcept nogil:
     """One #NPF / EPT violation with its 64-bit error code; the outcome in *out."""
+    cdef kvm_fault_leaves lv
+    # not the kernel's: the fault's SPTE and filemap leaves are found and prefetched first,
+    # then hinted, so their cache misses overlap rather than follow one another
+    kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code, &lv)
+    kvm_mmu_hint_leaves(vcpu.kvm, gpa, &lv)
     return __kvm_mmu_page_fault(vcpu, gpa, error_code, out)
 
 
