@@ -406,6 +406,8 @@ ctypedef struct kvm_fault_leaves:
     # what the leaf stage found for a later fault (NULL: nothing, or not looked up)
     xa_node *spte
     xa_node *filemap
+    uint64_t spte_index         # the gfn spte was found for: gfn_direct_bits may change
+                                # before the fault comes (a hook's tdx_init_vm)
     xarray *filemap_xa          # the gmem file's page cache, kept alive by its memslot
     uint64_t filemap_index
     uint64_t spte_gen
@@ -416,6 +418,7 @@ cdef void kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code,
                                   kvm_fault_leaves *lv) noexcept nogil:
     cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
     cdef kvm_memory_slot *s
+    lv.spte_index = gfn
     lv.spte = xa_leaf(&kvm.sptes, gfn)
     lv.spte_gen = kvm.sptes.node_gen
     if lv.spte != NULL:
@@ -448,7 +451,9 @@ cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept 
 
 cdef inline void kvm_mmu_hint_leaves(kvm *kvm, uint64_t gpa, const kvm_fault_leaves *lv) noexcept nogil:
     if _leaf_valid(&kvm.sptes, lv.spte, lv.spte_gen):
-        xa_hint_leaf(&kvm.sptes, lv.spte, (gpa >> 12) & ~kvm.gfn_direct_bits)
+        # the index the leaf was found for, not gpa's gfn now: a leaf hinted for another
+        # index's range would answer that range's lookups from the wrong SPTEs
+        xa_hint_leaf(&kvm.sptes, lv.spte, lv.spte_index)
     if _leaf_valid(lv.filemap_xa, lv.filemap, lv.filemap_gen):
         xa_hint_leaf(lv.filemap_xa, lv.filemap, lv.filemap_index)
 
