@@ -789,7 +789,7 @@ cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t
                 kvm_mmu_prefetch_folio(k, lv)
             lv = &ring[i & (PREFETCH_RING - 1)]
             if lv.spte != NULL or lv.filemap != NULL:
-                kvm_mmu_hint_leaves(k, gpas[i], lv)
+                kvm_mmu_hint_leaves(k, lv)
             if many:
                 v = vcpus[ids[i]]
             __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])

@@ -297,7 +297,7 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
     # not the kernel's: the fault's SPTE and filemap leaves are found and prefetched first,
     # then hinted, so their cache misses overlap rather than follow one another
     kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code, &lv)
-    kvm_mmu_hint_leaves(vcpu.kvm, gpa, &lv)
+    kvm_mmu_hint_leaves(vcpu.kvm, &lv)
     return __kvm_mmu_page_fault(vcpu, gpa, error_code, out)
 
 
@@ -449,7 +449,7 @@ cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept 
         gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
 
 
-cdef inline void kvm_mmu_hint_leaves(kvm *kvm, uint64_t gpa, const kvm_fault_leaves *lv) noexcept nogil:
+cdef inline void kvm_mmu_hint_leaves(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
     if _leaf_valid(&kvm.sptes, lv.spte, lv.spte_gen):
         # the index the leaf was found for, not gpa's gfn now: a leaf hinted for another
         # index's range would answer that range's lookups from the wrong SPTEs

@@ -1088,3 +1088,30 @@ def test_batch_leaves_freed_under_it_are_not_hinted():
     assert batch[3] == scalar[3] == 2048 and batch[0] == scalar[0]
     assert batch[1] == scalar[1] and batch[2] == scalar[2]
     assert Counter(r[0] for r in batch[0])[FIXED] > 2048   # zapped pages faulted again
+
+
+def test_batch_leaf_hinted_for_the_gfn_it_was_found_for():
+    """A hook's tdx_init_vm (a TD that has only faulted shared pages) moves the shared bit from
+    51 to 47 mid-batch. The leaf stage found fault 8's SPTE leaf for gfn = gpa >> 12 without the
+    old bit; it is hinted for that gfn, not for one recomputed with the new bit (another leaf's
+    range: xa_check -11, and a later fault answered from gfn 5's SPTE)."""
+    s51, s47, page = 1 << 51, 1 << 47, 0x5000
+    host = gmem.Host(memory=1 << 30, platform="intel")
+    vm = host.create_vm(TDX)                     # not initialised yet: shared bit 51
+    f = vm.create_guest_memfd(8 * M)
+    vm.set_user_memory_region2(0, GMEM, 0, 8 * M, HVA, f, 0)
+    vcpu = vm.create_vcpu(0)
+    assert vcpu.page_fault(s51 | page, WRITE).ret == FIXED and vm.shared_gpa_bit == s51
+
+    def is_private(v, gpa, ec):
+        if v.shared_gpa_bit == s51:
+            v.tdx_init_vm(48)
+        return not gpa & v.shared_gpa_bit
+
+    host.register_hooks(TDX, is_private_fault=is_private)
+    gpas = np.array([s51 | s47 | 0x100000] * 8 + [s51 | page], dtype=np.uint64)
+    vm.page_fault_batch(gpas, np.full(9, WRITE, np.uint64))
+    assert vm.shared_gpa_bit == s47
+    host.check()
+    r = vcpu.page_fault(s51 | s47 | page, PRESENT | WRITE)      # gfn (1 << 39) | 5: no SPTE
+    assert r.ret != SPURIOUS
