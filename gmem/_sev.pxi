@@ -51,10 +51,11 @@ cdef extern from *:
     const uint64_t PFERR_GUEST_SIZEM_MASK "GMEM_PFERR_GUEST_SIZEM_MASK"
 
 
-cdef inline uint64_t rmp_raw(gmem_host *h, uint64_t pfn) noexcept nogil:
-    """The entry as hardware would read it for this pfn."""
+cdef inline uint64_t _rmp_raw_in(gmem_host *h, uint64_t pfn, bint *in_2m) noexcept nogil:
+    """The entry as hardware would read it for this pfn; *in_2m: a 2M entry covers it."""
     cdef uint64_t v, head = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
-    if xa_load(&h.rmp.entries, head, &v) and (v & RMP_PAGESIZE):
+    in_2m[0] = xa_load(&h.rmp.entries, head, &v) and (v & RMP_PAGESIZE)
+    if in_2m[0]:
         if pfn == head:
             return v
         # a page inside a 2M entry: the head's state at its own GPA, pagesize 0
@@ -64,14 +65,20 @@ cdef inline uint64_t rmp_raw(gmem_host *h, uint64_t pfn) noexcept nogil:
     return 0
 
 
+cdef inline uint64_t rmp_raw(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """The entry as hardware would read it for this pfn."""
+    cdef bint in_2m
+    return _rmp_raw_in(h, pfn, &in_2m)
+
+
 cdef int snp_lookup_rmpentry(gmem_host *h, uint64_t pfn, int *assigned, int *level) noexcept nogil:
-    cdef uint64_t head = pfn & ~(<uint64_t>PTRS_PER_PMD - 1), hv
+    cdef bint in_2m
     if not h.rmp.enabled:
         return -_ENODEV
     if pfn >= h.pm.end_pfn:
         return -_EINVAL
-    assigned[0] = (rmp_raw(h, pfn) & RMP_ASSIGNED) != 0
-    level[0] = PG_LEVEL_2M if (xa_load(&h.rmp.entries, head, &hv) and (hv & RMP_PAGESIZE)) else PG_LEVEL_4K
+    assigned[0] = (_rmp_raw_in(h, pfn, &in_2m) & RMP_ASSIGNED) != 0
+    level[0] = PG_LEVEL_2M if in_2m else PG_LEVEL_4K
     return 0
 
 
@@ -107,10 +114,10 @@ cdef bint _rmp_smashed_region(gmem_host *h, uint64_t head) noexcept nogil:
 cdef int rmpupdate_insn(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nogil:
     """RMPUPDATE (F2 0F 01 FE): install `state` (assigned, pagesize, immutable, gpa, asid)
     as pfn's entry; returns the architectural code."""
-    cdef uint64_t cur = rmp_raw(h, pfn), head = pfn & ~(<uint64_t>PTRS_PER_PMD - 1), hv, f, v
+    cdef bint in_2m, merge = False
+    cdef uint64_t cur = _rmp_raw_in(h, pfn, &in_2m), f, v
     cdef uint64_t new, keep
     cdef int k
-    cdef bint in_2m, merge = False
     cdef bint huge = (state & RMP_PAGESIZE) != 0
     h.rmp.stats[SNP_STAT_RMPUPDATE] += 1
     if h.rmp.fail_rmpupdate:
@@ -121,7 +128,6 @@ cdef int rmpupdate_insn(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nog
         return RMPUPDATE_FAIL_INPUT
     if cur & RMP_IMMUTABLE:
         return RMPUPDATE_FAIL_PERMISSION
-    in_2m = xa_load(&h.rmp.entries, head, &hv) and (hv & RMP_PAGESIZE)
     if huge:
         if pfn & (PTRS_PER_PMD - 1) or (state & RMP_GPA_MASK) & ((<uint64_t>PTRS_PER_PMD << 12) - 1):
             return RMPUPDATE_FAIL_INPUT
