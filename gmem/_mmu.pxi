@@ -400,7 +400,8 @@ cdef inline int kvm_mmu_page_fault_done(kvm_vcpu *vcpu, uint64_t gpa, uint64_t e
 # first one's lines: the SPTE and gmem filemap leaves, then the folio named by that
 # filemap slot. The leaves found become the arrays' hints when that fault comes, so its
 # lookups walk nothing (a leaf is still its index's leaf while no node of its array was
-# freed: node_gen). Nothing else changes state.
+# freed: node_gen). Nothing else changes state. The scalar kvm_mmu_page_fault does the
+# leaf stage for its own fault, just before it.
 
 ctypedef struct kvm_fault_leaves:
     # what the leaf stage found for a later fault (NULL: nothing, or not looked up)
