@@ -172,13 +172,14 @@ cdef void _rmp_check(Host host, dict inodes, set vmsa) except *:
     """Every assigned pfn belongs to a live gmem folio of a VM with that ASID, or is a VMSA,
     or was leaked; 2M entries are aligned and alone in their region (INV-3, INV-4)."""
     cdef gmem_host *h = &host.h
-    cdef uint64_t start = 0, first, v, f2, v2, pfn, leaked
+    cdef uint64_t start = 0, first, v, f2, v2, pfn, leaked, nr_2m = 0
     cdef int order, k2
     cdef uint32_t id
     cdef folio *f
     while xa_find_entry(&h.rmp.entries, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
         start = first + 1
         if v & RMP_PAGESIZE:
+            nr_2m += 1
             if first & (PTRS_PER_PMD - 1) or (v & RMP_GPA_MASK) & ((PTRS_PER_PMD << 12) - 1):
                 raise _InvariantError(f"RMP: 2M entry at pfn {first:#x} is misaligned ({_rmp_entry(v)})")
             if first + 1 <= first + PTRS_PER_PMD - 1 and xa_find_entry(
@@ -203,6 +204,8 @@ cdef void _rmp_check(Host host, dict inodes, set vmsa) except *:
                 raise _InvariantError(f"RMP: pfn {pfn:#x} (gmem inode {f.mapping}, index {f.index + pfn - f.pfn:#x})"
                                       f" is assigned ({_rmp_entry(rmp_raw(h, pfn))}) but its folio was never "
                                       "prepared: the next prepare zeroes a guest-owned page (INV-4, INV-5)")
+    if nr_2m != h.rmp.nr_2m:
+        raise _InvariantError(f"RMP: {nr_2m} 2M entries, but nr_2m is {h.rmp.nr_2m}")
 
 
 cdef void _gmem_rmp_check(Host host, list files) except *:

@@ -276,6 +276,7 @@ ctypedef struct snp_rmp:
     int enabled                 # the platform has SNP (an RMP covering all memory)
     xarray entries              # pfn -> raw low qword (struct rmpentry_raw); absent = 0.
                                 # A 2M entry is stored at its head only.
+    uint64_t nr_2m              # 2M entries among them (none: a lookup reads no head)
     xarray perms                # pfn -> VMPL1..3 permission bytes (RMPADJUST), absent = none
     xarray direct_map_4k        # 2M region (pfn >> 9) -> 1 where the host direct map was split
     xarray leaked               # pfn -> 1: snp_leak_pages

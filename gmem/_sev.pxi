@@ -54,14 +54,16 @@ cdef extern from *:
 cdef inline uint64_t _rmp_raw_in(gmem_host *h, uint64_t pfn, bint *in_2m) noexcept nogil:
     """The entry as hardware would read it for this pfn; *in_2m: a 2M entry covers it."""
     cdef uint64_t v, head = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
-    in_2m[0] = xa_load(&h.rmp.entries, head, &v) and (v & RMP_PAGESIZE)
+    # pfn's own slot first: no 4K entry lies under a 2M one (rmpupdate_insn), so an entry
+    # there is the answer, and a 2M head is read only when the RMP holds one
+    if xa_load(&h.rmp.entries, pfn, &v):
+        in_2m[0] = pfn == head and (v & RMP_PAGESIZE) != 0
+        return v
+    in_2m[0] = (h.rmp.nr_2m != 0 and pfn != head and xa_load(&h.rmp.entries, head, &v)
+                and (v & RMP_PAGESIZE) != 0)
     if in_2m[0]:
-        if pfn == head:
-            return v
         # a page inside a 2M entry: the head's state at its own GPA, pagesize 0
         return (v & ~RMP_PAGESIZE) + ((pfn - head) << 12)
-    if xa_load(&h.rmp.entries, pfn, &v):
-        return v
     return 0
 
 
@@ -83,11 +85,17 @@ cdef int snp_lookup_rmpentry(gmem_host *h, uint64_t pfn, int *assigned, int *lev
 
 
 cdef inline int _rmp_store(gmem_host *h, uint64_t pfn, uint64_t raw) noexcept nogil:
-    cdef uint64_t old
+    """The one place an entry's pagesize changes (other writers keep it): counts 2M entries."""
+    cdef uint64_t old = 0
+    cdef int r
     if raw == 0:
-        xa_erase(&h.rmp.entries, pfn, &old)
-        return 0
-    return xa_store_order(&h.rmp.entries, pfn, 0, raw, &old)
+        r = xa_erase(&h.rmp.entries, pfn, &old)
+    else:
+        r = xa_store_order(&h.rmp.entries, pfn, 0, raw, &old)
+        if r < 0:
+            return r
+    h.rmp.nr_2m += ((raw & RMP_PAGESIZE) != 0) - (r == 1 and (old & RMP_PAGESIZE) != 0)
+    return 0 if raw == 0 else r
 
 
 cdef void _adjust_direct_map(gmem_host *h, uint64_t pfn, int rmp_level) noexcept nogil:
