@@ -152,7 +152,7 @@ cdef int rmpupdate_insn(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nog
     keep = RMP_ASSIGNED | RMP_PAGESIZE | RMP_GPA_MASK
     if (cur & keep) == (new & keep) and (cur & RMP_ASID_MASK) == (new & RMP_ASID_MASK):
         new |= cur & (RMP_VALIDATED | RMP_VMSA)    # nothing moved: Validated survives
-    else:
+    elif h.rmp.perms.nr_entries:
         xa_erase(&h.rmp.perms, pfn, &v)            # VMPL0 full, others none
     if not (new & RMP_ASSIGNED):
         new = 0                                    # unassigned entries are not stored
