@@ -214,7 +214,7 @@ cdef void kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) n
 # ----------------------------------------------------------------- prepare
 
 cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *inode,
-                                folio *f) noexcept nogil:
+                                       folio *f) noexcept nogil:
     """Zero a folio the first time and run the arch prepare hook, as the policy says:
     with "prepared" tracked by gmem (uptodate) a prepared folio is skipped."""
     cdef gmem_host *host = inode.host
