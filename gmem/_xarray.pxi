@@ -397,10 +397,21 @@ cdef inline void xa_hint_leaf(xarray *xa, xa_node *leaf, uint64_t index) noexcep
 
 cdef inline int _xa_lookup(xarray *xa, uint64_t index, uint64_t *value, uint64_t *first,
                            int *order, bint follow) noexcept nogil:
-    cdef int off, k, shift
-    cdef xa_node *node = _xa_walk_shift(xa, index, &off, &shift, follow)
-    if node == NULL:
-        return 0
+    cdef int off, k, shift = 0
+    cdef uint64_t e
+    cdef xa_node *node = _xa_hint(xa, index)
+    if node != NULL:                # the hinted leaf, inline: no walk, no call
+        off = index & XA_CHUNK_MASK
+        e = node.slots[off]
+        if _xa_is_sibling(e):
+            off = _xa_sibling_off(e)
+            e = node.slots[off]
+        if not _xa_is_value(e):
+            return 0
+    else:
+        node = _xa_walk_shift(xa, index, &off, &shift, follow)
+        if node == NULL:
+            return 0
     k = _xa_entry_order_at(node, shift, off)
     value[0] = node.slots[off] >> 1
     order[0] = k
