@@ -765,31 +765,32 @@ cdef void _fault_batch(kvm_vcpu **vcpus, const uint64_t[::1] ids, const uint64_t
     cdef kvm *k
     cdef gmem_host *host
     cdef kvm_fault_leaves ring[PREFETCH_RING]
-    cdef kvm_fault_leaves *lv
+    cdef uint32_t filled = 0        # bit r: the leaf stage filled ring[r] (else it went nowhere)
     cdef uint64_t key, last = <uint64_t>-1
+    cdef int r
     if n == 0:
         return                  # (with ids, the vCPU table has no entry to read)
     v = vcpus[ids[0]] if many else vcpus[0]
     k = v.kvm
     host = k.host
-    memset(ring, 0, sizeof(ring))
     with nogil:
         for i in range(n):
             j = i + 2 * PREFETCH_AHEAD
             if j < n:
-                lv = &ring[j & (PREFETCH_RING - 1)]
+                r = j & (PREFETCH_RING - 1)
                 key = gpas[j] >> 18
                 if key != last:
-                    kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], lv)
+                    kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r])
+                    filled |= 1u << r
                 else:
-                    lv.spte = lv.filemap = NULL
+                    filled &= ~(1u << r)
                 last = key
-            lv = &ring[(i + PREFETCH_AHEAD) & (PREFETCH_RING - 1)]
-            if lv.filemap != NULL and i + PREFETCH_AHEAD < n:
-                kvm_mmu_prefetch_folio(k, lv)
-            lv = &ring[i & (PREFETCH_RING - 1)]
-            if lv.spte != NULL or lv.filemap != NULL:
-                kvm_mmu_hint_leaves(k, lv)
+            r = (i + PREFETCH_AHEAD) & (PREFETCH_RING - 1)
+            if (filled >> r) & 1 and ring[r].filemap != NULL and i + PREFETCH_AHEAD < n:
+                kvm_mmu_prefetch_folio(k, &ring[r])
+            r = i & (PREFETCH_RING - 1)
+            if (filled >> r) & 1:
+                kvm_mmu_hint_leaves(k, &ring[r])
             if many:
                 v = vcpus[ids[i]]
             __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
