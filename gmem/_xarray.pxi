@@ -471,39 +471,36 @@ cdef inline int xa_store_follow(xarray *xa, uint64_t index, int order, uint64_t 
 cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
                         uint64_t *old) noexcept nogil:
     # Fast path: a store of order 0 onto an existing entry lands on that whole entry,
-    # whatever its order, wherever it is found on the way down.
-    cdef xa_node *node = _xa_hint(xa, index)
-    cdef int shift = 0, off
+    # whatever its order, wherever it is found on the way down; in a leaf it may also
+    # fill an empty slot.
+    cdef xa_node *node
+    cdef int shift, off
     cdef uint64_t e
-    if order == 0 and node != NULL:
+    if order != 0:
+        return _xa_store_slow(xa, index, order, value, old)
+    node = _xa_hint(xa, index)
+    if node != NULL:
         return _xa_store_in_leaf(xa, node, index, value, old)
-    if order == 0:
-        node = xa.head
-        if node != NULL and not _xa_covers(node.shift, index):
-            node = NULL
-        if node != NULL:
-            shift = node.shift
-    if order == 0 and node != NULL:
-        while True:
-            off = (index >> shift) & XA_CHUNK_MASK
+    node = xa.head
+    if node == NULL or not _xa_covers(node.shift, index):
+        return _xa_store_slow(xa, index, order, value, old)
+    shift = node.shift
+    while shift:
+        off = (index >> shift) & XA_CHUNK_MASK
+        e = node.slots[off]
+        if _xa_is_sibling(e):
+            off = _xa_sibling_off(e)
             e = node.slots[off]
-            if _xa_is_sibling(e):
-                off = _xa_sibling_off(e)
-                e = node.slots[off]
-            if _xa_is_value(e):
-                if shift == 0:
-                    _xa_follow(xa, node, index)
-                old[0] = e >> 1
-                node.slots[off] = _xa_mk_value(value)
-                return 1
-            if e == 0:
-                if shift == 0:
-                    _xa_follow(xa, node, index)
-                    return _xa_store_in_leaf(xa, node, index, value, old)
-                break
-            node = _xa_to_node(e)
-            shift -= XA_CHUNK_SHIFT
-    return _xa_store_slow(xa, index, order, value, old)
+        if _xa_is_value(e):
+            old[0] = e >> 1
+            node.slots[off] = _xa_mk_value(value)
+            return 1
+        if e == 0:
+            return _xa_store_slow(xa, index, order, value, old)
+        node = _xa_to_node(e)
+        shift -= XA_CHUNK_SHIFT
+    _xa_follow(xa, node, index)
+    return _xa_store_in_leaf(xa, node, index, value, old)
 
 
 cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
