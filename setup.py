@@ -20,7 +20,7 @@ if os.environ.get("GMEM_SANITIZE"):
 
 ext = Extension(
     "gmem._core",
-    ["gmem/_core.pyx"],
+    ["src/gmem/_core.pyx"],
     include_dirs=[numpy.get_include()],
     extra_compile_args=cflags,
     extra_link_args=ldflags,

@@ -102,7 +102,7 @@ def cmd_demo(args):
           f"ran in {elapsed:.2f} s; host.check() passed")
     if not args.no_plot:
         plots.memory_map(st, args.out, "SEV-SNP guest memory before shutdown (gmem demo)")
-        note = "" if plots.have_matplotlib() else " (bare image: pip install 'gmem[plot]' for labels)"
+        note = "" if plots.have_matplotlib() else " (bare image: pip install 'kvm-gmem[plot]' for labels)"
         print(f"wrote {args.out}{note}")
     return 0
 
@@ -186,7 +186,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                f"{args.scenario}: policies compared"):
             print(f"wrote {args.chart}")
         else:
-            print("matplotlib is not installed: no chart (pip install 'gmem[plot]')")
+            print("matplotlib is not installed: no chart (pip install 'kvm-gmem[plot]')")
     return 0
 
 
@@ -269,7 +269,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if plots.replay_chart(sizes, secs, args.plot, f"replay of {os.path.basename(args.file)}"):
             print(f"wrote {args.plot}")
         else:
-            print("matplotlib is not installed: no chart (pip install 'gmem[plot]')")
+            print("matplotlib is not installed: no chart (pip install 'kvm-gmem[plot]')")
     return 0
 
 

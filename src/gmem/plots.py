@@ -1,6 +1,6 @@
 """Pictures: the guest memory map, policy comparisons, replay throughput.
 
-matplotlib (the `gmem[plot]` extra) draws them with labels and legends; without it the
+matplotlib (the `kvm-gmem[plot]` extra) draws them with labels and legends; without it the
 memory map is still written as a bare PNG (numpy + zlib), and the charts are skipped.
 """
 import struct

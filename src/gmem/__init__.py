@@ -6,9 +6,8 @@ from gmem import uapi
 from gmem._core import (FAULT_DTYPE, RMP_DTYPE, TRACE_DTYPE, TRACE_EVENTS, FaultResult, GuestExit,
                         GuestFault, GuestMemfd, Host, HypercallExit, Mapping, PhysMem, Rmp, RmpEntry,
                         Trace, Vcpu, Vm, XArray, page_states)
+from gmem._version import __version__
 from gmem.errors import InvariantError, RmpViolation, SigBus
-
-__version__ = "0.1.0"
 
 # The public names, for `from gmem import *` and for type checkers (a py.typed package
 # re-exports an imported name only if it is listed here).
