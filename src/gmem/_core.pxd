@@ -1,19 +1,309 @@
 # cython: language_level=3
-# The C-level API of gmem's core, for the rest of the core and for other Cython
-# projects (`from gmem._core cimport ...`).  Every function here is
-# `noexcept nogil`: results come back as return codes (0 or a negative errno, as
-# in the kernel), never as Python exceptions.
+# The C-level API of gmem's core, for the rest of the core and for other Cython or C
+# projects (`from gmem._core cimport ...`, or `cimport gmem`).  Every function here is
+# `noexcept nogil`: results come back as return codes (0 or a negative errno, as in the
+# kernel), never as Python exceptions; where a user would want to know which rule refused,
+# gmem_reason(host) names it (a static string, valid until the host's next call).
 #
-# Layers, bottom up (each a section of _core.pyx, named after its kernel file):
-#   lib/xarray.c  -> xarray:  a radix tree of 64-slot nodes with multi-index entries
-#   mm/page_alloc.c, mm/filemap.c -> physmem: buddy allocator + folio table
-#
-# GMEM_CAPI_VERSION changes whenever a declaration below changes incompatibly.
+# Two sections, as include/linux/xarray.h fences its internals:
+#   STABLE           the calls, constants and result structs a simulator needs to build and
+#                    drive a model without Python objects: GMEM_CAPI_VERSION changes whenever
+#                    anything in this section changes (tests/test_cimport.py checks it);
+#   LAYOUT PRIVATE   the structs' fields and the internal functions the core's files call
+#                    each other through: they may change with any commit.
+# src/gmem/README.md says which .pxi file holds which kernel file's rules.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 
+# ======================================================================================
+#                                        STABLE
+# ======================================================================================
+
 cdef enum:
-    GMEM_CAPI_VERSION = 2
+    GMEM_CAPI_VERSION = 3
+
+# Opaque to stable users: reach them only through the calls below.
+ctypedef struct gmem_host
+ctypedef struct kvm
+ctypedef struct kvm_vcpu
+ctypedef struct gmem_file
+
+cdef enum:
+    # VM types (arch/x86/include/uapi/asm/kvm.h)
+    KVM_X86_DEFAULT_VM = 0
+    KVM_X86_SW_PROTECTED_VM = 1
+    KVM_X86_SEV_VM = 2
+    KVM_X86_SEV_ES_VM = 3
+    KVM_X86_SNP_VM = 4
+    KVM_X86_TDX_VM = 5
+    KVM_MAX_VM_TYPES = 32
+    KVM_MAX_VCPU_IDS = 4096
+    # mapping levels
+    PG_LEVEL_4K = 1
+    PG_LEVEL_2M = 2
+    PG_LEVEL_1G = 3
+    KVM_MAX_HUGEPAGE_LEVEL = 3
+    # arch/x86/kvm/mmu/mmu_internal.h: the fault path's outcomes
+    RET_PF_CONTINUE = 0
+    RET_PF_RETRY = 1
+    RET_PF_EMULATE = 2
+    RET_PF_WRITE_PROTECTED = 3
+    RET_PF_INVALID = 4
+    RET_PF_FIXED = 5
+    RET_PF_SPURIOUS = 6
+    # include/uapi/linux/kvm.h
+    KVM_EXIT_HYPERCALL = 3
+    KVM_EXIT_MEMORY_FAULT = 39
+    KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+    KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+    KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+    KVM_MEM_READONLY = 1 << 1
+    KVM_MEM_GUEST_MEMFD = 1 << 2
+    GUEST_MEMFD_FLAG_MMAP = 1 << 0
+    GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+    # capabilities (KVM_CHECK_EXTENSION)
+    KVM_CAP_NR_MEMSLOTS = 10
+    KVM_CAP_READONLY_MEM = 81
+    KVM_CAP_MULTI_ADDRESS_SPACE = 118
+    KVM_CAP_EXIT_HYPERCALL = 201
+    KVM_CAP_USER_MEMORY2 = 231
+    KVM_CAP_MEMORY_FAULT_INFO = 232
+    KVM_CAP_MEMORY_ATTRIBUTES = 233
+    KVM_CAP_GUEST_MEMFD = 234
+    KVM_CAP_VM_TYPES = 235
+    KVM_CAP_PRE_FAULT_MEMORY = 236
+    KVM_CAP_GUEST_MEMFD_FLAGS = 244
+    # include/uapi/linux/kvm_para.h
+    KVM_HC_MAP_GPA_RANGE = 12
+    KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1 << 0
+    KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+    # include/uapi/linux/falloc.h
+    FALLOC_FL_KEEP_SIZE = 0x01
+    FALLOC_FL_PUNCH_HOLE = 0x02
+    FALLOC_FL_COLLAPSE_RANGE = 0x08
+    FALLOC_FL_ZERO_RANGE = 0x10
+    FALLOC_FL_INSERT_RANGE = 0x20
+    FALLOC_FL_UNSHARE_RANGE = 0x40
+    FALLOC_FL_WRITE_ZEROES = 0x80
+    # platforms of a simulated host
+    GMEM_PLATFORM_NONE = 0
+    GMEM_PLATFORM_AMD = 1          # DEFAULT, SEV, SEV_ES, SNP VM types; an RMP
+    GMEM_PLATFORM_INTEL = 2        # DEFAULT, TDX VM types
+    # policies (gmem.Host options)
+    GMEM_PREPARE_FAULT = 0          # Linux 6.12+: prepare at the first kvm_gmem_get_pfn
+    GMEM_PREPARE_ALLOC = 1          # the RFC: prepare whenever a folio is obtained
+    GMEM_TRACK_GMEM = 0             # "prepared" is the folio's uptodate flag
+    GMEM_TRACK_ARCH = 1             # gmem does not track; the arch hook must be idempotent
+    GMEM_INVALIDATE_FREE_FOLIO = 0
+    GMEM_INVALIDATE_INVALIDATE_FOLIO = 1
+
+cdef extern from *:
+    # arch/x86/include/asm/kvm_host.h: the 64-bit error code's bits (constants, so the compiler
+    # folds them into the fault path)
+    """
+    #define GMEM_PFERR_PRESENT_MASK (1ULL << 0)
+    #define GMEM_PFERR_WRITE_MASK (1ULL << 1)
+    #define GMEM_PFERR_USER_MASK (1ULL << 2)
+    #define GMEM_PFERR_RSVD_MASK (1ULL << 3)
+    #define GMEM_PFERR_FETCH_MASK (1ULL << 4)
+    #define GMEM_PFERR_GUEST_RMP_MASK (1ULL << 31)
+    #define GMEM_PFERR_GUEST_FINAL_MASK (1ULL << 32)
+    #define GMEM_PFERR_GUEST_PAGE_MASK (1ULL << 33)
+    #define GMEM_PFERR_GUEST_ENC_MASK (1ULL << 34)
+    #define GMEM_PFERR_GUEST_SIZEM_MASK (1ULL << 35)
+    #define GMEM_PFERR_IMPLICIT_ACCESS (1ULL << 48)
+    #define GMEM_PFERR_PRIVATE_ACCESS (1ULL << 49)
+    #define GMEM_PFERR_SYNTHETIC_MASK (GMEM_PFERR_IMPLICIT_ACCESS | GMEM_PFERR_PRIVATE_ACCESS)
+    """
+    const uint64_t PFERR_PRESENT_MASK "GMEM_PFERR_PRESENT_MASK"
+    const uint64_t PFERR_WRITE_MASK "GMEM_PFERR_WRITE_MASK"
+    const uint64_t PFERR_USER_MASK "GMEM_PFERR_USER_MASK"
+    const uint64_t PFERR_RSVD_MASK "GMEM_PFERR_RSVD_MASK"
+    const uint64_t PFERR_FETCH_MASK "GMEM_PFERR_FETCH_MASK"
+    const uint64_t PFERR_GUEST_RMP_MASK "GMEM_PFERR_GUEST_RMP_MASK"
+    const uint64_t PFERR_GUEST_FINAL_MASK "GMEM_PFERR_GUEST_FINAL_MASK"
+    const uint64_t PFERR_GUEST_PAGE_MASK "GMEM_PFERR_GUEST_PAGE_MASK"
+    const uint64_t PFERR_GUEST_ENC_MASK "GMEM_PFERR_GUEST_ENC_MASK"
+    const uint64_t PFERR_GUEST_SIZEM_MASK "GMEM_PFERR_GUEST_SIZEM_MASK"
+    const uint64_t PFERR_IMPLICIT_ACCESS "GMEM_PFERR_IMPLICIT_ACCESS"
+    const uint64_t PFERR_PRIVATE_ACCESS "GMEM_PFERR_PRIVATE_ACCESS"
+    const uint64_t PFERR_SYNTHETIC_MASK "GMEM_PFERR_SYNTHETIC_MASK"
+
+# Counters: indices into gmem_host_stat / kvm_vm_stat / kvm_vcpu_stat (KVM's names first).
+cdef enum:
+    VCPU_STAT_PF_TAKEN
+    VCPU_STAT_PF_FIXED
+    VCPU_STAT_PF_SPURIOUS
+    VCPU_STAT_PF_EMULATE
+    VCPU_STAT_PF_FAST
+    VCPU_STAT_PF_RETRY
+    VCPU_STAT_MEMORY_FAULT_EXITS
+    VCPU_STAT_SYNTHETIC_CLEARED
+    VCPU_NR_STATS
+
+cdef enum:
+    VM_STAT_REMOTE_TLB_FLUSH
+    VM_STAT_ZAPPED_SPTES
+    VM_STAT_MMU_INVALIDATIONS
+    VM_STAT_GMEM_PREPARE
+    VM_STAT_GMEM_PREPARE_FAILED
+    VM_NR_STATS
+
+cdef enum:
+    HOST_STAT_FOLIOS_ALLOCATED
+    HOST_STAT_FOLIOS_FREED
+    HOST_STAT_FOLIO_SPLITS
+    HOST_STAT_GMEM_INVALIDATE
+    HOST_STAT_GMEM_INVALIDATE_PAGES
+    HOST_STAT_ALLOC_FAILURES
+    HOST_STAT_HOOK_ERRORS
+    HOST_NR_STATS
+
+# gmem.Host(...) as a C struct: gmem_host_config_init() fills in the defaults (Linux 6.18).
+ctypedef struct gmem_host_config:
+    uint64_t memory                 # bytes of host physical memory (a multiple of 4096)
+    int platform                    # GMEM_PLATFORM_*
+    int sw_protected                # KVM_X86_SW_PROTECTED_VM available
+    int memory_attributes           # KVM_SET_MEMORY_ATTRIBUTES exists
+    int prepare_policy              # GMEM_PREPARE_*
+    int prepared_tracking           # GMEM_TRACK_*
+    int invalidate_policy           # GMEM_INVALIDATE_*
+    int huge_folios                 # 2M guest_memfd folios (proposed upstream)
+    int reattach_private            # invalidate_folio: re-attach folio->private after a split
+    int scramble_on_conversion      # SW_PROTECTED: a converted page reads back as garbage
+
+# struct kvm_userspace_memory_region2 (guest_memfd is resolved by the caller: see
+# kvm_set_memory_region)
+ctypedef struct kvm_userspace_memory_region2:
+    uint32_t slot
+    uint32_t flags
+    uint64_t guest_phys_addr
+    uint64_t memory_size
+    uint64_t userspace_addr
+    uint64_t guest_memfd_offset
+    uint32_t guest_memfd
+
+# struct kvm_memory_attributes
+ctypedef struct kvm_memory_attributes:
+    uint64_t address
+    uint64_t size
+    uint64_t attributes
+    uint64_t flags
+
+# struct kvm_pre_fault_memory (gpa and size are updated in place)
+ctypedef struct kvm_pre_fault_memory:
+    uint64_t gpa
+    uint64_t size
+    uint64_t flags
+
+# One fault's outcome, laid out as gmem.FAULT_DTYPE.
+ctypedef struct kvm_fault_out:
+    int32_t ret                 # RET_PF_* or -errno
+    uint32_t exit_reason        # 0 or KVM_EXIT_MEMORY_FAULT
+    uint64_t pfn
+    uint64_t gpa                # memory_fault.gpa
+    uint64_t flags              # memory_fault.flags
+    uint8_t level
+
+# ---- the simulated machine
+cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil
+# 0 with *out (one reference, the caller's), or -EINVAL (reason set in *why) / -ENOMEM.
+cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const char **why) noexcept nogil
+cdef void gmem_host_put(gmem_host *h) noexcept nogil
+# The rule behind the host's last refused call (a static string), or NULL.
+cdef const char *gmem_reason(const gmem_host *h) noexcept nogil
+cdef uint64_t gmem_host_stat(const gmem_host *h, int which) noexcept nogil
+cdef uint64_t gmem_host_free_pages(const gmem_host *h) noexcept nogil
+# Every structure against the others: 0, or -1 with the first inconsistency in buf.
+cdef int gmem_host_check(gmem_host *h, char *buf, size_t len) noexcept nogil
+# memory_failure(pfn): 1 for a guest_memfd page (poisoned and unmapped), 0 otherwise.
+cdef int gmem_memory_failure(gmem_host *h, uint64_t pfn) noexcept nogil
+# KVM_CHECK_EXTENSION on /dev/kvm (kvm NULL) or on a VM.
+cdef int64_t kvm_check_extension(gmem_host *h, kvm *kvm, uint64_t cap) noexcept nogil
+
+# ---- VMs and vCPUs (virt/kvm/kvm_main.c)
+# KVM_CREATE_VM: 0 with *out holding the VM fd's reference, or -errno.
+cdef int kvm_create_vm(gmem_host *h, uint64_t vm_type, kvm **out) noexcept nogil
+# close() of the VM fd: the VM is destroyed when no guest_memfd of it is open either.
+cdef void kvm_put_kvm(kvm *kvm) noexcept nogil
+cdef int kvm_vm_type(const kvm *kvm) noexcept nogil
+# KVM_CREATE_VCPU: 0 with *out (owned by the VM), or -EINVAL / -EEXIST / -ENOMEM.
+cdef int kvm_vm_ioctl_create_vcpu(kvm *kvm, uint64_t id, kvm_vcpu **out) noexcept nogil
+cdef kvm_vcpu *kvm_get_vcpu_by_id(kvm *kvm, uint64_t id) noexcept nogil
+cdef uint64_t kvm_vm_stat(const kvm *kvm, int which) noexcept nogil
+cdef uint64_t kvm_vcpu_stat(const kvm_vcpu *vcpu, int which) noexcept nogil
+# SPTEs mapped at a level (pages_4k, pages_2m, pages_1g)
+cdef uint64_t kvm_vm_pages(const kvm *kvm, int level) noexcept nogil
+# KVM_SET_USER_MEMORY_REGION(2): file is the guest_memfd the caller resolved mem.guest_memfd
+# to, or NULL with fdget_err the error fdget() would give (-EBADF, or -EINVAL for an open fd
+# that is not a guest_memfd); reported where kvm_gmem_bind() would report it.
+cdef int kvm_set_memory_region(kvm *kvm, const kvm_userspace_memory_region2 *mem, int v2,
+                               gmem_file *file, int fdget_err) noexcept nogil
+# KVM_SET_MEMORY_ATTRIBUTES
+cdef int kvm_vm_ioctl_set_mem_attributes(kvm *kvm, const kvm_memory_attributes *attrs) noexcept nogil
+cdef uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil
+# KVM_ENABLE_CAP on the VM
+cdef int kvm_vm_ioctl_enable_cap(kvm *kvm, uint64_t cap, uint64_t arg0) noexcept nogil
+# the minimal launch for the VM type (no-op for DEFAULT/SW_PROTECTED): vm.launch()
+cdef int kvm_launch(kvm *kvm) noexcept nogil
+
+# ---- guest_memfd (virt/kvm/guest_memfd.c)
+# KVM_CREATE_GUEST_MEMFD: 0 with *out holding the new fd's reference, or -errno.
+cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **out) noexcept nogil
+cdef void kvm_gmem_get_file(gmem_file *file) noexcept nogil         # fget / dup
+cdef void kvm_gmem_put_file(gmem_file *file) noexcept nogil         # fput: the last one releases
+# fallocate(2) on a guest_memfd: vfs_fallocate's checks, then kvm_gmem_fallocate's.
+cdef int kvm_gmem_fallocate(gmem_file *file, uint64_t mode, uint64_t offset, uint64_t len) noexcept nogil
+cdef uint64_t kvm_gmem_size(const gmem_file *file) noexcept nogil
+
+# ---- the fault path (arch/x86/kvm/mmu/mmu.c)
+cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+                            kvm_fault_out *out) noexcept nogil
+# The batch: n faults in order, fault i taken by vcpus[ids[i]] (ids NULL: all by vcpus[0]),
+# with the prefetching pipeline. Stops early only if a Python hook raised (returns the count
+# done); out[i] for i < that count is filled.
+cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, const uint64_t *gpas,
+                                     const uint64_t *error_codes, kvm_fault_out *out,
+                                     size_t n) noexcept nogil
+# KVM_PRE_FAULT_MEMORY: 0 (range advanced past what was mapped) or -errno if nothing was.
+cdef int kvm_vcpu_pre_fault_memory(kvm_vcpu *vcpu, kvm_pre_fault_memory *range) noexcept nogil
+
+# Handles -> structs, for Cython code holding Python objects:
+#   cdef kvm_vcpu *v = gmem_vcpu_ptr(vcpu)        # vcpu: a gmem.Vcpu
+#   with nogil:
+#       kvm_mmu_page_fault(v, gpa, error_code, &out)
+# The pointers stay valid while the Python objects live (and the VM is not destroyed).
+cdef kvm_vcpu *gmem_vcpu_ptr(object vcpu) except NULL
+cdef kvm *gmem_vm_ptr(object vm) except NULL
+cdef gmem_host *gmem_host_ptr(object host) except NULL
+
+
+# ======================================================================================
+#                         LAYOUT PRIVATE: may change with any commit
+# ======================================================================================
+
+# errnos (include/uapi/asm-generic/errno*.h): the C library's, the one home of the numbers
+cdef extern from "<errno.h>":
+    enum:
+        EPERM
+        ENOENT
+        EINTR
+        EIO
+        EBADF
+        EAGAIN
+        ENOMEM
+        EACCES
+        EFAULT
+        EEXIST
+        ENODEV
+        EINVAL
+        ENOTTY
+        EFBIG
+        ESPIPE
+        EDEADLK
+        EOPNOTSUPP
+        EOVERFLOW
+        EHWPOISON
 
 # ---------------------------------------------------------------- lib/xarray.c
 cdef enum:
@@ -160,64 +450,10 @@ cdef uint32_t pfn_folio(const physmem *pm, uint64_t pfn) noexcept nogil
 
 # ------------------------------------------- virt/kvm: gmem, memslots, x86 mmu
 cdef enum:
-    KVM_MAX_VM_TYPES = 32
-    KVM_X86_DEFAULT_VM = 0
-    KVM_X86_SW_PROTECTED_VM = 1
-    KVM_X86_SEV_VM = 2
-    KVM_X86_SEV_ES_VM = 3
-    KVM_X86_SNP_VM = 4
-    KVM_X86_TDX_VM = 5
-    PG_LEVEL_4K = 1
-    PG_LEVEL_2M = 2
-    PG_LEVEL_1G = 3
-    KVM_MAX_HUGEPAGE_LEVEL = 3
     KVM_LPAGE_MIXED_FLAG = 1 << 31
-    # policies (gmem.Host options)
-    GMEM_PREPARE_FAULT = 0          # Linux 6.12+: prepare at the first kvm_gmem_get_pfn
-    GMEM_PREPARE_ALLOC = 1          # the RFC: prepare whenever a folio is obtained
-    GMEM_TRACK_GMEM = 0             # "prepared" is the folio's uptodate flag
-    GMEM_TRACK_ARCH = 1             # gmem does not track; the arch hook must be idempotent
-    GMEM_INVALIDATE_FREE_FOLIO = 0
-    GMEM_INVALIDATE_INVALIDATE_FOLIO = 1
     # zap filters (enum kvm_gfn_range_filter)
     KVM_FILTER_SHARED = 1
     KVM_FILTER_PRIVATE = 2
-
-# vCPU stats (KVM's names first)
-cdef enum:
-    VCPU_STAT_PF_TAKEN
-    VCPU_STAT_PF_FIXED
-    VCPU_STAT_PF_SPURIOUS
-    VCPU_STAT_PF_EMULATE
-    VCPU_STAT_PF_FAST
-    VCPU_STAT_PF_RETRY
-    VCPU_STAT_MEMORY_FAULT_EXITS
-    VCPU_STAT_SYNTHETIC_CLEARED
-    VCPU_NR_STATS
-
-# VM stats (pages_4k/2m/1g are the SPTE xarray's per-order counts)
-cdef enum:
-    VM_STAT_REMOTE_TLB_FLUSH
-    VM_STAT_ZAPPED_SPTES
-    VM_STAT_MMU_INVALIDATIONS
-    VM_STAT_GMEM_PREPARE
-    VM_STAT_GMEM_PREPARE_FAILED
-    VM_NR_STATS
-
-# host stats
-cdef enum:
-    HOST_STAT_FOLIOS_ALLOCATED
-    HOST_STAT_FOLIOS_FREED
-    HOST_STAT_FOLIO_SPLITS
-    HOST_STAT_GMEM_INVALIDATE
-    HOST_STAT_GMEM_INVALIDATE_PAGES
-    HOST_STAT_ALLOC_FAILURES
-    HOST_STAT_HOOK_ERRORS
-    HOST_NR_STATS
-
-ctypedef struct gmem_host
-ctypedef struct kvm
-ctypedef struct gmem_file
 
 # Trace events (kernel tracepoints of the same meaning)
 cdef enum:
@@ -244,12 +480,17 @@ ctypedef int (*is_private_fault_t)(kvm *kvm, uint64_t gpa, uint64_t error_code) 
 ctypedef int (*gmem_prepare_t)(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil
 ctypedef void (*gmem_invalidate_t)(gmem_host *host, uint64_t start, uint64_t end) noexcept nogil
 ctypedef int (*private_max_mapping_level_t)(kvm *kvm, uint64_t pfn) noexcept nogil
-
-ctypedef struct kvm_vcpu
 ctypedef void (*handle_rmp_fault_t)(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code) noexcept nogil
 # TDX's external (S-EPT) page-table ops, for private leaves of the mirror root
 ctypedef int (*set_external_spte_t)(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil
 ctypedef void (*remove_external_spte_t)(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil
+# The vendor's exit handler for a fault (tdx_handle_ept_violation), for a VM type whose faults
+# do not take the common entry; *out filled as kvm_mmu_page_fault fills it
+ctypedef int (*handle_ept_violation_t)(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+                                       kvm_fault_out *out) noexcept nogil
+ctypedef int (*vm_init_t)(kvm *kvm) noexcept nogil
+ctypedef void (*vm_destroy_t)(kvm *kvm) noexcept nogil
+ctypedef int (*vm_launch_t)(kvm *kvm) noexcept nogil
 
 ctypedef struct kvm_x86_hooks:
     is_private_fault_t is_private_fault
@@ -259,6 +500,10 @@ ctypedef struct kvm_x86_hooks:
     handle_rmp_fault_t handle_rmp_fault
     set_external_spte_t set_external_spte
     remove_external_spte_t remove_external_spte
+    handle_ept_violation_t handle_ept_violation
+    vm_init_t vm_init
+    vm_destroy_t vm_destroy
+    vm_launch_t vm_launch
 
 # SEV-SNP host state (arch/x86/virt/svm/sev.c)
 cdef enum:
@@ -284,10 +529,16 @@ ctypedef struct snp_rmp:
     uint32_t fail_rmpupdate_code  # ... with this code
     uint64_t stats[SNP_NR_STATS]
 
+ctypedef struct gmem_inode
+
 ctypedef struct gmem_host:
+    int refcount                # the creator's reference and one per VM
     physmem pm
     xarray page_data            # pfn -> malloc'd 4 KiB of contents (absent: zeros)
     xarray user_pages           # VMM userspace memory: hva >> 12 -> folio id
+    int platform                # GMEM_PLATFORM_*
+    uint32_t vm_types           # KVM_CAP_VM_TYPES
+    uint8_t memory_attributes   # CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES
     uint8_t prepare_policy
     uint8_t prepared_tracking
     uint8_t invalidate_policy
@@ -295,7 +546,16 @@ ctypedef struct gmem_host:
     uint8_t reattach_private    # invalidate_folio: re-attach folio->private to tails after a split
     uint8_t scramble_on_conversion  # SW_PROTECTED: a converted page's old contents are garbage
     kvm_x86_hooks hooks[32]
-    void *py_host               # borrowed PyObject* of the gmem.Host
+    # the platform's check of a host CPU write to pfn through the direct map (the RMP's on
+    # "amd", NULL elsewhere): 0 if it may write, 1 if it faults (and the violation is counted)
+    int (*host_write_fault)(gmem_host *h, uint64_t pfn) noexcept nogil
+    void *py_host               # borrowed PyObject* of the gmem.Host, or NULL
+    const char *reason          # the rule behind the last refused call (a static string)
+    kvm *vms                    # live (not yet destroyed) VMs, oldest first
+    gmem_inode *inodes          # live guest_memfd inodes, oldest first
+    uint32_t nr_vms_created     # VMs are numbered 1, 2, ... (kvm->id) in messages
+    uint32_t next_ino
+    uint32_t next_asid
     uint64_t fail_prepare       # fault injection: the next prepares fail ...
     int fail_prepare_errno      # ... with -errno
     int invalidate_vm_type      # whose gmem_invalidate is running (it gets no kvm)
@@ -315,13 +575,14 @@ ctypedef struct gmem_inode:
     int vm_type                 # of the VM that created it: whose gmem_invalidate runs
     xarray filemap              # page index -> folio id
     gmem_file *files            # the files on this inode (6.18: exactly one)
+    gmem_inode *next            # host.inodes
 
 ctypedef struct gmem_file:
     gmem_inode *inode
     kvm *kvm
+    int refcount                # fds, mappings and other holders (fget/fput)
     xarray bindings             # page index -> memslot index
     gmem_file *next             # next file of the inode
-    int released
     int inval_begun             # inside kvm_gmem_invalidate_begin/end
 
 ctypedef struct kvm_memory_slot:
@@ -335,15 +596,36 @@ ctypedef struct kvm_memory_slot:
     uint32_t id                 # as_id << 16 | slot id
     int used
 
+# arch/x86/kvm/svm/svm.h struct kvm_sev_info, the parts gmem models
+ctypedef struct kvm_sev_info:
+    uint32_t asid
+    int launch_started          # KVM_SEV_SNP_LAUNCH_START done, LAUNCH_FINISH not yet
+    xarray vmsa_pfns            # pfn -> 1: the vCPUs' VMSA pages (snp_launch_finish)
+
+# arch/x86/kvm/vmx/tdx.h struct kvm_tdx, the parts gmem models
+cdef enum:
+    TDX_NR_STATS = 6
+ctypedef struct kvm_tdx:
+    int state                   # enum kvm_tdx_state (TD_STATE_*)
+    xarray sept                 # mirror S-EPT leaves: gfn -> pfn << 4 | TDX_SEPT_* state
+    int64_t nr_premapped        # leaves mapped before FINALIZE_VM, not yet PAGE.ADDed
+    uint64_t stats[TDX_NR_STATS]
+
 ctypedef struct kvm:
     gmem_host *host
-    void *py_vm                 # borrowed PyObject* of the gmem.Vm
+    void *py_vm                 # borrowed PyObject* of the gmem.Vm, or NULL
+    int users_count             # kernel references: the VM fd and each guest_memfd file
+    int handle_refs             # handles pointing at this struct: it is freed after both are 0
+    int dead                    # kvm_destroy_vm ran: only the struct and its vCPUs remain
+    kvm *next                   # host.vms
+    uint32_t id                 # this host's VM number (1, 2, ...)
     int vm_type
     int has_private_mem
     int has_protected_state
     int pre_fault_allowed
     uint64_t gfn_direct_bits    # TDX: the shared bit, as a gfn mask
-    uint32_t asid
+    kvm_vcpu **vcpus            # by vcpu id (KVM_MAX_VCPU_IDS entries), NULL = none
+    uint32_t created_vcpus
     kvm_memory_slot *memslots
     uint32_t nr_memslots        # entries in memslots (used or not)
     xarray slot_index           # slot id (as_id << 16 | id) -> memslots index
@@ -365,38 +647,60 @@ ctypedef struct kvm:
     uint64_t inject_inval_end
     uint64_t stats[VM_NR_STATS]
     uint64_t hypercall_exit_enabled   # KVM_CAP_EXIT_HYPERCALL bitmap
-    int launch_state            # SNP: 0 running, 1 launch started; TDX: enum kvm_tdx_state
-    xarray sept                 # TDX mirror: gfn -> pfn << 4 | TDX_SEPT_* state
-    int64_t nr_premapped        # TDX: mirror leaves mapped before finalize, not yet PAGE.ADDed
-    uint64_t tdx_stats[8]
+    kvm_sev_info sev
+    kvm_tdx tdx
+
+cdef enum:
+    VMGEXIT_PSC_MAX_ENTRY = 253
+
+# struct psc_buffer (arch/x86/include/asm/sev-common.h): the guest's page-state change request
+# in the GHCB shared buffer; entries are the raw psc_entry bitfields
+# (cur_page:12, gfn:40, operation:4, pagesize:1, reserved:7)
+ctypedef struct psc_buffer:
+    uint16_t cur_entry
+    uint16_t end_entry
+    uint32_t reserved
+    uint64_t entries[253]
+
+ctypedef struct kvm_run_hypercall:
+    uint64_t nr
+    uint64_t args[6]
+    uint64_t ret
+    uint32_t flags
+
+# vcpu->arch.complete_userspace_io: how KVM finishes a userspace exit once userspace answers;
+# KVM_EXIT_HYPERCALL when it exits again, else 0 with *result what the guest sees
+ctypedef int (*complete_userspace_io_t)(kvm_vcpu *vcpu, uint64_t ret, uint64_t *result) noexcept nogil
+
+# How a guest access ends (_guest.pxi)
+cdef enum:
+    GUEST_ACCESS_OK = 0          # the access goes through (the page's pfn is known)
+    GUEST_ACCESS_EXIT = 1        # it exits to userspace: the kvm_fault_out says how
+    GUEST_ACCESS_FAULT = 2       # the guest takes an exception: vcpu.guest_fault
+    GUEST_ACCESS_HOOK_ERROR = 3  # a Python hook raised on the way
+
+ctypedef struct guest_fault:
+    int vector                   # 14 #PF, 29 #VC
+    uint64_t code                # the exception's error code (#VC: the exit code)
+    uint64_t gpa
+    uint64_t pfn                 # the host page involved, if any
+    const char *why
 
 ctypedef struct kvm_vcpu:
     kvm *kvm
     uint32_t vcpu_id
     uint64_t stats[VCPU_NR_STATS]
+    complete_userspace_io_t complete_userspace_io   # NULL: no userspace exit pending
+    kvm_run_hypercall hypercall # the exit's fields, as userspace sees them
+    guest_fault fault           # the exception of the last GUEST_ACCESS_FAULT
+    uint64_t memory_fault_size  # kvm_run.memory_fault.size of the last memory-fault exit
+    psc_buffer psc              # SNP: the request being worked through
+    uint32_t psc_idx            # ... its entries [psc_idx, psc_last] are in this exit
+    uint32_t psc_last
+    uint64_t map_gpa_next       # TDX MapGPA: the chunk in this exit starts here (shared bit
+    uint64_t map_gpa_end        # included); the request ends here
 
-# One fault's outcome, laid out as gmem.FAULT_DTYPE.
-ctypedef struct kvm_fault_out:
-    int32_t ret                 # RET_PF_* or -errno
-    uint32_t exit_reason        # 0 or KVM_EXIT_MEMORY_FAULT
-    uint64_t pfn
-    uint64_t gpa                # memory_fault.gpa
-    uint64_t flags              # memory_fault.flags
-    uint8_t level
-
-cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
-                            kvm_fault_out *out) noexcept nogil
 cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_t *pfn,
                           int *max_order) noexcept nogil
 cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil
 cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil
-
-# Handles -> structs, for Cython code driving the model without Python objects:
-#   from gmem._core cimport kvm_vcpu, kvm_fault_out, kvm_mmu_page_fault, gmem_vcpu_ptr
-#   cdef kvm_vcpu *v = gmem_vcpu_ptr(vcpu)        # vcpu: a gmem.Vcpu
-#   with nogil:
-#       kvm_mmu_page_fault(v, gpa, error_code, &out)
-# The pointers stay valid while the Python objects live (and the VM is not destroyed).
-cdef kvm_vcpu *gmem_vcpu_ptr(object vcpu) except NULL
-cdef kvm *gmem_vm_ptr(object vm) except NULL
-cdef gmem_host *gmem_host_ptr(object host) except NULL

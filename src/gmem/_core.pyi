@@ -8,7 +8,7 @@ ValueError or the kernel's OSError(errno) as its docstrings say.
 
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, ClassVar, Final, Literal, NamedTuple, NoReturn, SupportsIndex, TypedDict, overload
+from typing import Any, ClassVar, Final, final, Literal, NamedTuple, NoReturn, SupportsIndex, TypedDict, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -85,6 +85,8 @@ SNP_STATS: Final[tuple[str, ...]]
 TDX_STATS: Final[tuple[str, ...]]
 HOOK_NAMES: Final[tuple[_HookName, ...]]
 TDX_SEPT_STATES: Final[dict[int, str]]
+# the kernel's constants as the core's C code defines them (gmem.uapi mirrors them)
+C_CONSTANTS: Final[dict[str, int]]
 
 # SEV-SNP GHCB / page-state change
 GHCB_MSR_PSC_RESP: Final = 0x015
@@ -205,7 +207,7 @@ class PhysMem:
 
 # ----------------------------------------------------------------------- Trace
 
-@disjoint_base
+@final
 class Trace:
     """Tracepoints of one host: a ring of fixed-size records (see TRACE_EVENTS)."""
 
@@ -228,7 +230,7 @@ class Trace:
 
 # ------------------------------------------------------------------------ Host
 
-@disjoint_base
+@final
 class Host:
     """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP."""
 
@@ -308,18 +310,20 @@ class Host:
     def check(self) -> None:
         """Cross-check every structure; raise gmem.InvariantError naming the first inconsistency."""
 
+@final
 class _Injection:
     """What Host.inject returns: `with host.inject(...) as host:` drops unconsumed injections on exit."""
 
-    host: Host
-    def __init__(self, host: Host) -> None: ...
+    @property
+    def host(self) -> Host: ...
+    def __new__(cls, host: Host) -> Self: ...
     def __enter__(self) -> Host: ...
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None, /) -> Literal[False]: ...
 
 # ---------------------------------------------------------- fault results, exits
 
-@disjoint_base
+@final
 class FaultResult:
     """The outcome of one vcpu.page_fault()."""
 
@@ -380,13 +384,13 @@ class RmpEntry(NamedTuple):
 
 # -------------------------------------------------------------------------- Vm
 
-@disjoint_base
+@final
 class Vm:
     """A VM (KVM_CREATE_VM); it lives while its fd or any of its guest_memfd files is open."""
 
     launch_digest: bytes
     """SNP: the running launch measurement (SHA-384 over the pages added)."""
-    def __init__(self, host: Host, vm_type: int) -> None: ...
+    def __init__(self, host: Host, vm_type: int, _wrap: object = None) -> None: ...
     @property
     def host(self) -> Host: ...
     @property
@@ -403,6 +407,9 @@ class Vm:
     def has_private_mem(self) -> bool: ...
     def close(self) -> None:
         """Close the VM fd; the VM is destroyed once no guest_memfd of it is open either."""
+    def launch(self) -> None:
+        """The minimal launch for the VM type (SNP LAUNCH_START + FINISH, TDX INIT_VM +
+        FINALIZE_VM; nothing for the others)."""
     def check_extension(self, cap: _Int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd."""
     def create_vcpu(self, vcpu_id: _Int = 0) -> Vcpu:
@@ -465,11 +472,12 @@ class Vm:
 
 # ------------------------------------------------------------------------ Vcpu
 
-@disjoint_base
+@final
 class Vcpu:
     """A vCPU: where page faults are taken."""
 
-    def __new__(cls, vm: Vm, vcpu_id: int) -> Self: ...
+    def __new__(cls, vm: Vm, vcpu_id: _Int, _wrap: object = None) -> Self:
+        """vm's vCPU vcpu_id, created (KVM_CREATE_VCPU) if it does not exist."""
     @property
     def vm(self) -> Vm: ...
     @property
@@ -504,23 +512,12 @@ class Vcpu:
 
 # ----------------------------------------------------------- guest_memfd files
 
-@disjoint_base
-class GmemInode:
-    """Internal: the guest_memfd inode (its filemap of folios)."""
-
-    def __new__(cls, host: Host, size: int, flags: int, vm_type: int) -> Self: ...
-
-@disjoint_base
-class GmemFile:
-    """Internal: one struct file of a guest_memfd, a VM's view of the inode."""
-
-    def __new__(cls, inode: GmemInode, vm: Vm) -> Self: ...
-
-@disjoint_base
+@final
 class GuestMemfd:
     """A guest_memfd file descriptor (KVM_CREATE_GUEST_MEMFD)."""
 
-    def __new__(cls, file: GmemFile) -> Self: ...
+    def __new__(cls, _wrap: object = None) -> Self:
+        """Not for Python callers: guest_memfds come from Vm.create_guest_memfd()."""
     @property
     def fd(self) -> int: ...
     @property
@@ -560,11 +557,12 @@ class GuestMemfd:
     def mmap(self, length: _Int, offset: _Int = 0, prot: _Int = 3, flags: _Int = 1) -> Mapping:
         """mmap(2) of the file (needs GUEST_MEMFD_FLAG_MMAP)."""
 
-@disjoint_base
+@final
 class Mapping:
     """A MAP_SHARED mapping of a guest_memfd; a refused access raises gmem.SigBus."""
 
-    def __new__(cls, file: GmemFile, length: int, offset: int, prot: int) -> Self: ...
+    def __new__(cls, _wrap: object = None) -> Self:
+        """Not for Python callers: mappings come from GuestMemfd.mmap()."""
     @property
     def length(self) -> int: ...
     @property
@@ -589,7 +587,7 @@ class Mapping:
 
 # -------------------------------------------------------------------------- Rmp
 
-@disjoint_base
+@final
 class Rmp:
     """The SNP Reverse Map Table of a host (platform "amd")."""
 

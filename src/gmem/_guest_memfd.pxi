@@ -1,60 +1,37 @@
-# virt/kvm/guest_memfd.c: the gmem inode (filemap of folios), its files and
-# bindings, allocation, hole punching, release, and kvm_gmem_get_pfn with the
-# prepare/invalidate hooks.
+# virt/kvm/guest_memfd.c: the gmem inode (filemap of folios), its files and their bindings
+# to memslots, KVM_CREATE_GUEST_MEMFD, fallocate (allocation, hole punching), mmap and the
+# host fault on a mapping, release, kvm_gmem_get_pfn with the arch's prepare hook,
+# kvm_gmem_populate, and the memory-failure handler.  Every rule returns 0 or -errno and
+# names itself in host->reason.
 #
-# AS_INACCESSIBLE: nothing here reads or writes a folio's contents except
-# zeroing a page before it is first prepared (kvm_gmem_prepare_folio) and the
-# 6.18 host mmap fault path; truncation and splitting never touch pages.
+# AS_INACCESSIBLE: nothing here reads or writes a folio's contents except zeroing a page
+# before it is first prepared (kvm_gmem_prepare_folio) and the host fault on a mapping
+# (6.18's GUEST_MEMFD_FLAG_MMAP); truncation and splitting never touch pages.
 
 cdef enum:
     HPAGE_ORDER = 9
-
-
-# ------------------------------------------------------------- page contents
-
-cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
-    """Forget the contents of [pfn, pfn + n): they read as zeros again."""
-    cdef uint64_t first, v, start = pfn
-    cdef int order
-    if host.page_data.nr_entries == 0:
-        return
-    while xa_find_entry(&host.page_data, start, pfn + n - 1, XA_NO_MARK, &first, &order, &v):
-        free(<void *><size_t>v)
-        xa_erase(&host.page_data, first, &v)
-        start = first + 1
-
-
-cdef void host_clear_pages(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
-    """A host write of zeros: counted as an RMP violation where the RMP forbids it."""
-    cdef uint64_t i
-    if host.rmp.enabled:
-        for i in range(n):
-            if not host_write_ok(host, pfn + i):
-                host.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
-    page_data_drop(host, pfn, n)
-
-
-cdef unsigned char *page_data_get(gmem_host *host, uint64_t pfn, bint create) noexcept nogil:
-    cdef uint64_t v, old
-    cdef void *p
-    if xa_load(&host.page_data, pfn, &v):
-        return <unsigned char *><size_t>v
-    if not create:
-        return NULL
-    p = _calloc(1, 4096)
-    if p == NULL:
-        return NULL
-    if xa_store_order(&host.page_data, pfn, 0, <uint64_t><size_t>p, &old) < 0:
-        free(p)
-        return NULL
-    return <unsigned char *>p
+    MAX_LFS_FILESIZE = 0x7FFFFFFFFFFFFFFF
+    # the VFS calls a guest_memfd has no operation for (kvm_gmem_vfs_op)
+    GMEM_VFS_READ = 0
+    GMEM_VFS_WRITE = 1
+    GMEM_VFS_PREAD = 2
+    GMEM_VFS_PWRITE = 3
+    GMEM_VFS_LSEEK = 4
+    GMEM_VFS_FTRUNCATE = 5
+    # include/uapi/asm-generic/mman*.h
+    PROT_READ = 0x1
+    PROT_WRITE = 0x2
+    PROT_EXEC = 0x4
+    MAP_SHARED = 0x01
+    MAP_PRIVATE = 0x02
+    MAP_SHARED_VALIDATE = 0x03
+    LEGACY_MAP_MASK = 0x407f933
+    # kvm_gmem_fault_user_mapping's outcomes besides 0 (VM_FAULT_SIGBUS and its reason)
+    GMEM_FAULT_SIGBUS_EOF = 1
+    GMEM_FAULT_SIGBUS_PRIVATE = 2
 
 
 # ------------------------------------------------------------------ folios
-
-cdef inline folio *gmem_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
-    return folio_get(&inode.host.pm, id)
-
 
 cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
     """filemap_grab_folio: the folio at index, allocated if absent (2M when
@@ -74,7 +51,7 @@ cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *
             order = HPAGE_ORDER
     if folio_alloc(&host.pm, order, &i) < 0 and (order == 0 or folio_alloc(&host.pm, 0, &i) < 0):
         host.stats[HOST_STAT_ALLOC_FAILURES] += 1
-        return -_ENOMEM
+        return -ENOMEM
     f = folio_get(&host.pm, i)
     if f.order == 0:
         order = 0
@@ -83,7 +60,7 @@ cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *
     if xa_store_follow(&inode.filemap, f.index, order, i, &old) < 0:
         folio_free(&host.pm, i)
         host.stats[HOST_STAT_ALLOC_FAILURES] += 1
-        return -_ENOMEM
+        return -ENOMEM
     host.stats[HOST_STAT_FOLIOS_ALLOCATED] += 1
     id[0] = i
     return 0
@@ -93,8 +70,7 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     """.free_folio: the invalidate hook sees only the pfn range, then the pages go back."""
     cdef gmem_host *host = inode.host
     cdef folio *f = folio_get(&host.pm, id)
-    cdef uint64_t start = f.pfn, end = f.pfn + _pages(f.order), first, v
-    cdef int order
+    cdef uint64_t start = f.pfn, end = f.pfn + _pages(f.order)
     cdef gmem_invalidate_t hook = host.hooks[inode.vm_type].gmem_invalidate
     # .free_folio sees every folio; .invalidate_folio only those with private data
     if host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO and not (f.flags & PG_private):
@@ -108,8 +84,7 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     page_data_drop(host, start, end - start)
     host.stats[HOST_STAT_FOLIOS_FREED] += 1
     f = folio_get(&host.pm, id)
-    if f.flags & PG_hwpoison or (host.rmp.leaked.nr_entries and xa_find_entry(
-            &host.rmp.leaked, start, end - 1, XA_NO_MARK, &first, &order, &v)):
+    if f.flags & (PG_hwpoison | PG_leaked):
         # a poisoned page, or one the invalidate hook could not give back (snp_leak_pages),
         # never returns to the allocator
         f.mapping = 0
@@ -213,6 +188,15 @@ cdef void kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) n
 
 # ----------------------------------------------------------------- prepare
 
+cdef inline void kvm_gmem_mark_prepared(gmem_host *host, folio *f) noexcept nogil:
+    """folio_mark_uptodate; under the invalidate_folio policy the arch's "needs invalidation"
+    goes into folio->private whenever the arch may have changed the page's state."""
+    f.flags |= PG_uptodate
+    if host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO:
+        f.flags |= PG_private
+        f.private = 1
+
+
 cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *inode,
                                        folio *f) noexcept nogil:
     """Zero a folio the first time and run the arch prepare hook, as the policy says:
@@ -234,15 +218,15 @@ cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_ino
         else:
             r = hook(kvm, gfn, pfn, order)
         if host.hook_error and r == 0:
-            r = -_EIO
+            r = -EIO
         gmem_trace(host, TRACE_GMEM_PREPARE, 0, gfn, pfn, order, <uint64_t>(-r))
         if r:
             kvm.stats[VM_STAT_GMEM_PREPARE_FAILED] += 1
             return r
-    f.flags |= PG_uptodate
-    if hook != NULL and host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO:
-        f.flags |= PG_private           # the arch's "needs invalidation" in folio->private
-        f.private = 1
+    if hook != NULL:
+        kvm_gmem_mark_prepared(host, f)
+    else:
+        f.flags |= PG_uptodate
     return 0
 
 
@@ -270,7 +254,7 @@ cdef int kvm_gmem_prepare_bound(gmem_inode *inode, uint64_t index, uint32_t id) 
     cdef uint64_t v
     cdef int r
     while f != NULL:
-        if not f.released and xa_load(&f.bindings, index, &v):
+        if xa_load(&f.bindings, index, &v):
             r = kvm_gmem_fit_folio(inode, &f.kvm.memslots[v], index, &id)
             if r == 0:
                 r = kvm_gmem_prepare_folio(f.kvm, &f.kvm.memslots[v], inode, folio_get(&inode.host.pm, id))
@@ -308,11 +292,11 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
     cdef uint32_t id
     cdef folio *f
     cdef int r
-    if file == NULL or file.released:
-        return -_EFAULT
+    if file == NULL:
+        return -EFAULT
     index = gfn - slot.base_gfn + slot.gmem_pgoff
     if not xa_load_follow(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
-        return -_EIO
+        return -EIO
     r = kvm_gmem_get_folio(file.inode, index, &id)
     if r == 0:
         r = kvm_gmem_fit_folio(file.inode, slot, index, &id)
@@ -320,7 +304,7 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
         return r
     f = folio_get(&kvm.host.pm, id)
     if f.flags & PG_hwpoison:
-        return -_EHWPOISON
+        return -EHWPOISON
     r = kvm_gmem_prepare_folio(kvm, slot, file.inode, f)
     if r:
         return r
@@ -330,7 +314,161 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
     return 0
 
 
-# ---------------------------------------------------------------- release
+# ------------------------------------------------------- create, files, release
+
+cdef uint64_t kvm_gmem_get_supported_flags(kvm *kvm) noexcept nogil:
+    """6.18: MMAP everywhere; INIT_SHARED only where the VM type has no private memory
+    (kvm_arch_supports_gmem_init_shared).  kvm NULL: /dev/kvm answers as for a default VM."""
+    if kvm != NULL and kvm.has_private_mem:
+        return GUEST_MEMFD_FLAG_MMAP
+    return GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **out) noexcept nogil:
+    """KVM_CREATE_GUEST_MEMFD: flags are checked before size."""
+    cdef gmem_host *h = kvm.host
+    cdef gmem_inode *inode
+    cdef gmem_inode **pp
+    if flags & ~kvm_gmem_get_supported_flags(kvm):
+        return _refuse(h, -EINVAL, "flags outside kvm_gmem_get_supported_flags()")
+    if <int64_t>size <= 0 or size & 4095:
+        return _refuse(h, -EINVAL, "size is not a positive multiple of PAGE_SIZE")
+    inode = <gmem_inode *>_calloc(1, sizeof(gmem_inode))
+    if inode == NULL:
+        return _refuse(h, -ENOMEM, "out of memory")
+    xa_init(&inode.filemap)
+    inode.host = h
+    inode.size = size
+    inode.flags = flags
+    inode.vm_type = kvm.vm_type             # indexes the host's hook table on free
+    inode.ino = h.next_ino
+    h.next_ino += 1
+    pp = &h.inodes                      # listed oldest first, as the VMs
+    while pp[0] != NULL:
+        pp = &pp[0].next
+    pp[0] = inode
+    if __kvm_gmem_create_file(kvm, inode, out) < 0:
+        kvm_gmem_evict_inode(inode)
+        return _refuse(h, -ENOMEM, "out of memory")
+    return 0
+
+
+cdef int __kvm_gmem_create_file(kvm *kvm, gmem_inode *inode, gmem_file **out) noexcept nogil:
+    """A new struct file of kvm on inode, with one reference (the fd's)."""
+    cdef gmem_file *f = <gmem_file *>_calloc(1, sizeof(gmem_file))
+    if f == NULL:
+        return -ENOMEM
+    xa_init(&f.bindings)
+    f.inode = inode
+    f.kvm = kvm
+    f.refcount = 1
+    f.next = inode.files
+    inode.files = f
+    kvm_get_kvm(kvm)                        # the file pins the VM
+    out[0] = f
+    return 0
+
+
+cdef int kvm_gmem_link(kvm *kvm, gmem_file *src, gmem_file **out) noexcept nogil:
+    """A new guest_memfd of kvm on src's inode: the shared-inode model of intra-host
+    migration (KVM_LINK_GUEST_MEMFD, proposed uAPI, not merged)."""
+    if src.kvm.vm_type != kvm.vm_type:
+        return _refuse(kvm.host, -EINVAL, "the VM types differ")
+    if __kvm_gmem_create_file(kvm, src.inode, out) < 0:
+        return _refuse(kvm.host, -ENOMEM, "out of memory")
+    return 0
+
+
+cdef void kvm_gmem_get_file(gmem_file *file) noexcept nogil:
+    file.refcount += 1
+
+
+cdef void kvm_gmem_put_file(gmem_file *file) noexcept nogil:
+    file.refcount -= 1
+    if file.refcount == 0:
+        kvm_gmem_release(file)
+
+
+cdef uint64_t kvm_gmem_size(const gmem_file *file) noexcept nogil:
+    return file.inode.size
+
+
+cdef void kvm_gmem_release(gmem_file *file) noexcept nogil:
+    """Last close of a gmem file: its slots go dead, their gfns are zapped, the bindings
+    vanish; the inode is evicted when no file is left on it, and the VM loses the file's
+    reference."""
+    cdef gmem_inode *inode = file.inode
+    cdef kvm *kvm = file.kvm
+    cdef gmem_file **pp
+    cdef uint64_t index = 0, first, v
+    cdef int order
+    cdef kvm_memory_slot *slot
+    kvm_mmu_invalidate_begin(kvm)
+    while xa_find_entry(&file.bindings, index, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        slot = &kvm.memslots[v]
+        slot.gmem_file = NULL
+        kvm_mmu_invalidate_range_add(kvm, slot.base_gfn, slot.base_gfn + slot.npages)
+        kvm_unmap_gfn_range(kvm, slot.base_gfn, slot.base_gfn + slot.npages,
+                            kvm_gmem_invalidate_filter(inode))
+        index = slot.gmem_pgoff + slot.npages
+    kvm_mmu_invalidate_end(kvm)
+    xa_destroy(&file.bindings)
+    pp = &inode.files
+    while pp[0] != NULL:
+        if pp[0] == file:
+            pp[0] = file.next
+            break
+        pp = &pp[0].next
+    free(file)
+    if inode.files == NULL:
+        kvm_gmem_evict_inode(inode)
+    kvm_put_kvm(kvm)
+
+
+cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
+    """The last file is gone: truncate everything, unlist and free the inode."""
+    cdef gmem_inode **pp = &inode.host.inodes
+    kvm_gmem_truncate(inode, 0, <uint64_t>0xFFFFFFFFFFFFFFFF)
+    xa_destroy(&inode.filemap)
+    while pp[0] != NULL:
+        if pp[0] == inode:
+            pp[0] = inode.next
+            break
+        pp = &pp[0].next
+    free(inode)
+
+
+# ------------------------------------------------------------------ bindings
+
+cdef int kvm_gmem_bind_check(kvm *kvm, gmem_file *file, int fdget_err, uint64_t offset,
+                             uint64_t npages) noexcept nogil:
+    """kvm_gmem_bind's checks, in order (fdget's error first)."""
+    cdef gmem_host *h = kvm.host
+    cdef uint64_t f, v
+    cdef int k
+    if file == NULL:
+        if fdget_err == -EBADF:
+            return _refuse(h, -EBADF, "guest_memfd is not an open fd")
+        return _refuse(h, -EINVAL, "the guest_memfd fd is not a guest_memfd")
+    if file.kvm != kvm:
+        return _refuse(h, -EINVAL, "the guest_memfd belongs to another VM")
+    if <int64_t>offset < 0 or offset + (npages << 12) > file.inode.size:
+        return _refuse(h, -EINVAL, "guest_memfd_offset + memory_size is past the end of the guest_memfd")
+    if xa_find_entry(&file.bindings, offset >> 12, (offset >> 12) + npages - 1, XA_NO_MARK, &f, &k, &v):
+        return _refuse(h, -EINVAL, "that guest_memfd range is already bound to a memslot")
+    return 0
+
+
+cdef int kvm_gmem_bind(kvm *kvm, kvm_memory_slot *slot, gmem_file *file, uint64_t pgoff) noexcept nogil:
+    """Bind slot to file's pages [pgoff, pgoff + npages) (checked by kvm_gmem_bind_check)."""
+    if xa_store_range(&file.bindings, pgoff, pgoff + slot.npages - 1, slot - kvm.memslots) < 0:
+        return -ENOMEM
+    slot.gmem_file = file
+    slot.gmem_pgoff = pgoff
+    if file.inode.flags & GUEST_MEMFD_FLAG_MMAP:
+        slot.flags |= KVM_MEMSLOT_GMEM_ONLY
+    return 0
+
 
 cdef void kvm_gmem_unbind(kvm *kvm, kvm_memory_slot *slot) noexcept nogil:
     cdef gmem_file *file = slot.gmem_file
@@ -340,38 +478,125 @@ cdef void kvm_gmem_unbind(kvm *kvm, kvm_memory_slot *slot) noexcept nogil:
     slot.gmem_file = NULL
 
 
-cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
-    kvm_gmem_truncate(inode, 0, <uint64_t>0xFFFFFFFFFFFFFFFF)
+# ----------------------------------------------------------------- fallocate
+
+cdef int vfs_fallocate_check(gmem_host *h, uint64_t mode, uint64_t offset, uint64_t len) noexcept nogil:
+    """vfs_fallocate's checks, before the file's ->fallocate."""
+    cdef uint64_t modes = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_ZERO_RANGE |
+                           FALLOC_FL_INSERT_RANGE | FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_WRITE_ZEROES)
+    cdef uint64_t mm = mode & modes
+    if <int64_t>offset < 0 or <int64_t>len <= 0:
+        return _refuse(h, -EINVAL, "offset < 0 or len <= 0 (vfs_fallocate)")
+    if mode & ~(modes | FALLOC_FL_KEEP_SIZE):
+        return _refuse(h, -EOPNOTSUPP, "unknown mode bits (vfs_fallocate)")
+    if mm and mm & (mm - 1):
+        return _refuse(h, -EOPNOTSUPP, "the modes are exclusive (vfs_fallocate)")
+    if mm == FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+        return _refuse(h, -EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE (vfs_fallocate)")
+    if (mm == FALLOC_FL_COLLAPSE_RANGE or mm == FALLOC_FL_INSERT_RANGE
+            or mm == FALLOC_FL_WRITE_ZEROES) and mode & FALLOC_FL_KEEP_SIZE:
+        return _refuse(h, -EOPNOTSUPP, "this mode cannot take KEEP_SIZE (vfs_fallocate)")
+    if offset + len > MAX_LFS_FILESIZE or offset + len < offset:
+        return _refuse(h, -EFBIG, "offset + len beyond MAX_LFS_FILESIZE")
+    return 0
 
 
-cdef void kvm_gmem_release(gmem_file *file) noexcept nogil:
-    """Last close of a gmem file: its slots go dead, their gfns are zapped, the
-    bindings vanish; the inode is evicted when no file is left on it."""
+cdef int kvm_gmem_fallocate(gmem_file *file, uint64_t mode, uint64_t offset, uint64_t len) noexcept nogil:
     cdef gmem_inode *inode = file.inode
-    cdef gmem_file **pp
-    cdef uint64_t index = 0, first, v
-    cdef int order
-    cdef kvm_memory_slot *slot
-    kvm_mmu_invalidate_begin(file.kvm)
-    while xa_find_entry(&file.bindings, index, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
-        slot = &file.kvm.memslots[v]
-        slot.gmem_file = NULL
-        kvm_mmu_invalidate_range_add(file.kvm, slot.base_gfn, slot.base_gfn + slot.npages)
-        kvm_unmap_gfn_range(file.kvm, slot.base_gfn, slot.base_gfn + slot.npages,
-                            kvm_gmem_invalidate_filter(inode))
-        index = slot.gmem_pgoff + slot.npages
-    kvm_mmu_invalidate_end(file.kvm)
-    xa_destroy(&file.bindings)
-    file.released = 1
-    pp = &inode.files
-    while pp[0] != NULL:
-        if pp[0] == file:
-            pp[0] = file.next
-            break
-        pp = &pp[0].next
-    file.next = NULL
-    if inode.files == NULL:
-        kvm_gmem_evict_inode(inode)
+    cdef gmem_host *h = inode.host
+    cdef int r = vfs_fallocate_check(h, mode, offset, len)
+    if r:
+        return r
+    if not mode & FALLOC_FL_KEEP_SIZE:
+        return _refuse(h, -EOPNOTSUPP, "guest_memfd needs FALLOC_FL_KEEP_SIZE")
+    if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+        return _refuse(h, -EOPNOTSUPP, "guest_memfd allows only KEEP_SIZE [| PUNCH_HOLE]")
+    if offset & 4095 or len & 4095:
+        return _refuse(h, -EINVAL, "offset and len must be page aligned")
+    if mode & FALLOC_FL_PUNCH_HOLE:
+        kvm_gmem_punch_hole(inode, offset >> 12, (offset + len) >> 12)   # no EOF check
+        return 0
+    if offset + len > inode.size:
+        return _refuse(h, -EINVAL, "offset + len past i_size")
+    r = kvm_gmem_allocate(inode, offset >> 12, (offset + len) >> 12)
+    if r < 0:
+        return _refuse(h, r, "kvm_gmem_allocate failed (pages allocated so far stay)")
+    return 0
+
+
+# -------------------------------------------------------- mmap and user faults
+
+cdef int kvm_gmem_mmap(gmem_file *file, uint64_t len, uint64_t offset, uint64_t prot,
+                       uint64_t flags) noexcept nogil:
+    """mmap(2): do_mmap's checks, then kvm_gmem_mmap's (6.18)."""
+    cdef gmem_host *h = file.inode.host
+    cdef uint64_t map_type = flags & 0x0F, aligned
+    if len == 0 or offset & 4095:
+        return _refuse(h, -EINVAL, "length 0 or offset not page aligned")
+    # do_mmap: len = PAGE_ALIGN(len) (0 after wrapping: ENOMEM); get_unmapped_area refuses
+    # len > TASK_SIZE (ENOMEM); file_mmap_ok() refuses offset + len past MAX_LFS_FILESIZE
+    # (EOVERFLOW) -- all before the MAP_TYPE switch and the file's ->mmap
+    aligned = (len + 4095) & ~(<uint64_t>4095)
+    if aligned == 0 or aligned > TASK_SIZE_MAX:
+        return _refuse(h, -ENOMEM, "length too large (len > TASK_SIZE)")
+    if aligned > MAX_LFS_FILESIZE or (offset >> 12) > ((MAX_LFS_FILESIZE - aligned) >> 12):
+        return _refuse(h, -EOVERFLOW, "offset + length past MAX_LFS_FILESIZE (file_mmap_ok)")
+    if map_type != MAP_SHARED and map_type != MAP_PRIVATE and map_type != MAP_SHARED_VALIDATE:
+        return _refuse(h, -EINVAL, "flags need MAP_SHARED or MAP_PRIVATE")
+    if map_type == MAP_SHARED_VALIDATE and flags & ~LEGACY_MAP_MASK:
+        # gmem has no FOP_MMAP_SYNC
+        return _refuse(h, -EOPNOTSUPP, "MAP_SHARED_VALIDATE with unknown flags")
+    if prot & PROT_EXEC:
+        return _refuse(h, -EPERM, "PROT_EXEC on a noexec (anon_inode) mount")
+    if not file.inode.flags & GUEST_MEMFD_FLAG_MMAP:
+        return _refuse(h, -ENODEV, "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
+    if map_type == MAP_PRIVATE:
+        return _refuse(h, -EINVAL, "guest_memfd mappings must be MAP_SHARED")
+    return 0
+
+
+cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write,
+                                     unsigned char **page) noexcept nogil:
+    """A host access to page pgoff through a mapping: 0 with *page its bytes (for a read of a
+    page with no contents, the zero page: NULL), GMEM_FAULT_SIGBUS_* (VM_FAULT_SIGBUS), or
+    -ENOMEM (VM_FAULT_OOM)."""
+    cdef gmem_inode *inode = file.inode
+    cdef uint32_t id
+    cdef folio *f
+    if pgoff << 12 >= inode.size or pgoff >= inode.size >> 12:
+        return _refuse(inode.host, GMEM_FAULT_SIGBUS_EOF, "the page is beyond i_size")
+    if not inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+        return _refuse(inode.host, GMEM_FAULT_SIGBUS_PRIVATE,
+                       "guest_memfd without GUEST_MEMFD_FLAG_INIT_SHARED is private")
+    if kvm_gmem_get_folio(inode, pgoff, &id) < 0:
+        return _refuse(inode.host, -ENOMEM, "out of memory faulting a guest_memfd page (VM_FAULT_OOM)")
+    f = folio_get(&inode.host.pm, id)
+    if not f.flags & PG_uptodate:
+        page_data_drop(inode.host, f.pfn, _pages(f.order))   # clear_highpage
+        f.flags |= PG_uptodate                                  # kvm_gmem_mark_uptodate
+    page[0] = page_data_get(inode.host, f.pfn + (pgoff - f.index), write)
+    if page[0] == NULL and write:
+        return _refuse(inode.host, -ENOMEM, "out of memory for page contents")
+    return 0
+
+
+cdef int kvm_gmem_vfs_op(gmem_file *file, int op, uint64_t arg) noexcept nogil:
+    """The file operations guest_memfd does not have: what the VFS answers (arg: the
+    offset or length, where the call has one)."""
+    cdef gmem_host *h = file.inode.host
+    if op == GMEM_VFS_READ:
+        return _refuse(h, -EINVAL, "guest_memfd has no read (no FMODE_CAN_READ)")
+    if op == GMEM_VFS_WRITE:
+        return _refuse(h, -EINVAL, "guest_memfd has no write (no FMODE_CAN_WRITE)")
+    if op == GMEM_VFS_PREAD or op == GMEM_VFS_PWRITE:
+        if <int64_t>arg < 0:
+            return _refuse(h, -EINVAL, "negative offset")
+        return _refuse(h, -ESPIPE, "guest_memfd has no FMODE_PREAD / FMODE_PWRITE")
+    if op == GMEM_VFS_LSEEK:
+        return _refuse(h, -ESPIPE, "guest_memfd has no FMODE_LSEEK")
+    if <int64_t>arg < 0:
+        return _refuse(h, -EINVAL, "negative length")
+    return _refuse(h, -EINVAL, "kvm_gmem_setattr refuses every size change")
 
 
 # --------------------------------------------------------------- populate
@@ -392,19 +617,19 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
     cdef uint32_t id
     cdef folio *f
     if npages <= 0:
-        return -_EINVAL
+        return -EINVAL
     if not kvm_slot_has_gmem(slot):
-        return -_EINVAL
+        return -EINVAL
     file = slot.gmem_file
-    if file == NULL or file.released:
-        return -_EFAULT
+    if file == NULL:
+        return -EFAULT
     if npages > <int64_t>(slot.npages - (start_gfn - slot.base_gfn)):
         npages = slot.npages - (start_gfn - slot.base_gfn)
     while i < npages:
         gfn = start_gfn + i
         index = gfn - slot.base_gfn + slot.gmem_pgoff
         if not xa_load_follow(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
-            ret = -_EIO
+            ret = -EIO
             break
         ret = kvm_gmem_get_folio(file.inode, index, &id)       # no prepare
         if ret:
@@ -417,27 +642,27 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
                 break
             continue
         if f.flags & PG_hwpoison:
-            ret = -_EHWPOISON
+            ret = -EHWPOISON
             break
         if f.flags & PG_uptodate:
-            ret = -_EEXIST                                      # already faulted in / populated
+            ret = -EEXIST                                      # already faulted in / populated
             break
         if not kvm_range_has_memory_attributes(kvm, gfn, gfn + 1, KVM_MEMORY_ATTRIBUTE_PRIVATE,
                                                KVM_MEMORY_ATTRIBUTE_PRIVATE):
-            ret = -_EINVAL
+            ret = -EINVAL
             break
         ret = post_populate(kvm, gfn, f.pfn + (index - f.index), src + (<uint64_t>i << 12) if src else 0,
                             0, opaque)
         if ret:
             break
-        f = folio_get(&kvm.host.pm, id)
-        f.flags |= PG_uptodate                                  # kvm_gmem_mark_prepared
-        if kvm.host.invalidate_policy == GMEM_INVALIDATE_INVALIDATE_FOLIO:
-            f.flags |= PG_private       # the arch changed the page's state: it needs invalidation
-            f.private = 1
+        # the arch changed the page's state: mark it prepared (and, under the invalidate_folio
+        # policy, in need of invalidation)
+        kvm_gmem_mark_prepared(kvm.host, folio_get(&kvm.host.pm, id))
         i += 1
     return ret if (ret and i == 0) else i
 
+
+# ------------------------------------------------------------ memory failure
 
 cdef int kvm_gmem_error_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     """.error_remove_folio after memory_failure(): zap the guest mappings of the folio but keep
@@ -447,4 +672,20 @@ cdef int kvm_gmem_error_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     f.flags |= PG_hwpoison
     kvm_gmem_invalidate_begin(inode, start, end)
     kvm_gmem_invalidate_end(inode)
+    return 0
+
+
+cdef int gmem_memory_failure(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """mm/memory-failure.c for a pfn: a guest_memfd folio goes to its mapping's
+    error_remove_folio (1); any other folio is only marked poisoned (0)."""
+    cdef uint32_t id = pfn_folio(&h.pm, pfn)
+    cdef gmem_inode *inode = h.inodes
+    if id == 0:
+        return 0
+    while inode != NULL:
+        if inode.ino == folio_get(&h.pm, id).mapping:
+            kvm_gmem_error_folio(inode, id)
+            return 1
+        inode = inode.next
+    folio_get(&h.pm, id).flags |= PG_hwpoison
     return 0

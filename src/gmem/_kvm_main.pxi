@@ -1,29 +1,28 @@
-# virt/kvm/kvm_main.c: memslot lookup, memory attributes, the invalidation
-# sequence and zapping (the generic parts of KVM gmem relies on).
+# virt/kvm/kvm_main.c: VMs and vCPUs, memslots (__kvm_set_memory_region), memory
+# attribute lookups, KVM_PRE_FAULT_MEMORY, KVM_CHECK_EXTENSION (generic part), and the
+# mmu_notifier invalidation sequence.  Every rule returns 0 or -errno; a refused call names
+# its rule in host->reason (gmem_reason()).
 
 from libc.stdlib cimport calloc as _calloc
 
 cdef enum:
-    _ENODEV = 19
-    _EINTR = 4
-    _EFAULT = 14
-    _EIO = 5
-    _EHWPOISON = 133
-    _EOPNOTSUPP = 95
-    KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
-    KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-    KVM_MEM_READONLY = 1 << 1
-    KVM_MEM_GUEST_MEMFD = 1 << 2
     KVM_MEMSLOT_GMEM_ONLY = 1 << 17     # internal (bits 16-31 are never userspace's)
-    GUEST_MEMFD_FLAG_MMAP = 1 << 0
-    GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+    KVM_MR_CREATE = 0
+    KVM_MR_DELETE = 1
+    KVM_MR_MOVE = 2
+    KVM_MR_FLAGS_ONLY = 3
+    KVM_MEM_SLOTS_NUM = 32767           # SHRT_MAX
+    KVM_USER_MEM_SLOTS = 32764          # KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS (x86: 3)
+    KVM_MEM_MAX_NR_PAGES = 0x7FFFFFFF   # (1UL << 31) - 1
 
 cdef extern from *:
-    # a constant, not a module variable
+    # constants, not module variables
     """
     #define GMEM_INVALID_GFN (0xFFFFFFFFFFFFFFFFULL)
+    #define GMEM_TASK_SIZE_MAX (0x7FFFFFFFF000ULL)
     """
     const uint64_t INVALID_GFN "GMEM_INVALID_GFN"
+    const uint64_t TASK_SIZE_MAX "GMEM_TASK_SIZE_MAX"
 
 
 cdef inline uint64_t _mask(int order) noexcept nogil:
@@ -33,6 +32,12 @@ cdef inline uint64_t _mask(int order) noexcept nogil:
 cdef inline int _level_order(int level) noexcept nogil:
     # KVM_HPAGE_GFN_SHIFT(level)
     return (level - 1) * 9
+
+
+cdef inline int _refuse(gmem_host *h, int err, const char *why) noexcept nogil:
+    """A rule refuses: err (a -errno) comes back, why is kept for gmem_reason()."""
+    h.reason = why
+    return err
 
 
 cdef int xa_split_at(xarray *xa, uint64_t index) noexcept nogil:
@@ -63,6 +68,156 @@ cdef int xa_assign_range(xarray *xa, uint64_t first, uint64_t last, uint64_t val
     return xa_store_range(xa, first, last, value)
 
 
+# ----------------------------------------------------------------------- VMs
+
+cdef int kvm_create_vm(gmem_host *h, uint64_t vm_type, kvm **out) noexcept nogil:
+    """KVM_CREATE_VM: kvm_arch_init_vm refuses a type the host does not offer."""
+    cdef kvm *k
+    cdef kvm **pp
+    cdef int r
+    if vm_type >= KVM_MAX_VM_TYPES or not (h.vm_types >> vm_type) & 1:
+        return _refuse(h, -EINVAL, "KVM_CREATE_VM: the VM type is not in KVM_CAP_VM_TYPES "
+                       "(kvm_arch_init_vm)")
+    k = <kvm *>_calloc(1, sizeof(kvm))
+    if k != NULL:
+        k.vcpus = <kvm_vcpu **>_calloc(KVM_MAX_VCPU_IDS, sizeof(kvm_vcpu *))
+    if k == NULL or k.vcpus == NULL:
+        free(k)
+        return _refuse(h, -ENOMEM, "KVM_CREATE_VM: out of memory")
+    k.host = h
+    k.users_count = 1                   # the VM fd
+    k.vm_type = <int>vm_type            # indexes the host's hook table
+    k.last_used_slot = -1
+    xa_init(&k.slot_index)
+    xa_init(&k.gfn_to_slot)
+    xa_init(&k.mem_attr_array)
+    xa_init(&k.sptes)
+    xa_init(&k.mmio_sptes)
+    r = kvm_arch_init_vm(k)
+    if r < 0:
+        free(k.vcpus)
+        free(k)
+        return r
+    h.refcount += 1
+    h.nr_vms_created += 1
+    k.id = h.nr_vms_created
+    pp = &h.vms                         # listed oldest first: check() reports in that order
+    while pp[0] != NULL:
+        pp = &pp[0].next
+    pp[0] = k
+    out[0] = k
+    return 0
+
+
+cdef int kvm_vm_type(const kvm *kvm) noexcept nogil:
+    return kvm.vm_type
+
+
+cdef inline void kvm_get_kvm(kvm *kvm) noexcept nogil:
+    kvm.users_count += 1
+
+
+cdef void kvm_put_kvm(kvm *kvm) noexcept nogil:
+    """The last kernel reference destroys the VM; its struct goes once no handle holds it."""
+    kvm.users_count -= 1
+    if kvm.users_count == 0:
+        kvm_destroy_vm(kvm)
+
+
+cdef void kvm_destroy_vm(kvm *kvm) noexcept nogil:
+    """kvm_destroy_vm: every mapping goes, memslots unbind from their files, the arch gives
+    back what it holds; the vCPUs and the struct stay for the handles still pointing here."""
+    cdef uint32_t i
+    kvm_unmap_gfn_range(kvm, 0, <uint64_t>0xFFFFFFFFFFFFFFFF, 0)
+    for i in range(kvm.nr_memslots):
+        if kvm.memslots[i].used:
+            kvm_gmem_unbind(kvm, &kvm.memslots[i])
+    kvm_arch_destroy_vm(kvm)
+    for i in range(kvm.nr_memslots):
+        if kvm.memslots[i].used:
+            kvm_free_memslot(&kvm.memslots[i])
+    free(kvm.memslots)
+    kvm.memslots = NULL
+    kvm.nr_memslots = 0
+    kvm.last_used_slot = -1
+    kvm.attr_memo_valid = 0
+    xa_destroy(&kvm.slot_index)
+    xa_destroy(&kvm.gfn_to_slot)
+    xa_destroy(&kvm.mem_attr_array)
+    xa_destroy(&kvm.sptes)
+    xa_destroy(&kvm.mmio_sptes)
+    _kvm_unlist(kvm.host, kvm)
+    kvm.dead = 1
+    if kvm.handle_refs == 0:
+        kvm_free(kvm)
+
+
+cdef void _kvm_unlist(gmem_host *h, kvm *k) noexcept nogil:
+    cdef kvm **pp = &h.vms
+    while pp[0] != NULL:
+        if pp[0] == k:
+            pp[0] = k.next
+            break
+        pp = &pp[0].next
+    k.next = NULL
+
+
+cdef void kvm_free(kvm *kvm) noexcept nogil:
+    cdef gmem_host *h = kvm.host
+    cdef uint32_t i
+    for i in range(KVM_MAX_VCPU_IDS):
+        free(kvm.vcpus[i])
+    free(kvm.vcpus)
+    free(kvm)
+    gmem_host_put(h)
+
+
+cdef void kvm_handle_get(kvm *kvm) noexcept nogil:
+    """A handle points at kvm: its struct (and vCPUs) outlive kvm_destroy_vm until released."""
+    kvm.handle_refs += 1
+
+
+cdef void kvm_handle_put(kvm *kvm) noexcept nogil:
+    kvm.handle_refs -= 1
+    if kvm.handle_refs == 0 and kvm.dead:
+        kvm_free(kvm)
+
+
+cdef int kvm_vm_ioctl_create_vcpu(kvm *kvm, uint64_t id, kvm_vcpu **out) noexcept nogil:
+    cdef kvm_vcpu *v
+    if id >= KVM_MAX_VCPU_IDS:
+        return _refuse(kvm.host, -EINVAL, "KVM_CREATE_VCPU: id >= KVM_MAX_VCPU_IDS")
+    if kvm.vcpus[id] != NULL:
+        return _refuse(kvm.host, -EEXIST, "KVM_CREATE_VCPU: a vCPU with this id exists")
+    v = <kvm_vcpu *>_calloc(1, sizeof(kvm_vcpu))
+    if v == NULL:
+        return _refuse(kvm.host, -ENOMEM, "KVM_CREATE_VCPU: out of memory")
+    v.kvm = kvm
+    v.vcpu_id = <uint32_t>id
+    kvm.vcpus[id] = v
+    kvm.created_vcpus += 1
+    out[0] = v
+    return 0
+
+
+cdef kvm_vcpu *kvm_get_vcpu_by_id(kvm *kvm, uint64_t id) noexcept nogil:
+    return kvm.vcpus[id] if id < KVM_MAX_VCPU_IDS else NULL
+
+
+cdef uint64_t kvm_vm_stat(const kvm *kvm, int which) noexcept nogil:
+    return kvm.stats[which] if 0 <= which < VM_NR_STATS else 0
+
+
+cdef uint64_t kvm_vcpu_stat(const kvm_vcpu *vcpu, int which) noexcept nogil:
+    return vcpu.stats[which] if 0 <= which < VCPU_NR_STATS else 0
+
+
+cdef uint64_t kvm_vm_pages(const kvm *kvm, int level) noexcept nogil:
+    if not PG_LEVEL_4K <= level <= PG_LEVEL_1G or kvm.dead:
+        return 0
+    return kvm.sptes.nr_by_order[_level_order(level)]
+
+
 # ------------------------------------------------------------------ memslots
 
 cdef kvm_memory_slot *gfn_to_memslot(kvm *kvm, uint64_t gfn) noexcept nogil:
@@ -89,6 +244,13 @@ cdef kvm_memory_slot *search_memslots(kvm *kvm, uint64_t gfn, bint update) noexc
     return NULL
 
 
+cdef kvm_memory_slot *id_to_memslot(kvm *kvm, uint32_t id) noexcept nogil:
+    cdef uint64_t v
+    if xa_load(&kvm.slot_index, id, &v):
+        return &kvm.memslots[v]
+    return NULL
+
+
 cdef inline int kvm_slot_has_gmem(const kvm_memory_slot *slot) noexcept nogil:
     return slot != NULL and (slot.flags & KVM_MEM_GUEST_MEMFD) != 0
 
@@ -110,13 +272,205 @@ cdef uint64_t lpage_info_count(const kvm_memory_slot *slot, int level) noexcept 
     return ((slot.base_gfn + slot.npages - 1) >> o) - (slot.base_gfn >> o) + 1
 
 
+cdef int check_memory_region_flags(kvm *kvm, const kvm_userspace_memory_region2 *mem) noexcept nogil:
+    """6.18: guest_memfd for every VM type; READONLY only without protected state."""
+    cdef uint32_t valid = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD
+    if mem.flags & KVM_MEM_GUEST_MEMFD:
+        valid &= ~KVM_MEM_LOG_DIRTY_PAGES
+    elif not kvm.has_protected_state:
+        valid |= KVM_MEM_READONLY
+    if mem.flags & ~valid:
+        return _refuse(kvm.host, -EINVAL, "flags not valid for this VM (check_memory_region_flags)")
+    return 0
+
+
+cdef int kvm_set_memory_region(kvm *kvm, const kvm_userspace_memory_region2 *mem, int v2,
+                               gmem_file *file, int fdget_err) noexcept nogil:
+    """__kvm_set_memory_region: the checks in the kernel's order, then create, delete, move
+    or change flags."""
+    cdef gmem_host *h = kvm.host
+    cdef kvm_memory_slot *old
+    cdef uint64_t npages, base_gfn, size = mem.memory_size, gpa = mem.guest_phys_addr
+    cdef uint64_t hva = mem.userspace_addr, offset = mem.guest_memfd_offset
+    cdef uint32_t as_id = mem.slot >> 16, id = mem.slot & 0xFFFF
+    cdef int r, change
+    # kvm_vm_ioctl: the v1 struct's flags, then the user slot id, then kvm_set_memory_region
+    if not v2 and mem.flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
+        return _refuse(h, -EINVAL, "these flags need KVM_SET_USER_MEMORY_REGION2")
+    if id >= KVM_USER_MEM_SLOTS:
+        return _refuse(h, -EINVAL, "slot id >= KVM_USER_MEM_SLOTS")
+    r = check_memory_region_flags(kvm, mem)
+    if r:
+        return r
+    if size & 4095:
+        return _refuse(h, -EINVAL, "memory_size is not page aligned")
+    if gpa & 4095:
+        return _refuse(h, -EINVAL, "guest_phys_addr is not page aligned")
+    if hva & 4095 or hva + size < hva or hva + size > TASK_SIZE_MAX:
+        return _refuse(h, -EINVAL, "userspace_addr is misaligned or not access_ok()")
+    if mem.flags & KVM_MEM_GUEST_MEMFD and (offset & 4095 or offset + size < offset):
+        return _refuse(h, -EINVAL, "guest_memfd_offset is misaligned or wraps")
+    if as_id >= 1 or id >= KVM_MEM_SLOTS_NUM:
+        return _refuse(h, -EINVAL, "the address space does not exist (KVM_MAX_NR_ADDRESS_SPACES 1)")
+    if gpa + size < gpa:
+        return _refuse(h, -EINVAL, "guest_phys_addr + memory_size wraps")
+    npages = size >> 12
+    if npages > KVM_MEM_MAX_NR_PAGES:
+        return _refuse(h, -EINVAL, "more than KVM_MEM_MAX_NR_PAGES pages")
+    old = id_to_memslot(kvm, mem.slot)
+    if npages == 0:
+        if old == NULL:
+            return _refuse(h, -EINVAL, "deleting a memslot that does not exist")
+        kvm_delete_memslot(kvm, old)
+        kvm.memslots_generation += 1
+        return 0
+    base_gfn = gpa >> 12
+    change = KVM_MR_CREATE
+    if old != NULL:
+        if mem.flags & KVM_MEM_GUEST_MEMFD:
+            return _refuse(h, -EINVAL, "guest_memfd memslots are immutable, they can only be deleted")
+        if hva != old.userspace_addr or npages != old.npages or \
+                (mem.flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD):
+            return _refuse(h, -EINVAL, "a modification may not change userspace_addr, size, "
+                           "KVM_MEM_READONLY or KVM_MEM_GUEST_MEMFD")
+        if base_gfn != old.base_gfn:
+            change = KVM_MR_MOVE
+        elif mem.flags != (old.flags & 0xFFFF):
+            change = KVM_MR_FLAGS_ONLY
+        else:
+            return 0                    # nothing changes
+    if change != KVM_MR_FLAGS_ONLY and kvm_check_memslot_overlap(kvm, old, base_gfn, npages):
+        return _refuse(h, -EEXIST, "the gpa range overlaps another memslot")
+    if change == KVM_MR_CREATE:
+        if mem.flags & KVM_MEM_GUEST_MEMFD:
+            r = kvm_gmem_bind_check(kvm, file, fdget_err, offset, npages)
+        if r == 0:
+            r = kvm_arch_prepare_memory_region(kvm, base_gfn, npages)
+        if r == 0:
+            r = kvm_create_memslot(kvm, mem, base_gfn, npages, file if mem.flags & KVM_MEM_GUEST_MEMFD else NULL)
+    elif change == KVM_MR_MOVE:
+        r = kvm_arch_prepare_memory_region(kvm, base_gfn, npages)
+        if r == 0:
+            r = kvm_move_memslot(kvm, old, base_gfn)
+    else:
+        old.flags = (old.flags & ~0xFFFF) | mem.flags
+        kvm_unmap_gfn_range(kvm, old.base_gfn, old.base_gfn + old.npages, 0)
+    if r == 0:
+        kvm.memslots_generation += 1      # install_new_memslots: MMIO SPTEs go stale
+    return r
+
+
+cdef bint kvm_check_memslot_overlap(kvm *kvm, kvm_memory_slot *old, uint64_t base_gfn,
+                                    uint64_t npages) noexcept nogil:
+    cdef uint64_t f, v
+    cdef int k
+    return (xa_find_entry(&kvm.gfn_to_slot, base_gfn, base_gfn + npages - 1, XA_NO_MARK, &f, &k, &v)
+            and &kvm.memslots[v] != old)
+
+
+cdef int kvm_alloc_memslot(kvm *kvm) noexcept nogil:
+    """A free entry of kvm->memslots (the array grows by 16), or -ENOMEM."""
+    cdef uint32_t i
+    cdef kvm_memory_slot *a
+    for i in range(kvm.nr_memslots):
+        if not kvm.memslots[i].used:
+            return i
+    a = <kvm_memory_slot *>realloc(kvm.memslots, (kvm.nr_memslots + 16) * sizeof(kvm_memory_slot))
+    if a == NULL:
+        return _refuse(kvm.host, -ENOMEM, "out of memory for the memslot array")
+    memset(&a[kvm.nr_memslots], 0, 16 * sizeof(kvm_memory_slot))
+    kvm.memslots = a
+    kvm.last_used_slot = -1             # (the array moved)
+    kvm.nr_memslots += 16
+    return kvm.nr_memslots - 16
+
+
+cdef int kvm_alloc_memslot_metadata(kvm *kvm, kvm_memory_slot *s) noexcept nogil:
+    """lpage_info: disallow hugepages over misaligned slot edges and, when userspace_addr and
+    base_gfn disagree modulo the hugepage size, over the whole slot (kvm_alloc_memslot_metadata)."""
+    cdef int level, o
+    cdef uint64_t n, j, ugfn = s.userspace_addr >> 12
+    cdef uint32_t *info[2]
+    info[0] = info[1] = NULL
+    for level in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        info[level - 2] = <uint32_t *>_calloc(lpage_info_count(s, level), sizeof(uint32_t))
+        if info[level - 2] == NULL:
+            free(info[0])
+            return _refuse(kvm.host, -ENOMEM, "out of memory for lpage_info")
+    for level in range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1):
+        o = _level_order(level)
+        n = lpage_info_count(s, level)
+        free(s.lpage_info[level - 2])
+        s.lpage_info[level - 2] = info[level - 2]
+        if s.base_gfn & _mask(o):
+            info[level - 2][0] = 1
+        if (s.base_gfn + s.npages) & _mask(o):
+            info[level - 2][n - 1] = 1
+        if (s.base_gfn ^ ugfn) & _mask(o) and not (s.flags & KVM_MEM_GUEST_MEMFD):
+            for j in range(n):
+                info[level - 2][j] = 1
+    kvm_mmu_init_memslot_memory_attributes(kvm, s)
+    return 0
+
+
+cdef void kvm_free_memslot(kvm_memory_slot *s) noexcept nogil:
+    free(s.lpage_info[0])
+    free(s.lpage_info[1])
+    memset(s, 0, sizeof(kvm_memory_slot))
+
+
+cdef int kvm_create_memslot(kvm *kvm, const kvm_userspace_memory_region2 *mem, uint64_t base_gfn,
+                            uint64_t npages, gmem_file *file) noexcept nogil:
+    cdef int i = kvm_alloc_memslot(kvm)
+    cdef kvm_memory_slot *s
+    cdef uint64_t pgoff = mem.guest_memfd_offset >> 12
+    if i < 0:
+        return i
+    s = &kvm.memslots[i]
+    memset(s, 0, sizeof(kvm_memory_slot))
+    s.base_gfn, s.npages, s.userspace_addr, s.flags, s.id = base_gfn, npages, mem.userspace_addr, \
+        mem.flags, mem.slot
+    if kvm_alloc_memslot_metadata(kvm, s) < 0:
+        return -ENOMEM
+    if (xa_store_range(&kvm.gfn_to_slot, base_gfn, base_gfn + npages - 1, i) < 0
+            or xa_assign_range(&kvm.slot_index, s.id, s.id, i, False) < 0
+            or (file != NULL and kvm_gmem_bind(kvm, s, file, pgoff) < 0)):
+        xa_assign_range(&kvm.gfn_to_slot, base_gfn, base_gfn + npages - 1, 0, True)
+        xa_assign_range(&kvm.slot_index, s.id, s.id, 0, True)
+        kvm_free_memslot(s)
+        return _refuse(kvm.host, -ENOMEM, "out of memory for the memslot")
+    s.used = 1
+    return 0
+
+
+cdef void kvm_delete_memslot(kvm *kvm, kvm_memory_slot *s) noexcept nogil:
+    kvm_gmem_unbind(kvm, s)
+    kvm_unmap_gfn_range(kvm, s.base_gfn, s.base_gfn + s.npages, 0)
+    xa_assign_range(&kvm.gfn_to_slot, s.base_gfn, s.base_gfn + s.npages - 1, 0, True)
+    xa_assign_range(&kvm.slot_index, s.id, s.id, 0, True)
+    kvm_free_memslot(s)
+
+
+cdef int kvm_move_memslot(kvm *kvm, kvm_memory_slot *s, uint64_t base_gfn) noexcept nogil:
+    kvm_unmap_gfn_range(kvm, s.base_gfn, s.base_gfn + s.npages, 0)
+    xa_assign_range(&kvm.gfn_to_slot, s.base_gfn, s.base_gfn + s.npages - 1, 0, True)
+    s.base_gfn = base_gfn
+    if xa_store_range(&kvm.gfn_to_slot, base_gfn, base_gfn + s.npages - 1, s - kvm.memslots) < 0:
+        return _refuse(kvm.host, -ENOMEM, "out of memory moving the memslot")
+    return kvm_alloc_memslot_metadata(kvm, s)
+
+
 # ---------------------------------------------------------- memory attributes
 
-cdef inline uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
+cdef inline uint64_t _kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
     if kvm.attr_memo_valid and gfn - kvm.attr_memo_first <= kvm.attr_memo_last - kvm.attr_memo_first:
         # a fault asks twice (vendor entry, then faultin), and neighbours share one entry
         return kvm.attr_memo_val
     return kvm_get_memory_attributes_memo(kvm, gfn)
+
+
+cdef uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
+    return _kvm_get_memory_attributes(kvm, gfn) if not kvm.dead else 0
 
 
 cdef uint64_t kvm_get_memory_attributes_memo(kvm *kvm, uint64_t gfn) noexcept nogil:
@@ -133,7 +487,7 @@ cdef uint64_t kvm_get_memory_attributes_memo(kvm *kvm, uint64_t gfn) noexcept no
 
 
 cdef inline int _kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil:
-    return (kvm_get_memory_attributes(kvm, gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
+    return (_kvm_get_memory_attributes(kvm, gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
 
 
 cdef int kvm_mem_is_private(kvm *kvm, uint64_t gfn) noexcept nogil:
@@ -171,19 +525,43 @@ cdef int kvm_range_has_memory_attributes(kvm *kvm, uint64_t start, uint64_t end,
     return 1
 
 
+cdef uint64_t kvm_supported_mem_attributes(kvm *kvm) noexcept nogil:
+    return KVM_MEMORY_ATTRIBUTE_PRIVATE if kvm == NULL or kvm.has_private_mem else 0
+
+
+cdef int kvm_vm_ioctl_set_mem_attributes(kvm *kvm, const kvm_memory_attributes *a) noexcept nogil:
+    """KVM_SET_MEMORY_ATTRIBUTES: the ioctl's checks, then kvm_vm_set_mem_attributes."""
+    cdef gmem_host *h = kvm.host
+    cdef int r
+    if not h.memory_attributes:
+        return _refuse(h, -ENOTTY, "this kernel is built without CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES")
+    if a.flags:
+        return _refuse(h, -EINVAL, "flags must be 0")
+    if a.attributes & ~kvm_supported_mem_attributes(kvm):
+        return _refuse(h, -EINVAL, "attributes outside kvm_supported_mem_attributes()")
+    if a.size == 0 or a.address + a.size < a.address:
+        return _refuse(h, -EINVAL, "size is 0 or address + size wraps")
+    if a.address & 4095 or a.size & 4095:
+        return _refuse(h, -EINVAL, "address and size must be page aligned")
+    r = kvm_vm_set_mem_attributes(kvm, a.address >> 12, (a.address + a.size) >> 12, a.attributes)
+    if r < 0:
+        return _refuse(h, r, "out of memory")
+    return 0
+
+
 # --------------------------------------------------------- KVM_PRE_FAULT_MEMORY
 
-ctypedef struct kvm_pre_fault_memory:
-    uint64_t gpa
-    uint64_t size
-    uint64_t flags
-
-
 cdef int kvm_vcpu_pre_fault_memory(kvm_vcpu *vcpu, kvm_pre_fault_memory *range) noexcept nogil:
-    """The ioctl's loop (its argument checks are at the Python boundary): range advances past
-    what each step covered; the error comes back only if nothing was done."""
+    """The ioctl: its checks, then a loop in which range advances past what each step
+    covered; the error comes back only if nothing was done."""
+    cdef gmem_host *h = vcpu.kvm.host
     cdef uint64_t full_size = range.size
     cdef int64_t r
+    if range.flags:
+        return _refuse(h, -EINVAL, "flags must be 0")
+    if range.gpa & 4095 or range.size & 4095 or range.gpa + range.size <= range.gpa:
+        return _refuse(h, -EINVAL, "gpa and size must be page aligned, size non-zero, and gpa + "
+                       "size must not wrap")
     while True:
         r = kvm_arch_vcpu_pre_fault_memory(vcpu, range.gpa, range.size)
         if r <= 0:
@@ -192,7 +570,42 @@ cdef int kvm_vcpu_pre_fault_memory(kvm_vcpu *vcpu, kvm_pre_fault_memory *range) 
         range.gpa += r
         if range.size == 0:
             break
-    return <int>r if full_size == range.size else 0
+    if full_size != range.size:
+        return 0
+    return _refuse(h, <int>r, kvm_pre_fault_reason(<int>r))
+
+
+cdef const char *kvm_pre_fault_reason(int r) noexcept nogil:
+    """The rule behind a KVM_PRE_FAULT_MEMORY errno (kvm_arch_vcpu_pre_fault_memory)."""
+    if r == -EOPNOTSUPP:
+        return ("kvm->arch.pre_fault_allowed is false (SNP before KVM_SEV_SNP_LAUNCH_FINISH, "
+                "TDX before KVM_TDX_FINALIZE_VM)")
+    if r == -EINVAL:
+        return "the gpa is in the shared alias (kvm_is_gfn_alias)"
+    if r == -ENOENT:
+        return "no memslot at the gpa (RET_PF_EMULATE: emulated MMIO)"
+    if r == -EINTR:
+        return "interrupted: an invalidation in progress that only the caller could end"
+    return "the fault at the gpa failed (kvm_tdp_map_page)"
+
+
+# ---------------------------------------------------------- KVM_CHECK_EXTENSION
+
+cdef int64_t kvm_check_extension(gmem_host *h, kvm *kvm, uint64_t cap) noexcept nogil:
+    """kvm_vm_ioctl_check_extension_generic, then the arch's (kvm NULL: on /dev/kvm)."""
+    if cap == KVM_CAP_USER_MEMORY2 or cap == KVM_CAP_MEMORY_FAULT_INFO or cap == KVM_CAP_GUEST_MEMFD:
+        return 1
+    if cap == KVM_CAP_MEMORY_ATTRIBUTES:
+        return kvm_supported_mem_attributes(kvm) if h.memory_attributes else 0
+    if cap == KVM_CAP_GUEST_MEMFD_FLAGS:
+        return kvm_gmem_get_supported_flags(kvm)
+    if cap == KVM_CAP_NR_MEMSLOTS:
+        return KVM_USER_MEM_SLOTS
+    if cap == KVM_CAP_MULTI_ADDRESS_SPACE:
+        # built without SMM, like this machine's kernel: KVM_MAX_NR_ADDRESS_SPACES == 1 compiles the
+        # case out of kvm_vm_ioctl_check_extension_generic, so the answer is 0 (observed on 6.18.44)
+        return 0
+    return kvm_vm_ioctl_check_extension(h, kvm, cap)
 
 
 # ------------------------------------------------------ invalidation and zap
@@ -226,47 +639,6 @@ cdef int mmu_invalidate_retry_gfn(kvm *kvm, uint64_t mmu_seq, uint64_t gfn) noex
         if gfn >= kvm.mmu_invalidate_range_start and gfn < kvm.mmu_invalidate_range_end:
             return 1
     return kvm.mmu_invalidate_seq != mmu_seq
-
-
-# SPTE encoding in the sptes xarray: pfn << 8 | private << 3 | writable << 2 | level
-cdef enum:
-    SPTE_LEVEL_MASK = 3
-    SPTE_WRITABLE = 1 << 2
-    SPTE_PRIVATE = 1 << 3
-    SPTE_PFN_SHIFT = 8
-
-
-cdef inline uint64_t make_spte(uint64_t pfn, int level, bint writable, bint private) noexcept nogil:
-    return (pfn << SPTE_PFN_SHIFT) | (SPTE_PRIVATE if private else 0) | \
-           (SPTE_WRITABLE if writable else 0) | level
-
-
-cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int filter) noexcept nogil:
-    """Zap the SPTEs overlapping [start, end) that pass filter (0: all): huge ones whole."""
-    cdef uint64_t index = start, first, v, zapped = 0
-    cdef int order
-    if end <= start:
-        return 0
-    if kvm.vm_type != KVM_X86_TDX_VM:
-        filter = 0          # one (direct) root: the filter only picks TDX's mirror or direct root
-    while xa_find_entry(&kvm.sptes, index, end - 1, XA_NO_MARK, &first, &order, &v):
-        if (filter == 0 or (filter == KVM_FILTER_PRIVATE and (v & SPTE_PRIVATE))
-                or (filter == KVM_FILTER_SHARED and not (v & SPTE_PRIVATE))):
-            xa_erase(&kvm.sptes, first, &v)
-            if v & SPTE_PRIVATE and kvm.host.hooks[kvm.vm_type].remove_external_spte != NULL:
-                kvm.host.hooks[kvm.vm_type].remove_external_spte(kvm, first, v & SPTE_LEVEL_MASK,
-                                                                 v >> SPTE_PFN_SHIFT)
-            gmem_trace(kvm.host, TRACE_SPTE_ZAP, 0, first, v >> SPTE_PFN_SHIFT, v & SPTE_LEVEL_MASK, 0)
-            zapped += 1
-        if first + _mask(order) >= end - 1:
-            break
-        index = first + _mask(order) + 1
-    if filter != KVM_FILTER_PRIVATE:
-        xa_erase_range(&kvm.mmio_sptes, start, end - 1)
-    if zapped:
-        kvm.stats[VM_STAT_ZAPPED_SPTES] += zapped
-        kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
-    return zapped
 
 
 cdef void kvm_zap_gfn_range_invalidate(kvm *kvm, uint64_t start, uint64_t end, int filter) noexcept nogil:

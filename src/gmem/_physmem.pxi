@@ -77,7 +77,7 @@ cdef int _pcp_refill(physmem *pm) noexcept nogil:
                 pm.pcp[pm.pcp_count + i] = p + _pages(o) - 1 - i
             pm.pcp_count += _pages(o)
             return 0
-    return -_ENOMEM
+    return -ENOMEM
 
 
 cdef int _cmp_u64(const void *a, const void *b) noexcept nogil:
@@ -111,10 +111,10 @@ cdef void phys_drain_pcp(physmem *pm) noexcept nogil:
 cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
     if pm.fail_alloc:
         pm.fail_alloc -= 1
-        return -_ENOMEM
+        return -ENOMEM
     if order == 0 and pm.pcp_enabled:
         if pm.pcp_count == 0 and _pcp_refill(pm) < 0:
-            return -_ENOMEM
+            return -ENOMEM
         pm.pcp_count -= 1
         pfn[0] = pm.pcp[pm.pcp_count]
         pm.nr_free_pages -= 1
@@ -124,7 +124,7 @@ cdef int phys_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
     if pm.pcp_count:
         phys_drain_pcp(pm)                      # the slow path drains the per-cpu lists
         return _buddy_alloc(pm, order, pfn)
-    return -_ENOMEM
+    return -ENOMEM
 
 
 cdef void phys_free(physmem *pm, uint64_t pfn, int order) noexcept nogil:
@@ -156,7 +156,7 @@ cdef int _buddy_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
                 # nothing fits: give the blocks carved on the way back to
                 # untouched memory, so that a failed allocation changes nothing
                 _phys_lower_watermark(pm, watermark)
-                return -_ENOMEM
+                return -ENOMEM
             c = _carve_order(pm, pm.watermark)
             p = pm.watermark
             if c >= order:
@@ -165,7 +165,7 @@ cdef int _buddy_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
                 break
             if _free_area_add(pm, p, c) < 0:
                 _phys_lower_watermark(pm, watermark)
-                return -_ENOMEM
+                return -ENOMEM
             pm.watermark += _pages(c)
     # split down, giving the upper halves to the free lists
     while o > order:
@@ -173,7 +173,7 @@ cdef int _buddy_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
         if _free_area_add(pm, p + _pages(o), o) < 0:
             pm.nr_free_pages -= _pages(o + 1)
             _buddy_free(pm, p, o + 1)        # undo: nothing was handed out
-            return -_ENOMEM
+            return -ENOMEM
     pm.nr_free_pages -= _pages(order)
     pfn[0] = p
     return 0
@@ -220,17 +220,17 @@ cdef int phys_check_allocated(const physmem *pm, uint64_t pfn, int order) noexce
     cdef int o
     cdef uint64_t idx, v, end = pfn + _pages(order)
     if order < 0 or order > MAX_PAGE_ORDER or pfn & (_pages(order) - 1):
-        return -_EINVAL
+        return -EINVAL
     if pfn < pm.start_pfn or end > pm.watermark or end < pfn:
-        return -_EINVAL
+        return -EINVAL
     for o in range(NR_PAGE_ORDERS):
         if o >= order:
             if xa_load(&pm.free_area[o], pfn >> o, &v):
-                return -_EINVAL
+                return -EINVAL
         else:
             idx = pfn >> o
             if xa_find(&pm.free_area[o], &idx, (end - 1) >> o, XA_NO_MARK, &v):
-                return -_EINVAL
+                return -EINVAL
     return 0
 
 
@@ -271,11 +271,11 @@ cdef int _folio_new_id(physmem *pm, uint32_t *id) noexcept nogil:
     if (i >> FOLIO_CHUNK_SHIFT) >= pm.nr_chunks:
         chunks = <folio **>realloc(pm.folio_chunks, (pm.nr_chunks + 1) * sizeof(folio *))
         if chunks == NULL:
-            return -_ENOMEM
+            return -ENOMEM
         pm.folio_chunks = chunks
         chunks[pm.nr_chunks] = <folio *>malloc(sizeof(folio) << FOLIO_CHUNK_SHIFT)
         if chunks[pm.nr_chunks] == NULL:
-            return -_ENOMEM
+            return -ENOMEM
         pm.nr_chunks += 1
     pm.folio_next_id = i + 1
     id[0] = i
@@ -295,14 +295,14 @@ cdef int folio_alloc(physmem *pm, int order, uint32_t *id) noexcept nogil:
     cdef uint32_t i
     cdef folio *f
     if _folio_new_id(pm, &i) < 0:
-        return -_ENOMEM
+        return -ENOMEM
     if phys_alloc(pm, order, &pfn) < 0:
         _folio_release_id(pm, i)
-        return -_ENOMEM
+        return -ENOMEM
     if xa_store_follow(&pm.memmap, pfn, order, i, &old) < 0:
         phys_free(pm, pfn, order)
         _folio_release_id(pm, i)
-        return -_ENOMEM
+        return -ENOMEM
     f = folio_get(pm, i)
     memset(f, 0, sizeof(folio))
     f.pfn = pfn
@@ -329,10 +329,10 @@ cdef int folio_split(physmem *pm, uint32_t id, int new_order) noexcept nogil:
     cdef uint32_t *ids
     cdef folio *t
     if new_order >= old_order:
-        return -_EINVAL
+        return -EINVAL
     ids = <uint32_t *>malloc(n * sizeof(uint32_t))
     if ids == NULL:
-        return -_ENOMEM
+        return -ENOMEM
     ids[0] = id
     for k in range(1, n):
         if _folio_new_id(pm, &ids[k]) < 0:
@@ -340,12 +340,12 @@ cdef int folio_split(physmem *pm, uint32_t id, int new_order) noexcept nogil:
                 k -= 1
                 _folio_release_id(pm, ids[k])
             free(ids)
-            return -_ENOMEM
+            return -ENOMEM
     if xa_split(&pm.memmap, head.pfn, new_order) < 0:
         for k in range(1, n):
             _folio_release_id(pm, ids[k])
         free(ids)
-        return -_ENOMEM
+        return -ENOMEM
     head = folio_get(pm, id)
     for k in range(1, n):
         t = folio_get(pm, ids[k])
@@ -368,3 +368,12 @@ cdef uint32_t pfn_folio(const physmem *pm, uint64_t pfn) noexcept nogil:
     if xa_load(&pm.memmap, pfn, &v):
         return <uint32_t>v
     return 0
+
+
+cdef size_t phys_memory_bytes(const physmem *pm) noexcept nogil:
+    """C memory describing pm beyond its struct: free areas, memmap, folio table."""
+    cdef size_t n = xa_memory_bytes(&pm.memmap)
+    cdef int o
+    for o in range(NR_PAGE_ORDERS):
+        n += xa_memory_bytes(&pm.free_area[o])
+    return n + pm.nr_chunks * (sizeof(folio) << FOLIO_CHUNK_SHIFT)

@@ -1,5 +1,7 @@
-# AMD SEV-SNP: the RMP table and its instructions (arch/x86/virt/svm/sev.c,
-# AMD APM vol. 2 §15.36) and KVM's gmem hooks (arch/x86/kvm/svm/sev.c).
+# AMD SEV-SNP: the RMP table and its instructions (arch/x86/virt/svm/sev.c, AMD APM vol. 2
+# §15.36: RMPUPDATE, PSMASH, PVALIDATE, RMPADJUST), and KVM's side (arch/x86/kvm/svm/sev.c):
+# the VM's ASID and VMSAs, the gmem hooks, the launch (SNP_LAUNCH_START/UPDATE/FINISH with
+# sev_gmem_post_populate), and page-state changes (GHCB MSR protocol and PSC buffer).
 #
 # An RMP entry is kept as the raw low qword (struct rmpentry_raw): assigned
 # bit 0, pagesize bit 1, immutable bit 2, gpa[50:12] in bits 12-50, asid in
@@ -10,8 +12,6 @@
 # pagesize says 2M (__snp_lookup_rmpentry).
 
 cdef enum:
-    RMP_PG_SIZE_4K = 0
-    RMP_PG_SIZE_2M = 1
     RMPUPDATE_FAIL_INPUT = 1
     RMPUPDATE_FAIL_PERMISSION = 2
     RMPUPDATE_FAIL_INUSE = 3
@@ -34,10 +34,21 @@ cdef extern from *:
     #define GMEM_RMP_ASID_MASK (0x3FFULL << 51)
     #define GMEM_RMP_VMSA (1ULL << 61)
     #define GMEM_RMP_VALIDATED (1ULL << 62)
-    #define GMEM_PFERR_GUEST_RMP_MASK (1ULL << 31)
-    #define GMEM_PFERR_GUEST_FINAL_MASK (1ULL << 32)
-    #define GMEM_PFERR_GUEST_SIZEM_MASK (1ULL << 35)
+    #define GMEM_GHCB_MSR_PSC_RESP (0x015ULL)
+    #define GMEM_GHCB_MSR_PSC_RESP_ERROR ((1ULL << 63) | 0x015ULL)
+    #define GMEM_VMGEXIT_PSC_ERROR_GENERIC (0x100ULL << 32)
+    #define GMEM_VMGEXIT_PSC_ERROR_INVALID_HDR ((1ULL << 32) | 1)
+    #define GMEM_VMGEXIT_PSC_ERROR_INVALID_ENTRY ((1ULL << 32) | 2)
+    #define GMEM_INITIAL_VMSA_GPA (0xFFFFFFFFF000ULL)
     """
+    # arch/x86/include/asm/sev-common.h, svm.h: the GHCB's page-state change answers
+    const uint64_t GHCB_MSR_PSC_RESP "GMEM_GHCB_MSR_PSC_RESP"
+    const uint64_t GHCB_MSR_PSC_RESP_ERROR "GMEM_GHCB_MSR_PSC_RESP_ERROR"
+    const uint64_t VMGEXIT_PSC_ERROR_GENERIC "GMEM_VMGEXIT_PSC_ERROR_GENERIC"
+    const uint64_t VMGEXIT_PSC_ERROR_INVALID_HDR "GMEM_VMGEXIT_PSC_ERROR_INVALID_HDR"
+    const uint64_t VMGEXIT_PSC_ERROR_INVALID_ENTRY "GMEM_VMGEXIT_PSC_ERROR_INVALID_ENTRY"
+    # arch/x86/kvm/svm/sev.c: where a VMSA sits in the guest's physical address space
+    const uint64_t INITIAL_VMSA_GPA "GMEM_INITIAL_VMSA_GPA"
     const uint64_t RMP_ASSIGNED "GMEM_RMP_ASSIGNED"
     const uint64_t RMP_PAGESIZE "GMEM_RMP_PAGESIZE"
     const uint64_t RMP_IMMUTABLE "GMEM_RMP_IMMUTABLE"
@@ -46,9 +57,6 @@ cdef extern from *:
     const uint64_t RMP_ASID_MASK "GMEM_RMP_ASID_MASK"
     const uint64_t RMP_VMSA "GMEM_RMP_VMSA"
     const uint64_t RMP_VALIDATED "GMEM_RMP_VALIDATED"
-    const uint64_t PFERR_GUEST_RMP_MASK "GMEM_PFERR_GUEST_RMP_MASK"
-    const uint64_t PFERR_GUEST_FINAL_MASK "GMEM_PFERR_GUEST_FINAL_MASK"
-    const uint64_t PFERR_GUEST_SIZEM_MASK "GMEM_PFERR_GUEST_SIZEM_MASK"
 
 
 cdef inline uint64_t _rmp_raw_in(gmem_host *h, uint64_t pfn, bint *in_2m) noexcept nogil:
@@ -76,9 +84,9 @@ cdef inline uint64_t rmp_raw(gmem_host *h, uint64_t pfn) noexcept nogil:
 cdef int snp_lookup_rmpentry(gmem_host *h, uint64_t pfn, int *assigned, int *level) noexcept nogil:
     cdef bint in_2m
     if not h.rmp.enabled:
-        return -_ENODEV
+        return -ENODEV
     if pfn >= h.pm.end_pfn:
-        return -_EINVAL
+        return -EINVAL
     assigned[0] = (_rmp_raw_in(h, pfn, &in_2m) & RMP_ASSIGNED) != 0
     level[0] = PG_LEVEL_2M if in_2m else PG_LEVEL_4K
     return 0
@@ -169,12 +177,12 @@ cdef int rmpupdate(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nogil:
     """The kernel's rmpupdate(): split the direct map, loop on FAIL_OVERLAP, -EFAULT otherwise."""
     cdef int ret
     if not h.rmp.enabled:
-        return -_ENODEV
+        return -ENODEV
     _adjust_direct_map(h, pfn, PG_LEVEL_2M if state & RMP_PAGESIZE else PG_LEVEL_4K)
     ret = rmpupdate_insn(h, pfn, state)
     while ret == RMPUPDATE_FAIL_OVERLAP:
         ret = rmpupdate_insn(h, pfn, state)
-    return -_EFAULT if ret else 0
+    return -EFAULT if ret else 0
 
 
 cdef inline uint64_t rmp_state(bint assigned, int level, bint immutable, uint64_t gpa,
@@ -222,25 +230,85 @@ cdef int snp_rmptable_psmash(gmem_host *h, uint64_t pfn) noexcept nogil:
 
 
 cdef void snp_leak_pages(gmem_host *h, uint64_t pfn, uint64_t npages) noexcept nogil:
+    """The pages cannot go back to the host: out of use for good (their folio is never freed)."""
     cdef uint64_t i, old
+    cdef uint32_t id
     for i in range(npages):
         xa_store_order(&h.rmp.leaked, pfn + i, 0, 1, &old)
+        id = pfn_folio(&h.pm, pfn + i)
+        if id:
+            folio_get(&h.pm, id).flags |= PG_leaked
     h.rmp.stats[SNP_STAT_LEAKED_PAGES] += npages
 
 
-cdef int host_write_ok(gmem_host *h, uint64_t pfn) noexcept nogil:
-    """Would a host write to pfn, through the host's direct map, pass the RMP check?"""
-    cdef uint64_t base, f, v, hv
+cdef int snp_host_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """A host write through the direct map to pfn faults (RMP #PF) when the page is assigned,
+    or when a 2M direct mapping covers any assigned page of its region; counted."""
+    cdef uint64_t base, f, v
     cdef int k
-    if not h.rmp.enabled or h.rmp.entries.nr_entries == 0:
-        return 1                    # nothing assigned anywhere (no SNP guest yet)
+    if h.rmp.entries.nr_entries == 0:
+        return 0                    # nothing assigned anywhere (no SNP guest yet)
     if rmp_raw(h, pfn) & RMP_ASSIGNED:
-        return 0
-    if xa_load(&h.rmp.direct_map_4k, pfn >> 9, &v):
+        h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
         return 1
+    if snp_direct_map_is_4k(h, pfn):
+        return 0
     # a 2M host mapping: all 512 entries of the region must be unassigned
     base = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
-    return not xa_find_entry(&h.rmp.entries, base, base + PTRS_PER_PMD - 1, XA_NO_MARK, &f, &k, &v)
+    if xa_find_entry(&h.rmp.entries, base, base + PTRS_PER_PMD - 1, XA_NO_MARK, &f, &k, &v):
+        h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
+        return 1
+    return 0
+
+
+cdef bint snp_direct_map_is_4k(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """The host's direct map around pfn was split to 4K (adjust_direct_map)."""
+    cdef uint64_t v
+    return xa_load(&h.rmp.direct_map_4k, pfn >> 9, &v)
+
+
+cdef void snp_rmptable_init(gmem_host *h) noexcept nogil:
+    """snp_rmptable_init at boot: an RMP covering all memory, checked on every host write."""
+    h.rmp.enabled = 1
+    xa_init(&h.rmp.entries)
+    xa_init(&h.rmp.perms)
+    xa_init(&h.rmp.direct_map_4k)
+    xa_init(&h.rmp.leaked)
+    h.host_write_fault = snp_host_write_fault
+
+
+cdef void snp_rmptable_destroy(gmem_host *h) noexcept nogil:
+    xa_destroy(&h.rmp.entries)
+    xa_destroy(&h.rmp.perms)
+    xa_destroy(&h.rmp.direct_map_4k)
+    xa_destroy(&h.rmp.leaked)
+
+
+ctypedef struct rmp_entry_info:
+    bint assigned
+    int pagesize
+    bint immutable
+    bint validated
+    uint32_t asid
+    uint64_t gpa
+    bint vmsa
+
+
+cdef rmp_entry_info snp_rmpentry_info(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """pfn's entry decoded, as hardware reads it (pagesize is 1 only at a 2M entry's head)."""
+    return rmp_entry_decode(rmp_raw(h, pfn))
+
+
+cdef rmp_entry_info rmp_entry_decode(uint64_t raw) noexcept nogil:
+    cdef rmp_entry_info e
+    e.assigned = (raw & RMP_ASSIGNED) != 0
+    e.pagesize = (raw & RMP_PAGESIZE) != 0
+    e.immutable = (raw & RMP_IMMUTABLE) != 0
+    e.validated = (raw & RMP_VALIDATED) != 0
+    e.asid = (raw & RMP_ASID_MASK) >> RMP_ASID_SHIFT
+    e.gpa = raw & RMP_GPA_MASK
+    e.vmsa = (raw & RMP_VMSA) != 0
+    return e
 
 
 # ------------------------------------------------------------ KVM's hooks
@@ -250,7 +318,7 @@ cdef int sev_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexc
     cdef int assigned, level, k
     cdef uint64_t pfn_aligned = pfn, gfn_aligned = gfn, f, v
     if snp_lookup_rmpentry(h, pfn, &assigned, &level):
-        return -_ENOENT
+        return -ENOENT
     if assigned:
         return 0                                   # already private: idempotent
     level = PG_LEVEL_4K
@@ -261,8 +329,8 @@ cdef int sev_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexc
             level = PG_LEVEL_2M
             pfn_aligned = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
             gfn_aligned = gfn & ~(<uint64_t>PTRS_PER_PMD - 1)
-    if rmp_make_private(h, pfn_aligned, gfn_aligned << 12, level, kvm.asid, False):
-        return -_EINVAL
+    if rmp_make_private(h, pfn_aligned, gfn_aligned << 12, level, kvm.sev.asid, False):
+        return -EINVAL
     return 0
 
 
@@ -324,3 +392,352 @@ cdef uint32_t _snp_safe_alloc_page(gmem_host *h) noexcept nogil:
             id = 0
         folio_free(&h.pm, spare)        # its buddy is the next page: never aligned
     return id
+
+
+cdef int pvalidate_insn(gmem_host *h, uint64_t pfn, bint validate) noexcept nogil:
+    """PVALIDATE (F2 0F 01 FF) on the entry the guest's walk found (a 2M head for a 2M
+    request): 0, or PVALIDATE_FAIL_NOUPDATE when Validated already had that value."""
+    cdef uint64_t raw = 0, old
+    xa_load(&h.rmp.entries, pfn, &raw)
+    h.rmp.stats[SNP_STAT_PVALIDATE] += 1
+    if ((raw & RMP_VALIDATED) != 0) == validate:
+        return PVALIDATE_FAIL_NOUPDATE
+    xa_store_order(&h.rmp.entries, pfn, 0, raw ^ RMP_VALIDATED, &old)
+    return 0
+
+
+cdef int rmpadjust_check(uint64_t attrs) noexcept nogil:
+    """RMPADJUST's checks of its attributes before any walk: 0 or the code."""
+    cdef int vmpl = attrs & 0xFF, perm = (attrs >> 8) & 0xFF
+    if vmpl == 0:
+        return RMPUPDATE_FAIL_PERMISSION         # only higher VMPLs can be changed
+    if vmpl > 3 or (perm & 0x2 and not perm & 0x1):
+        return RMPUPDATE_FAIL_INPUT              # no such VMPL, or write without read
+    return 0
+
+
+cdef int rmpadjust_insn(gmem_host *h, uint64_t pfn, uint64_t attrs) noexcept nogil:
+    """RMPADJUST (F3 0F 01 FE) on the entry the guest's walk found: VMPL1-3 permissions and
+    the VMSA bit (attrs: vmpl in bits 0-7, permissions in 8-15, VMSA in 16)."""
+    cdef uint64_t raw = 0, old, perms = 0
+    cdef int vmpl = attrs & 0xFF, perm = (attrs >> 8) & 0xFF
+    xa_load(&h.rmp.perms, pfn, &perms)
+    perms = (perms & ~((<uint64_t>0xFF) << ((vmpl - 1) * 8))) | (<uint64_t>perm << ((vmpl - 1) * 8))
+    xa_store_order(&h.rmp.perms, pfn, 0, perms, &old)
+    xa_load(&h.rmp.entries, pfn, &raw)
+    raw = (raw | RMP_VMSA) if attrs & (1 << 16) else (raw & ~RMP_VMSA)
+    xa_store_order(&h.rmp.entries, pfn, 0, raw, &old)
+    return 0
+
+
+# ------------------------------------------------------- the VM (svm/sev.c)
+
+cdef void sev_hooks_init(kvm_x86_hooks *hooks, int vm_type) noexcept nogil:
+    """svm_x86_ops for the SEV VM types: every one has an ASID; SNP has private memory."""
+    hooks.vm_init = sev_vm_init
+    hooks.vm_destroy = sev_vm_destroy
+    if vm_type == KVM_X86_SNP_VM:
+        hooks.is_private_fault = snp_is_private_fault
+        hooks.gmem_prepare = sev_gmem_prepare
+        hooks.gmem_invalidate = sev_gmem_invalidate
+        hooks.private_max_mapping_level = sev_private_max_mapping_level
+        hooks.handle_rmp_fault = sev_handle_rmp_fault
+        hooks.vm_launch = snp_launch_minimal
+
+
+cdef int sev_vm_init(kvm *kvm) noexcept nogil:
+    kvm.sev.asid = kvm.host.next_asid
+    kvm.host.next_asid += 1
+    xa_init(&kvm.sev.vmsa_pfns)
+    if kvm.vm_type == KVM_X86_SEV_ES_VM or kvm.vm_type == KVM_X86_SNP_VM:
+        kvm.has_protected_state = 1
+    if kvm.vm_type == KVM_X86_SNP_VM:
+        kvm.has_private_mem = 1
+        kvm.pre_fault_allowed = 0           # until SNP_LAUNCH_FINISH
+    return 0
+
+
+cdef void sev_vm_destroy(kvm *kvm) noexcept nogil:
+    """snp_page_reclaim of each VMSA: firmware gives it back, it is made shared and freed."""
+    cdef gmem_host *h = kvm.host
+    cdef uint64_t start = 0, pfn, v
+    cdef int order
+    while xa_find_entry(&kvm.sev.vmsa_pfns, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &pfn, &order, &v):
+        _rmp_store(h, pfn, 0)
+        folio_free(&h.pm, pfn_folio(&h.pm, pfn))
+        start = pfn + 1
+    xa_destroy(&kvm.sev.vmsa_pfns)
+
+
+cdef int snp_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    # npf_interception: the C-bit of the access (PFERR_GUEST_ENC)
+    return (error_code & PFERR_GUEST_ENC_MASK) != 0
+
+
+# -------------------------------------------------------------------- launch
+
+ctypedef struct snp_populate_args:
+    int page_type
+    uint32_t fw_error
+
+cdef enum:
+    KVM_SEV_SNP_PAGE_TYPE_NORMAL = 1
+    KVM_SEV_SNP_PAGE_TYPE_ZERO = 3
+    KVM_SEV_SNP_PAGE_TYPE_UNMEASURED = 4
+    KVM_SEV_SNP_PAGE_TYPE_SECRETS = 5
+    KVM_SEV_SNP_PAGE_TYPE_CPUID = 6
+
+
+cdef int sev_snp_launch_start(kvm *kvm) noexcept nogil:
+    """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
+    if kvm.vm_type != KVM_X86_SNP_VM or kvm.sev.launch_started:
+        return _refuse(kvm.host, -EINVAL, "not an SNP VM, or launch already started")
+    kvm.sev.launch_started = 1
+    kvm.pre_fault_allowed = 0
+    return 0
+
+
+cdef int sev_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t src, int order,
+                                void *opaque) noexcept nogil:
+    cdef gmem_host *h = kvm.host
+    cdef int assigned, level, r
+    cdef uint64_t spfn, raw, old
+    if snp_lookup_rmpentry(h, pfn, &assigned, &level):
+        return -EINVAL
+    if assigned:
+        return -EEXIST
+    host_clear_pages(h, pfn, 1)
+    if src:
+        if hva_to_pfn(h, src, &spfn):
+            return -EFAULT
+        r = host_copy_page(h, pfn, spfn)
+        if r:
+            return r
+    r = rmp_make_private(h, pfn, gfn << 12, PG_LEVEL_4K, kvm.sev.asid, True)
+    if r:
+        return r
+    # SNP_LAUNCH_UPDATE: firmware measures the page and accepts it into the guest
+    # (Validated; no longer Immutable) [firmware ABI]
+    xa_load(&h.rmp.entries, pfn, &raw)
+    xa_store_order(&h.rmp.entries, pfn, 0, (raw | RMP_VALIDATED) & ~RMP_IMMUTABLE, &old)
+    return 0
+
+
+cdef int64_t sev_snp_launch_update(kvm *kvm, uint64_t gfn, uint64_t *uaddr, uint64_t len,
+                                   int page_type, uint64_t flags, int *populate_err) noexcept nogil:
+    """KVM_SEV_SNP_LAUNCH_UPDATE through kvm_gmem_populate: the pages must be PRIVATE in the
+    attributes and not yet prepared. The pages done, or -errno (-EIO when kvm_gmem_populate
+    failed: *populate_err says why). *uaddr: 0 for a ZERO page."""
+    cdef snp_populate_args args
+    cdef int64_t count
+    if kvm.vm_type != KVM_X86_SNP_VM or not kvm.sev.launch_started:
+        return _refuse(kvm.host, -EINVAL, "not an SNP VM being launched")
+    if (len == 0 or len & 4095 or flags or not (page_type == KVM_SEV_SNP_PAGE_TYPE_NORMAL
+            or KVM_SEV_SNP_PAGE_TYPE_ZERO <= page_type <= KVM_SEV_SNP_PAGE_TYPE_CPUID)):
+        return _refuse(kvm.host, -EINVAL, "len, flags or page type invalid")
+    if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO:
+        uaddr[0] = 0
+    elif uaddr[0] == 0 or uaddr[0] & 4095:
+        return _refuse(kvm.host, -EINVAL, "uaddr must be a page-aligned source")
+    if not kvm_slot_has_gmem(gfn_to_memslot(kvm, gfn)):
+        return _refuse(kvm.host, -EINVAL, "gfn_start is not in a guest_memfd memslot")
+    args.page_type = page_type
+    args.fw_error = 0
+    count = kvm_gmem_populate(kvm, gfn, uaddr[0], len >> 12, sev_gmem_post_populate, &args)
+    if count < 0:
+        populate_err[0] = <int>-count
+        return _refuse(kvm.host, -EIO, "kvm_gmem_populate failed")
+    return count
+
+
+cdef int sev_snp_launch_finish(kvm *kvm) noexcept nogil:
+    """KVM_SEV_SNP_LAUNCH_FINISH: each vCPU's VMSA becomes a private, immutable page; the
+    guest runs and pre-faulting is allowed."""
+    cdef gmem_host *h = kvm.host
+    cdef uint32_t id, vid
+    cdef uint64_t pfn, raw, old
+    if kvm.vm_type != KVM_X86_SNP_VM or not kvm.sev.launch_started:
+        return _refuse(h, -EINVAL, "not an SNP VM being launched")
+    for vid in range(KVM_MAX_VCPU_IDS):
+        if kvm.vcpus[vid] == NULL:
+            continue
+        id = _snp_safe_alloc_page(h)
+        if id == 0:
+            return _refuse(h, -ENOMEM, "out of memory for a VMSA page")
+        pfn = folio_get(&h.pm, id).pfn
+        if rmp_make_private(h, pfn, INITIAL_VMSA_GPA, PG_LEVEL_4K, kvm.sev.asid, True):
+            folio_free(&h.pm, id)
+            return _refuse(h, -EIO, "RMPUPDATE of the VMSA failed")
+        xa_load(&h.rmp.entries, pfn, &raw)
+        xa_store_order(&h.rmp.entries, pfn, 0, raw | RMP_VALIDATED | RMP_VMSA, &old)
+        xa_store_order(&kvm.sev.vmsa_pfns, pfn, 0, 1, &old)
+    kvm.sev.launch_started = 0
+    kvm.pre_fault_allowed = 1
+    return 0
+
+
+cdef int snp_launch_minimal(kvm *kvm) noexcept nogil:
+    """vm.launch() for SNP: LAUNCH_START, then LAUNCH_FINISH with nothing measured."""
+    cdef int r = sev_snp_launch_start(kvm)
+    return r if r else sev_snp_launch_finish(kvm)
+
+
+# --------------------------------------------------------- page-state changes
+# The GHCB's psc_entry bitfields: cur_page:12, gfn:40, operation:4, pagesize:1
+
+cdef enum:
+    SNP_PAGE_STATE_PRIVATE = 1
+    SNP_PAGE_STATE_SHARED = 2
+
+
+cdef inline uint64_t psc_cur_page(uint64_t e) noexcept nogil:
+    return e & 0xFFF
+
+cdef inline uint64_t psc_gfn(uint64_t e) noexcept nogil:
+    return (e >> 12) & ((<uint64_t>1 << 40) - 1)
+
+cdef inline int psc_operation(uint64_t e) noexcept nogil:
+    return (e >> 52) & 0xF
+
+cdef inline uint64_t psc_npages(uint64_t e) noexcept nogil:
+    return PTRS_PER_PMD if (e >> 56) & 1 else 1
+
+cdef inline uint64_t psc_entry(uint64_t gfn, int operation, int pagesize, uint64_t cur_page) noexcept nogil:
+    return (cur_page & 0xFFF) | ((gfn & ((<uint64_t>1 << 40) - 1)) << 12) | \
+        (<uint64_t>(operation & 0xF) << 52) | (<uint64_t>(pagesize & 1) << 56)
+
+cdef inline void psc_set_done(uint64_t *e) noexcept nogil:
+    e[0] = (e[0] & ~(<uint64_t>0xFFF)) | psc_npages(e[0])
+
+
+cdef int snp_map_gpa_exit(kvm_vcpu *vcpu, uint64_t gpa, uint64_t npages, uint64_t attrs,
+                          complete_userspace_io_t complete) noexcept nogil:
+    """Exit to userspace with KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)."""
+    vcpu.hypercall.nr = KVM_HC_MAP_GPA_RANGE
+    vcpu.hypercall.args[0] = gpa
+    vcpu.hypercall.args[1] = npages
+    vcpu.hypercall.args[2] = attrs
+    vcpu.hypercall.flags = 0
+    vcpu.complete_userspace_io = complete
+    return KVM_EXIT_HYPERCALL
+
+
+cdef int snp_begin_psc_msr(kvm_vcpu *vcpu, uint64_t gpa, int op, uint64_t *result) noexcept nogil:
+    """GHCB MSR protocol page-state change of one page (snp_begin_psc_msr)."""
+    if vcpu.kvm.vm_type != KVM_X86_SNP_VM:
+        return _refuse(vcpu.kvm.host, -EINVAL, "only an SEV-SNP guest has it")
+    if (op != SNP_PAGE_STATE_PRIVATE and op != SNP_PAGE_STATE_SHARED) or \
+            not user_exit_on_hypercall(vcpu.kvm, KVM_HC_MAP_GPA_RANGE):
+        result[0] = GHCB_MSR_PSC_RESP_ERROR
+        return 0
+    return snp_map_gpa_exit(vcpu, gpa & ~(<uint64_t>0xFFF), 1,
+                            KVM_MAP_GPA_RANGE_ENCRYPTED if op == SNP_PAGE_STATE_PRIVATE else 0,
+                            snp_complete_psc_msr)
+
+
+cdef int snp_complete_psc_msr(kvm_vcpu *vcpu, uint64_t ret, uint64_t *result) noexcept nogil:
+    result[0] = GHCB_MSR_PSC_RESP_ERROR if ret else GHCB_MSR_PSC_RESP
+    return 0
+
+
+cdef int snp_begin_psc(kvm_vcpu *vcpu, uint64_t *result) noexcept nogil:
+    """One step of snp_begin_psc over the vCPU's PSC buffer: KVM_EXIT_HYPERCALL for the next
+    run of entries that need userspace, or 0 with the final code in *result."""
+    cdef psc_buffer *psc = &vcpu.psc
+    cdef uint32_t idx, last
+    cdef uint64_t e, gfn, npages
+    cdef bint huge
+    if psc.end_entry >= VMGEXIT_PSC_MAX_ENTRY:
+        result[0] = VMGEXIT_PSC_ERROR_INVALID_HDR
+        return 0
+    idx = psc.cur_entry
+    while idx <= psc.end_entry:
+        e = psc.entries[idx]
+        if psc_cur_page(e) > psc_npages(e) or psc_gfn(e) % psc_npages(e):
+            result[0] = VMGEXIT_PSC_ERROR_INVALID_ENTRY
+            return 0
+        if psc_cur_page(e) == psc_npages(e) or (psc_operation(e) != SNP_PAGE_STATE_PRIVATE
+                                                and psc_operation(e) != SNP_PAGE_STATE_SHARED):
+            psc_set_done(&psc.entries[idx])        # PSMASH/UNSMASH ops: done, no exit
+            idx += 1
+            psc.cur_entry = idx
+            continue
+        break
+    if idx > psc.end_entry:
+        result[0] = 0
+        return 0
+    e = psc.entries[idx]
+    huge = psc_npages(e) > 1 and psc_cur_page(e) == 0
+    gfn = psc_gfn(e) + psc_cur_page(e)
+    npages = psc_npages(e) - psc_cur_page(e)
+    last = idx
+    while last + 1 <= psc.end_entry:
+        # snp_begin_psc compares with entry_start.gfn + npages, not gfn + npages: after a
+        # partly done 2M entry (gfn advanced by cur_page) the next 4K entry is not merged
+        e = psc.entries[last + 1]
+        if (psc_operation(e) != psc_operation(psc.entries[idx]) or psc_cur_page(e) != 0
+                or (psc_npages(e) > 1) != huge or psc_gfn(e) != psc_gfn(psc.entries[idx]) + npages):
+            break
+        npages += psc_npages(e)
+        last += 1
+    vcpu.psc_idx = idx
+    vcpu.psc_last = last
+    e = psc.entries[idx]
+    return snp_map_gpa_exit(vcpu, gfn << 12, npages,
+                            (KVM_MAP_GPA_RANGE_ENCRYPTED if psc_operation(e) == SNP_PAGE_STATE_PRIVATE else 0) |
+                            (KVM_MAP_GPA_RANGE_PAGE_SZ_2M if psc_npages(e) > 1 else 0),
+                            snp_complete_one_psc)
+
+
+cdef int snp_complete_one_psc(kvm_vcpu *vcpu, uint64_t ret, uint64_t *result) noexcept nogil:
+    cdef uint32_t i
+    if ret:
+        result[0] = VMGEXIT_PSC_ERROR_GENERIC
+        return 0
+    for i in range(vcpu.psc_idx, vcpu.psc_last + 1):
+        psc_set_done(&vcpu.psc.entries[i])
+    vcpu.psc.cur_entry = vcpu.psc_last + 1
+    return snp_begin_psc(vcpu, result)
+
+
+cdef int sev_vcpu_psc(kvm_vcpu *vcpu, uint64_t *result) noexcept nogil:
+    """SVM_VMGEXIT_PSC with vcpu.psc filled by the guest: refused without KVM_HC_MAP_GPA_RANGE
+    exits (VMGEXIT_PSC_ERROR_GENERIC), else snp_begin_psc."""
+    if vcpu.kvm.vm_type != KVM_X86_SNP_VM:
+        return _refuse(vcpu.kvm.host, -EINVAL, "only an SEV-SNP guest has it")
+    if not user_exit_on_hypercall(vcpu.kvm, KVM_HC_MAP_GPA_RANGE):
+        result[0] = VMGEXIT_PSC_ERROR_GENERIC
+        return 0
+    return snp_begin_psc(vcpu, result)
+
+
+cdef bint snp_rmpupdate_failure_code(int code) noexcept nogil:
+    return code == RMPUPDATE_FAIL_INPUT or code == RMPUPDATE_FAIL_PERMISSION or \
+        code == RMPUPDATE_FAIL_INUSE or code == RMPUPDATE_FAIL_OVERLAP
+
+
+cdef bint snp_next_assigned(gmem_host *h, uint64_t *start, uint64_t *pfn, uint64_t *npages) noexcept nogil:
+    """The next assigned entry at or after *start: 1 with its first pfn and its pages (512 for
+    a 2M entry), *start past it."""
+    cdef uint64_t first, v
+    cdef int order
+    while start[0] != INVALID_GFN and xa_find_entry(&h.rmp.entries, start[0], INVALID_GFN, XA_NO_MARK,
+                                                    &first, &order, &v):
+        start[0] = first + 1
+        if v & RMP_ASSIGNED:
+            pfn[0], npages[0] = first, PTRS_PER_PMD if v & RMP_PAGESIZE else 1
+            return 1
+    return 0
+
+
+cdef uint8_t snp_page_state(gmem_host *h, uint64_t pfn) noexcept nogil:
+    cdef uint64_t raw = rmp_raw(h, pfn)
+    return 0 if not raw & RMP_ASSIGNED else (2 if raw & RMP_VALIDATED else 1)
+
+
+cdef void rmp_entry_repr(const rmp_entry_info *e, char *out, size_t len) noexcept nogil:
+    """The entry as gmem.RmpEntry prints it, for check()'s messages."""
+    snprintf(out, len, "RmpEntry(assigned=%s, pagesize=%d, immutable=%s, validated=%s, asid=%u, gpa=%llu, "
+             "vmsa=%s)", "True" if e.assigned else "False", e.pagesize, "True" if e.immutable else "False",
+             "True" if e.validated else "False", e.asid, <unsigned long long>e.gpa,
+             "True" if e.vmsa else "False")

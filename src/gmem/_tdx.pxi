@@ -1,5 +1,7 @@
-# Intel TDX private memory (arch/x86/kvm/vmx/tdx.c): the S-EPT as KVM drives
-# it through the mirror root's external hooks.  Each private 4K leaf is
+# Intel TDX (arch/x86/kvm/vmx/tdx.c and the TDX module it calls): the TD's life
+# (KVM_TDX_INIT_VM, INIT_MEM_REGION with tdx_gmem_post_populate, FINALIZE_VM), the S-EPT as
+# KVM drives it through the mirror root's external hooks, the EPT-violation exit handler, the
+# guest's TDG.MEM.PAGE.ACCEPT and TDG.VP.VMCALL<MapGPA>.  Each private 4K S-EPT leaf is
 # PREMAPPED (mapped before KVM_TDX_FINALIZE_VM, not yet PAGE.ADDed), PENDING
 # (TDH.MEM.PAGE.AUG done, the guest has not accepted it) or ACCEPTED.
 
@@ -7,38 +9,323 @@ cdef enum:
     TDX_SEPT_PREMAPPED = 1
     TDX_SEPT_PENDING = 2
     TDX_SEPT_ACCEPTED = 3
+    TDX_SEPT_STATE_MASK = 15
+    TDX_SEPT_PFN_SHIFT = 4
     TD_STATE_UNINITIALIZED = 0
     TD_STATE_INITIALIZED = 1
     TD_STATE_RUNNABLE = 2
-    # kvm.tdx_stats
+    # kvm.tdx.stats
     TDX_STAT_AUG = 0
     TDX_STAT_PAGE_ADD = 1
     TDX_STAT_BLOCK = 2
     TDX_STAT_TRACK = 3
     TDX_STAT_REMOVE = 4
     TDX_STAT_ACCEPT = 5
+    KVM_EXIT_HYPERCALL_LONG_MODE = 1
 
+cdef extern from *:
+    # arch/x86/include/asm/shared/tdx.h, arch/x86/virt/vmx/tdx/tdx.h: status codes
+    """
+    #define GMEM_TDX_SUCCESS (0ULL)
+    #define GMEM_TDX_PAGE_ALREADY_ACCEPTED (0x00000B0A00000000ULL)
+    #define GMEM_TDVMCALL_STATUS_SUCCESS (0ULL)
+    #define GMEM_TDVMCALL_STATUS_RETRY (1ULL)
+    #define GMEM_TDVMCALL_STATUS_INVALID_OPERAND (0x8000000000000000ULL)
+    #define GMEM_TDVMCALL_STATUS_ALIGN_ERROR (0x8000000000000002ULL)
+    #define GMEM_TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED (0x8000000000000003ULL)
+    #define GMEM_TDX_MAP_GPA_MAX_LEN (2ULL << 20)
+    """
+    const uint64_t TDX_SUCCESS "GMEM_TDX_SUCCESS"
+    const uint64_t TDX_PAGE_ALREADY_ACCEPTED "GMEM_TDX_PAGE_ALREADY_ACCEPTED"
+    const uint64_t TDVMCALL_STATUS_SUCCESS "GMEM_TDVMCALL_STATUS_SUCCESS"
+    const uint64_t TDVMCALL_STATUS_RETRY "GMEM_TDVMCALL_STATUS_RETRY"
+    const uint64_t TDVMCALL_STATUS_INVALID_OPERAND "GMEM_TDVMCALL_STATUS_INVALID_OPERAND"
+    const uint64_t TDVMCALL_STATUS_ALIGN_ERROR "GMEM_TDVMCALL_STATUS_ALIGN_ERROR"
+    const uint64_t TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED "GMEM_TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED"
+    const uint64_t TDX_MAP_GPA_MAX_LEN "GMEM_TDX_MAP_GPA_MAX_LEN"
+
+
+cdef inline uint64_t tdx_sept_entry(uint64_t pfn, int state) noexcept nogil:
+    return (pfn << TDX_SEPT_PFN_SHIFT) | state
+
+cdef inline int tdx_sept_state(uint64_t entry) noexcept nogil:
+    return entry & TDX_SEPT_STATE_MASK
+
+cdef inline uint64_t tdx_sept_pfn(uint64_t entry) noexcept nogil:
+    return entry >> TDX_SEPT_PFN_SHIFT
+
+
+# ------------------------------------------------------------------ the VM
+
+cdef void tdx_hooks_init(kvm_x86_hooks *hooks) noexcept nogil:
+    """vt_x86_ops for KVM_X86_TDX_VM."""
+    hooks.vm_init = tdx_vm_init
+    hooks.vm_destroy = tdx_vm_destroy
+    hooks.vm_launch = tdx_launch_minimal
+    hooks.is_private_fault = tdx_is_private_fault
+    hooks.private_max_mapping_level = tdx_private_max_mapping_level
+    hooks.set_external_spte = tdx_sept_set_private_spte
+    hooks.remove_external_spte = tdx_sept_remove_private_spte
+    hooks.handle_ept_violation = tdx_handle_ept_violation
+
+
+cdef int tdx_vm_init(kvm *kvm) noexcept nogil:
+    kvm.has_private_mem = 1
+    kvm.has_protected_state = 1
+    kvm.pre_fault_allowed = 0               # until KVM_TDX_FINALIZE_VM
+    kvm.gfn_direct_bits = (<uint64_t>1) << (51 - 12)     # GPAW 52: shared bit 51
+    kvm.tdx.state = TD_STATE_RUNNABLE       # a TD can fault at once; tdx_init_vm models the build
+    xa_init(&kvm.tdx.sept)
+    return 0
+
+
+cdef void tdx_vm_destroy(kvm *kvm) noexcept nogil:
+    xa_destroy(&kvm.tdx.sept)
+
+
+cdef int tdx_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    # tdx_handle_ept_violation: private unless the GPA carries the shared bit
+    return ((gpa >> 12) & kvm.gfn_direct_bits) == 0
+
+
+cdef int tdx_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
+    return PG_LEVEL_4K
+
+
+cdef int tdx_td_init(kvm *kvm, int gpaw) noexcept nogil:
+    """KVM_TDX_INIT_VM: GPAW 52 (shared bit 51) or 48 (shared bit 47); the TD is being built."""
+    if kvm.tdx.state != TD_STATE_RUNNABLE or kvm.tdx.sept.nr_entries or (gpaw != 48 and gpaw != 52):
+        return _refuse(kvm.host, -EINVAL, "already initialised, or GPAW not 48/52")
+    kvm.gfn_direct_bits = (<uint64_t>1) << ((51 if gpaw == 52 else 47) - 12)
+    kvm.tdx.state = TD_STATE_INITIALIZED
+    kvm.pre_fault_allowed = 0
+    return 0
+
+
+cdef int tdx_td_finalize(kvm *kvm) noexcept nogil:
+    """KVM_TDX_FINALIZE_VM: refused (EINVAL) while a premapped page was never added."""
+    if kvm.tdx.state != TD_STATE_INITIALIZED or kvm.tdx.nr_premapped:
+        return _refuse(kvm.host, -EINVAL, "TD not initialised, or premapped pages not added")
+    kvm.tdx.state = TD_STATE_RUNNABLE
+    kvm.pre_fault_allowed = 1
+    return 0
+
+
+cdef int tdx_launch_minimal(kvm *kvm) noexcept nogil:
+    """vm.launch() for TDX: INIT_VM, then FINALIZE_VM with no initial memory."""
+    cdef int r = tdx_td_init(kvm, 52)
+    return r if r else tdx_td_finalize(kvm)
+
+
+# ----------------------------------------------------------------- the S-EPT
 
 cdef int tdx_sept_set_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil:
     cdef uint64_t old
     if level != PG_LEVEL_4K:
-        return -_EINVAL                       # KVM_BUG_ON: private mappings are 4K
-    if kvm.launch_state == TD_STATE_RUNNABLE:
-        kvm.tdx_stats[TDX_STAT_AUG] += 1      # TDH.MEM.PAGE.AUG: pending until the guest accepts
-        return xa_store_order(&kvm.sept, gfn, 0, (pfn << 4) | TDX_SEPT_PENDING, &old)
-    kvm.nr_premapped += 1                     # before finalize: no SEAMCALL yet
-    return xa_store_order(&kvm.sept, gfn, 0, (pfn << 4) | TDX_SEPT_PREMAPPED, &old)
+        return -EINVAL                        # KVM_BUG_ON: private mappings are 4K
+    if kvm.tdx.state == TD_STATE_RUNNABLE:
+        kvm.tdx.stats[TDX_STAT_AUG] += 1      # TDH.MEM.PAGE.AUG: pending until the guest accepts
+        return xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
+    kvm.tdx.nr_premapped += 1                 # before finalize: no SEAMCALL yet
+    return xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_PREMAPPED), &old)
 
 
 cdef void tdx_sept_remove_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil:
     cdef uint64_t v
-    if not xa_erase(&kvm.sept, gfn, &v):
+    if not xa_erase(&kvm.tdx.sept, gfn, &v):
         return
-    if (v & 15) == TDX_SEPT_PREMAPPED:
-        kvm.nr_premapped -= 1                 # premapped, never added: nothing to remove
+    if tdx_sept_state(v) == TDX_SEPT_PREMAPPED:
+        kvm.tdx.nr_premapped -= 1             # premapped, never added: nothing to remove
         return
     # BLOCK, TRACK, REMOVE, WBINVD, then tdx_clear_page (MOVDIR64B) before the page goes back
-    kvm.tdx_stats[TDX_STAT_BLOCK] += 1
-    kvm.tdx_stats[TDX_STAT_TRACK] += 1
-    kvm.tdx_stats[TDX_STAT_REMOVE] += 1
+    kvm.tdx.stats[TDX_STAT_BLOCK] += 1
+    kvm.tdx.stats[TDX_STAT_TRACK] += 1
+    kvm.tdx.stats[TDX_STAT_REMOVE] += 1
     page_data_drop(kvm.host, pfn, 1)
+
+
+cdef int tdx_sept_lookup(kvm *kvm, uint64_t gfn, uint64_t *pfn) noexcept nogil:
+    """The S-EPT leaf at gfn: its state (TDX_SEPT_*) with *pfn, or 0 if there is none."""
+    cdef uint64_t v
+    if not xa_load(&kvm.tdx.sept, gfn, &v):
+        return 0
+    pfn[0] = tdx_sept_pfn(v)
+    return tdx_sept_state(v)
+
+
+# ------------------------------------------------------------ EPT violations
+
+cdef int tdx_handle_ept_violation(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
+                                  kvm_fault_out *out) noexcept nogil:
+    """tdx_handle_ept_violation: a private access is always a write; a fetch from shared
+    memory is a bug; private faults retry inside KVM (local_retry), not re-entering the TD."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef int r
+    if error_code & PFERR_PRIVATE_ACCESS:
+        error_code = (error_code & (PFERR_GUEST_FINAL_MASK | PFERR_GUEST_PAGE_MASK)) | \
+            PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS
+    elif error_code & PFERR_FETCH_MASK:
+        out.ret = -EIO                        # KVM_BUG_ON: a TD cannot fetch from shared memory
+        return out.ret
+    r = kvm_mmu_page_fault_checks(vcpu, gpa, error_code, out)
+    if r != RET_PF_INVALID and r != RET_PF_RETRY:
+        return r
+    if r == RET_PF_INVALID:
+        vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
+        r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
+    if error_code & PFERR_PRIVATE_ACCESS:
+        # (an invalidation still in progress can only be a Python hook's caller: the vCPU goes
+        # back to the guest, as it would on a pending signal)
+        while r == RET_PF_RETRY and not kvm.host.hook_error and not kvm.mmu_invalidate_in_progress:
+            vcpu.stats[VCPU_STAT_PF_RETRY] += 1
+            vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
+            r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
+    return kvm_mmu_page_fault_done(vcpu, gpa, error_code, r, out)
+
+
+# ---------------------------------------------------------- initial memory
+
+cdef int tdx_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t src, int order,
+                                void *opaque) noexcept nogil:
+    cdef kvm_vcpu *vcpu = <kvm_vcpu *>opaque
+    cdef uint64_t spfn, v, old
+    cdef int level, r
+    # build the mirror leaf (premapped: the TD is not runnable yet)
+    r = kvm_tdp_map_page(vcpu, gfn << 12, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS, &level)
+    if r < 0:
+        return r
+    if hva_to_pfn(kvm.host, src, &spfn):
+        return -EFAULT
+    # TDH.MEM.PAGE.ADD: the page enters the TD with the source's contents, accepted
+    r = host_copy_page(kvm.host, pfn, spfn)
+    if r:
+        return r
+    if xa_load(&kvm.tdx.sept, gfn, &v) and tdx_sept_state(v) == TDX_SEPT_PREMAPPED:
+        kvm.tdx.nr_premapped -= 1
+    xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_ACCEPTED), &old)
+    kvm.tdx.stats[TDX_STAT_PAGE_ADD] += 1
+    return 0
+
+
+cdef int tdx_vcpu_init_mem_region(kvm_vcpu *vcpu, uint64_t src, uint64_t gpa, uint64_t nr_pages,
+                                  uint64_t *done) noexcept nogil:
+    """KVM_TDX_INIT_MEM_REGION: copy nr_pages from the VMM's memory at src into the TD's private
+    memory at gpa (premap, then TDH.MEM.PAGE.ADD), a page at a time: 0, or -errno with *done
+    the pages added before the failure (they stay)."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef int64_t r
+    done[0] = 0
+    if kvm.tdx.state != TD_STATE_INITIALIZED:
+        return _refuse(kvm.host, -EINVAL, "the TD is not being built (initial memory is fixed)")
+    if src & 4095 or gpa & 4095 or nr_pages == 0 or nr_pages >= (<uint64_t>1) << 52 or \
+            gpa + (nr_pages << 12) <= gpa or (gpa >> 12) & kvm.gfn_direct_bits or \
+            ((gpa + (nr_pages << 12) - 1) >> 12) & kvm.gfn_direct_bits:
+        return _refuse(kvm.host, -EINVAL, "unaligned, empty, wrapping or shared range")
+    while done[0] < nr_pages:
+        r = kvm_gmem_populate(kvm, (gpa >> 12) + done[0], src + (done[0] << 12), 1,
+                              tdx_gmem_post_populate, vcpu)
+        if kvm.host.hook_error:
+            return -EIO
+        if r != 1:
+            return _refuse(kvm.host, <int>r if r < 0 else -EIO, "a page failed (kvm_gmem_populate)")
+        done[0] += 1
+    return 0
+
+
+# ------------------------------------------------------------ the guest's calls
+
+cdef int tdx_accept_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t *status, kvm_fault_out *out) noexcept nogil:
+    """TDG.MEM.PAGE.ACCEPT of the private 4K page at gpa: an EPT violation AUGs it first if
+    needed. 0 with *status (TDX_SUCCESS, TDX_PAGE_ALREADY_ACCEPTED or
+    TDVMCALL_STATUS_INVALID_OPERAND), GUEST_ACCESS_EXIT (out: why), GUEST_ACCESS_HOOK_ERROR,
+    or -EINVAL before the TD runs."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef uint64_t v, old
+    if kvm.tdx.state != TD_STATE_RUNNABLE:
+        # no guest instruction runs before KVM_TDX_FINALIZE_VM (tdx_vcpu_pre_run: -EINVAL);
+        # accepting here would turn a premapped leaf into an accepted one behind nr_premapped
+        return _refuse(kvm.host, -EINVAL, "the TD is not runnable yet (KVM_RUN before "
+                       "KVM_TDX_FINALIZE_VM)")
+    if (gpa >> 12) & kvm.gfn_direct_bits:
+        status[0] = TDVMCALL_STATUS_INVALID_OPERAND
+        return 0
+    if not xa_load(&kvm.tdx.sept, gpa >> 12, &v):
+        kvm_mmu_page_fault(vcpu, gpa & ~(<uint64_t>4095), PFERR_WRITE_MASK, out)
+        if kvm.host.hook_error:
+            return GUEST_ACCESS_HOOK_ERROR
+        if out.ret < 0 or not xa_load(&kvm.tdx.sept, gpa >> 12, &v):
+            return GUEST_ACCESS_EXIT
+    if tdx_sept_state(v) == TDX_SEPT_ACCEPTED:
+        status[0] = TDX_PAGE_ALREADY_ACCEPTED
+        return 0
+    xa_store_order(&kvm.tdx.sept, gpa >> 12, 0, tdx_sept_entry(tdx_sept_pfn(v), TDX_SEPT_ACCEPTED), &old)
+    kvm.tdx.stats[TDX_STAT_ACCEPT] += 1
+    status[0] = TDX_SUCCESS
+    return 0
+
+
+cdef int tdx_map_gpa_exit(kvm_vcpu *vcpu, uint64_t next) noexcept nogil:
+    """Exit to userspace with the next chunk (at most 2M) of the MapGPA request."""
+    cdef uint64_t direct = vcpu.kvm.gfn_direct_bits << 12
+    cdef uint64_t size = vcpu.map_gpa_end - next
+    if size > TDX_MAP_GPA_MAX_LEN:
+        size = TDX_MAP_GPA_MAX_LEN
+    vcpu.hypercall.nr = KVM_HC_MAP_GPA_RANGE
+    vcpu.hypercall.args[0] = next & ~direct
+    vcpu.hypercall.args[1] = size >> 12
+    vcpu.hypercall.args[2] = 0 if next & direct else KVM_MAP_GPA_RANGE_ENCRYPTED
+    vcpu.hypercall.flags = KVM_EXIT_HYPERCALL_LONG_MODE
+    vcpu.map_gpa_next = next
+    vcpu.complete_userspace_io = tdx_complete_vmcall_map_gpa
+    return KVM_EXIT_HYPERCALL
+
+
+cdef int tdx_map_gpa(kvm_vcpu *vcpu, uint64_t gpa, uint64_t size, uint64_t *status) noexcept nogil:
+    """TDG.VP.VMCALL<MapGPA>: the shared bit of gpa says the target state. KVM_EXIT_HYPERCALL
+    per 2M chunk, or 0 with the TDVMCALL status in *status."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef uint64_t direct = kvm.gfn_direct_bits << 12
+    if not user_exit_on_hypercall(kvm, KVM_HC_MAP_GPA_RANGE):
+        status[0] = TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED
+        return 0
+    if gpa + size <= gpa or (gpa + size - 1) >> 52 or ((gpa & direct) != 0) != (((gpa + size - 1) & direct) != 0):
+        status[0] = TDVMCALL_STATUS_INVALID_OPERAND
+        return 0
+    if gpa & 4095 or size & 4095:
+        status[0] = TDVMCALL_STATUS_ALIGN_ERROR
+        return 0
+    vcpu.map_gpa_end = gpa + size
+    return tdx_map_gpa_exit(vcpu, gpa)
+
+
+cdef int tdx_complete_vmcall_map_gpa(kvm_vcpu *vcpu, uint64_t ret, uint64_t *status) noexcept nogil:
+    cdef uint64_t next = vcpu.map_gpa_next + TDX_MAP_GPA_MAX_LEN
+    if ret:
+        status[0] = TDVMCALL_STATUS_INVALID_OPERAND
+        return 0
+    if next >= vcpu.map_gpa_end:
+        status[0] = TDVMCALL_STATUS_SUCCESS
+        return 0
+    return tdx_map_gpa_exit(vcpu, next)
+
+
+cdef bint tdx_access_pending(kvm_vcpu *vcpu, uint64_t gpa) noexcept nogil:
+    """A TD's access to a private page it has not accepted: with SEPT_VE_DISABLE the module
+    exits to KVM, which (since the July 2025 change) reports a memory-fault exit of size 0
+    with -EFAULT. (v6.16 killed the VM instead.)"""
+    cdef uint64_t v
+    if (gpa >> 12) & vcpu.kvm.gfn_direct_bits:
+        return False
+    return xa_load(&vcpu.kvm.tdx.sept, gpa >> 12, &v) and tdx_sept_state(v) == TDX_SEPT_PENDING
+
+
+cdef bint tdx_sept_next(kvm *kvm, uint64_t *start, uint64_t *pfn, int *state) noexcept nogil:
+    """The next S-EPT leaf at or after *start: 1 with its pfn and state, *start past it."""
+    cdef uint64_t first, v
+    cdef int order
+    if start[0] == INVALID_GFN or not xa_find_entry(&kvm.tdx.sept, start[0], INVALID_GFN, XA_NO_MARK,
+                                                    &first, &order, &v):
+        return 0
+    pfn[0], state[0] = tdx_sept_pfn(v), tdx_sept_state(v)
+    start[0] = first + 1
+    return 1

@@ -19,13 +19,6 @@ cdef extern from *:
     int gmem_ctz64(unsigned long long x) noexcept nogil
     void gmem_prefetch(const void *p) noexcept nogil
 
-cdef enum:
-    _ENOENT = 2
-    _ENOMEM = 12
-    _EEXIST = 17
-    _EINVAL = 22
-
-
 cdef inline bint _xa_is_value(uint64_t e) noexcept nogil:
     return e & 1
 
@@ -187,11 +180,11 @@ cdef int _xa_expand(xarray *xa, uint64_t index, int min_shift) noexcept nogil:
         while not _xa_covers(shift, index):
             shift += XA_CHUNK_SHIFT
         xa.head = _xa_node_alloc(xa, shift, NULL, 0)
-        return 0 if xa.head != NULL else -_ENOMEM
+        return 0 if xa.head != NULL else -ENOMEM
     while head.shift < min_shift or not _xa_covers(head.shift, index):
         n = _xa_node_alloc(xa, head.shift + XA_CHUNK_SHIFT, NULL, 0)
         if n == NULL:
-            return -_ENOMEM
+            return -ENOMEM
         n.slots[0] = _xa_mk_node(head)
         n.count = 1
         for m in range(XA_MAX_MARKS):
@@ -527,7 +520,7 @@ cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
             child = _xa_node_alloc(xa, shift, node, off)
             if child == NULL:
                 _xa_delete_empty(xa, node)
-                return -_ENOMEM
+                return -ENOMEM
             node.slots[off] = _xa_mk_node(child)
             node.count += 1
             node = child
@@ -705,10 +698,10 @@ cdef int xa_split(xarray *xa, uint64_t index, int order) noexcept nogil:
     cdef uint64_t value
     cdef uint64_t marks[3]
     if node == NULL:
-        return -_ENOENT
+        return -ENOENT
     k = _xa_entry_order(node, off)
     if order < 0 or order >= k:
-        return -_EINVAL
+        return -EINVAL
     value = node.slots[off] >> 1
     for m in range(XA_MAX_MARKS):
         marks[m] = node.marks[m] & _xa_bit(off)
@@ -725,7 +718,7 @@ cdef int xa_split(xarray *xa, uint64_t index, int order) noexcept nogil:
             if built[i] == NULL:
                 for j in range(i):
                     _xa_free_subtree(xa, built[j])
-                return -_ENOMEM
+                return -ENOMEM
         for i in range(n):
             node.slots[off + i] = _xa_mk_node(built[i])
             for m in range(XA_MAX_MARKS):

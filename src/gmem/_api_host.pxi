@@ -1,0 +1,519 @@
+# gmem.Host: the simulated machine's handle. It owns one reference to its C gmem_host,
+# the fd table of its "process" (/dev/kvm, VMs, guest_memfds), the Python hooks, and the
+# host lock that stands for the kernel's locks.
+
+from gmem import uapi as _uapi
+from gmem.errors import SigBus as _SigBus, InvariantError as _InvariantError, RmpViolation as _RmpViolation
+
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, PyThread_get_thread_ident,
+                               WAIT_LOCK, NOWAIT_LOCK)
+
+cdef unsigned char _ZERO_PAGE[4096]
+
+HOST_STATS = ("folios_allocated", "folios_freed", "folio_splits", "gmem_invalidate",
+              "gmem_invalidate_pages", "alloc_failures", "hook_errors")
+
+_POLICIES = {
+    "prepare": {"fault": GMEM_PREPARE_FAULT, "alloc": GMEM_PREPARE_ALLOC},
+    "prepared_tracking": {"gmem": GMEM_TRACK_GMEM, "arch": GMEM_TRACK_ARCH},
+    "invalidate": {"free_folio": GMEM_INVALIDATE_FREE_FOLIO,
+                   "invalidate_folio": GMEM_INVALIDATE_INVALIDATE_FOLIO},
+}
+_PLATFORMS = {"amd": GMEM_PLATFORM_AMD, "intel": GMEM_PLATFORM_INTEL, "none": GMEM_PLATFORM_NONE}
+
+
+# ------------------------------------------------------------ the host lock
+# One lock per Host stands for the kernel's locks (slots_lock, mmu_lock, the filemap
+# invalidate lock, ...).  Every call that reads or writes a host's C state holds the host
+# from its first line to its return: page_fault_batch and pre_fault_memory across their
+# nogil loop, and the other calls too, since one that runs a Python hook (or a finalizer)
+# lets other threads have the GIL in its middle.
+#
+# The holder is the _owner field, read and written with the GIL held: taking a free host
+# costs no system call.  The OS lock is for waiting: the owner holds it ("parks") while it
+# may keep the GIL away for long (a nogil loop, a Python hook), and waiters sleep on it.
+# No thread waits for anything while holding the GIL: the owner may need the GIL to finish.
+
+cdef inline void _host_lock(Host host) noexcept:
+    """Hold the host, recursively for the thread holding it."""
+    cdef long me = PyThread_get_thread_ident()
+    if host._owner == me:
+        host._depth += 1
+    elif host._owner == 0 and host._serving == host._tickets:
+        host._owner = me
+        host._depth = 1
+    else:
+        _host_wait(host, me)
+
+
+cdef void _host_wait(Host host, long me) noexcept:
+    """Wait for the host, in turn: a thread calling again as soon as its call returned (a loop
+    of batches) would otherwise take the host back before a waiter gets the GIL, forever."""
+    cdef uint64_t ticket = host._tickets
+    host._tickets += 1
+    while host._owner != 0 or host._serving != ticket:
+        with nogil:                          # sleeps while the owner is parked
+            PyThread_acquire_lock(host._lock, WAIT_LOCK)
+            PyThread_release_lock(host._lock)
+    host._serving += 1
+    host._owner = me
+    host._depth = 1
+
+
+cdef inline void _host_unlock(Host host) noexcept:
+    host._depth -= 1
+    if host._depth == 0:
+        host._owner = 0
+
+
+cdef void _host_park(Host host) noexcept:
+    """The owner takes the OS lock before it lets the GIL go for long."""
+    if host._parked == 0 and not PyThread_acquire_lock(host._lock, NOWAIT_LOCK):
+        with nogil:                          # a waiter holds it for an instant
+            PyThread_acquire_lock(host._lock, WAIT_LOCK)
+    host._parked += 1
+
+
+cdef void _host_unpark(Host host) noexcept:
+    host._parked -= 1
+    if host._parked == 0:
+        PyThread_release_lock(host._lock)
+
+
+@cython.final
+@cython.no_gc
+@cython.freelist(8)
+cdef class _HostHold:
+    """Holds a host while it lives: a local of the call it guards, dropped when that call
+    returns or raises (Cython drops locals only then)."""
+    cdef Host host
+
+    def __dealloc__(self):
+        if self.host is not None:
+            _host_unlock(self.host)
+
+
+cdef _HostHold _host_enter(Host host):
+    """The gate of every call on a host's C state: `held = _host_enter(host)`, its first line,
+    waits (GIL released) while another thread holds the host, then holds it until the call
+    ends.  _refuse_in_hook comes after it: hooks run only in the thread holding the host, so
+    a call from another thread is not refused, it waits."""
+    cdef _HostHold held = _HostHold.__new__(_HostHold)
+    _host_lock(host)
+    held.host = host
+    return held
+
+
+# ------------------------------------------------------------ Python hooks
+# One table: HOOK_NAMES[i] names field i of kvm_x86_hooks that a Python callable may replace,
+# _PY_HOOKS holds the trampoline for each, _hook_set copies field i from a table.
+
+HOOK_NAMES = ("is_private_fault", "gmem_prepare", "gmem_invalidate", "private_max_mapping_level")
+
+cdef kvm_x86_hooks _PY_HOOKS
+
+
+cdef void _hook_set(kvm_x86_hooks *dst, int i, const kvm_x86_hooks *src) noexcept:
+    if i == 0:
+        dst.is_private_fault = src.is_private_fault
+    elif i == 1:
+        dst.gmem_prepare = src.gmem_prepare
+    elif i == 2:
+        dst.gmem_invalidate = src.gmem_invalidate
+    else:
+        dst.private_max_mapping_level = src.private_max_mapping_level
+
+
+cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
+    cdef Host host
+    # a host whose handle is gone (a C-level user, or the handle collected first) has no hooks
+    if h.py_host == NULL:
+        return default
+    host = <Host>h.py_host
+    # looked up, not borrowed: the cyclic GC may have cleared host._hook_fns (the callable
+    # on its way out) while an inode it frees still evicts folios: no call then
+    fn = host._hook_fns.get((vm_type, which)) if host._hook_fns is not None else None
+    if fn is None:
+        return default
+    host._hook_depth += 1           # per thread in effect: only the host's owner runs hooks
+    _host_park(host)                # a hook may keep the GIL away: waiters sleep
+    try:
+        return fn(*args)
+    except BaseException as e:
+        host._hook_exc = e
+        h.hook_error = 1
+        h.stats[HOST_STAT_HOOK_ERRORS] += 1
+        return default
+    finally:
+        _host_unpark(host)
+        host._hook_depth -= 1
+
+
+cdef void _refuse_in_hook(Host host, str what) except *:
+    """A hook runs under the locks of the path that called it (the fault holds a file reference,
+    the folio lock and the invalidate lock; truncation holds the invalidate lock): a call that
+    frees files, folios, memslots or the VM from inside a hook would deadlock in the kernel, and
+    would pull memory from under the C path here.  It is refused."""
+    if host._hook_depth:
+        raise _err(EDEADLK, f"{what}: called from inside a gmem hook (the kernel holds the "
+                   "locks this needs: it would deadlock)")
+
+
+cdef object _vm_object(kvm *kvm):
+    """The gmem.Vm of kvm (a handle is made for a VM created through the C-level API)."""
+    if kvm.py_vm == NULL:
+        return Vm._wrap(kvm)
+    return <object>kvm.py_vm
+
+
+cdef int _py_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    with gil:
+        r = _call_hook(kvm.host, kvm.vm_type, 0, (_vm_object(kvm), gpa, error_code), False)
+        return 1 if r else 0
+
+
+cdef int _py_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
+    with gil:
+        r = _call_hook(kvm.host, kvm.vm_type, 1, (_vm_object(kvm), gfn, pfn, order), -EIO)
+        try:
+            return int(r or 0)
+        except Exception:
+            return -EIO
+
+
+cdef void _py_gmem_invalidate(gmem_host *h, uint64_t start, uint64_t end) noexcept nogil:
+    with gil:
+        _call_hook(h, h.invalidate_vm_type, 2, (<object>h.py_host if h.py_host != NULL else None,
+                                                start, end), None)
+
+
+cdef int _py_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
+    with gil:
+        r = _call_hook(kvm.host, kvm.vm_type, 3, (_vm_object(kvm), pfn), 0)
+        try:
+            r = int(r or 0)
+        except Exception:
+            return 0
+        return r if 0 <= r <= 3 else 0
+
+
+_PY_HOOKS.is_private_fault = _py_is_private_fault
+_PY_HOOKS.gmem_prepare = _py_gmem_prepare
+_PY_HOOKS.gmem_invalidate = _py_gmem_invalidate
+_PY_HOOKS.private_max_mapping_level = _py_private_max_mapping_level
+
+
+# -------------------------------------------------------------------- Host
+
+@cython.final
+cdef class Host:
+    """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
+
+    Keyword options model kernel builds and the policies argued in the RFC:
+    prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
+    invalidate="free_folio"|"invalidate_folio" (with reattach_private, the re-attach scan
+    after a split that the RFC cover letter suggests), huge_folios (2M gmem folios,
+    proposed upstream), scramble_on_conversion (SW_PROTECTED: converted gmem pages read back
+    as garbage). Defaults follow Linux 6.18.
+    """
+    cdef gmem_host *h
+    cdef readonly str platform
+    cdef readonly bint sw_protected
+    cdef readonly bint memory_attributes
+    cdef readonly int fd
+    cdef readonly Trace trace
+    cdef dict _fds
+    cdef public object _hook_exc
+    cdef dict _hook_fns           # (vm_type, hook index) -> the Python callable
+    cdef int _hook_depth         # Python hooks running now: gmem refuses to be re-entered from one
+    cdef long _owner             # the thread holding the host (_host_enter), 0 for none
+    cdef int _depth              # its nested calls
+    cdef PyThread_type_lock _lock     # held by the owner while it is parked (_host_park)
+    cdef int _parked
+    cdef uint64_t _tickets       # threads that ever waited for the host (_host_wait)
+    cdef uint64_t _serving       # of them, those that got it
+    cdef bint _initialized
+    cdef object __weakref__
+
+    def __cinit__(self, memory=64 << 30, platform="amd", *, sw_protected=True,
+                  memory_attributes=True, prepare="fault", prepared_tracking="gmem",
+                  invalidate="free_folio", huge_folios=False, reattach_private=False,
+                  scramble_on_conversion=False):
+        cdef gmem_host_config cfg
+        cdef const char *why = NULL
+        cdef int r
+        gmem_host_config_init(&cfg)
+        cfg.memory = _u64(memory, "memory")
+        if platform not in _PLATFORMS:
+            raise ValueError(f"platform must be one of {sorted(_PLATFORMS)}, not {platform!r}")
+        for name, value in (("prepare", prepare), ("prepared_tracking", prepared_tracking),
+                            ("invalidate", invalidate)):
+            if not isinstance(value, str) or value not in _POLICIES[name]:
+                raise ValueError(f"{name} must be one of {sorted(_POLICIES[name])}, not {value!r}")
+        cfg.platform = _PLATFORMS[platform]
+        cfg.sw_protected = bool(sw_protected)
+        cfg.memory_attributes = bool(memory_attributes)
+        cfg.prepare_policy = _POLICIES["prepare"][prepare]
+        cfg.prepared_tracking = _POLICIES["prepared_tracking"][prepared_tracking]
+        cfg.invalidate_policy = _POLICIES["invalidate"][invalidate]
+        cfg.huge_folios = bool(huge_folios)
+        cfg.reattach_private = bool(reattach_private)
+        cfg.scramble_on_conversion = bool(scramble_on_conversion)
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError("host lock")
+        r = gmem_host_create(&cfg, &self.h, &why)
+        if r == -ENOMEM:
+            raise MemoryError("host")
+        if r < 0:
+            raise ValueError((<bytes>why).decode() if why != NULL else "invalid host configuration")
+        self.h.py_host = <void *>self
+        self.platform = platform
+        self.sw_protected = cfg.sw_protected
+        self.memory_attributes = cfg.memory_attributes
+        # A process's fds 0-2 are open files that are not guest_memfds (set_memory_region_test.c
+        # binds guest_memfd = 0 and expects kvm_gmem_bind's "not a gmem file" EINVAL, not EBADF)
+        self._fds = {0: "stdin", 1: "stdout", 2: "stderr"}
+        self._hook_fns = {}
+        self.trace = Trace(self)
+        self.fd = self._install_fd(self)          # /dev/kvm
+
+    def __init__(self, *args, **kwargs):
+        """(__cinit__ built the host; a second __init__ on a live host is refused)"""
+        if self._initialized:
+            raise RuntimeError("Host.__init__ called again on a live host: make a new Host")
+        self._initialized = True
+
+    def __dealloc__(self):
+        if self.h != NULL:
+            self.h.py_host = NULL               # its hooks are gone with it
+            gmem_host_put(self.h)
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+
+    @property
+    def options(self):
+        """The policy options in force, by name."""
+        return dict(
+            prepare=[k for k, v in _POLICIES["prepare"].items() if v == self.h.prepare_policy][0],
+            prepared_tracking=[k for k, v in _POLICIES["prepared_tracking"].items()
+                               if v == self.h.prepared_tracking][0],
+            invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
+            huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private),
+            scramble_on_conversion=bool(self.h.scramble_on_conversion))
+
+    # ------------------------------------------------------------- fds
+    cdef int _install_fd(self, obj) except -1:
+        fd = 3
+        while fd in self._fds:
+            fd += 1
+        self._fds[fd] = obj
+        return fd
+
+    cdef object _fd_object(self, fd):
+        return self._fds.get(fd)
+
+    cdef void _close_fd(self, int fd):
+        self._fds.pop(fd, None)
+
+    cdef void _raise_hook_exc(self) except *:
+        if self.h.hook_error:
+            self.h.hook_error = 0
+            exc, self._hook_exc = self._hook_exc, None
+            if exc is not None:
+                raise exc
+
+    cdef int _check(self, int r, str what) except -1:
+        """A kernel rule's result: a Python hook's exception first, then -errno as OSError."""
+        self._raise_hook_exc()
+        return _check_r(self.h, r, what)
+
+    # -------------------------------------------------------- KVM ioctls
+    @property
+    def vm_types(self):
+        """The KVM_CAP_VM_TYPES bitmap."""
+        return self.h.vm_types
+
+    def check_extension(self, cap):
+        """KVM_CHECK_EXTENSION on /dev/kvm (kvm == NULL)."""
+        return kvm_check_extension(self.h, NULL, _u64_wrap(cap, "cap"))
+
+    def create_vm(self, vm_type=0):
+        """KVM_CREATE_VM: EINVAL for a type >= 32 or one this host does not support."""
+        return Vm(self, vm_type)
+
+    def register_hooks(self, vm_type, **hooks):
+        """Replace hooks of one VM type with Python callables (None restores the native one):
+        is_private_fault(vm, gpa, error_code) -> bool, gmem_prepare(vm, gfn, pfn, order) -> int,
+        gmem_invalidate(host, start_pfn, end_pfn), private_max_mapping_level(vm, pfn) -> int.
+        A type this host lacks (6..31) becomes creatable, with private memory like SW_PROTECTED."""
+        cdef int t, i
+        cdef kvm_x86_hooks native
+        held = _host_enter(self)                  # the fault path reads the hook table
+        if isinstance(vm_type, bool) or not isinstance(vm_type, int) or not 0 <= vm_type < KVM_MAX_VM_TYPES:
+            raise ValueError(f"vm_type must be in [0, {KVM_MAX_VM_TYPES})")
+        for name, fn in hooks.items():
+            if name not in HOOK_NAMES:
+                raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
+            if fn is not None and not callable(fn):
+                raise TypeError(f"hook {name} must be callable or None")
+        t = vm_type
+        if t >= 6:
+            self.h.vm_types |= 1u << t
+        kvm_x86_hooks_init(&native, t)
+        for name, fn in hooks.items():
+            i = HOOK_NAMES.index(name)
+            _hook_set(&self.h.hooks[t], i, &native if fn is None else &_PY_HOOKS)
+            if fn is None:
+                self._hook_fns.pop((t, i), None)
+            else:
+                self._hook_fns[(t, i)] = fn
+
+    # ------------------------------------------------------------ memory
+    @property
+    def nr_pages(self):
+        return self.h.pm.end_pfn - self.h.pm.start_pfn
+
+    @property
+    def nr_free_pages(self):
+        held = _host_enter(self)
+        return gmem_host_free_pages(self.h)
+
+    @property
+    def stats(self):
+        held = _host_enter(self)
+        d = {name: gmem_host_stat(self.h, i) for i, name in enumerate(HOST_STATS)}
+        d["free_pages"] = self.h.pm.nr_free_pages
+        d["used_pages"] = self.h.pm.end_pfn - self.h.pm.start_pfn - self.h.pm.nr_free_pages
+        d["folios"] = self.h.pm.nr_folios
+        return d
+
+    @property
+    def memory_bytes(self):
+        """C memory used by the model's own bookkeeping of host memory."""
+        held = _host_enter(self)
+        return gmem_host_memory_bytes(self.h)
+
+    def folio(self, pfn):
+        """The folio containing pfn: dict(pfn, order, flags, refcount, mapping, index, private) or None."""
+        held = _host_enter(self)
+        return _folio_dict(&self.h.pm, _u64(pfn, "pfn"))
+
+    cdef unsigned char *_user_page(self, uint64_t hva, bint write) except NULL:
+        cdef uint64_t pfn
+        cdef unsigned char *p
+        if hva_to_pfn(self.h, hva, &pfn) < 0:
+            raise _err(EFAULT, f"hva {hva:#x} is not mapped in the VMM")
+        if write and host_write_fault(self.h, pfn) and snp_rmpentry_info(self.h, pfn).assigned:
+            # a user-mode RMP #PF: "Unexpected RMP page fault for user address" -> SIGBUS
+            raise _SigBus(f"SIGBUS: VMM write at hva {hva:#x} hits pfn {pfn:#x}, assigned in the "
+                          f"RMP ({_rmp_entry(self.h, pfn)})", hva)
+        p = page_data_get(self.h, pfn, write)
+        if p == NULL and write:
+            raise MemoryError("out of memory for page contents")
+        return p if p != NULL else <unsigned char *>_ZERO_PAGE
+
+    def read_user(self, hva, n):
+        """Read the VMM's own memory (the shared backing of memslots) at hva."""
+        held = _host_enter(self)
+        cdef uint64_t a = _u64(hva, "hva"), ln = _buffer_len(n, "n"), pos = 0, k
+        if a + ln < a:
+            raise _err(EFAULT, f"hva {a:#x} + {ln} wraps around the address space")
+        out = bytearray(ln)
+        cdef unsigned char[::1] o = out if ln else None
+        while pos < ln:
+            k = min(ln - pos, 4096 - ((a + pos) & 4095))
+            memcpy(&o[pos], self._user_page(a + pos, False) + ((a + pos) & 4095), k)
+            pos += k
+        return bytes(out)
+
+    def write_user(self, hva, data):
+        """Write the VMM's own memory at hva."""
+        held = _host_enter(self)
+        cdef uint64_t a = _u64(hva, "hva"), pos = 0, k
+        b = _bytes_arg(data, "data")
+        cdef uint64_t ln = len(b)
+        cdef const unsigned char[::1] d = b if ln else None
+        if a + ln < a:
+            raise _err(EFAULT, f"hva {a:#x} + {ln} wraps around the address space")
+        while pos < ln:
+            k = min(ln - pos, 4096 - ((a + pos) & 4095))
+            memcpy(self._user_page(a + pos, True) + ((a + pos) & 4095), &d[pos], k)
+            pos += k
+
+    @property
+    def rmp(self):
+        """The SNP RMP (gmem.Rmp) on platform "amd", else None."""
+        return Rmp(self) if self.h.rmp.enabled else None
+
+    def touch(self, pfn, write=True):
+        """A host CPU access to pfn through the direct map. On "amd" a write to an RMP-assigned
+        page, or through a 2M direct mapping over any assigned page, raises gmem.RmpViolation."""
+        held = _host_enter(self)
+        cdef uint64_t p = _u64(pfn, "pfn")
+        if p >= self.h.pm.end_pfn:
+            raise _err(EINVAL, f"pfn {pfn:#x} is beyond host memory")
+        if write and host_write_fault(self.h, p):
+            mapping = "4K" if snp_direct_map_is_4k(self.h, p) else "2M"
+            raise _RmpViolation(f"host write to pfn {p:#x} through a {mapping} direct mapping: RMP #PF "
+                                f"(X86_PF_RMP); entry {_rmp_entry(self.h, p)}")
+
+    def memory_failure(self, pfn):
+        """memory_failure(pfn) (HWPOISON): a gmem page is marked poisoned and unmapped; later
+        faults on it are memory-fault exits with -EHWPOISON. Returns True for a gmem page."""
+        held = _host_enter(self)
+        cdef uint64_t p = _u64(pfn, "pfn")
+        if p >= self.h.pm.end_pfn:
+            raise _err(EINVAL, f"pfn {pfn:#x} is beyond host memory")
+        return bool(gmem_memory_failure(self.h, p))
+
+    def inject(self, *, alloc_failures=0, prepare_failures=0, prepare_errno=EIO,
+               rmpupdate_failures=0, rmpupdate_code=3):
+        """Fault injection, as a context manager that clears what is left on exit:
+        page allocations fail with ENOMEM; arch prepares fail with -prepare_errno;
+        RMPUPDATEs return rmpupdate_code (FAIL_OVERLAP is retried, as rmpupdate() does)."""
+        held = _host_enter(self)
+        # every argument is checked before anything is armed: a refused call injects nothing
+        cdef uint64_t na = _u64(alloc_failures, "alloc_failures")
+        cdef uint64_t npf = _u64(prepare_failures, "prepare_failures")
+        cdef uint64_t nr = _u64(rmpupdate_failures, "rmpupdate_failures")
+        if nr and not self.h.rmp.enabled:
+            raise ValueError("RMPUPDATE failures need platform='amd'")
+        if isinstance(prepare_errno, bool) or not isinstance(prepare_errno, (int, np.integer)) \
+                or not 0 < prepare_errno < 4096:
+            raise ValueError("prepare_errno must be a positive errno")
+        if nr and (isinstance(rmpupdate_code, bool) or not isinstance(rmpupdate_code, (int, np.integer))
+                   or not snp_rmpupdate_failure_code(rmpupdate_code if 0 <= rmpupdate_code < 256 else 0)):
+            raise ValueError(f"not an RMPUPDATE failure code: {rmpupdate_code}")
+        gmem_inject(self.h, na, npf, prepare_errno, nr, rmpupdate_code if nr else 0)
+        return _Injection(self)
+
+    def inject_alloc_failures(self, n):
+        """Fault injection: the next n page allocations fail (ENOMEM as the kernel reports it)."""
+        held = _host_enter(self)
+        self.h.pm.fail_alloc = _u64(n, "n")
+
+    def check(self):
+        """Cross-check every structure; raise gmem.InvariantError naming the first inconsistency."""
+        held = _host_enter(self)
+        cdef char buf[1024]
+        if gmem_host_check(self.h, buf, sizeof(buf)):
+            raise _InvariantError(buf.decode())
+
+
+@cython.final
+cdef class _Injection:
+    """host.inject(...) as a context manager: on exit, injections not yet consumed are dropped."""
+    cdef readonly Host host
+
+    def __cinit__(self, Host host not None):
+        self.host = host
+
+    def __enter__(self):
+        return self.host
+
+    def __exit__(self, *exc):
+        held = _host_enter(self.host)
+        gmem_inject(self.host.h, 0, 0, EIO, 0, 0)
+        return False

@@ -1,0 +1,104 @@
+# gmem.Trace: the tracepoint ring of one host (_trace.pxi), enabled per event, read as numpy.
+
+TRACE_DTYPE = np.dtype({
+    "names": ["seq", "event", "vcpu", "a", "b", "c", "d"],
+    "formats": ["<u8", "<u4", "<u4", "<u8", "<u8", "<u8", "<u8"],
+    "offsets": [0, 8, 12, 16, 24, 32, 40],
+    "itemsize": sizeof(gmem_trace_rec),
+})
+TRACE_EVENTS = ("kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit",
+                "gmem_prepare", "gmem_invalidate")
+_TRACE_FIELDS = (("gpa", "error_code", None, None), ("gfn", "pfn", "level", "private"),
+                 ("gfn", "pfn", "level", None), ("gpa", "flags", "errno", None),
+                 ("gfn", "pfn", "order", "errno"), ("start_pfn", "end_pfn", None, None))
+
+
+@cython.final
+cdef class Trace:
+    """Tracepoints of one host: a ring of fixed-size records (see TRACE_EVENTS)."""
+    cdef Host host
+
+    def __cinit__(self, Host host not None):
+        self.host = host
+
+    def enable(self, *events, capacity=1 << 16):
+        """Record these events (all if none are named) in a ring of `capacity` records."""
+        held = _host_enter(self.host)
+        cdef gmem_host *h = self.host.h
+        cdef uint64_t cap = _u64(capacity, "capacity")
+        cdef gmem_trace_rec *buf
+        if cap == 0 or cap > (1 << 28):
+            raise ValueError("capacity must be in [1, 2**28]")
+        mask = 0
+        for e in (events or TRACE_EVENTS):
+            if e not in TRACE_EVENTS:
+                raise ValueError(f"unknown trace event {e!r}; events: {', '.join(TRACE_EVENTS)}")
+            mask |= 1 << TRACE_EVENTS.index(e)
+        if h.trace_buf == NULL or h.trace_cap != cap:
+            buf = <gmem_trace_rec *>_calloc(cap, sizeof(gmem_trace_rec))
+            if buf == NULL:
+                raise MemoryError("trace buffer")
+            free(h.trace_buf)
+            h.trace_buf = buf
+            h.trace_cap = cap
+            h.trace_seq = 0
+        h.trace_mask |= mask
+
+    def disable(self, *events):
+        held = _host_enter(self.host)
+        cdef gmem_host *h = self.host.h
+        for e in (events or TRACE_EVENTS):
+            if e not in TRACE_EVENTS:
+                raise ValueError(f"unknown trace event {e!r}")
+            h.trace_mask &= ~(1 << TRACE_EVENTS.index(e))
+
+    def clear(self):
+        held = _host_enter(self.host)
+        self.host.h.trace_seq = 0
+
+    @property
+    def enabled(self):
+        held = _host_enter(self.host)
+        return tuple(e for i, e in enumerate(TRACE_EVENTS) if (self.host.h.trace_mask >> i) & 1)
+
+    @property
+    def lost(self):
+        """Records overwritten because the ring was full."""
+        held = _host_enter(self.host)
+        cdef gmem_host *h = self.host.h
+        return h.trace_seq - h.trace_cap if h.trace_cap and h.trace_seq > h.trace_cap else 0
+
+    def to_numpy(self):
+        """The records still in the ring, oldest first, as a TRACE_DTYPE array (a copy)."""
+        held = _host_enter(self.host)
+        cdef gmem_host *h = self.host.h
+        if h.trace_buf == NULL or h.trace_seq == 0:
+            return np.zeros(0, dtype=TRACE_DTYPE)
+        n = min(h.trace_seq, h.trace_cap)
+        raw = np.asarray(<char[:h.trace_cap * sizeof(gmem_trace_rec)]><char *>h.trace_buf)
+        ring = np.frombuffer(raw.tobytes(), dtype=TRACE_DTYPE)
+        start = h.trace_seq % h.trace_cap if h.trace_seq > h.trace_cap else 0
+        return np.concatenate([ring[start:n], ring[:start]]) if start else ring[:n].copy()
+
+    def report(self, limit=None):
+        """Lines in the style of trace-cmd report."""
+        lines = []
+        recs = self.to_numpy()
+        if limit is not None:
+            n = _int_arg(limit, "limit", 0, None)
+            recs = recs[len(recs) - n:] if n < len(recs) else recs
+        for r in recs:
+            ev = int(r["event"])
+            fields = []
+            for name, key in zip(_TRACE_FIELDS[ev], "abcd"):
+                if name is None:
+                    continue
+                v = int(r[key])
+                if name in ("errno", "level", "order", "private"):
+                    fields.append(f"{name}={v}")
+                else:
+                    fields.append(f"{name}={v:#x}")
+            lines.append(f"{int(r['seq']):>10} vcpu{int(r['vcpu'])}: {TRACE_EVENTS[ev]}: " + " ".join(fields))
+        return "\n".join(lines)
+
+

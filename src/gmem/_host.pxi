@@ -1,0 +1,216 @@
+# The simulated machine (mm/ and the platform at boot): host physical memory, the contents
+# of pages, the VMM's own memory behind its virtual addresses (get_user_pages), host CPU
+# writes through the direct map, and the platform set up at boot (SNP's RMP on "amd").
+
+cdef enum:
+    _PLATFORM_TYPES_AMD = (1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_SEV_VM) | \
+        (1 << KVM_X86_SEV_ES_VM) | (1 << KVM_X86_SNP_VM)
+    _PLATFORM_TYPES_INTEL = (1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_TDX_VM)
+    _PLATFORM_TYPES_NONE = 1 << KVM_X86_DEFAULT_VM
+
+cdef extern from *:
+    """
+    #define GMEM_MMAP_MIN_ADDR (65536ULL)
+    """
+    const uint64_t MMAP_MIN_ADDR "GMEM_MMAP_MIN_ADDR"
+
+
+cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil:
+    """The defaults of gmem.Host(): 64 GiB, "amd", Linux 6.18's policies."""
+    memset(cfg, 0, sizeof(gmem_host_config))
+    cfg.memory = (<uint64_t>64) << 30
+    cfg.platform = GMEM_PLATFORM_AMD
+    cfg.sw_protected = 1
+    cfg.memory_attributes = 1
+
+
+cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const char **why) noexcept nogil:
+    cdef gmem_host *h
+    cdef int t
+    if cfg.memory == 0 or cfg.memory & 4095:
+        why[0] = "memory must be a positive multiple of 4096 bytes"
+        return -EINVAL
+    if cfg.memory >> 12 > ((<uint64_t>1) << 40):
+        why[0] = "memory above 4 PiB is not modelled"
+        return -EINVAL
+    if not GMEM_PLATFORM_NONE <= cfg.platform <= GMEM_PLATFORM_INTEL:
+        why[0] = "unknown platform"
+        return -EINVAL
+    if not cfg.memory_attributes and (cfg.sw_protected or cfg.platform != GMEM_PLATFORM_NONE):
+        why[0] = ("SW_PROTECTED, SEV-SNP and TDX VMs need KVM_SET_MEMORY_ATTRIBUTES "
+                  "(their Kconfig selects KVM_GENERIC_MEMORY_ATTRIBUTES)")
+        return -EINVAL
+    if not (0 <= cfg.prepare_policy <= 1 and 0 <= cfg.prepared_tracking <= 1
+            and 0 <= cfg.invalidate_policy <= 1):
+        why[0] = "unknown policy"
+        return -EINVAL
+    h = <gmem_host *>_calloc(1, sizeof(gmem_host))
+    if h == NULL:
+        why[0] = "out of memory"
+        return -ENOMEM
+    h.refcount = 1
+    phys_init(&h.pm, 0, cfg.memory >> 12)
+    h.pm.pcp_enabled = 1
+    xa_init(&h.page_data)
+    xa_init(&h.user_pages)
+    h.platform = cfg.platform
+    h.vm_types = (_PLATFORM_TYPES_AMD if cfg.platform == GMEM_PLATFORM_AMD else
+                  _PLATFORM_TYPES_INTEL if cfg.platform == GMEM_PLATFORM_INTEL else _PLATFORM_TYPES_NONE)
+    if cfg.sw_protected:
+        h.vm_types |= 1 << KVM_X86_SW_PROTECTED_VM
+    h.memory_attributes = cfg.memory_attributes != 0
+    h.prepare_policy = cfg.prepare_policy
+    h.prepared_tracking = cfg.prepared_tracking
+    h.invalidate_policy = cfg.invalidate_policy
+    h.huge_folios = cfg.huge_folios != 0
+    h.reattach_private = cfg.reattach_private != 0
+    h.scramble_on_conversion = cfg.scramble_on_conversion != 0
+    h.next_ino = 1
+    h.next_asid = 1
+    for t in range(KVM_MAX_VM_TYPES):
+        kvm_x86_hooks_init(&h.hooks[t], t)
+    if cfg.platform == GMEM_PLATFORM_AMD:
+        snp_rmptable_init(h)
+    out[0] = h
+    return 0
+
+
+cdef void gmem_host_put(gmem_host *h) noexcept nogil:
+    """The last reference (its creator's, or the last VM's) frees the machine."""
+    cdef uint64_t start = 0, first, v
+    cdef int order
+    h.refcount -= 1
+    if h.refcount:
+        return
+    while xa_find_entry(&h.page_data, start, <uint64_t>0xFFFFFFFFFFFFFFFF, XA_NO_MARK, &first, &order, &v):
+        free(<void *><size_t>v)
+        start = first + 1
+    xa_destroy(&h.page_data)
+    xa_destroy(&h.user_pages)
+    snp_rmptable_destroy(h)
+    phys_destroy(&h.pm)
+    free(h.trace_buf)
+    free(h)
+
+
+cdef const char *gmem_reason(const gmem_host *h) noexcept nogil:
+    return h.reason
+
+
+cdef uint64_t gmem_host_stat(const gmem_host *h, int which) noexcept nogil:
+    return h.stats[which] if 0 <= which < HOST_NR_STATS else 0
+
+
+cdef uint64_t gmem_host_free_pages(const gmem_host *h) noexcept nogil:
+    return h.pm.nr_free_pages
+
+
+# ------------------------------------------------------------- page contents
+
+cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
+    """Forget the contents of [pfn, pfn + n): they read as zeros again."""
+    cdef uint64_t first, v, start = pfn
+    cdef int order
+    if host.page_data.nr_entries == 0:
+        return
+    while xa_find_entry(&host.page_data, start, pfn + n - 1, XA_NO_MARK, &first, &order, &v):
+        free(<void *><size_t>v)
+        xa_erase(&host.page_data, first, &v)
+        start = first + 1
+
+
+cdef unsigned char *page_data_get(gmem_host *host, uint64_t pfn, bint create) noexcept nogil:
+    """The 4 KiB of pfn, or NULL for a page of zeros (create: allocate them; NULL if out of
+    memory)."""
+    cdef uint64_t v, old
+    cdef void *p
+    if xa_load(&host.page_data, pfn, &v):
+        return <unsigned char *><size_t>v
+    if not create:
+        return NULL
+    p = _calloc(1, 4096)
+    if p == NULL:
+        return NULL
+    if xa_store_order(&host.page_data, pfn, 0, <uint64_t><size_t>p, &old) < 0:
+        free(p)
+        return NULL
+    return <unsigned char *>p
+
+
+cdef int host_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """Does a host CPU write to pfn fault (the platform says, and counts it)?"""
+    return h.host_write_fault != NULL and h.host_write_fault(h, pfn)
+
+
+cdef void host_clear_pages(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
+    """clear_highpage of each page: a host write of zeros (a fault where the platform forbids
+    the write is counted, the zeros are written as the model's contents anyway)."""
+    cdef uint64_t i
+    if host.host_write_fault != NULL:
+        for i in range(n):
+            host.host_write_fault(host, pfn + i)
+    page_data_drop(host, pfn, n)
+
+
+cdef int host_copy_page(gmem_host *host, uint64_t dst, uint64_t src) noexcept nogil:
+    """copy_page of src's contents to dst (zeros if src has none): 0 or -ENOMEM."""
+    cdef unsigned char *s = page_data_get(host, src, False)
+    cdef unsigned char *d
+    if s == NULL:
+        page_data_drop(host, dst, 1)
+        return 0
+    d = page_data_get(host, dst, True)
+    if d == NULL:
+        return -ENOMEM
+    memcpy(d, s, 4096)
+    return 0
+
+
+# ------------------------------------------------------- the VMM's own memory
+
+cdef int hva_to_pfn(gmem_host *host, uint64_t hva, uint64_t *pfn) noexcept nogil:
+    """get_user_pages of the VMM's memory behind an hva: a 4K page allocated at first touch."""
+    cdef uint64_t v, old
+    cdef uint32_t id
+    if hva < MMAP_MIN_ADDR or hva >> 63:
+        return -EFAULT              # below mmap_min_addr, or the kernel's half
+    if xa_load(&host.user_pages, hva >> 12, &v):
+        pfn[0] = folio_get(&host.pm, <uint32_t>v).pfn
+        return 0
+    if folio_alloc(&host.pm, 0, &id) < 0:
+        host.stats[HOST_STAT_ALLOC_FAILURES] += 1
+        return -ENOMEM
+    if xa_store_order(&host.user_pages, hva >> 12, 0, id, &old) < 0:
+        folio_free(&host.pm, id)
+        return -ENOMEM
+    pfn[0] = folio_get(&host.pm, id).pfn
+    return 0
+
+
+# ------------------------------------------------------------ fault injection
+
+cdef void gmem_inject(gmem_host *h, uint64_t alloc_failures, uint64_t prepare_failures,
+                      int prepare_errno, uint64_t rmpupdate_failures, int rmpupdate_code) noexcept nogil:
+    """Arm (or, with zeros, disarm) the injected failures: page allocations (ENOMEM), arch
+    prepares (-prepare_errno) and, on "amd", RMPUPDATEs (rmpupdate_code)."""
+    h.pm.fail_alloc = alloc_failures
+    h.fail_prepare = prepare_failures
+    h.fail_prepare_errno = prepare_errno
+    h.rmp.fail_rmpupdate = rmpupdate_failures
+    h.rmp.fail_rmpupdate_code = rmpupdate_code
+
+
+cdef size_t gmem_host_memory_bytes(const gmem_host *h) noexcept nogil:
+    """C memory of the model's own bookkeeping of host memory (free areas, memmap, folio table,
+    page contents, the VMM's pages)."""
+    cdef size_t n = sizeof(gmem_host) + phys_memory_bytes(&h.pm)
+    n += xa_memory_bytes(&h.page_data) + 4096 * h.page_data.nr_entries
+    return n + xa_memory_bytes(&h.user_pages)
+
+
+cdef uint8_t host_page_platform_state(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """The platform's view of a page (gmem.page_states' rmp): 0 shared, 1 assigned to a guest,
+    2 assigned and validated (SNP's RMP; always 0 elsewhere)."""
+    if h.platform != GMEM_PLATFORM_AMD:
+        return 0
+    return snp_page_state(h, pfn)
