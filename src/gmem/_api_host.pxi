@@ -405,7 +405,7 @@ cdef class Host:
         cdef unsigned char *p
         if hva_to_pfn(self.h, hva, &pfn) < 0:
             raise _err(EFAULT, f"hva {hva:#x} is not mapped in the VMM")
-        if write and host_write_fault(self.h, pfn) and snp_rmpentry_info(self.h, pfn).assigned:
+        if write and self.h.rmp.enabled and snp_user_write_fault(self.h, pfn):
             # a user-mode RMP #PF: "Unexpected RMP page fault for user address" -> SIGBUS
             raise _SigBus(f"SIGBUS: VMM write at hva {hva:#x} hits pfn {pfn:#x}, assigned in the "
                           f"RMP ({_rmp_entry(self.h, pfn)})", hva)

@@ -546,9 +546,6 @@ ctypedef struct gmem_host:
     uint8_t reattach_private    # invalidate_folio: re-attach folio->private to tails after a split
     uint8_t scramble_on_conversion  # SW_PROTECTED: a converted page's old contents are garbage
     kvm_x86_hooks hooks[32]
-    # the platform's check of a host CPU write to pfn through the direct map (the RMP's on
-    # "amd", NULL elsewhere): 0 if it may write, 1 if it faults (and the violation is counted)
-    int (*host_write_fault)(gmem_host *h, uint64_t pfn) noexcept nogil
     void *py_host               # borrowed PyObject* of the gmem.Host, or NULL
     const char *reason          # the rule behind the last refused call (a static string)
     kvm *vms                    # live (not yet destroyed) VMs, oldest first

@@ -230,17 +230,20 @@ cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_ino
     return 0
 
 
-cdef int kvm_gmem_fit_folio(gmem_inode *inode, kvm_memory_slot *slot, uint64_t index,
-                            uint32_t *id) noexcept nogil:
+cdef inline int kvm_gmem_fit_folio(gmem_inode *inode, kvm_memory_slot *slot, uint64_t index,
+                                   uint32_t *id) noexcept nogil:
     """A huge folio bound where gfns and file indices disagree modulo its size cannot be
     mapped or prepared as one page: split it into 4K folios before its first use."""
     cdef folio *f = folio_get(&inode.host.pm, id[0])
-    cdef uint64_t v
-    cdef int r
     if f.order == 0 or f.flags & PG_uptodate or \
             ((slot.base_gfn - slot.gmem_pgoff) & _mask(f.order)) == 0:
         return 0
-    r = kvm_gmem_split_folio(inode, f.index, id[0])
+    return kvm_gmem_fit_folio_split(inode, f, index, id)
+
+
+cdef int kvm_gmem_fit_folio_split(gmem_inode *inode, folio *f, uint64_t index, uint32_t *id) noexcept nogil:
+    cdef uint64_t v
+    cdef int r = kvm_gmem_split_folio(inode, f.index, id[0])
     if r == 0:
         xa_load(&inode.filemap, index, &v)
         id[0] = <uint32_t>v

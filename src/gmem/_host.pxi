@@ -137,18 +137,19 @@ cdef unsigned char *page_data_get(gmem_host *host, uint64_t pfn, bint create) no
     return <unsigned char *>p
 
 
-cdef int host_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
-    """Does a host CPU write to pfn fault (the platform says, and counts it)?"""
-    return h.host_write_fault != NULL and h.host_write_fault(h, pfn)
+cdef inline int host_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """Does a host CPU write to pfn fault? The platform's check (SNP's RMP on "amd"), which
+    counts it."""
+    return h.rmp.enabled and snp_host_write_fault(h, pfn)
 
 
 cdef void host_clear_pages(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
     """clear_highpage of each page: a host write of zeros (a fault where the platform forbids
     the write is counted, the zeros are written as the model's contents anyway)."""
     cdef uint64_t i
-    if host.host_write_fault != NULL:
+    if host.rmp.enabled and host.rmp.entries.nr_entries:
         for i in range(n):
-            host.host_write_fault(host, pfn + i)
+            host_write_fault(host, pfn + i)
     page_data_drop(host, pfn, n)
 
 

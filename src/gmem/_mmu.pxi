@@ -18,9 +18,9 @@ cdef inline uint64_t make_spte(uint64_t pfn, int level, bint writable, bint priv
 
 
 cdef inline bint kvm_has_mirrored_tdp(const kvm *kvm) noexcept nogil:
-    """Private leaves live in a mirror root forwarded to external page tables (TDX's S-EPT):
-    the vendor supplies set_external_spte."""
-    return kvm.host.hooks[kvm.vm_type].set_external_spte != NULL
+    """Private leaves live in a mirror root forwarded to external page tables, and the vendor
+    handles the fault's exit itself (mmu.h: the VM type says so, as in the kernel)."""
+    return kvm.vm_type == KVM_X86_TDX_VM
 
 
 cdef bint kvm_mmu_spte_lookup(kvm *kvm, uint64_t gfn, uint64_t *pfn, int *level, bint *private) noexcept nogil:
@@ -353,8 +353,7 @@ cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t erro
     gmem_trace(kvm.host, TRACE_PAGE_FAULT, vcpu.vcpu_id, gpa,
                error_code | (PFERR_PRIVATE_ACCESS if private and is_private != sw_protected_is_private_fault
                              else 0), 0, 0)
-    if kvm.host.hooks[kvm.vm_type].handle_ept_violation != NULL or error_code & PFERR_RSVD_MASK \
-            or kvm.host.hook_error:
+    if kvm_has_mirrored_tdp(kvm) or error_code & PFERR_RSVD_MASK or kvm.host.hook_error:
         return kvm_mmu_page_fault_unusual(vcpu, gpa, error_code, private, out)
     if private:
         error_code |= PFERR_PRIVATE_ACCESS

@@ -241,13 +241,17 @@ cdef void snp_leak_pages(gmem_host *h, uint64_t pfn, uint64_t npages) noexcept n
     h.rmp.stats[SNP_STAT_LEAKED_PAGES] += npages
 
 
-cdef int snp_host_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
+cdef inline int snp_host_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
     """A host write through the direct map to pfn faults (RMP #PF) when the page is assigned,
     or when a 2M direct mapping covers any assigned page of its region; counted."""
-    cdef uint64_t base, f, v
-    cdef int k
     if h.rmp.entries.nr_entries == 0:
         return 0                    # nothing assigned anywhere (no SNP guest yet)
+    return snp_host_write_fault_slow(h, pfn)
+
+
+cdef int snp_host_write_fault_slow(gmem_host *h, uint64_t pfn) noexcept nogil:
+    cdef uint64_t base, f, v
+    cdef int k
     if rmp_raw(h, pfn) & RMP_ASSIGNED:
         h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
         return 1
@@ -256,6 +260,15 @@ cdef int snp_host_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
     # a 2M host mapping: all 512 entries of the region must be unassigned
     base = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
     if xa_find_entry(&h.rmp.entries, base, base + PTRS_PER_PMD - 1, XA_NO_MARK, &f, &k, &v):
+        h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
+        return 1
+    return 0
+
+
+cdef int snp_user_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
+    """A user-mode write (through the VMM's own 4K mapping) faults only on the page's own
+    entry ("Unexpected RMP page fault for user address" -> SIGBUS); counted."""
+    if rmp_raw(h, pfn) & RMP_ASSIGNED:
         h.rmp.stats[SNP_STAT_RMP_VIOLATIONS] += 1
         return 1
     return 0
@@ -274,7 +287,6 @@ cdef void snp_rmptable_init(gmem_host *h) noexcept nogil:
     xa_init(&h.rmp.perms)
     xa_init(&h.rmp.direct_map_4k)
     xa_init(&h.rmp.leaked)
-    h.host_write_fault = snp_host_write_fault
 
 
 cdef void snp_rmptable_destroy(gmem_host *h) noexcept nogil:
