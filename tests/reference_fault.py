@@ -2,8 +2,9 @@
 
 It re-states arch/x86/kvm/mmu/mmu.c (kvm_mmu_page_fault -> kvm_mmu_do_page_fault ->
 kvm_tdp_mmu_page_fault -> kvm_mmu_faultin_pfn -> kvm_mmu_hugepage_adjust ->
-kvm_tdp_mmu_map) with dicts, in the order of ../shared/spec/x86-snp-tdx.md §2.3-§2.9,
-so that it can be read against the spec line by line.  The Cython core is checked
+kvm_tdp_mmu_map) with dicts, in the order of arch/x86/kvm/mmu/mmu.c
+(kvm_mmu_page_fault -> kvm_mmu_do_page_fault -> kvm_tdp_page_fault), so that it can be read
+against the kernel line by line.  The Cython core is checked
 against it (tests/test_fault_path.py) and measured against it (benchmarks/bench_fault.py).
 
 State, all plain dicts:

@@ -1,8 +1,8 @@
 """The x86 TDP fault path (arch/x86/kvm/mmu/mmu.c) with guest_memfd.
 
 Three parts:
-  * one test per rule of ../shared/spec/x86-snp-tdx.md §2: the error-code bits that
-    matter, the synthetic bits, each memory-fault-exit trigger of §2.9, RET_PF_RETRY,
+  * one test per rule of the fault path (arch/x86/kvm/mmu/mmu.c): the error-code bits that
+    matter, the synthetic bits, each memory-fault-exit trigger (kvm_mmu_prepare_memory_fault_exit), RET_PF_RETRY,
     zapping, hugepages and their demotion, the TDX shared-bit alias, the trace;
   * the kernel selftests private_mem_kvm_exits_test.c and private_mem_conversions_test.c
     (kernel-gmem.md §18.4-§18.5) re-expressed with vcpu.read/write and the VMM's memory;

@@ -1,6 +1,6 @@
 """gmem.kernel against the real /dev/kvm: the guest_memfd selftests a DEFAULT VM can run, and the
-exact errnos of the spec's tables (/work/shared/spec/kernel-gmem.md §3, §4.1, §5, §10, §11, §12,
-§14, §18.2, §18.3), plus the uapi ioctl numbers against _IOC() and the spec's literals.
+exact errnos of the kernel's uAPI (kvm_vm_ioctl_set_memory_region, kvm_gmem_create, kvm_gmem_bind,
+kvm_gmem_fallocate, kvm_vm_ioctl_set_mem_attributes, ...), plus the uapi ioctl numbers against _IOC().
 
 Case names follow guest_memfd_test.c (6.18) and set_memory_region_test.c."""
 

@@ -1,7 +1,7 @@
 """SEV-SNP: the RMP table and its instructions, and the scenarios of issue 5.
 
-Facts from ../shared/spec/x86-snp-tdx.md §3 (the [ARCH] rules are AMD APM vol. 2 §15.36),
-§5 and §6.3-6.4.  Every scenario ends with host.check().
+Rules from arch/x86/kvm/svm/sev.c and arch/x86/virt/svm/sev.c (the architectural ones from
+the AMD APM vol. 2 §15.36).  Every scenario ends with host.check().
 """
 import errno
 

@@ -1,6 +1,6 @@
 """Intel TDX private memory: the TD build (INIT_MEM_REGION, FINALIZE), AUG and ACCEPT, MapGPA
-conversions and the shared-bit alias.  Facts from ../shared/spec/x86-snp-tdx.md §4, §6.3 (INV-8,
-INV-9, INV-10) and §6.4 scenarios 6-7.  The model follows the post-v6.16 kernel for an access to
+conversions and the shared-bit alias.  Rules from arch/x86/kvm/vmx/tdx.c (tdx_sept_set_private_spte,
+tdx_gmem_post_populate, tdx_handle_ept_violation) and the TDX module's ABI.  The model follows the post-v6.16 kernel for an access to
 an unaccepted page: a memory-fault exit of size 0 (v6.16 killed the VM)."""
 import errno
 

@@ -405,7 +405,7 @@ cdef class Host:
         cdef unsigned char *p
         if hva_to_pfn(self.h, hva, &pfn) < 0:
             raise _err(EFAULT, f"hva {hva:#x} is not mapped in the VMM")
-        if write and self.h.rmp.enabled and snp_user_write_fault(self.h, pfn):
+        if write and self.h.platform == GMEM_PLATFORM_AMD and snp_user_write_fault(self.h, pfn):
             # a user-mode RMP #PF: "Unexpected RMP page fault for user address" -> SIGBUS
             raise _SigBus(f"SIGBUS: VMM write at hva {hva:#x} hits pfn {pfn:#x}, assigned in the "
                           f"RMP ({_rmp_entry(self.h, pfn)})", hva)
@@ -445,7 +445,7 @@ cdef class Host:
     @property
     def rmp(self):
         """The SNP RMP (gmem.Rmp) on platform "amd", else None."""
-        return Rmp(self) if self.h.rmp.enabled else None
+        return Rmp(self) if self.h.platform == GMEM_PLATFORM_AMD else None
 
     def touch(self, pfn, write=True):
         """A host CPU access to pfn through the direct map. On "amd" a write to an RMP-assigned
@@ -478,7 +478,7 @@ cdef class Host:
         cdef uint64_t na = _u64(alloc_failures, "alloc_failures")
         cdef uint64_t npf = _u64(prepare_failures, "prepare_failures")
         cdef uint64_t nr = _u64(rmpupdate_failures, "rmpupdate_failures")
-        if nr and not self.h.rmp.enabled:
+        if nr and not self.h.platform == GMEM_PLATFORM_AMD:
             raise ValueError("RMPUPDATE failures need platform='amd'")
         if isinstance(prepare_errno, bool) or not isinstance(prepare_errno, (int, np.integer)) \
                 or not 0 < prepare_errno < 4096:

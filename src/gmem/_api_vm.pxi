@@ -5,8 +5,7 @@
 VM_STATS = ("remote_tlb_flush", "zapped_sptes", "mmu_invalidations", "gmem_prepare",
             "gmem_prepare_failed")
 TDX_STATS = ("aug", "page_add", "block", "track", "remove", "accept")
-TDX_SEPT_STATES = {TDX_SEPT_PREMAPPED: "premapped", TDX_SEPT_PENDING: "pending",
-                   TDX_SEPT_ACCEPTED: "accepted"}
+TDX_SEPT_STATES = {s: (<bytes>tdx_sept_state_name(s)).decode() for s in range(16) if tdx_sept_state_name(s)}
 
 cdef object _HANDLE = object()          # only the core makes handles around existing C objects
 
@@ -70,7 +69,7 @@ cdef class Vm:
 
     @property
     def asid(self):
-        return self.k.sev.asid
+        return sev_asid(self.k)
 
     @property
     def has_private_mem(self):
@@ -197,15 +196,14 @@ cdef class Vm:
         """The memslots as dicts (slot, flags, guest_phys_addr, memory_size, userspace_addr,
         guest_memfd_offset, bound)."""
         held = _host_enter(self.host)
-        cdef uint32_t i
-        cdef kvm_memory_slot *s
+        cdef uint32_t i = 0
+        cdef kvm_userspace_memory_region2 m
+        cdef bint bound
         out = []
-        for i in range(self.k.nr_memslots):
-            s = &self.k.memslots[i]
-            if s.used:
-                out.append(dict(slot=s.id, flags=s.flags & 0xFFFF, guest_phys_addr=s.base_gfn << 12,
-                                memory_size=s.npages << 12, userspace_addr=s.userspace_addr,
-                                guest_memfd_offset=s.gmem_pgoff << 12, bound=s.gmem_file != NULL))
+        while kvm_next_memslot(self.k, &i, &m, &bound):
+            out.append(dict(slot=m.slot, flags=m.flags, guest_phys_addr=m.guest_phys_addr,
+                            memory_size=m.memory_size, userspace_addr=m.userspace_addr,
+                            guest_memfd_offset=m.guest_memfd_offset, bound=bool(bound)))
         return sorted(out, key=lambda d: d["slot"])
 
     # ----------------------------------------------------------- attributes
@@ -269,7 +267,11 @@ cdef class Vm:
     @property
     def vmsa_pfns(self):
         held = _host_enter(self.host)
-        return [] if self.k.dead else [f for f, k, v in _xa_entries(&self.k.sev.vmsa_pfns)]
+        cdef uint64_t start = 0, pfn
+        out = []
+        while sev_next_vmsa(self.k, &start, &pfn):
+            out.append(pfn)
+        return out
 
     # ---------------------------------------------------------------- TDX
     cdef kvm *_tdx(self, str what) except NULL:
@@ -292,13 +294,13 @@ cdef class Vm:
     @property
     def td_state(self):
         held = _host_enter(self.host)
-        return ("uninitialized", "initialized", "runnable")[self.k.tdx.state] \
+        return ("uninitialized", "initialized", "runnable")[tdx_td_state(self.k)] \
             if self.k.vm_type == KVM_X86_TDX_VM else None
 
     @property
     def nr_premapped(self):
         held = _host_enter(self.host)
-        return self.k.tdx.nr_premapped
+        return tdx_nr_premapped(self.k)
 
     @property
     def shared_gpa_bit(self):
@@ -321,7 +323,7 @@ cdef class Vm:
     @property
     def tdx_stats(self):
         held = _host_enter(self.host)
-        return {name: self.k.tdx.stats[i] for i, name in enumerate(TDX_STATS)}
+        return {name: tdx_stat(self.k, i) for i, name in enumerate(TDX_STATS)}
 
     # ------------------------------------------------------------- faults
     def page_fault_batch(self, gpas, error_codes, vcpu_id=0, out=None):

@@ -197,8 +197,7 @@ cdef void gmem_inject(gmem_host *h, uint64_t alloc_failures, uint64_t prepare_fa
     h.pm.fail_alloc = alloc_failures
     h.fail_prepare = prepare_failures
     h.fail_prepare_errno = prepare_errno
-    h.rmp.fail_rmpupdate = rmpupdate_failures
-    h.rmp.fail_rmpupdate_code = rmpupdate_code
+    snp_inject_rmpupdate_failures(h, rmpupdate_failures, rmpupdate_code)
 
 
 cdef size_t gmem_host_memory_bytes(const gmem_host *h) noexcept nogil:

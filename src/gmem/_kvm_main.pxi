@@ -360,6 +360,23 @@ cdef int kvm_set_memory_region(kvm *kvm, const kvm_userspace_memory_region2 *mem
     return r
 
 
+cdef bint kvm_next_memslot(kvm *kvm, uint32_t *i, kvm_userspace_memory_region2 *mem, bint *bound) noexcept nogil:
+    """The next memslot in kvm's array from *i on, as userspace set it (and whether its
+    guest_memfd binding is live); *i past it."""
+    cdef kvm_memory_slot *s
+    while i[0] < kvm.nr_memslots:
+        s = &kvm.memslots[i[0]]
+        i[0] += 1
+        if s.used:
+            mem.slot, mem.flags = s.id, s.flags & 0xFFFF
+            mem.guest_phys_addr, mem.memory_size = s.base_gfn << 12, s.npages << 12
+            mem.userspace_addr, mem.guest_memfd_offset = s.userspace_addr, s.gmem_pgoff << 12
+            mem.guest_memfd = 0
+            bound[0] = s.gmem_file != NULL
+            return 1
+    return 0
+
+
 cdef bint kvm_check_memslot_overlap(kvm *kvm, kvm_memory_slot *old, uint64_t base_gfn,
                                     uint64_t npages) noexcept nogil:
     cdef uint64_t f, v

@@ -753,3 +753,39 @@ cdef void rmp_entry_repr(const rmp_entry_info *e, char *out, size_t len) noexcep
              "vmsa=%s)", "True" if e.assigned else "False", e.pagesize, "True" if e.immutable else "False",
              "True" if e.validated else "False", e.asid, <unsigned long long>e.gpa,
              "True" if e.vmsa else "False")
+
+
+cdef uint64_t snp_stat(const gmem_host *h, int which) noexcept nogil:
+    return h.rmp.stats[which] if 0 <= which < SNP_NR_STATS else 0
+
+
+cdef void snp_inject_rmpupdate_failures(gmem_host *h, uint64_t n, int code) noexcept nogil:
+    """Fault injection: the next n RMPUPDATEs return code."""
+    h.rmp.fail_rmpupdate = n
+    h.rmp.fail_rmpupdate_code = code
+
+
+cdef bint snp_next_leaked(gmem_host *h, uint64_t *start, uint64_t *pfn) noexcept nogil:
+    """The next page snp_leak_pages took out of use, at or after *start."""
+    cdef uint64_t v
+    cdef int order
+    if start[0] == INVALID_GFN or not xa_find_entry(&h.rmp.leaked, start[0], INVALID_GFN, XA_NO_MARK,
+                                                    pfn, &order, &v):
+        return 0
+    start[0] = pfn[0] + 1
+    return 1
+
+
+cdef bint sev_next_vmsa(kvm *kvm, uint64_t *start, uint64_t *pfn) noexcept nogil:
+    """The next VMSA page of kvm's vCPUs, at or after *start."""
+    cdef uint64_t v
+    cdef int order
+    if kvm.dead or start[0] == INVALID_GFN or not xa_find_entry(&kvm.sev.vmsa_pfns, start[0], INVALID_GFN,
+                                                                XA_NO_MARK, pfn, &order, &v):
+        return 0
+    start[0] = pfn[0] + 1
+    return 1
+
+
+cdef uint32_t sev_asid(const kvm *kvm) noexcept nogil:
+    return kvm.sev.asid

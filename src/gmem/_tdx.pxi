@@ -45,6 +45,12 @@ cdef extern from *:
     const uint64_t TDX_MAP_GPA_MAX_LEN "GMEM_TDX_MAP_GPA_MAX_LEN"
 
 
+cdef const char *tdx_sept_state_name(int state) noexcept nogil:
+    """An S-EPT leaf state's name (vm.sept()), or NULL for a value that is not one."""
+    return ("premapped" if state == TDX_SEPT_PREMAPPED else "pending" if state == TDX_SEPT_PENDING
+            else "accepted" if state == TDX_SEPT_ACCEPTED else NULL)
+
+
 cdef inline uint64_t tdx_sept_entry(uint64_t pfn, int state) noexcept nogil:
     return (pfn << TDX_SEPT_PFN_SHIFT) | state
 
@@ -329,3 +335,15 @@ cdef bint tdx_sept_next(kvm *kvm, uint64_t *start, uint64_t *pfn, int *state) no
     pfn[0], state[0] = tdx_sept_pfn(v), tdx_sept_state(v)
     start[0] = first + 1
     return 1
+
+
+cdef int tdx_td_state(const kvm *kvm) noexcept nogil:
+    return kvm.tdx.state
+
+
+cdef int64_t tdx_nr_premapped(const kvm *kvm) noexcept nogil:
+    return kvm.tdx.nr_premapped
+
+
+cdef uint64_t tdx_stat(const kvm *kvm, int which) noexcept nogil:
+    return kvm.tdx.stats[which] if 0 <= which < TDX_NR_STATS else 0

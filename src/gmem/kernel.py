@@ -1,6 +1,6 @@
 """The gmem uAPI on the real kernel: ``Host``/``Vm``/``GuestMemfd``/``Mapping`` over ``/dev/kvm``.
 
-This is the oracle for the model. A scenario written against the ``gmem`` API (``/work/shared/API.md``)
+This is the oracle for the model. A scenario written against the ``gmem`` API (README.md, "A tour of the API")
 runs unchanged on ``gmem.kernel.Host()``: every call here is the kernel's own syscall or ioctl
 (``fcntl.ioctl``, ``os.*``, and libc through ``ctypes``) and every refusal is the kernel's
 ``OSError(errno)``, passed through untouched. Comparing the two runs checks the model against

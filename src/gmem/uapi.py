@@ -14,8 +14,9 @@ Mirrors, for x86-64 and Linux 6.8 ... 6.18:
                                           SEAMCALL leaves and status codes, TDVMCALLs, the shared bit
 * ``include/uapi/linux/falloc.h``, ``include/uapi/asm-generic/errno*.h``, ``mman*.h``
 
-Values are those of the specs in ``/work/shared/spec`` (kernel-gmem.md §2, x86-snp-tdx.md §1, §3, §4);
-``tests/test_kernel_backend.py`` checks the ioctl numbers against ``_IOC()`` and the spec's literals.
+Values are the kernel headers' above. The core defines the ones it uses once, in C
+(``gmem._core.C_CONSTANTS``); ``tests/test_layers.py`` checks that the two agree, and
+``tests/test_kernel_backend.py`` checks the ioctl numbers against ``_IOC()``.
 Function-like kernel macros (``_IOC``, ``KVM_PAGES_PER_HPAGE``, ...) are functions here.
 """
 
@@ -245,6 +246,7 @@ PROT_WRITE = _mmap.PROT_WRITE
 PROT_EXEC = _mmap.PROT_EXEC
 MAP_SHARED = _mmap.MAP_SHARED
 MAP_PRIVATE = _mmap.MAP_PRIVATE
+MAP_SHARED_VALIDATE = 0x03
 
 # --------------------------------------------------------------------------------------------
 # Pages and hugepage levels (arch/x86/include/asm/pgtable_types.h, kvm_host.h)
@@ -483,6 +485,7 @@ TDH_VP_WR = 43
 # SEAMCALL status codes; operand ids are ORed into the low bits
 TDX_SEAMCALL_STATUS_MASK = 0xFFFFFFFF00000000
 TDX_SUCCESS = 0
+TDX_PAGE_ALREADY_ACCEPTED = 0x00000B0A00000000    # TDG.MEM.PAGE.ACCEPT of an accepted page
 TDX_NON_RECOVERABLE_VCPU = 0x4000000100000000
 TDX_INTERRUPTED_RESUMABLE = 0x8000000300000000
 TDX_OPERAND_INVALID = 0xC000010000000000
