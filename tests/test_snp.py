@@ -289,6 +289,27 @@ class TestInjectedFailures:
 # =================================================================== scenarios
 
 class TestLaunch:
+    def test_launch_start_policy(self):
+        """snp_launch_start: only snp_supported_policy_bits, and the must-be-one bit 17; a
+        refused start changes nothing (the launch can start afterwards)."""
+        h, vm, f, v = snp()
+        for policy in (0, 1 << 16, (1 << 17) | (1 << 18), (1 << 17) | (1 << 21), (1 << 17) | (1 << 63)):
+            with pytest.raises(OSError) as e:
+                vm.snp_launch_start(policy)
+            assert e.value.errno == errno.EINVAL, hex(policy)
+        vm.snp_launch_start((1 << 17) | (1 << 19) | (1 << 20) | 0xFFFF)   # MBO, DEBUG, SINGLE_SOCKET, ABI
+        vm.snp_launch_finish()
+
+    def test_vm_launch_is_the_minimal_launch(self):
+        h, vm, f, v = snp()
+        with pytest.raises(OSError) as e:
+            v.pre_fault_memory(0, 4096)               # pre_fault_allowed: not before the launch
+        assert e.value.errno == errno.EOPNOTSUPP
+        vm.launch()
+        assert vm.vmsa_pfns and h.rmp.lookup(vm.vmsa_pfns[0]).vmsa
+        assert v.pre_fault_memory(0, 4096) == (4096, 0)
+        h.check()
+
     def test_launch_and_boot(self):
         h, vm, f, v = snp(size=4 << 20, private=False)
         vm.set_memory_attributes(0, MB2, PRIVATE)          # the second 2M stay shared

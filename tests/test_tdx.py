@@ -57,6 +57,24 @@ class TestBuild:
             sw.tdx_init_vm(52)
         h.check()
 
+    def test_init_mem_region_measure(self):
+        """KVM_TDX_MEASURE_MEMORY_REGION extends each page into the measurement: TDH.MR.EXTEND
+        per 256 bytes; without it, the pages are added unmeasured."""
+        h, vm, f, v = td()
+        assert v.tdx_init_mem_region(SRC, 0x10000, 2, measure=True) == 2
+        assert vm.tdx_stats["mr_extend"] == 2 * 4096 // 256
+        assert v.tdx_init_mem_region(SRC, 0x20000, 1) == 1
+        assert vm.tdx_stats["mr_extend"] == 32 and vm.tdx_stats["page_add"] == 3
+
+    def test_vm_launch_is_the_minimal_launch(self):
+        h = gmem.Host(memory=64 << 20, platform="intel")
+        vm = h.create_vm(u.KVM_X86_TDX_VM)
+        vm.launch()                                  # INIT_VM, then FINALIZE_VM
+        assert vm.td_state == "runnable" and vm.shared_gpa_bit == 1 << 51
+        sw = h.create_vm(u.KVM_X86_DEFAULT_VM)
+        sw.launch()                                  # nothing to launch
+        h.check()
+
     def test_init_mem_region_finalize_aug_accept(self):
         h, vm, f, v = td()
         image = bytes(range(256)) * 16 * 3

@@ -75,14 +75,12 @@ cdef class Rmp:
     def view(self, start, stop):
         """Entries for pfns [start, stop) as an RMP_DTYPE array."""
         held = _host_enter(self.host)
-        cdef uint64_t a = self._pfn(start), b = _u64(stop, "stop"), i
-        cdef rmp_entry_info e
+        cdef uint64_t a = self._pfn(start), b = _u64(stop, "stop")
         if b < a or b - a > (1 << 24):
             raise ValueError("need start <= stop and at most 2**24 pfns")
-        out = np.zeros(b - a, dtype=RMP_DTYPE)
-        for i in range(a, b):
-            e = snp_rmpentry_info(self.host.h, i)
-            out[i - a] = (i, e.assigned, e.pagesize, e.immutable, e.validated, e.vmsa, e.asid, e.gpa)
+        out = np.empty(b - a, dtype=RMP_DTYPE)
+        if b > a:
+            snp_rmp_view(self.host.h, a, b, <rmp_view_rec *>cnp.PyArray_DATA(out))
         return out
 
     def assigned(self):

@@ -4,7 +4,7 @@
 
 VM_STATS = ("remote_tlb_flush", "zapped_sptes", "mmu_invalidations", "gmem_prepare",
             "gmem_prepare_failed")
-TDX_STATS = ("aug", "page_add", "block", "track", "remove", "accept")
+TDX_STATS = ("aug", "page_add", "block", "track", "remove", "accept", "mr_extend")
 TDX_SEPT_STATES = {s: (<bytes>tdx_sept_state_name(s)).decode() for s in range(16) if tdx_sept_state_name(s)}
 
 cdef object _HANDLE = object()          # only the core makes handles around existing C objects
@@ -233,8 +233,8 @@ cdef class Vm:
     def snp_launch_start(self, policy=0x30000):
         """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
         held = _host_enter(self.host)
-        _u64_wrap(policy, "policy")
-        self.host._check(sev_snp_launch_start(self._open("KVM_SEV_SNP_LAUNCH_START")), "KVM_SEV_SNP_LAUNCH_START")
+        cdef uint64_t p = _u64_wrap(policy, "policy")
+        self.host._check(sev_snp_launch_start(self._open("KVM_SEV_SNP_LAUNCH_START"), p), "KVM_SEV_SNP_LAUNCH_START")
         self.launch_digest = b""
 
     def snp_launch_update(self, gfn_start, uaddr, length, page_type, flags=0):
@@ -368,8 +368,8 @@ cdef class Vm:
             if ids.shape[0] != n:
                 raise ValueError(f"vcpu_id ({ids.shape[0]}) and gpas ({n}) differ in length")
             idv = np.unique(np.asarray(ids)) if n else ()
-            if n and idv[-1] >= KVM_MAX_VCPU_IDS:
-                raise _err(EINVAL, f"KVM_CREATE_VCPU: id {idv[-1]} >= KVM_MAX_VCPU_IDS")
+            if n and idv.max() >= KVM_MAX_VCPU_IDS:
+                raise _err(EINVAL, f"KVM_CREATE_VCPU: id {idv.max()} >= KVM_MAX_VCPU_IDS")
             for v in idv:
                 self._vcpu(int(v))
             _fault_batch(self.host, k.vcpus, &ids[0] if n else NULL, g, e, o, n)

@@ -597,11 +597,12 @@ ctypedef struct kvm_memory_slot:
 ctypedef struct kvm_sev_info:
     uint32_t asid
     int launch_started          # KVM_SEV_SNP_LAUNCH_START done, LAUNCH_FINISH not yet
+    uint64_t policy             # the guest policy LAUNCH_START was given
     xarray vmsa_pfns            # pfn -> 1: the vCPUs' VMSA pages (snp_launch_finish)
 
 # arch/x86/kvm/vmx/tdx.h struct kvm_tdx, the parts gmem models
 cdef enum:
-    TDX_NR_STATS = 6
+    TDX_NR_STATS = 7
 ctypedef struct kvm_tdx:
     int state                   # enum kvm_tdx_state (TD_STATE_*)
     xarray sept                 # mirror S-EPT leaves: gfn -> pfn << 4 | TDX_SEPT_* state

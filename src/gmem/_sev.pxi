@@ -500,10 +500,29 @@ cdef enum:
     KVM_SEV_SNP_PAGE_TYPE_CPUID = 6
 
 
-cdef int sev_snp_launch_start(kvm *kvm) noexcept nogil:
-    """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
+cdef enum:
+    # include/linux/psp-sev.h
+    SNP_POLICY_MASK_SMT = 1 << 16
+    SNP_POLICY_MASK_RSVD_MBO = 1 << 17
+    SNP_POLICY_MASK_DEBUG = 1 << 19
+    SNP_POLICY_MASK_SINGLE_SOCKET = 1 << 20
+    # snp_supported_policy_bits: the minimum firmware's bits (SNP_POLICY_MASK_BASE) that
+    # KVM_SNP_POLICY_MASK_VALID allows: API version, SMT, MBO, DEBUG, SINGLE_SOCKET
+    SNP_SUPPORTED_POLICY_BITS = 0xFFFF | SNP_POLICY_MASK_SMT | SNP_POLICY_MASK_RSVD_MBO | \
+        SNP_POLICY_MASK_DEBUG | SNP_POLICY_MASK_SINGLE_SOCKET
+
+
+cdef int sev_snp_launch_start(kvm *kvm, uint64_t policy) noexcept nogil:
+    """KVM_SEV_SNP_LAUNCH_START (snp_launch_start): the guest is being built; pre-faulting is
+    refused until finish. The policy may hold only the supported bits and must hold the
+    reserved must-be-one bit 17."""
     if kvm.vm_type != KVM_X86_SNP_VM or kvm.sev.launch_started:
         return _refuse(kvm.host, -EINVAL, "not an SNP VM, or launch already started")
+    if policy & ~(<uint64_t>SNP_SUPPORTED_POLICY_BITS):
+        return _refuse(kvm.host, -EINVAL, "policy bits outside snp_supported_policy_bits")
+    if not policy & SNP_POLICY_MASK_RSVD_MBO:
+        return _refuse(kvm.host, -EINVAL, "policy without SNP_POLICY_MASK_RSVD_MBO (bit 17)")
+    kvm.sev.policy = policy
     kvm.sev.launch_started = 1
     kvm.pre_fault_allowed = 0
     return 0
@@ -590,7 +609,7 @@ cdef int sev_snp_launch_finish(kvm *kvm) noexcept nogil:
 
 cdef int snp_launch_minimal(kvm *kvm) noexcept nogil:
     """vm.launch() for SNP: LAUNCH_START, then LAUNCH_FINISH with nothing measured."""
-    cdef int r = sev_snp_launch_start(kvm)
+    cdef int r = sev_snp_launch_start(kvm, SNP_POLICY_MASK_SMT | SNP_POLICY_MASK_RSVD_MBO)
     return r if r else sev_snp_launch_finish(kvm)
 
 
@@ -789,3 +808,26 @@ cdef bint sev_next_vmsa(kvm *kvm, uint64_t *start, uint64_t *pfn) noexcept nogil
 
 cdef uint32_t sev_asid(const kvm *kvm) noexcept nogil:
     return kvm.sev.asid
+
+
+ctypedef packed struct rmp_view_rec:
+    # laid out as gmem.RMP_DTYPE
+    uint64_t pfn
+    uint8_t assigned
+    uint8_t pagesize
+    uint8_t immutable
+    uint8_t validated
+    uint8_t vmsa
+    uint16_t asid
+    uint64_t gpa
+
+
+cdef void snp_rmp_view(gmem_host *h, uint64_t start, uint64_t stop, rmp_view_rec *out) noexcept nogil:
+    """The entries of pfns [start, stop) as hardware reads them (host.rmp.view)."""
+    cdef uint64_t pfn
+    cdef rmp_entry_info e
+    for pfn in range(start, stop):
+        e = snp_rmpentry_info(h, pfn)
+        out.pfn, out.assigned, out.pagesize, out.immutable = pfn, e.assigned, e.pagesize, e.immutable
+        out.validated, out.vmsa, out.asid, out.gpa = e.validated, e.vmsa, e.asid, e.gpa
+        out += 1
