@@ -1090,11 +1090,10 @@ def test_batch_leaves_freed_under_it_are_not_hinted():
     assert Counter(r[0] for r in batch[0])[FIXED] > 2048   # zapped pages faulted again
 
 
-def test_batch_leaf_hinted_for_the_gfn_it_was_found_for():
-    """A hook's tdx_init_vm (a TD that has only faulted shared pages) moves the shared bit from
-    51 to 47 mid-batch. The leaf stage found fault 8's SPTE leaf for gfn = gpa >> 12 without the
-    old bit; it is hinted for that gfn, not for one recomputed with the new bit (another leaf's
-    range: xa_check -11, and a later fault answered from gfn 5's SPTE)."""
+def test_batch_td_state_does_not_change_under_a_fault():
+    """A hook's tdx_init_vm mid-batch (which would move the shared bit from 51 to 47 under the
+    faults the leaf stage already looked up) is refused, as the kernel's KVM_TDX_INIT_VM cannot
+    run while a vCPU faults: the batch stops with that error and nothing moved."""
     s51, s47, page = 1 << 51, 1 << 47, 0x5000
     host = gmem.Host(memory=1 << 30, platform="intel")
     vm = host.create_vm(TDX)                     # not initialised yet: shared bit 51
@@ -1110,8 +1109,11 @@ def test_batch_leaf_hinted_for_the_gfn_it_was_found_for():
 
     host.register_hooks(TDX, is_private_fault=is_private)
     gpas = np.array([s51 | s47 | 0x100000] * 8 + [s51 | page], dtype=np.uint64)
-    vm.page_fault_batch(gpas, np.full(9, WRITE, np.uint64))
-    assert vm.shared_gpa_bit == s47
+    with pytest.raises(OSError) as e:
+        vm.page_fault_batch(gpas, np.full(9, WRITE, np.uint64))
+    assert e.value.errno == errno.EDEADLK
+    assert vm.shared_gpa_bit == s51 and vm.td_state == "runnable"
+    host.register_hooks(TDX, is_private_fault=None)
     host.check()
-    r = vcpu.page_fault(s51 | s47 | page, PRESENT | WRITE)      # gfn (1 << 39) | 5: no SPTE
-    assert r.ret != SPURIOUS
+    r = vcpu.page_fault(s51 | page, PRESENT | WRITE)
+    assert r.ret == SPURIOUS

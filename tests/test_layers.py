@@ -111,6 +111,7 @@ UPCALLS = {
                             "kvm_vm_ioctl_check_extension"},
     ("_kvm_main", "_mmu"): {"kvm_arch_vcpu_pre_fault_memory", "kvm_unmap_gfn_range"},
     ("_guest_memfd", "_mmu"): {"kvm_unmap_gfn_range"},
+    ("_guest_memfd", "_x86"): {"kvm_arch_has_bound_private_mem"},
     ("_attributes", "_mmu"): {"kvm_unmap_gfn_range"},
     # x86 fills each VM type's ops from its vendor (svm_x86_ops, vt_x86_ops)
     ("_x86", "_sev"): {"sev_hooks_init"},

@@ -116,6 +116,8 @@ cdef object _u64_array(object a, str what):
     arr = np.asarray(a)
     if arr.ndim != 1:
         raise ValueError(f"{what} must be 1-D, not {arr.ndim}-D")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.uint64)         # [] is float64 to numpy: nothing to check
     if arr.dtype.kind not in "ui":
         raise TypeError(f"{what} must hold integers, not {arr.dtype}")
     if arr.dtype.kind == "i" and arr.size and arr.min() < 0:

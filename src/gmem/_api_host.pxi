@@ -125,6 +125,28 @@ cdef void _hook_set(kvm_x86_hooks *dst, int i, const kvm_x86_hooks *src) noexcep
         dst.private_max_mapping_level = src.private_max_mapping_level
 
 
+cdef void _hook_failed(gmem_host *h, BaseException e):
+    """A Python hook raised, or returned what its contract does not allow: the operation that
+    called it fails (-EIO, the VM's KVM_BUG_ON), and its caller raises e."""
+    if h.py_host != NULL and (<Host>h.py_host)._hook_exc is None:
+        (<Host>h.py_host)._hook_exc = e
+    h.hook_error = 1
+    h.stats[HOST_STAT_HOOK_ERRORS] += 1
+
+
+cdef object _hook_result(gmem_host *h, str name, object r, object lo, object hi, object default):
+    """A hook's integer result in [lo, hi] (None: default); anything else fails the call."""
+    if r is None:
+        return default
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)):
+        _hook_failed(h, TypeError(f"hook {name} returned {type(r).__name__} {r!r}, not an int"))
+        return None
+    if not lo <= r <= hi:
+        _hook_failed(h, ValueError(f"hook {name} returned {r}, outside [{lo}, {hi}]"))
+        return None
+    return int(r)
+
+
 cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
     cdef Host host
     # a host whose handle is gone (a C-level user, or the handle collected first) has no hooks
@@ -141,9 +163,7 @@ cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object 
     try:
         return fn(*args)
     except BaseException as e:
-        host._hook_exc = e
-        h.hook_error = 1
-        h.stats[HOST_STAT_HOOK_ERRORS] += 1
+        _hook_failed(h, e)
         return default
     finally:
         _host_unpark(host)
@@ -167,35 +187,41 @@ cdef object _vm_object(kvm *kvm):
     return <object>kvm.py_vm
 
 
+# Each trampoline checks what the hook returned against its documented type and range before
+# the C path uses it: anything else fails the operation (-EIO) and is raised to its caller.
+
 cdef int _py_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    """is_private_fault(vm, gpa, error_code) -> bool"""
     with gil:
         r = _call_hook(kvm.host, kvm.vm_type, 0, (_vm_object(kvm), gpa, error_code), False)
-        return 1 if r else 0
+        if isinstance(r, (bool, np.bool_)) or (isinstance(r, (int, np.integer)) and r in (0, 1)):
+            return 1 if r else 0
+        _hook_failed(kvm.host, TypeError(f"hook is_private_fault returned {type(r).__name__} {r!r}, "
+                                         "not a bool"))
+        return 0
 
 
 cdef int _py_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
+    """gmem_prepare(vm, gfn, pfn, order) -> 0 or -errno (None: 0)"""
     with gil:
         r = _call_hook(kvm.host, kvm.vm_type, 1, (_vm_object(kvm), gfn, pfn, order), -EIO)
-        try:
-            return int(r or 0)
-        except Exception:
-            return -EIO
+        r = _hook_result(kvm.host, "gmem_prepare", r, -4095, 0, 0)
+        return -EIO if r is None else r
 
 
 cdef void _py_gmem_invalidate(gmem_host *h, uint64_t start, uint64_t end) noexcept nogil:
+    """gmem_invalidate(host, start_pfn, end_pfn): what it returns is not read"""
     with gil:
         _call_hook(h, h.invalidate_vm_type, 2, (<object>h.py_host if h.py_host != NULL else None,
                                                 start, end), None)
 
 
 cdef int _py_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
+    """private_max_mapping_level(vm, pfn) -> 0 (no limit) or a PG_LEVEL_*"""
     with gil:
         r = _call_hook(kvm.host, kvm.vm_type, 3, (_vm_object(kvm), pfn), 0)
-        try:
-            r = int(r or 0)
-        except Exception:
-            return 0
-        return r if 0 <= r <= 3 else 0
+        r = _hook_result(kvm.host, "private_max_mapping_level", r, 0, KVM_MAX_HUGEPAGE_LEVEL, 0)
+        return PG_LEVEL_4K if r is None else r
 
 
 _PY_HOOKS.is_private_fault = _py_is_private_fault

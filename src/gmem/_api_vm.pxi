@@ -104,6 +104,7 @@ cdef class Vm:
         """The minimal launch for the VM type, for scenarios that do not model it: SNP
         LAUNCH_START + LAUNCH_FINISH, TDX INIT_VM + FINALIZE_VM; nothing for the others."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "launch")
         self.host._check(kvm_launch(self._open("launch")), "launch")
 
     # ------------------------------------------------------------ vCPUs
@@ -233,6 +234,7 @@ cdef class Vm:
     def snp_launch_start(self, policy=0x30000):
         """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_SEV_SNP_LAUNCH_START")
         cdef uint64_t p = _u64_wrap(policy, "policy")
         self.host._check(sev_snp_launch_start(self._open("KVM_SEV_SNP_LAUNCH_START"), p), "KVM_SEV_SNP_LAUNCH_START")
         self.launch_digest = b""
@@ -241,6 +243,7 @@ cdef class Vm:
         """KVM_SEV_SNP_LAUNCH_UPDATE through kvm_gmem_populate: the pages must be PRIVATE in the
         attributes and not yet prepared (EEXIST). Returns the updated (gfn_start, uaddr, len)."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_SEV_SNP_LAUNCH_UPDATE")
         cdef uint64_t gfn = _u64(gfn_start, "gfn_start"), src = _u64(uaddr, "uaddr"), ln = _u64(length, "len")
         cdef int ptype = _int_arg(page_type, "page_type", 0, 256), err = 0
         cdef uint64_t fl = _u64(flags, "flags")
@@ -262,6 +265,7 @@ cdef class Vm:
         """KVM_SEV_SNP_LAUNCH_FINISH: each vCPU's VMSA becomes a private, immutable page; the
         guest runs and pre-faulting is allowed."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_SEV_SNP_LAUNCH_FINISH")
         self.host._check(sev_snp_launch_finish(self._open("KVM_SEV_SNP_LAUNCH_FINISH")), "KVM_SEV_SNP_LAUNCH_FINISH")
 
     @property
@@ -283,12 +287,14 @@ cdef class Vm:
     def tdx_init_vm(self, gpaw=52):
         """KVM_TDX_INIT_VM: GPAW 52 (shared bit 51) or 48 (shared bit 47); the TD is being built."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_TDX_INIT_VM")
         cdef kvm *k = self._tdx("KVM_TDX_INIT_VM")
         self.host._check(tdx_td_init(k, _int_arg(gpaw, "gpaw", 0, 256)), "KVM_TDX_INIT_VM")
 
     def tdx_finalize_vm(self):
         """KVM_TDX_FINALIZE_VM: refused (EINVAL) while a premapped page was never added."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_TDX_FINALIZE_VM")
         self.host._check(tdx_td_finalize(self._tdx("KVM_TDX_FINALIZE_VM")), "KVM_TDX_FINALIZE_VM")
 
     @property

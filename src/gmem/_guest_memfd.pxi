@@ -377,6 +377,9 @@ cdef int kvm_gmem_link(kvm *kvm, gmem_file *src, gmem_file **out) noexcept nogil
     migration (KVM_LINK_GUEST_MEMFD, proposed uAPI, not merged)."""
     if src.kvm.vm_type != kvm.vm_type:
         return _refuse(kvm.host, -EINVAL, "the VM types differ")
+    if kvm_arch_has_bound_private_mem(kvm):
+        return _refuse(kvm.host, -EINVAL, "the pages are encrypted for the source's ASID/HKID: they "
+                       "move only with its encryption context (KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM)")
     if __kvm_gmem_create_file(kvm, src.inode, out) < 0:
         return _refuse(kvm.host, -ENOMEM, "out of memory")
     return 0

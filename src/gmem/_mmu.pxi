@@ -489,6 +489,9 @@ cdef inline void kvm_mmu_hint_leaves(kvm *kvm, const kvm_fault_leaves *lv) noexc
 
 
 cdef enum:
+    # not the kernel's: retries of one fault after which the model stands in for a pending
+    # signal (only a Python hook that invalidates on every attempt gets near it)
+    KVM_FAULT_RETRIES_BEFORE_SIGNAL = 1024
     PREFETCH_AHEAD = 4       # faults between the two prefetch stages (measured: 4 beats 2-24)
     PREFETCH_RING = 16       # the leaves of faults i .. i + 2 * AHEAD (a power of two)
 
@@ -544,7 +547,7 @@ cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int
     prefetch, again while RET_PF_RETRY; 0 with *level the mapping's, or -errno. No pf_*
     stat moves: kvm_mmu_page_fault counts those, kvm_mmu_do_page_fault does not (6.11)."""
     cdef kvm_fault_out out
-    cdef int r
+    cdef int r, tries = 0
     memset(&out, 0, sizeof(out))
     while True:
         # kvm_check_request(KVM_REQ_VM_DEAD): a hook raised
@@ -553,9 +556,11 @@ cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int
         r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, &out)
         if r != RET_PF_RETRY:
             break
-        if vcpu.kvm.mmu_invalidate_in_progress:
-            # signal_pending: the one retry that never ends here is an invalidation only our
-            # caller (a Python hook inside it) could finish; the kernel's task gets a signal
+        tries += 1
+        if vcpu.kvm.mmu_invalidate_in_progress or tries >= KVM_FAULT_RETRIES_BEFORE_SIGNAL:
+            # signal_pending: a retry that never ends here is an invalidation only our caller
+            # (a Python hook inside it) could finish, or one a hook starts on every attempt;
+            # the kernel's task would get a signal
             return -EINTR
     if r < 0:
         return r

@@ -173,7 +173,7 @@ cdef int tdx_handle_ept_violation(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_c
     """tdx_handle_ept_violation: a private access is always a write; a fetch from shared
     memory is a bug; private faults retry inside KVM (local_retry), not re-entering the TD."""
     cdef kvm *kvm = vcpu.kvm
-    cdef int r
+    cdef int r, tries = 0
     if error_code & PFERR_PRIVATE_ACCESS:
         error_code = (error_code & (PFERR_GUEST_FINAL_MASK | PFERR_GUEST_PAGE_MASK)) | \
             PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS
@@ -189,7 +189,9 @@ cdef int tdx_handle_ept_violation(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_c
     if error_code & PFERR_PRIVATE_ACCESS:
         # (an invalidation still in progress can only be a Python hook's caller: the vCPU goes
         # back to the guest, as it would on a pending signal)
-        while r == RET_PF_RETRY and not kvm.host.hook_error and not kvm.mmu_invalidate_in_progress:
+        while r == RET_PF_RETRY and not kvm.host.hook_error and not kvm.mmu_invalidate_in_progress \
+                and tries < KVM_FAULT_RETRIES_BEFORE_SIGNAL:
+            tries += 1
             vcpu.stats[VCPU_STAT_PF_RETRY] += 1
             vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
             r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)

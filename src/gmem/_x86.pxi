@@ -68,5 +68,11 @@ cdef int kvm_vm_ioctl_enable_cap(kvm *kvm, uint64_t cap, uint64_t arg0) noexcept
     return _refuse(kvm.host, -EINVAL, "this capability cannot be enabled")
 
 
+cdef bint kvm_arch_has_bound_private_mem(kvm *kvm) noexcept nogil:
+    """The VM's memory is encrypted with a key of its own (SEV's ASID, TDX's HKID): no other
+    VM can use its pages unless the whole encryption context moves."""
+    return KVM_X86_SEV_VM <= kvm.vm_type <= KVM_X86_TDX_VM
+
+
 cdef inline bint user_exit_on_hypercall(kvm *kvm, uint64_t nr) noexcept nogil:
     return (kvm.hypercall_exit_enabled >> nr) & 1
