@@ -1048,8 +1048,9 @@ def test_empty_batch_with_a_vcpu_id_array():
 
 def _zapping_guest(batch):
     """A 16 MiB private guest, half of it mapped, with a prepare hook that zaps every SPTE
-    (a round trip through shared) on every 50th cold fault; the stream's records and stats."""
-    host = gmem.Host(memory=64 * M)
+    (a round trip through shared) on every 50th cold fault; the stream's records and stats
+    (Linux 6.18: a folio is prepared once, so the hook runs once per page)."""
+    host = gmem.Host(memory=64 * M, kernel="6.18")
     vm = host.create_vm(SW)
     f = vm.create_guest_memfd(16 * M)
     vm.set_user_memory_region2(0, GMEM, 0, 16 * M, userspace_addr=HVA, guest_memfd=f)

@@ -21,6 +21,18 @@ _POLICIES = {
                    "invalidate_folio": GMEM_INVALIDATE_INVALIDATE_FOLIO},
 }
 _PLATFORMS = {"amd": GMEM_PLATFORM_AMD, "intel": GMEM_PLATFORM_INTEL, "none": GMEM_PLATFORM_NONE}
+KERNELS = {"rfc-2023": GMEM_KERNEL_RFC_2023, "6.18": GMEM_KERNEL_6_18, "7.2": GMEM_KERNEL_7_2,
+           "next": GMEM_KERNEL_NEXT}
+
+
+def default_kernel():
+    """The version a Host models when none is named: $GMEM_KERNEL, else "7.2" (the latest
+    stable). Setting GMEM_KERNEL runs a whole scenario or test suite under another version."""
+    import os
+    k = os.environ.get("GMEM_KERNEL") or "7.2"
+    if k not in KERNELS:
+        raise ValueError(f"GMEM_KERNEL={k!r}: kernel must be one of {', '.join(KERNELS)}")
+    return k
 
 
 # ------------------------------------------------------------ the host lock
@@ -236,12 +248,14 @@ _PY_HOOKS.private_max_mapping_level = _py_private_max_mapping_level
 cdef class Host:
     """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
 
-    Keyword options model kernel builds and the policies argued in the RFC:
-    prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
+    kernel="rfc-2023"|"6.18"|"7.2"|"next" names the version whose rules apply (default
+    $GMEM_KERNEL, else "7.2"). Keyword options model kernel builds (sw_protected,
+    memory_attributes, tdp) and the policies argued in the RFC, which override the version's
+    own: prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
     invalidate="free_folio"|"invalidate_folio" (with reattach_private, the re-attach scan
     after a split that the RFC cover letter suggests), huge_folios (2M gmem folios,
     proposed upstream), scramble_on_conversion (SW_PROTECTED: converted gmem pages read back
-    as garbage). Defaults follow Linux 6.18.
+    as garbage).
     """
     cdef gmem_host *h
     cdef readonly str platform
@@ -262,9 +276,9 @@ cdef class Host:
     cdef bint _initialized
     cdef object __weakref__
 
-    def __cinit__(self, memory=64 << 30, platform="amd", *, sw_protected=True,
-                  memory_attributes=True, prepare="fault", prepared_tracking="gmem",
-                  invalidate="free_folio", huge_folios=False, reattach_private=False,
+    def __cinit__(self, memory=64 << 30, platform="amd", *, kernel=None, sw_protected=True,
+                  memory_attributes=True, tdp=True, prepare=None, prepared_tracking=None,
+                  invalidate=None, huge_folios=False, reattach_private=False,
                   scramble_on_conversion=False):
         cdef gmem_host_config cfg
         cdef const char *why = NULL
@@ -273,16 +287,25 @@ cdef class Host:
         cfg.memory = _u64(memory, "memory")
         if platform not in _PLATFORMS:
             raise ValueError(f"platform must be one of {sorted(_PLATFORMS)}, not {platform!r}")
+        kernel = default_kernel() if kernel is None else kernel
+        if not isinstance(kernel, str) or kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
+        cfg.kernel = KERNELS[kernel]
+        gmem_host_config_kernel(&cfg)               # the version's policies ...
         for name, value in (("prepare", prepare), ("prepared_tracking", prepared_tracking),
                             ("invalidate", invalidate)):
-            if not isinstance(value, str) or value not in _POLICIES[name]:
+            if value is not None and (not isinstance(value, str) or value not in _POLICIES[name]):
                 raise ValueError(f"{name} must be one of {sorted(_POLICIES[name])}, not {value!r}")
         cfg.platform = _PLATFORMS[platform]
+        cfg.tdp = bool(tdp)
         cfg.sw_protected = bool(sw_protected)
         cfg.memory_attributes = bool(memory_attributes)
-        cfg.prepare_policy = _POLICIES["prepare"][prepare]
-        cfg.prepared_tracking = _POLICIES["prepared_tracking"][prepared_tracking]
-        cfg.invalidate_policy = _POLICIES["invalidate"][invalidate]
+        if prepare is not None:                     # ... which the named options override
+            cfg.prepare_policy = _POLICIES["prepare"][prepare]
+        if prepared_tracking is not None:
+            cfg.prepared_tracking = _POLICIES["prepared_tracking"][prepared_tracking]
+        if invalidate is not None:
+            cfg.invalidate_policy = _POLICIES["invalidate"][invalidate]
         cfg.huge_folios = bool(huge_folios)
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
@@ -319,8 +342,18 @@ cdef class Host:
             PyThread_free_lock(self._lock)
 
     @property
+    def kernel(self):
+        """The kernel version whose rules apply ("rfc-2023", "6.18", "7.2" or "next")."""
+        return {v: k for k, v in KERNELS.items()}[self.h.kernel]
+
+    @property
+    def tdp(self):
+        """tdp_enabled: the host has two-dimensional paging (KVM_PRE_FAULT_MEMORY needs it)."""
+        return bool(self.h.tdp)
+
+    @property
     def options(self):
-        """The policy options in force, by name."""
+        """The policy options in force, by name (the version's, unless overridden)."""
         return dict(
             prepare=[k for k, v in _POLICIES["prepare"].items() if v == self.h.prepare_policy][0],
             prepared_tracking=[k for k, v in _POLICIES["prepared_tracking"].items()

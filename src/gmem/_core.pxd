@@ -20,7 +20,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 # ======================================================================================
 
 cdef enum:
-    GMEM_CAPI_VERSION = 3
+    GMEM_CAPI_VERSION = 4
 
 # Opaque to stable users: reach them only through the calls below.
 ctypedef struct gmem_host
@@ -89,6 +89,12 @@ cdef enum:
     GMEM_PLATFORM_NONE = 0
     GMEM_PLATFORM_AMD = 1          # DEFAULT, SEV, SEV_ES, SNP VM types; an RMP
     GMEM_PLATFORM_INTEL = 2        # DEFAULT, TDX VM types
+    # kernel versions a host models (gmem.Host(kernel=...)): each a bundle of the rules that
+    # differ, named in comments where they are applied
+    GMEM_KERNEL_RFC_2023 = 0        # "KVM: gmem hooks/changes needed for x86" (Oct 2023)
+    GMEM_KERNEL_6_18 = 1
+    GMEM_KERNEL_7_2 = 2             # the latest stable (the default)
+    GMEM_KERNEL_NEXT = 3            # kvm-x86 as of late 2026: hook renames, in-place conversion
     # policies (gmem.Host options)
     GMEM_PREPARE_FAULT = 0          # Linux 6.12+: prepare at the first kvm_gmem_get_pfn
     GMEM_PREPARE_ALLOC = 1          # the RFC: prepare whenever a folio is obtained
@@ -163,6 +169,9 @@ cdef enum:
 ctypedef struct gmem_host_config:
     uint64_t memory                 # bytes of host physical memory (a multiple of 4096)
     int platform                    # GMEM_PLATFORM_*
+    int kernel                      # GMEM_KERNEL_*: set it, then gmem_host_config_kernel()
+                                    # gives the policies below that version's defaults
+    int tdp                         # two-dimensional paging (tdp_enabled)
     int sw_protected                # KVM_X86_SW_PROTECTED_VM available
     int memory_attributes           # KVM_SET_MEMORY_ATTRIBUTES exists
     int prepare_policy              # GMEM_PREPARE_*
@@ -207,6 +216,8 @@ ctypedef struct kvm_fault_out:
 
 # ---- the simulated machine
 cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil
+# The policies of cfg.kernel's bundle (prepare, prepared_tracking, invalidate, huge_folios).
+cdef void gmem_host_config_kernel(gmem_host_config *cfg) noexcept nogil
 # 0 with *out (one reference, the caller's), or -EINVAL (reason set in *why) / -ENOMEM.
 cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const char **why) noexcept nogil
 cdef void gmem_host_put(gmem_host *h) noexcept nogil
@@ -537,6 +548,8 @@ ctypedef struct gmem_host:
     xarray page_data            # pfn -> malloc'd 4 KiB of contents (absent: zeros)
     xarray user_pages           # VMM userspace memory: hva >> 12 -> folio id
     int platform                # GMEM_PLATFORM_*
+    int kernel                  # GMEM_KERNEL_*: the version whose rules apply
+    uint8_t tdp                 # tdp_enabled
     uint32_t vm_types           # KVM_CAP_VM_TYPES
     uint8_t memory_attributes   # CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES
     uint8_t prepare_policy

@@ -20,6 +20,7 @@ from typing_extensions import Required, Self, TypeAlias, disjoint_base
 _Int: TypeAlias = int | np.integer[Any]
 _Bytes: TypeAlias = ReadableBuffer | Iterable[SupportsIndex]
 _Platform: TypeAlias = Literal["amd", "intel", "none"]
+_Kernel: TypeAlias = Literal["rfc-2023", "6.18", "7.2", "next"]
 _TraceEvent: TypeAlias = Literal["kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit",
                                  "gmem_prepare", "gmem_invalidate"]
 _HookName: TypeAlias = Literal["is_private_fault", "gmem_prepare", "gmem_invalidate",
@@ -85,6 +86,10 @@ SNP_STATS: Final[tuple[str, ...]]
 TDX_STATS: Final[tuple[str, ...]]
 HOOK_NAMES: Final[tuple[_HookName, ...]]
 TDX_SEPT_STATES: Final[dict[int, str]]
+# the kernel versions a Host can model, and the one it models when none is named
+KERNELS: Final[dict[str, int]]
+def default_kernel() -> _Kernel:
+    """$GMEM_KERNEL, else "7.2"."""
 # the kernel's constants as the core's C code defines them (gmem.uapi mirrors them)
 C_CONSTANTS: Final[dict[str, int]]
 
@@ -239,15 +244,23 @@ class Host:
         memory: _Int = 68719476736,
         platform: _Platform = "amd",
         *,
+        kernel: _Kernel | None = None,
         sw_protected: bool = True,
         memory_attributes: bool = True,
-        prepare: Literal["fault", "alloc"] = "fault",
-        prepared_tracking: Literal["gmem", "arch"] = "gmem",
-        invalidate: Literal["free_folio", "invalidate_folio"] = "free_folio",
+        tdp: bool = True,
+        prepare: Literal["fault", "alloc"] | None = None,
+        prepared_tracking: Literal["gmem", "arch"] | None = None,
+        invalidate: Literal["free_folio", "invalidate_folio"] | None = None,
         huge_folios: bool = False,
         reattach_private: bool = False,
         scramble_on_conversion: bool = False,
     ) -> None: ...
+    @property
+    def kernel(self) -> _Kernel:
+        """The kernel version whose rules apply."""
+    @property
+    def tdp(self) -> bool:
+        """tdp_enabled: the host has two-dimensional paging."""
     @property
     def platform(self) -> _Platform: ...
     @property

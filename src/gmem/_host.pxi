@@ -16,12 +16,27 @@ cdef extern from *:
 
 
 cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil:
-    """The defaults of gmem.Host(): 64 GiB, "amd", Linux 6.18's policies."""
+    """The defaults of gmem.Host(): 64 GiB, "amd", Linux 7.2 and its policies."""
     memset(cfg, 0, sizeof(gmem_host_config))
     cfg.memory = (<uint64_t>64) << 30
     cfg.platform = GMEM_PLATFORM_AMD
+    cfg.kernel = GMEM_KERNEL_7_2
+    cfg.tdp = 1
     cfg.sw_protected = 1
     cfg.memory_attributes = 1
+    gmem_host_config_kernel(cfg)
+
+
+cdef void gmem_host_config_kernel(gmem_host_config *cfg) noexcept nogil:
+    """The policies each version has (DESIGN.md "Policies and kernel versions are data"):
+    - rfc-2023: prepare whenever a folio is obtained, "prepared" left to the arch (the RFC's
+      kvm_gmem_get_folio calls kvm_arch_gmem_prepare for every binding, tracking nothing);
+    - 6.18: prepare at the first kvm_gmem_get_pfn, "prepared" is the folio's uptodate flag;
+    - 7.2 and next: zero once (uptodate) but prepare on every kvm_gmem_get_pfn, SNP tracking
+      preparedness in the RMP (7.0, "Remove kvm_gmem_populate()'s preparation tracking")."""
+    cfg.prepare_policy = GMEM_PREPARE_ALLOC if cfg.kernel == GMEM_KERNEL_RFC_2023 else GMEM_PREPARE_FAULT
+    cfg.prepared_tracking = GMEM_TRACK_GMEM if cfg.kernel == GMEM_KERNEL_6_18 else GMEM_TRACK_ARCH
+    cfg.invalidate_policy = GMEM_INVALIDATE_FREE_FOLIO
 
 
 cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const char **why) noexcept nogil:
@@ -44,6 +59,9 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
             and 0 <= cfg.invalidate_policy <= 1):
         why[0] = "unknown policy"
         return -EINVAL
+    if not GMEM_KERNEL_RFC_2023 <= cfg.kernel <= GMEM_KERNEL_NEXT:
+        why[0] = "unknown kernel version"
+        return -EINVAL
     h = <gmem_host *>_calloc(1, sizeof(gmem_host))
     if h == NULL:
         why[0] = "out of memory"
@@ -54,10 +72,16 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
     xa_init(&h.page_data)
     xa_init(&h.user_pages)
     h.platform = cfg.platform
+    h.kernel = cfg.kernel
+    h.tdp = cfg.tdp != 0
     h.vm_types = (_PLATFORM_TYPES_AMD if cfg.platform == GMEM_PLATFORM_AMD else
                   _PLATFORM_TYPES_INTEL if cfg.platform == GMEM_PLATFORM_INTEL else _PLATFORM_TYPES_NONE)
     if cfg.sw_protected:
         h.vm_types |= 1 << KVM_X86_SW_PROTECTED_VM
+    if not cfg.tdp:
+        # without TDP: no SW_PROTECTED (needs the TDP MMU), no SEV (sev_hardware_setup needs
+        # NPT), no TDX (tdx_bringup needs EPT)
+        h.vm_types = 1 << KVM_X86_DEFAULT_VM
     h.memory_attributes = cfg.memory_attributes != 0
     h.prepare_policy = cfg.prepare_policy
     h.prepared_tracking = cfg.prepared_tracking

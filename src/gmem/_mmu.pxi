@@ -548,6 +548,9 @@ cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int
     stat moves: kvm_mmu_page_fault counts those, kvm_mmu_do_page_fault does not (6.11)."""
     cdef kvm_fault_out out
     cdef int r, tries = 0
+    if not vcpu.kvm.host.tdp:
+        return _refuse(vcpu.kvm.host, -EOPNOTSUPP, "the host has no TDP (mmu->page_fault is not "
+                       "kvm_tdp_page_fault)")
     memset(&out, 0, sizeof(out))
     while True:
         # kvm_check_request(KVM_REQ_VM_DEAD): a hook raised
