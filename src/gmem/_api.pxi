@@ -393,7 +393,7 @@ cdef class Host:
     def __init__(self, memory=64 << 30, platform="amd", *, sw_protected=True,
                  memory_attributes=True, prepare="fault", prepared_tracking="gmem",
                  invalidate="free_folio", huge_folios=False, reattach_private=False,
-                 scramble_on_conversion=False):
+                 scramble_on_conversion=False, content_memfd=False):
         cdef uint64_t nbytes = _u64(memory, "memory")
         if nbytes == 0 or nbytes & 4095:
             raise ValueError(f"memory {memory} must be a positive multiple of 4096 bytes")
@@ -422,6 +422,9 @@ cdef class Host:
         self.h.huge_folios = bool(huge_folios)
         self.h.reattach_private = bool(reattach_private)
         self.h.scramble_on_conversion = bool(scramble_on_conversion)
+        # gmem exec: guest_memfd contents in memfds another process maps (_contents_memfd.pxi)
+        self.h.content_memfd = bool(content_memfd)
+        xa_init(&self.h.content_inodes)
         # A process's fds 0-2 are open files that are not guest_memfds (set_memory_region_test.c
         # binds guest_memfd = 0 and expects kvm_gmem_bind's "not a gmem file" EINVAL, not EBADF)
         self._fds = {0: "stdin", 1: "stdout", 2: "stderr"}
@@ -442,6 +445,7 @@ cdef class Host:
             free(<void *><size_t>v)
             start = first + 1
         xa_destroy(&self.h.page_data)
+        xa_destroy(&self.h.content_inodes)
         xa_destroy(&self.h.user_pages)
         xa_destroy(&self.h.rmp.entries)
         xa_destroy(&self.h.rmp.perms)
@@ -462,7 +466,8 @@ cdef class Host:
                                if v == self.h.prepared_tracking][0],
             invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
             huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private),
-            scramble_on_conversion=bool(self.h.scramble_on_conversion))
+            scramble_on_conversion=bool(self.h.scramble_on_conversion),
+            content_memfd=bool(self.h.content_memfd))
 
     # ------------------------------------------------------------- fds
     cdef int _install_fd(self, obj) except -1:

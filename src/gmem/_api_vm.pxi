@@ -1095,6 +1095,7 @@ cdef class GmemInode:
     def __cinit__(self, Host host not None, uint64_t size, uint64_t flags, vm_type):
         vm_type = _vm_type_arg(vm_type)          # indexes the host's hook table on free
         memset(&self.i, 0, sizeof(gmem_inode))
+        self.i.memfd = -1
         xa_init(&self.i.filemap)
         self.host = host
         self.i.host = &host.h
@@ -1103,6 +1104,9 @@ cdef class GmemInode:
         self.i.vm_type = vm_type
         self.i.ino = host._next_ino
         host._next_ino += 1
+        r = gmem_contents_init(&self.i)          # gmem exec (content_memfd): a memfd of i_size
+        if r < 0:
+            raise _err(-r, "KVM_CREATE_GUEST_MEMFD: no memfd for the contents (content_memfd)")
 
     def __dealloc__(self):
         cdef Host host = self.host
@@ -1112,6 +1116,7 @@ cdef class GmemInode:
             kvm_gmem_evict_inode(&self.i)
             if host is not None:
                 _host_unlock(host)
+        gmem_contents_release(&self.i)
         xa_destroy(&self.i.filemap)
 
 
@@ -1180,6 +1185,22 @@ cdef class GuestMemfd:
     @property
     def ino(self):
         return self.file.inode.i.ino
+
+    @property
+    def memfd(self):
+        """Host(content_memfd=True): the memfd holding this inode's contents (owned by the
+        inode: dup it to keep it), else -1."""
+        return self.file.inode.i.memfd
+
+    def sync_memfd(self):
+        """Host(content_memfd=True): fault in, as kvm_gmem_fault_user_mapping() would have,
+        every page another process wrote through its own mapping of the memfd; the number."""
+        held = _host_enter(self.file.vm.host)
+        self._check_open("sync_memfd")
+        cdef int64_t n = gmem_contents_sync(&self.file.inode.i)
+        if n < 0:
+            raise MemoryError("out of memory faulting in guest_memfd pages (VM_FAULT_OOM)")
+        return n
 
     cdef void _check_open(self, str what) except *:
         if self.closed:

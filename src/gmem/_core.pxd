@@ -306,6 +306,8 @@ ctypedef struct gmem_host:
     uint64_t trace_seq
     uint32_t trace_mask         # enabled events (1 << TRACE_*)
     snp_rmp rmp
+    uint8_t content_memfd       # gmem exec: inode contents in memfds (_contents_memfd.pxi)
+    xarray content_inodes       # ... ino -> gmem_inode * of those inodes
 
 ctypedef struct gmem_inode:
     gmem_host *host
@@ -315,6 +317,8 @@ ctypedef struct gmem_inode:
     int vm_type                 # of the VM that created it: whose gmem_invalidate runs
     xarray filemap              # page index -> folio id
     gmem_file *files            # the files on this inode (6.18: exactly one)
+    int memfd                   # content_memfd: the memfd holding the contents, else -1
+    unsigned char *contents     # ... mapped here (NULL: contents in the host's page_data)
 
 ctypedef struct gmem_file:
     gmem_inode *inode

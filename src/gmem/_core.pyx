@@ -16,6 +16,7 @@ include "_physmem.pxi"
 include "_trace.pxi"
 include "_kvm_main.pxi"
 include "_guest_memfd.pxi"
+include "_contents_memfd.pxi"     # gmem exec: guest_memfd contents in memfds (Host(content_memfd=True))
 include "_sev.pxi"
 include "_tdx.pxi"
 include "_mmu.pxi"

@@ -16,6 +16,8 @@ cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nog
     """Forget the contents of [pfn, pfn + n): they read as zeros again."""
     cdef uint64_t first, v, start = pfn
     cdef int order
+    if host.content_inodes.nr_entries and gmem_contents_drop(host, pfn, n) == n:
+        return                          # gmem exec: the contents live in memfds
     if host.page_data.nr_entries == 0:
         return
     while xa_find_entry(&host.page_data, start, pfn + n - 1, XA_NO_MARK, &first, &order, &v):
@@ -37,6 +39,11 @@ cdef void host_clear_pages(gmem_host *host, uint64_t pfn, uint64_t n) noexcept n
 cdef unsigned char *page_data_get(gmem_host *host, uint64_t pfn, bint create) noexcept nogil:
     cdef uint64_t v, old
     cdef void *p
+    cdef unsigned char *c
+    if host.content_inodes.nr_entries:
+        c = gmem_contents_page(host, pfn)   # gmem exec: the contents live in memfds
+        if c != NULL:
+            return c
     if xa_load(&host.page_data, pfn, &v):
         return <unsigned char *><size_t>v
     if not create:
