@@ -15,6 +15,9 @@ OP_GMEM = 5
 OP_CLOSE = 6
 OP_FAULT = 7
 OP_RUN = 8
+OP_AUDIT = 9
+OP_AUDIT_DONE = 10
+OP_RESUME = 11
 
 # enum shim_fd_state
 FD_NOT_OPEN = 0
@@ -51,6 +54,7 @@ ACT_SLOT_DEL = 2
 ACT_BACKING_DEL = 3
 ACT_VM_GONE = 4
 ACT_VM_GOVERNED = 5
+ACT_VM_CHECK_RESUME = 6
 
 REQ = struct.Struct("<II6Q")            # struct shim_req
 REP = struct.Struct("<IIqII4Q")         # struct shim_rep

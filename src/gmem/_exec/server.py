@@ -16,9 +16,10 @@ import traceback
 
 from gmem import uapi
 from gmem._exec import proto
-from gmem._exec.proto import (ACT_BACKING_DEL, ACT_VM_GONE, ACT_VM_GOVERNED, FAULT_MEMORY_FAULT,
+from gmem._exec.proto import (ACT_BACKING_DEL, ACT_VM_CHECK_RESUME, ACT_VM_GONE, ACT_VM_GOVERNED, FAULT_MEMORY_FAULT,
                               FAULT_PASS, FAULT_RESUME, RUN_MODEL, RUN_NONE, RUN_REAL, act)
 from gmem._exec.realvm import RealVm
+from gmem._exec.report import audit_findings, audit_ranges, stale_private_backing
 
 KVM_MEMORY_ENCRYPT_OP = uapi._IOWR(uapi.KVMIO, 0xBA, 8)
 KVM_GET_VCPU_MMAP_SIZE = uapi.KVM_GET_VCPU_MMAP_SIZE
@@ -52,6 +53,8 @@ class VmState:
         self.run_mode = run_mode
         self.real = RealVm(oid, vm)
         self.gone = False
+        self.audited = False                # its shared memory was measured at its close
+        self.pending_shared = []            # (gpa, size) made shared since the last KVM_RUN
 
 
 class GFile:
@@ -80,6 +83,7 @@ class Server:
         self.maps = {}                     # id -> (Mapping, GFile)
         self.guests = {}                   # vcpu id -> scripted guest
         self.counts = {"requests": 0, "faults": 0, "memory_fault_exits": 0}
+        self.findings = []                 # problems the report names (gmem/_exec/report.py)
         self._acts = []
         self._fds = []
 
@@ -133,6 +137,18 @@ class Server:
             return self.fault(a[0], a[1], a[2])
         if op == proto.OP_RUN:
             return self.run(a[0], payload)
+        if op == proto.OP_AUDIT:
+            self.vms[a[0]].audited = True
+            self.findings += stale_private_backing(self.vms[a[0]])
+            return 0, audit_ranges(self.vms[a[0]])
+        if op == proto.OP_RESUME:
+            vs = self.vms[a[0]]
+            self.findings += stale_private_backing(vs, vs.pending_shared)
+            vs.pending_shared = []
+            return 0, b""
+        if op == proto.OP_AUDIT_DONE:
+            self.findings += audit_findings(self.vms[a[0]], payload)
+            return 0, b""
         return -errno.ENOSYS, b""
 
     def _refresh(self, vs=None):
@@ -217,8 +233,13 @@ class Server:
             bound = gf if flags & uapi.KVM_MEM_GUEST_MEMFD and size else None
             return self._memslot_changed(vs, slot, bound), b""
         if cmd == uapi.KVM_SET_MEMORY_ATTRIBUTES:
-            vm.set_memory_attributes(*struct.unpack_from(uapi.KVM_MEMORY_ATTRIBUTES_FORMAT, payload))
+            gpa, size, attrs, flags = struct.unpack_from(uapi.KVM_MEMORY_ATTRIBUTES_FORMAT, payload)
+            vm.set_memory_attributes(gpa, size, attrs, flags)
             self._refresh(vs)
+            if not attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+                # by the next KVM_RUN the VMM should have discarded the private copy
+                vs.pending_shared.append((gpa, size))
+                self._acts.append(act(ACT_VM_CHECK_RESUME, vs.id))
             return 0, b""
         if cmd == uapi.KVM_CREATE_GUEST_MEMFD:
             size, flags = struct.unpack_from("<QQ", payload)
@@ -290,6 +311,8 @@ class Server:
 
     def run(self, vcpu_id, payload):
         vcpu, vs = self.vcpus[vcpu_id]
+        self.findings += stale_private_backing(vs, vs.pending_shared)
+        vs.pending_shared = []
         g = self.guests.get(vcpu_id)
         if g is None:
             g = self.guests[vcpu_id] = self.guest(vcpu, vs)

@@ -261,6 +261,7 @@ struct vm {
 	int type;
 	int run_mode;
 	int governed;		/* the model owns some of its memory: ask it about MMIO exits */
+	int check_resume;	/* tell the model when a vCPU re-enters (OP_RESUME) */
 	int fd;			/* a real VM fd of our own (hybrid), or -1 */
 	int nfds;		/* the program's fds on it */
 	struct realslot *slots;	/* the real memslots the model asked for (governed ones) */
@@ -662,6 +663,10 @@ static void apply_actions(const struct shim_act *act, uint32_t n)
 			if (vm)
 				vm->governed = 1;
 			break;
+		case ACT_VM_CHECK_RESUME:
+			if (vm)
+				vm->check_resume = 1;
+			break;
 		}
 	}
 }
@@ -846,6 +851,40 @@ EXPORT int __openat64_2(int dirfd, const char *path, int flags) __attribute__((a
 
 /* ------------------------------------------------------------------ fd lifetime */
 
+/*
+ * Before a VM's last fd closes: how much of the program's shared memory still backs gfns that
+ * are private (the model asks; mincore answers).  Memory a VMM discarded at the private
+ * conversion and did not touch since is not resident; a stale DMA mapping writing there, or
+ * a VMM that never discards, shows.
+ */
+static void audit(struct vm *vm)
+{
+	uint64_t ranges[2 * 256], done[2 * 256];
+	struct shim_rep rep;
+	unsigned char vec[4096];
+	int n;
+
+	if (!vm->governed || call(OP_AUDIT, A(vm->id), NULL, 0, ranges, sizeof(ranges), &rep, NULL) < 0)
+		return;
+	n = (int)(rep.out_len < sizeof(ranges) ? rep.out_len : sizeof(ranges)) / 16;
+	for (int i = 0; i < n; i++) {
+		uint64_t hva = ranges[2 * i], pages = ranges[2 * i + 1], resident = 0;
+
+		for (uint64_t off = 0; off < pages; off += sizeof(vec)) {
+			uint64_t k = pages - off < sizeof(vec) ? pages - off : sizeof(vec);
+
+			if (rsys(SYS_mincore, hva + (off << 12), k << 12, vec) < 0)
+				continue;	/* not mapped: nothing resident */
+			for (uint64_t j = 0; j < k; j++)
+				resident += vec[j] & 1;
+		}
+		done[2 * i] = hva;
+		done[2 * i + 1] = resident;
+	}
+	if (n)
+		call(OP_AUDIT_DONE, A(vm->id), done, n * 16, NULL, 0, &rep, NULL);
+}
+
 static void put_object(struct fdent e)
 {
 	struct vm *vm;
@@ -855,8 +894,10 @@ static void put_object(struct fdent e)
 	switch (e.kind) {
 	case K_VM:
 		vm = vm_by_id(e.obj);
-		if (vm && --vm->nfds == 0 && !e.foreign)
+		if (vm && --vm->nfds == 0 && !e.foreign) {
+			audit(vm);
 			call(OP_CLOSE, A(e.obj), NULL, 0, NULL, 0, NULL, NULL);
+		}
 		break;
 	case K_VCPU:
 		vc = vcpu_by_id(e.obj);
@@ -1232,7 +1273,7 @@ static long encrypt_op(uint32_t op, uint32_t obj, int vm_type, unsigned long arg
 		case 22: dsize = 48; break;	/* KVM_SEV_INIT2: struct kvm_sev_init */
 		case 100: dsize = 64; break;	/* SNP_LAUNCH_START */
 		case 101: dsize = 64; break;	/* SNP_LAUNCH_UPDATE */
-		case 102: dsize = 104; break;	/* SNP_LAUNCH_FINISH */
+		case 102: dsize = 88; break;	/* SNP_LAUNCH_FINISH */
 		}
 	} else {
 		switch (id) {
@@ -1420,6 +1461,15 @@ static long vcpu_run(int fd, struct vcpu *vc)
 
 	if (!run)
 		return -EIO;
+	if (vc->vm->check_resume) {
+		/* the VMM is done with what it had to do for the last exit: the model checks it */
+		pthread_mutex_lock(&lock);
+		if (vc->vm->check_resume) {
+			vc->vm->check_resume = 0;
+			call(OP_RESUME, A(vc->vm->id), NULL, 0, NULL, 0, NULL, NULL);
+		}
+		pthread_mutex_unlock(&lock);
+	}
 	if (vc->vm->run_mode == RUN_MODEL)
 		return run_model(vc);
 	if (vc->vm->run_mode == RUN_NONE || !hybrid) {

@@ -26,6 +26,10 @@ enum shim_op {
 	OP_CLOSE,		/* a0 = object: the program closed its last fd on it */
 	OP_FAULT,		/* a0 = vcpu, a1 = gpa, a2 = is_write, a3 = len: a real MMIO exit */
 	OP_RUN,			/* a0 = vcpu; payload = the kvm_run header and union (256 bytes) */
+	OP_AUDIT,		/* a0 = vm, before its last fd closes: the reply's payload lists
+				   (hva, pages) of the program's shared memory behind private gfns */
+	OP_AUDIT_DONE,		/* a0 = vm; payload: (hva, resident pages) for each of them */
+	OP_RESUME,		/* a0 = vm: the program re-enters a vCPU after ACT_VM_CHECK_RESUME */
 };
 
 /*
@@ -92,6 +96,7 @@ enum shim_act_type {
 	ACT_BACKING_DEL,	/* backing: forget it (its inode is gone) */
 	ACT_VM_GONE,		/* vm: the model destroyed it: drop the real VM */
 	ACT_VM_GOVERNED,	/* vm: ask the model about its MMIO exits */
+	ACT_VM_CHECK_RESUME,	/* vm: send OP_RESUME at the next KVM_RUN (a conversion to check) */
 };
 
 struct shim_act {
