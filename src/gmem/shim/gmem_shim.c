@@ -1147,7 +1147,8 @@ static long sys_ioctl(int fd, unsigned long cmd, unsigned long arg)
 		return r;
 	}
 	if (cmd != KVM_CREATE_VM)
-		return rsys(SYS_ioctl, fd, cmd, arg);
+		/* without the host's KVM the placeholder answers ENOTTY; kvm_arch_dev_ioctl's is EINVAL */
+		return hybrid ? rsys(SYS_ioctl, fd, cmd, arg) : -EINVAL;
 	r = call(OP_SYS_IOCTL, A(0, cmd, arg), NULL, 0, NULL, 0, &rep, NULL);
 	if (r < 0)
 		return r;
@@ -1380,7 +1381,7 @@ static long vm_ioctl(int fd, struct fdent *e, unsigned long cmd, unsigned long a
 	case KVM_MEMORY_ENCRYPT_OP:
 		return encrypt_op(OP_VM_IOCTL, e->obj, vm->type, arg);
 	}
-	return rsys(SYS_ioctl, fd, cmd, arg);
+	return rsys(SYS_ioctl, fd, cmd, arg);	/* placeholder (no hybrid): kvm_arch_vm_ioctl's ENOTTY */
 }
 
 /* ------------------------------------------------------------------ KVM_RUN */
@@ -1522,7 +1523,8 @@ static long vcpu_ioctl(int fd, struct fdent *e, unsigned long cmd, unsigned long
 	case KVM_MEMORY_ENCRYPT_OP:
 		return encrypt_op(OP_VCPU_IOCTL, e->obj, vc->vm->type, arg);
 	}
-	return rsys(SYS_ioctl, fd, cmd, arg);
+	/* without the host's KVM: kvm_arch_vcpu_ioctl's EINVAL for what the model lacks */
+	return hybrid ? rsys(SYS_ioctl, fd, cmd, arg) : -EINVAL;
 }
 
 #ifndef FIGETBSZ
