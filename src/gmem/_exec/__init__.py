@@ -87,6 +87,9 @@ def run(argv, platform="amd", kernel=None, options=(), memory=64 << 30, report=F
         env["GMEM_EXEC_SOCKET"] = path
         env["GMEM_EXEC_HYBRID"] = "1" if hybrid else "0"
         env["GMEM_EXEC_PLATFORM"] = platform
+        # a PVM host (kvm_pvm) hangs a guest's VMCALL/VMMCALL: the preload library turns the
+        # hang into the guest's #UD (KVM_X86_QUIRK_FIX_HYPERCALL_INSN off, gmem_shim.c)
+        env["GMEM_EXEC_PVM"] = "1" if hybrid and os.path.isdir("/sys/module/kvm_pvm") else "0"
         try:
             pid = os.posix_spawnp(argv[0], argv, env)
         except OSError as e:

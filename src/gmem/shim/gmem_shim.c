@@ -319,6 +319,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int sock = -1;
 static int hybrid;		/* this machine's /dev/kvm runs the guests */
 static int amd;			/* the model is an AMD machine: it has /dev/sev */
+static int no_fix_hypercall;	/* the host's KVM is PVM: see real_vm_quirks() */
 static long run_size = 3 * 4096;	/* KVM_GET_VCPU_MMAP_SIZE */
 static int sigbus_fd = -1;	/* a memfd of size 0: its mappings SIGBUS on every access */
 static int initialized;
@@ -722,6 +723,8 @@ static int init_locked(void)
 	hybrid = h && h[0] == '1';
 	h = getenv("GMEM_EXEC_PLATFORM");
 	amd = h && !strcmp(h, "amd");
+	h = getenv("GMEM_EXEC_PVM");
+	no_fix_hypercall = h && h[0] == '1';
 	if (hybrid) {
 		long kfd = rsys(SYS_openat, AT_FDCWD, "/dev/kvm", O_RDWR | O_CLOEXEC, 0);
 		long sz = kfd >= 0 ? rsys(SYS_ioctl, kfd, KVM_GET_VCPU_MMAP_SIZE, 0) : -1;
@@ -1128,6 +1131,25 @@ static long model_ioctl(uint32_t op, uint32_t obj, unsigned long cmd, unsigned l
 	return r;
 }
 
+/*
+ * On a PVM host (kvm_pvm) guests make hypercalls with SYSCALL; with
+ * KVM_X86_QUIRK_FIX_HYPERCALL_INSN on, PVM rewrites a VMCALL/VMMCALL into "ud2; int3"
+ * (pvm_patch_hypercall, whose comment says the quirk should not be enabled for PVM
+ * guests) and the vCPU never comes back.  With the quirk off the guest takes #UD, which a
+ * test reports and a VMM sees.
+ */
+#define KVM_CAP_DISABLE_QUIRKS2 213
+#define KVM_X86_QUIRK_FIX_HYPERCALL_INSN (1 << 5)
+
+static void real_vm_quirks(int vmfd)
+{
+	struct { uint32_t cap, flags; uint64_t args[4]; uint8_t pad[64]; } c = {
+		.cap = KVM_CAP_DISABLE_QUIRKS2, .args = { KVM_X86_QUIRK_FIX_HYPERCALL_INSN } };
+
+	if (no_fix_hypercall)
+		rsys(SYS_ioctl, vmfd, KVM_ENABLE_CAP, &c);
+}
+
 static long sys_ioctl(int fd, unsigned long cmd, unsigned long arg)
 {
 	struct shim_rep rep;
@@ -1159,6 +1181,8 @@ static long sys_ioctl(int fd, unsigned long cmd, unsigned long arg)
 		call(OP_CLOSE, A((uint64_t)r), NULL, 0, NULL, 0, NULL, NULL);
 		return rfd < 0 ? rfd : -EMFILE;
 	}
+	if (hybrid)
+		real_vm_quirks((int)rfd);
 	vm = NEW_ENTRY(vms, nvms, capvms, struct vm);
 	if (!vm) {
 		rsys(SYS_close, rfd);
