@@ -66,12 +66,12 @@ def fetch_source(cache):
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise RuntimeError("needs apt-get and dpkg-deb to fetch the Linux source (or --source DIR)")
     apt = os.path.join(cache, "apt")
-    for d in ("etc/apt", "cache/archives/partial", "state/lists/partial"):
+    for d in ("etc/apt/preferences.d", "cache/archives/partial", "state/lists/partial"):
         os.makedirs(os.path.join(apt, d), exist_ok=True)
     with open(os.path.join(apt, "etc/apt/sources.list"), "w") as f:
         f.write(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {_apt_uri()} {SUITE} main\n")
     opts = ["-o", f"Dir::Etc={apt}/etc/apt", "-o", f"Dir::Cache={apt}/cache", "-o", f"Dir::State={apt}/state",
-            "-o", f"Dir::Etc::SourceParts={apt}/etc/apt/none"]
+            "-o", f"Dir::Etc::SourceParts={apt}/etc/apt/none", "-o", "APT::Sandbox::User=root"]
     debs = [f for f in os.listdir(cache) if f.startswith(PACKAGE + "_") and f.endswith(".deb")]
     if not debs:
         subprocess.run(["apt-get", *opts, "update", "-qq"], check=True, stdout=subprocess.DEVNULL)

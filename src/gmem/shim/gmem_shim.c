@@ -1150,6 +1150,39 @@ static void real_vm_quirks(int vmfd)
 		rsys(SYS_ioctl, vmfd, KVM_ENABLE_CAP, &c);
 }
 
+/*
+ * KVM_CHECK_EXTENSION answers depend on the capability and the VM's type only, and programs
+ * ask them over and over (kvm_util asks before most calls): the model is asked once per (VM,
+ * capability).  Under lock.
+ */
+#define CAP_CACHE 512
+static struct { uint32_t vm, used; uint64_t cap; long val; int pass; } caps[CAP_CACHE];
+
+static long check_extension(int fd, uint32_t op, uint32_t vm, unsigned long cap)
+{
+	unsigned h = (unsigned)((cap * 31 + vm) % CAP_CACHE);
+	struct shim_rep rep;
+	long r;
+
+	for (unsigned i = 0; i < CAP_CACHE && caps[h].used; i++, h = (h + 1) % CAP_CACHE)
+		if (caps[h].vm == vm && caps[h].cap == cap)
+			goto found;
+	r = call(op, A(vm, KVM_CHECK_EXTENSION, cap), NULL, 0, NULL, 0, &rep, NULL);
+	if (r < 0)
+		return r;			/* the server is gone, or the VM: not an answer to keep */
+	if (caps[h].used)
+		return (rep.v[3] & SHIM_PASS) ? (hybrid ? rsys(SYS_ioctl, fd, KVM_CHECK_EXTENSION, cap) : 0) : r;
+	caps[h].used = 1;
+	caps[h].vm = vm;
+	caps[h].cap = cap;
+	caps[h].val = r;
+	caps[h].pass = (rep.v[3] & SHIM_PASS) != 0;
+found:
+	if (caps[h].pass)
+		return hybrid ? rsys(SYS_ioctl, fd, KVM_CHECK_EXTENSION, cap) : 0;
+	return caps[h].val;
+}
+
 static long sys_ioctl(int fd, unsigned long cmd, unsigned long arg)
 {
 	struct shim_rep rep;
@@ -1162,12 +1195,8 @@ static long sys_ioctl(int fd, unsigned long cmd, unsigned long arg)
 		if (cmd == KVM_GET_VCPU_MMAP_SIZE)
 			return run_size;
 	}
-	if (cmd == KVM_CHECK_EXTENSION) {
-		r = call(OP_SYS_IOCTL, A(0, cmd, arg), NULL, 0, NULL, 0, &rep, NULL);
-		if (rep.v[3] & SHIM_PASS)
-			return hybrid ? rsys(SYS_ioctl, fd, cmd, arg) : 0;
-		return r;
-	}
+	if (cmd == KVM_CHECK_EXTENSION)
+		return check_extension(fd, OP_SYS_IOCTL, 0, arg);
 	if (cmd != KVM_CREATE_VM)
 		/* without the host's KVM the placeholder answers ENOTTY; kvm_arch_dev_ioctl's is EINVAL */
 		return hybrid ? rsys(SYS_ioctl, fd, cmd, arg) : -EINVAL;
@@ -1354,10 +1383,7 @@ static long vm_ioctl(int fd, struct fdent *e, unsigned long cmd, unsigned long a
 	case KVM_CREATE_VCPU:
 		return create_vcpu(fd, vm, e, arg);
 	case KVM_CHECK_EXTENSION:
-		r = call(OP_VM_IOCTL, A(e->obj, cmd, arg), NULL, 0, NULL, 0, &rep, NULL);
-		if (rep.v[3] & SHIM_PASS)
-			return hybrid ? rsys(SYS_ioctl, fd, cmd, arg) : 0;
-		return r;
+		return check_extension(fd, OP_VM_IOCTL, e->obj, arg);
 	case KVM_SET_USER_MEMORY_REGION:
 	case KVM_SET_MEMORY_ATTRIBUTES:
 		return model_ioctl(OP_VM_IOCTL, e->obj, cmd, arg, 0, 0, &rep, NULL);
