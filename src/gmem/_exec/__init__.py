@@ -90,11 +90,9 @@ def run(argv, platform="amd", kernel=None, options=(), memory=64 << 30, report=F
         # a PVM host (kvm_pvm) hangs a guest's VMCALL/VMMCALL: the preload library turns the
         # hang into the guest's #UD (KVM_X86_QUIRK_FIX_HYPERCALL_INSN off, gmem_shim.c)
         env["GMEM_EXEC_PVM"] = "1" if hybrid and os.path.isdir("/sys/module/kvm_pvm") else "0"
-        try:
-            pid = os.posix_spawnp(argv[0], argv, env)
-        except OSError as e:
-            raise OSError(e.errno, f"{argv[0]}: {e.strerror}") from None
-        status = serve(server, listener, pid)
+        child = _spawn(argv, env)           # kept: a collected Popen would reap the pid
+        with _signals_to(child.pid):
+            status = serve(server, listener, child.pid)
     finally:
         listener.close()
         try:
@@ -108,6 +106,44 @@ def run(argv, platform="amd", kernel=None, options=(), memory=64 << 30, report=F
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def _spawn(argv, env):
+    """Start the program (its Popen): it keeps our fds (as exec would) and dies with us (PR_SET_PDEATHSIG),
+    so it never runs on without its model."""
+    import ctypes
+    import signal
+    import subprocess
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def in_child():
+        libc.prctl(1, int(signal.SIGKILL))          # PR_SET_PDEATHSIG
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return subprocess.Popen(argv, env=env, close_fds=False, preexec_fn=in_child)
+    except OSError as e:
+        raise OSError(e.errno, f"{argv[0]}: {e.strerror}") from None
+
+
+class _signals_to:
+    """While the program runs: Ctrl-C is the program's to handle (the terminal sends it to both),
+    and SIGTERM/SIGHUP sent to gmem exec are passed on to it."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def __enter__(self):
+        import signal
+        self.old = {sig: signal.signal(sig, handler) for sig, handler in (
+            (signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, self._forward), (signal.SIGHUP, self._forward))}
+
+    def _forward(self, sig, frame):
+        os.kill(self.pid, sig)
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------- the command line
