@@ -13,6 +13,7 @@ import argparse
 import fcntl
 import importlib.util
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -57,9 +58,10 @@ def make_host(platform, kernel, options, memory):
     try:
         return gmem.Host(memory=memory, platform=platform, content_memfd=True, **kw)
     except TypeError as e:
-        if kernel is not None and "kernel" in str(e):
+        if kernel is not None and "'kernel'" in str(e):
             raise ValueError("--kernel: this gmem has no kernel versions yet") from None
-        raise
+        m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        raise ValueError(f"--set: {m.group(1)!r} is no gmem.Host option" if m else str(e)) from None
 
 
 def run(argv, platform="amd", kernel=None, options=(), memory=64 << 30, report=False,
@@ -149,28 +151,33 @@ class _signals_to:
 # ---------------------------------------------------------------------- the command line
 
 def _parse_set(items):
-    from gmem.__main__ import CliError, _parse_policy
+    """--set key=value[,key=value] into Host keywords (gmem.Host checks names and values)."""
     out = {}
     for item in items or []:
-        try:
-            out.update(_parse_policy(item))
-        except CliError:
-            raise
+        for kv in filter(None, (p.strip() for p in item.split(","))):
+            key, sep, value = kv.partition("=")
+            if not sep:
+                raise ValueError(f"--set {kv!r}: use key=value")
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out
 
 
+def _fail(msg):
+    print(f"gmem exec: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def cmd_exec(args):
-    from gmem.__main__ import CliError
     argv = list(args.program)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise CliError("exec: no program to run (gmem exec [options] -- PROGRAM ARGS...)")
+        return _fail("no program to run (gmem exec [options] -- PROGRAM ARGS...)")
     try:
         return run(argv, platform=args.platform, kernel=args.kernel, options=_parse_set(args.set),
                    report=args.report, guest=args.guest, hybrid=False if args.no_hybrid else None)
-    except (ValueError, FileNotFoundError) as e:
-        raise CliError(str(e)) from None
+    except (TypeError, ValueError, OSError) as e:      # a bad option or program: one line, status 2
+        return _fail(e)
 
 
 def cmd_shim_path(args):

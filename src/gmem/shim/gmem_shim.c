@@ -100,7 +100,8 @@
 
 /* ------------------------------------------------------------------ raw system calls */
 
-static int send_all(const void *p, size_t n);
+static int xfer_all(void *p, size_t n, int send);
+#define send_all(p, n) xfer_all((void *)(p), (n), 1)
 
 static long raw_syscall(long n, long a, long b, long c, long d, long e, long f)
 {
@@ -204,14 +205,15 @@ static int copy_via_pipe(void *dst, const void *src, size_t n)
 	return 0;
 }
 
-static int copy_in(void *dst, uint64_t src, size_t n)
+/* n bytes between our buffer and the program's address remote, out = toward the program */
+static int copy_user(void *local, uint64_t remote, size_t n, int out)
 {
 	if (!n)
 		return 0;
 	if (use_vm_rw) {
-		struct iovec l = { dst, n }, rm = { (void *)src, n };
+		struct iovec l = { local, n }, rm = { (void *)remote, n };
 		long pid = rsys(SYS_getpid);
-		long r = rsys(SYS_process_vm_readv, pid, &l, 1, &rm, 1, 0);
+		long r = rsys(out ? SYS_process_vm_writev : SYS_process_vm_readv, pid, &l, 1, &rm, 1, 0);
 
 		if (r == (long)n)
 			return 0;
@@ -219,26 +221,11 @@ static int copy_in(void *dst, uint64_t src, size_t n)
 			return -1;
 		use_vm_rw = 0;
 	}
-	return copy_via_pipe(dst, (const void *)src, n);
+	return out ? copy_via_pipe((void *)remote, local, n) : copy_via_pipe(local, (const void *)remote, n);
 }
 
-static int copy_out(uint64_t dst, const void *src, size_t n)
-{
-	if (!n)
-		return 0;
-	if (use_vm_rw) {
-		struct iovec l = { (void *)src, n }, rm = { (void *)dst, n };
-		long pid = rsys(SYS_getpid);
-		long r = rsys(SYS_process_vm_writev, pid, &l, 1, &rm, 1, 0);
-
-		if (r == (long)n)
-			return 0;
-		if (r != -EPERM && r != -ENOSYS)
-			return -1;
-		use_vm_rw = 0;
-	}
-	return copy_via_pipe((void *)dst, src, n);
-}
+#define copy_in(dst, src, n) copy_user((dst), (src), (n), 0)
+#define copy_out(dst, src, n) copy_user((void *)(src), (dst), (n), 1)
 
 /* ------------------------------------------------------------------ state */
 
@@ -283,6 +270,7 @@ struct vcpu {
 
 struct backing {
 	uint64_t id;		/* the model's inode number */
+	int used;
 	int fd;			/* our own dup of the memfd */
 	unsigned char *base;	/* mapped whole: the hva of real memslots, MMIO completion */
 	uint64_t size;
@@ -356,37 +344,19 @@ static void *grow(void *arr, int *cap, size_t elem)
 
 static int capvms, capvcpus, capbackings, capgfiles, capgmaps;
 
-static struct vm *vm_by_id(uint32_t id)
-{
-	for (int i = 0; i < nvms; i++)
-		if (vms[i].used && vms[i].id == id)
-			return &vms[i];
-	return NULL;
-}
+/* The live entry (.used) of arr[0 .. n) whose .id is key, or NULL. */
+#define BY_ID(arr, n, key) ({							\
+	__typeof__(&(arr)[0]) r_ = NULL;					\
+	for (int i_ = 0; i_ < (n) && !r_; i_++)					\
+		if ((arr)[i_].used && (arr)[i_].id == (key))			\
+			r_ = &(arr)[i_];					\
+	r_;									\
+})
 
-static struct vcpu *vcpu_by_id(uint32_t id)
-{
-	for (int i = 0; i < nvcpus; i++)
-		if (vcpus[i].used && vcpus[i].id == id)
-			return &vcpus[i];
-	return NULL;
-}
-
-static struct gfile *gfile_by_id(uint32_t id)
-{
-	for (int i = 0; i < ngfiles; i++)
-		if (gfiles[i].used && gfiles[i].id == id)
-			return &gfiles[i];
-	return NULL;
-}
-
-static struct backing *backing_by_id(uint64_t id)
-{
-	for (int i = 0; i < nbackings; i++)
-		if (backings[i].fd >= 0 && backings[i].id == id)
-			return &backings[i];
-	return NULL;
-}
+static struct vm *vm_by_id(uint32_t id) { return BY_ID(vms, nvms, id); }
+static struct vcpu *vcpu_by_id(uint32_t id) { return BY_ID(vcpus, nvcpus, id); }
+static struct gfile *gfile_by_id(uint32_t id) { return BY_ID(gfiles, ngfiles, id); }
+static struct backing *backing_by_id(uint64_t id) { return BY_ID(backings, nbackings, id); }
 
 #define NEW_ENTRY(arr, n, cap, type) ({						\
 	type *e_ = NULL;							\
@@ -441,7 +411,7 @@ static int send_req(const struct shim_req *req, const void *payload, size_t plen
 		return -1;
 	if ((size_t)r == total)
 		return 0;
-	/* a short send (a full socket buffer): the rest byte by byte range */
+	/* a short send (a full socket buffer): the rest as it goes */
 	if ((size_t)r < sizeof(*req)) {
 		if (send_all((const char *)req + r, sizeof(*req) - r))
 			return -1;
@@ -452,25 +422,12 @@ static int send_req(const struct shim_req *req, const void *payload, size_t plen
 	return send_all((const char *)payload + r, plen - r);
 }
 
-static int send_all(const void *p, size_t n)
+/* All n bytes to (send) or from the server, across short transfers and signals. */
+static int xfer_all(void *p, size_t n, int send)
 {
 	while (n) {
-		long r = rsys(SYS_sendto, sock, p, n, MSG_NOSIGNAL, 0, 0);
-
-		if (r == -EINTR)
-			continue;
-		if (r <= 0)
-			return -1;
-		p = (const char *)p + r;
-		n -= r;
-	}
-	return 0;
-}
-
-static int recv_all(void *p, size_t n)
-{
-	while (n) {
-		long r = rsys(SYS_recvfrom, sock, p, n, MSG_WAITALL, 0, 0);
+		long r = send ? rsys(SYS_sendto, sock, p, n, MSG_NOSIGNAL, 0, 0)
+			      : rsys(SYS_recvfrom, sock, p, n, MSG_WAITALL, 0, 0);
 
 		if (r == -EINTR)
 			continue;
@@ -481,6 +438,8 @@ static int recv_all(void *p, size_t n)
 	}
 	return 0;
 }
+
+#define recv_all(p, n) xfer_all((p), (n), 0)
 
 /* The reply header, with the descriptors that came with it. */
 static int recv_head(struct shim_rep *rep, int *rfd)
@@ -654,6 +613,7 @@ static void apply_actions(const struct shim_act *act, uint32_t n)
 				rsys(SYS_munmap, b->base, b->size);
 				rsys(SYS_close, b->fd);
 				b->fd = -1;
+				b->used = 0;
 			}
 			break;
 		case ACT_VM_GONE:
@@ -753,86 +713,63 @@ static int init_locked(void)
 
 static int init_locked(void);
 
-static int is_kvm_path(int dirfd, const char *path)
-{
-	return path && (dirfd == AT_FDCWD || path[0] == '/') && !strcmp(path, "/dev/kvm");
-}
-
-static long open_kvm(int flags)
-{
-	long fd;
-
-	pthread_mutex_lock(&lock);
-	if (init_locked() < 0) {
-		pthread_mutex_unlock(&lock);
-		return rsys(SYS_openat, AT_FDCWD, "/dev/kvm", flags, 0);
-	}
-	if (hybrid)
-		fd = rsys(SYS_openat, AT_FDCWD, "/dev/kvm", flags, 0);
-	else
-		fd = rsys(SYS_memfd_create, "gmem-kvm", (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
-	if (fd >= 0 && fd < MAX_FDS)
-		fds[fd] = (struct fdent){ .kind = K_KVM };
-	pthread_mutex_unlock(&lock);
-	return fd;
-}
-
 /*
- * /dev/sev of the model's AMD machine: the SEV launch commands take its fd (sev_fd) and the
- * kernel checks that it is one (sev_issue_cmd_external_user: EBADF otherwise).  The PSP's
- * own ioctls on it are not modelled (ENOTTY).
+ * open() of /dev/kvm (and of /dev/sev where the model is an AMD machine): a real /dev/kvm fd
+ * in hybrid mode, else a placeholder memfd, registered as the model's.  /dev/sev: the SEV
+ * launch commands take its fd (sev_fd) and the kernel checks that it is one
+ * (sev_issue_cmd_external_user: EBADF otherwise); the PSP's own ioctls on it are not
+ * modelled (ENOTTY).
  */
-static long open_sev(int flags)
+static long open_device(const char *path, int flags, int kind)
 {
 	long fd;
 
 	pthread_mutex_lock(&lock);
-	if (init_locked() < 0 || !amd) {
+	if (init_locked() < 0 || (kind == K_SEV && !amd)) {
 		pthread_mutex_unlock(&lock);
-		return rsys(SYS_openat, AT_FDCWD, "/dev/sev", flags, 0);
+		return rsys(SYS_openat, AT_FDCWD, path, flags, 0);
 	}
-	fd = rsys(SYS_memfd_create, "gmem-sev", (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
+	if (hybrid && kind == K_KVM)
+		fd = rsys(SYS_openat, AT_FDCWD, path, flags, 0);
+	else
+		fd = rsys(SYS_memfd_create, path + 5, (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
 	if (fd >= 0 && fd < MAX_FDS)
-		fds[fd] = (struct fdent){ .kind = K_SEV };
+		fds[fd] = (struct fdent){ .kind = (uint8_t)kind };
 	pthread_mutex_unlock(&lock);
 	return fd;
 }
 
 static long do_openat(int dirfd, const char *path, int flags, mode_t mode)
 {
-	if (is_kvm_path(dirfd, path) && !disabled)
-		return open_kvm(flags);
-	if (path && (dirfd == AT_FDCWD || path[0] == '/') && !strcmp(path, "/dev/sev") && !disabled)
-		return open_sev(flags);
+	if (path && (dirfd == AT_FDCWD || path[0] == '/') && !disabled) {
+		if (!strcmp(path, "/dev/kvm"))
+			return open_device(path, flags, K_KVM);
+		if (!strcmp(path, "/dev/sev"))
+			return open_device(path, flags, K_SEV);
+	}
 	return rsys(SYS_openat, dirfd, path, flags, mode);
 }
 
+/* open's optional mode argument, there only with O_CREAT or O_TMPFILE */
+#define OPEN_MODE(flags, last) ({						\
+	mode_t m_ = 0;								\
+	if (((flags) & O_CREAT) || ((flags) & O_TMPFILE) == O_TMPFILE) {	\
+		va_list ap_;							\
+		va_start(ap_, last);						\
+		m_ = va_arg(ap_, mode_t);					\
+		va_end(ap_);							\
+	}									\
+	m_;									\
+})
+
 EXPORT int openat(int dirfd, const char *path, int flags, ...)
 {
-	mode_t mode = 0;
-
-	if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-		va_list ap;
-
-		va_start(ap, flags);
-		mode = va_arg(ap, mode_t);
-		va_end(ap);
-	}
-	return (int)ret_errno(do_openat(dirfd, path, flags, mode));
+	return (int)ret_errno(do_openat(dirfd, path, flags, OPEN_MODE(flags, flags)));
 }
 
 EXPORT int open(const char *path, int flags, ...)
 {
-	mode_t mode = 0;
-
-	if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-		va_list ap;
-
-		va_start(ap, flags);
-		mode = va_arg(ap, mode_t);
-		va_end(ap);
-	}
-	return (int)ret_errno(do_openat(AT_FDCWD, path, flags, mode));
+	return (int)ret_errno(do_openat(AT_FDCWD, path, flags, OPEN_MODE(flags, flags)));
 }
 
 EXPORT int open64(const char *path, int flags, ...) __attribute__((alias("open")));
@@ -963,7 +900,7 @@ static int is_hidden(int fd)
 		if (vcpus[i].used && vcpus[i].fd == fd)
 			return 1;
 	for (int i = 0; i < nbackings; i++)
-		if (backings[i].fd == fd)
+		if (backings[i].used && backings[i].fd == fd)
 			return 1;
 	return 0;
 }
@@ -1013,7 +950,7 @@ static void evict_hidden(int fd)
 		if (vcpus[i].used && vcpus[i].fd == fd)
 			vcpus[i].fd = (int)n;
 	for (int i = 0; i < nbackings; i++)
-		if (backings[i].fd == fd)
+		if (backings[i].used && backings[i].fd == fd)
 			backings[i].fd = (int)n;
 	rsys(SYS_close, fd);
 }
@@ -1270,21 +1207,9 @@ static void add_gfile(int gfd, uint32_t obj, uint64_t ino, uint64_t size, int fl
 	struct gfile *gf;
 
 	if (!b) {
-		for (int i = 0; i < nbackings; i++)
-			if (backings[i].fd < 0) {
-				b = &backings[i];
-				break;
-			}
-		if (!b) {
-			if (nbackings == capbackings) {
-				void *p = grow(backings, &capbackings, sizeof(*backings));
-
-				if (!p)
-					return;
-				backings = p;
-			}
-			b = &backings[nbackings++];
-		}
+		b = NEW_ENTRY(backings, nbackings, capbackings, struct backing);
+		if (!b)
+			return;
 		b->id = ino;
 		b->size = size;
 		b->flags = flags;
