@@ -123,6 +123,24 @@ static void run_vcpu(int fd, struct kvm_run *run)
 
 static void command(char **a, int n);
 
+/* One command of "repeat", its result line swallowed: 1 if it failed. */
+static int repeat_one(char **a, int n)
+{
+	char line[128];
+	FILE *old = stdout, *mem = fmemopen(line, sizeof(line), "w");
+	int bad;
+
+	if (!mem)
+		return 1;
+	stdout = mem;
+	command(a, n);
+	fflush(mem);
+	stdout = old;
+	bad = strncmp(line, "ok", 2) != 0;
+	fclose(mem);
+	return bad;
+}
+
 static void command(char **a, int n)
 {
 	const char *c = a[0];
@@ -211,10 +229,41 @@ static void command(char **a, int n)
 			put(a[1], -1, p, num(a[3]));
 		result(p == MAP_FAILED ? -1 : 0);
 	} else if (!strcmp(c, "buf")) {		/* buf NAME LEN: private anonymous memory */
-		void *p = mmap(NULL, num(a[2]), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		void *p = mmap(NULL, num(a[2]), PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 
 		put(a[1], -1, p, num(a[2]));
 		result(p == MAP_FAILED ? -1 : 0);
+	} else if (!strcmp(c, "memfd")) {	/* memfd NAME SIZE: a regular memfd */
+		r = memfd_create("test", MFD_CLOEXEC);
+		if (r >= 0 && ftruncate((int)r, (off_t)num(a[2])) == 0)
+			put(a[1], r, NULL, 0);
+		result(r);
+	} else if (!strcmp(c, "repeat")) {	/* repeat N FROM STEP CMD...: @ = FROM + i * STEP, @*K times K */
+		long k = (long)num(a[1]), from = (long)num(a[2]), step = (long)num(a[3]);
+		char *b[16], buf[16][64];
+		int errs = 0;
+
+		for (long i = 0; i < k; i++) {
+			for (int j = 4; j < n; j++) {
+				char *at = strchr(a[j], '@'), *rest;
+				long v = from + i * step;
+
+				if (at && at[1] == '*') {	/* @*K: times K */
+					v *= strtol(at + 2, &rest, 0);
+				} else {
+					rest = at ? at + 1 : NULL;
+				}
+				if (at)
+					snprintf(buf[j - 4], sizeof(buf[0]), "%.*s%ld%s", (int)(at - a[j]), a[j], v, rest);
+				else
+					snprintf(buf[j - 4], sizeof(buf[0]), "%s", a[j]);
+				b[j - 4] = buf[j - 4];
+			}
+			fflush(stdout);
+			errs += repeat_one(b, n - 4);
+		}
+		printf("val %d\n", errs);	/* how many failed */
 	} else if (!strcmp(c, "peek") || !strcmp(c, "poke")) {	/* peek ADDR | poke ADDR BYTE */
 		volatile uint8_t *p = (volatile uint8_t *)num(a[1]);
 

@@ -126,11 +126,15 @@ class RealVm:
                         s.pieces[key] = new
         self.used[slot_id] = slot_id
 
-    def memslot_changed(self, slot_id, gmem):
-        """The model accepted KVM_SET_USER_MEMORY_REGION(2) on slot_id (gmem: the GFile it
-        names, for a new guest_memfd slot). Returns the actions."""
+    def memslot_changed(self, d, gmem):
+        """The model accepted KVM_SET_USER_MEMORY_REGION(2) as d (slot, flags, guest_phys_addr,
+        memory_size, userspace_addr, guest_memfd_offset: what the slot is now, a memory_size of
+        0 for a deletion; a move or flags change keeps the rest, __kvm_set_memory_region
+        refuses anything else). gmem: the GFile a new guest_memfd slot binds. The actions."""
         acts = []
-        d = next((x for x in self.vm.memslots() if x["slot"] == slot_id), None)
+        slot_id = d["slot"]
+        if not d["memory_size"]:
+            d = None
         old = self.governed.pop(slot_id, None)
         if old is not None:
             for rid in old.pieces.values():

@@ -220,7 +220,7 @@ class Server:
         if cmd == uapi.KVM_SET_USER_MEMORY_REGION:
             slot, flags, gpa, size, uaddr = struct.unpack_from(uapi.KVM_USERSPACE_MEMORY_REGION_FORMAT, payload)
             vm.set_user_memory_region(slot, flags, gpa, size, uaddr)
-            return self._memslot_changed(vs, slot, None), b""
+            return self._memslot_changed(vs, _slot(slot, flags, gpa, size, uaddr, 0), None), b""
         if cmd == uapi.KVM_SET_USER_MEMORY_REGION2:
             f = struct.unpack_from(uapi.KVM_USERSPACE_MEMORY_REGION2_FORMAT, payload)
             slot, flags, gpa, size, uaddr, goff = f[:6]
@@ -231,7 +231,7 @@ class Server:
             gfd = gf.f if gf is not None else (0 if fd_state == proto.FD_OTHER else -1)
             vm.set_user_memory_region2(slot, flags, gpa, size, uaddr, gfd, goff)
             bound = gf if flags & uapi.KVM_MEM_GUEST_MEMFD and size else None
-            return self._memslot_changed(vs, slot, bound), b""
+            return self._memslot_changed(vs, _slot(slot, flags, gpa, size, uaddr, goff), bound), b""
         if cmd == uapi.KVM_SET_MEMORY_ATTRIBUTES:
             gpa, size, attrs, flags = struct.unpack_from(uapi.KVM_MEMORY_ATTRIBUTES_FORMAT, payload)
             vm.set_memory_attributes(gpa, size, attrs, flags)
@@ -260,12 +260,13 @@ class Server:
             return vm_encrypt_op(self, vs, fd_state, gmem_obj, payload)   # a3, a4: struct and source sizes
         return -errno.ENOTTY, b""
 
-    def _memslot_changed(self, vs, slot, gf):
-        acts = vs.real.memslot_changed(slot, gf)
+    def _memslot_changed(self, vs, d, gf):
+        acts = vs.real.memslot_changed(d, gf)
         if vs.real.governs:
             self._acts.append(act(ACT_VM_GOVERNED, vs.id))
         self._acts += acts
-        self._refresh()                     # a deleted gmem slot may free others' bindings
+        if vs.real.governed:
+            self._refresh(vs)
         return 0
 
     # ------------------------------------------------------------------ vCPU ioctls
@@ -372,6 +373,12 @@ class Server:
             gf.closed = True
             self._refresh()
         return 0, b""
+
+
+def _slot(slot, flags, gpa, size, uaddr, goff):
+    """A memslot as the model accepted it (the keys of Vm.memslots())."""
+    return dict(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=uaddr,
+                guest_memfd_offset=goff)
 
 
 def _s64(v):
