@@ -91,7 +91,7 @@ def report(server):
     for vs in server.vms.values():
         state = "destroyed" if vs.vm.destroyed else "open"
         lines.append(_stats_line(f"vm {vs.id} (type {vs.vm.vm_type}, {state})",
-                                 {} if vs.vm.destroyed else vs.vm.stats))
+                                 vs.last_stats if vs.vm.destroyed else vs.vm.stats))
     problems = list(server.findings)
     for vs in server.vms.values():          # VMs still open at exit (closed ones were audited)
         if not vs.audited:

@@ -55,6 +55,7 @@ class VmState:
         self.gone = False
         self.audited = False                # its shared memory was measured at its close
         self.pending_shared = []            # (gpa, size) made shared since the last KVM_RUN
+        self.last_stats = {}                # vm.stats when it was last closed (a destroyed VM has none)
 
 
 class GFile:
@@ -366,9 +367,13 @@ class Server:
 
     def close(self, oid):
         if oid in self.vms:
-            self.vms[oid].vm.close()
+            vs = self.vms[oid]
+            vs.last_stats = dict(vs.vm.stats)       # the report's, should this destroy it
+            vs.vm.close()
         elif oid in self.gfiles:
             gf = self.gfiles[oid]
+            if not gf.vms.vm.destroyed:
+                gf.vms.last_stats = dict(gf.vms.vm.stats)
             gf.f.close()
             gf.closed = True
             self._refresh()

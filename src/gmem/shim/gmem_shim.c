@@ -465,6 +465,8 @@ static int recv_head(struct shim_rep *rep, int *rfd)
 }
 
 static void apply_actions(const struct shim_act *act, uint32_t n);
+struct vm;
+static void audit(struct vm *vm);
 
 /*
  * One request and its reply, under `lock`.  out (out_cap bytes) receives the reply's
@@ -630,6 +632,18 @@ static void apply_actions(const struct shim_act *act, uint32_t n)
 			break;
 		}
 	}
+}
+
+/* At exit: the VMs the program never closed are measured as at their close (audit()). */
+__attribute__((destructor)) static void at_exit(void)
+{
+	if (disabled || !initialized)
+		return;
+	pthread_mutex_lock(&lock);
+	for (int i = 0; i < nvms; i++)
+		if (vms[i].used && vms[i].nfds > 0)
+			audit(&vms[i]);
+	pthread_mutex_unlock(&lock);
 }
 
 /* ------------------------------------------------------------------ init, fork */
