@@ -322,12 +322,26 @@ static struct fdent *fdent(int fd)
 	return &fds[fd];
 }
 
-static int hide_fd(int fd)
+/* A close-on-exec copy of fd for our own use, above the numbers programs usually see (or
+ * anywhere, under an RLIMIT_NOFILE below HIDDEN_FD_BASE). */
+static int dup_hidden(int fd)
 {
 	long r = rsys(SYS_fcntl, fd, F_DUPFD_CLOEXEC, HIDDEN_FD_BASE);
 
-	rsys(SYS_close, fd);
+	if (r < 0)
+		r = rsys(SYS_fcntl, fd, F_DUPFD_CLOEXEC, 3);
 	return r < 0 ? -1 : (int)r;
+}
+
+/* fd becomes one of ours (moved, as dup_hidden) */
+static int hide_fd(int fd)
+{
+	int r = dup_hidden(fd);
+
+	if (r < 0)
+		return fd;
+	rsys(SYS_close, fd);
+	return r;
 }
 
 static void *grow(void *arr, int *cap, size_t elem)
@@ -905,7 +919,7 @@ static void forget_fd(int fd)
 
 static int is_hidden(int fd)
 {
-	if (fd == sock || fd == sigbus_fd)
+	if (fd == sock || fd == sigbus_fd || fd == xpipe[0] || fd == xpipe[1])
 		return 1;
 	for (int i = 0; i < nvms; i++)
 		if (vms[i].used && vms[i].fd == fd)
@@ -950,13 +964,15 @@ static void evict_hidden(int fd)
 
 	if (fd < HIDDEN_FD_BASE || !is_hidden(fd))
 		return;
-	n = rsys(SYS_fcntl, fd, F_DUPFD_CLOEXEC, HIDDEN_FD_BASE);
+	n = dup_hidden(fd);
 	if (n < 0)
 		return;
 	if (fd == sock)
 		sock = (int)n;
 	else if (fd == sigbus_fd)
 		sigbus_fd = (int)n;
+	else if (fd == xpipe[0] || fd == xpipe[1])
+		xpipe[fd == xpipe[1]] = (int)n;
 	for (int i = 0; i < nvms; i++)
 		if (vms[i].used && vms[i].fd == fd)
 			vms[i].fd = (int)n;
@@ -1174,7 +1190,7 @@ static long sys_ioctl(int fd, unsigned long cmd, unsigned long arg)
 	vm->run_mode = (int)rep.v[0];
 	vm->governed = (int)rep.v[1];
 	vm->nfds = 1;
-	vm->fd = hybrid ? (int)rsys(SYS_fcntl, rfd, F_DUPFD_CLOEXEC, HIDDEN_FD_BASE) : -1;
+	vm->fd = hybrid ? dup_hidden((int)rfd) : -1;
 	fds[rfd] = (struct fdent){ .kind = K_VM, .obj = vm->id };
 	return rfd;
 }
@@ -1208,7 +1224,7 @@ static long create_vcpu(int fd, struct vm *vm, struct fdent *e, unsigned long ar
 	vc->id = (uint32_t)r;
 	vc->vm = vm;
 	vc->nfds = 1;
-	vc->fd = (int)rsys(SYS_fcntl, vfd, F_DUPFD_CLOEXEC, HIDDEN_FD_BASE);
+	vc->fd = dup_hidden((int)vfd);
 	run = (void *)rsys(SYS_mmap, 0, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vc->fd, 0);
 	vc->run = (long)run < 0 && (long)run > -4096 ? NULL : run;
 	fds[vfd] = (struct fdent){ .kind = K_VCPU, .obj = vc->id };
@@ -1227,7 +1243,7 @@ static void add_gfile(int gfd, uint32_t obj, uint64_t ino, uint64_t size, int fl
 		b->id = ino;
 		b->size = size;
 		b->flags = flags;
-		b->fd = (int)rsys(SYS_fcntl, gfd, F_DUPFD_CLOEXEC, HIDDEN_FD_BASE);
+		b->fd = dup_hidden(gfd);
 		b->base = (void *)rsys(SYS_mmap, 0, size, PROT_READ | PROT_WRITE,
 				       MAP_SHARED | MAP_NORESERVE, b->fd, 0);
 	}
