@@ -101,6 +101,9 @@ UPCALLS = {
     ("_host", "_x86"): {"kvm_x86_hooks_init"},
     ("_host", "_sev"): {"snp_host_write_fault", "snp_inject_rmpupdate_failures", "snp_page_state",
                         "snp_rmptable_destroy", "snp_rmptable_init"},
+    # gmem exec: a guest_memfd page's contents live in its inode's memfd (the page cache)
+    ("_host", "_contents_memfd"): {"gmem_contents_drop", "gmem_contents_page"},
+    ("_guest_memfd", "_contents_memfd"): {"gmem_contents_init", "gmem_contents_release"},
     # kvm_main.c calls guest_memfd.c (kvm_gmem_bind/unbind, the supported flags) ...
     ("_kvm_main", "_guest_memfd"): {"kvm_gmem_bind", "kvm_gmem_bind_check", "kvm_gmem_get_supported_flags",
                                     "kvm_gmem_unbind"},

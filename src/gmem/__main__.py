@@ -4,6 +4,7 @@
   gmem run SCENARIO              a built-in scenario or a TOML file; counters, optional trace
   gmem compare SCENARIO          one scenario under several policy sets, side by side
   gmem replay FILE               a fault stream (.npy or CSV: vcpu, gpa, error_code) through the batch path
+  gmem exec -- PROGRAM ARGS      run an unmodified program with the model as its /dev/kvm
 """
 import argparse
 import json
@@ -336,6 +337,9 @@ def build_parser():
     sk.add_argument("--json", action="store_true", help="print the figures as JSON")
     sk.add_argument("--quiet", action="store_true", help="no progress line")
     sk.set_defaults(func=cmd_soak)
+
+    from gmem._exec import add_parsers      # gmem exec, gmem shim-path (gmem/_exec)
+    add_parsers(sub)
     return p
 
 

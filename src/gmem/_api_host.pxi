@@ -279,7 +279,7 @@ cdef class Host:
     def __cinit__(self, memory=64 << 30, platform="amd", *, kernel=None, sw_protected=True,
                   memory_attributes=True, tdp=True, prepare=None, prepared_tracking=None,
                   invalidate=None, huge_folios=False, reattach_private=False,
-                  scramble_on_conversion=False):
+                  scramble_on_conversion=False, content_memfd=False):
         cdef gmem_host_config cfg
         cdef const char *why = NULL
         cdef int r
@@ -309,6 +309,7 @@ cdef class Host:
         cfg.huge_folios = bool(huge_folios)
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
+        cfg.content_memfd = bool(content_memfd)     # gmem exec (_contents_memfd.pxi)
         self._lock = PyThread_allocate_lock()
         if self._lock == NULL:
             raise MemoryError("host lock")
@@ -360,7 +361,8 @@ cdef class Host:
                                if v == self.h.prepared_tracking][0],
             invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
             huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private),
-            scramble_on_conversion=bool(self.h.scramble_on_conversion))
+            scramble_on_conversion=bool(self.h.scramble_on_conversion),
+            content_memfd=bool(self.h.content_memfd))
 
     # ------------------------------------------------------------- fds
     cdef int _install_fd(self, obj) except -1:

@@ -180,6 +180,8 @@ ctypedef struct gmem_host_config:
     int huge_folios                 # 2M guest_memfd folios (proposed upstream)
     int reattach_private            # invalidate_folio: re-attach folio->private after a split
     int scramble_on_conversion      # SW_PROTECTED: a converted page reads back as garbage
+    int content_memfd               # gmem exec: each inode's contents in a memfd another
+                                    # process can map (_contents_memfd.pxi)
 
 # struct kvm_userspace_memory_region2 (guest_memfd is resolved by the caller: see
 # kvm_set_memory_region)
@@ -576,6 +578,8 @@ ctypedef struct gmem_host:
     uint64_t trace_seq
     uint32_t trace_mask         # enabled events (1 << TRACE_*)
     snp_rmp rmp
+    uint8_t content_memfd       # gmem exec: inode contents in memfds (_contents_memfd.pxi)
+    xarray content_inodes       # ... ino -> gmem_inode * of those inodes
 
 ctypedef struct gmem_inode:
     gmem_host *host
@@ -586,6 +590,8 @@ ctypedef struct gmem_inode:
     xarray filemap              # page index -> folio id
     gmem_file *files            # the files on this inode (6.18: exactly one)
     gmem_inode *next            # host.inodes
+    int memfd                   # content_memfd: the memfd holding the contents, else -1
+    unsigned char *contents     # ... mapped here (NULL: contents in the host's page_data)
 
 ctypedef struct gmem_file:
     gmem_inode *inode

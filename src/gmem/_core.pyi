@@ -44,6 +44,7 @@ class _HostOptions(TypedDict):
     huge_folios: bool
     reattach_private: bool
     scramble_on_conversion: bool
+    content_memfd: bool
 
 class _Memslot(TypedDict):
     slot: int
@@ -254,6 +255,7 @@ class Host:
         huge_folios: bool = False,
         reattach_private: bool = False,
         scramble_on_conversion: bool = False,
+        content_memfd: bool = False,
     ) -> None: ...
     @property
     def kernel(self) -> _Kernel:
@@ -543,6 +545,11 @@ class GuestMemfd:
     def vm(self) -> Vm: ...
     @property
     def ino(self) -> int: ...
+    @property
+    def memfd(self) -> int:
+        """Host(content_memfd=True): the memfd holding the inode's contents (owned by the inode), else -1."""
+    def sync_memfd(self) -> int:
+        """Host(content_memfd=True): fault in the pages another process wrote through its own mapping."""
     def close(self) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...

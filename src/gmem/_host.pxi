@@ -89,6 +89,8 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
     h.huge_folios = cfg.huge_folios != 0
     h.reattach_private = cfg.reattach_private != 0
     h.scramble_on_conversion = cfg.scramble_on_conversion != 0
+    h.content_memfd = cfg.content_memfd != 0
+    xa_init(&h.content_inodes)
     h.next_ino = 1
     h.next_asid = 1
     for t in range(KVM_MAX_VM_TYPES):
@@ -110,6 +112,7 @@ cdef void gmem_host_put(gmem_host *h) noexcept nogil:
         free(<void *><size_t>v)
         start = first + 1
     xa_destroy(&h.page_data)
+    xa_destroy(&h.content_inodes)
     xa_destroy(&h.user_pages)
     snp_rmptable_destroy(h)
     phys_destroy(&h.pm)
@@ -135,6 +138,8 @@ cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nog
     """Forget the contents of [pfn, pfn + n): they read as zeros again."""
     cdef uint64_t first, v, start = pfn
     cdef int order
+    if host.content_inodes.nr_entries and gmem_contents_drop(host, pfn, n) == n:
+        return                          # gmem exec: the contents live in memfds
     if host.page_data.nr_entries == 0:
         return
     while xa_find_entry(&host.page_data, start, pfn + n - 1, XA_NO_MARK, &first, &order, &v):
@@ -148,6 +153,11 @@ cdef unsigned char *page_data_get(gmem_host *host, uint64_t pfn, bint create) no
     memory)."""
     cdef uint64_t v, old
     cdef void *p
+    cdef unsigned char *c
+    if host.content_inodes.nr_entries:
+        c = gmem_contents_page(host, pfn)   # gmem exec: the contents live in memfds
+        if c != NULL:
+            return c
     if xa_load(&host.page_data, pfn, &v):
         return <unsigned char *><size_t>v
     if not create:
