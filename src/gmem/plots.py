@@ -197,17 +197,21 @@ def sweep_chart(table, metric, path, title=None):
     for ax, s in zip(axes[0], scen):
         rows = [i for i, x in enumerate(table["scenario"]) if x == s]
         labels = sorted({table["label"][i] for i in rows})
-        for lab in labels:
+        for j, lab in enumerate(labels):
             pts = {}
             for i in rows:
                 if table["label"][i] == lab and table[metric][i] is not None:
                     pts.setdefault(table["size"][i] or 0, []).append(table[metric][i])
             xs = sorted(pts)
-            ax.plot([x / 2**20 for x in xs], [float(np.median(pts[x])) for x in xs], marker="o", label=lab,
-                    clip_on=False)
-        ax.set_title(s, fontsize=10)
+            # lines that coincide stay visible: each its own marker size and dash pattern
+            ax.plot([x / 2**20 for x in xs], [float(np.median(pts[x])) for x in xs], label=lab, clip_on=False,
+                    marker="osD^vx"[j % 6], markersize=9 - 1.5 * (j % 4), linestyle=("-", "--", ":", "-.")[j % 4],
+                    linewidth=2.2 - 0.4 * (j % 4))
+        ax.set_title(os.path.basename(s), fontsize=10)
         ax.set_xlabel("guest memory (MiB)")
         ax.set_xscale("log", base=2)
+        from matplotlib.ticker import ScalarFormatter
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_ylabel(metric)
         ax.set_ylim(bottom=0)
         ax.margins(y=0.1)
