@@ -14,8 +14,8 @@ Mirrors, for x86-64 and Linux 6.8 ... 6.18:
                                           SEAMCALL leaves and status codes, TDVMCALLs, the shared bit
 * ``include/uapi/linux/falloc.h``, ``include/uapi/asm-generic/errno*.h``, ``mman*.h``
 
-Values are those of the specs in ``/work/shared/spec`` (kernel-gmem.md §2, x86-snp-tdx.md §1, §3, §4);
-``tests/test_kernel_backend.py`` checks the ioctl numbers against ``_IOC()`` and the spec's literals.
+Values are those of the kernel headers above; ``tests/test_kernel_backend.py`` checks the ioctl numbers
+against ``_IOC()`` and the headers' literals.
 Function-like kernel macros (``_IOC``, ``KVM_PAGES_PER_HPAGE``, ...) are functions here.
 """
 
