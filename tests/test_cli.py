@@ -376,6 +376,13 @@ def test_run_trace_text_filtered(tmp_path):
     assert outcomes[:256] == ["fixed"] * 256 and outcomes[256:].count("fixed") == 256
 
 
+def test_run_timeline(tmp_path):
+    out = ok(gmem_cli(tmp_path, "run", "snp-life", "--timeline", "t.png"))
+    assert "wrote t.png" in out and listing(tmp_path) == ["t.png"]
+    w, h = png_info(tmp_path / "t.png")
+    assert w > 800 and h > 600
+
+
 def test_run_trace_chrome_json(tmp_path):
     ok(gmem_cli(tmp_path, "run", "sw-conversions", "--trace", "t.json"))
     t = json.loads((tmp_path / "t.json").read_text())

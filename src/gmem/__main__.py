@@ -167,15 +167,23 @@ def cmd_run(args):
     trace_filter = _trace_filter(args)
     if args.trace:
         _check_writable(args.trace)
+    if args.timeline:
+        _check_writable(args.timeline, picture=True)
     if args.output:
         _check_writable(args.output)
     with _console.Bar(quiet=args.quiet, unit="faults") as bar:
         on_step, progress = _run_progress(bar, spec)
-        r = scenario.run(spec, options, on_step=on_step, trace=bool(args.trace), name=args.scenario,
+        r = scenario.run(spec, options, on_step=on_step, trace=bool(args.trace or args.timeline), name=args.scenario,
                          progress=progress, keep_partial=True)
     extra = {}
     if args.trace:
         extra["trace"] = _write_trace(args, r.host.trace, trace_filter)
+    if args.timeline:
+        from gmem import plots, tracing
+        recs = r.host.trace.to_numpy()
+        plots.trace_timeline(recs[tracing.where(recs, **trace_filter)] if args.trace_gpa or args.trace_event
+                             else recs, args.timeline, f"{args.scenario}: trace timeline")
+        _note(args, f"wrote {args.timeline}")
     rec = r.result(**extra)
     doc = results.document("run", [rec], scenario=_scenario_record(args.scenario, spec))
     if not args.json:
@@ -531,6 +539,8 @@ def build_parser():
     r.add_argument("--trace-event", action="append", metavar="EVENT", help="keep only this event (repeat)")
     r.add_argument("--trace-gpa", metavar="START-END", help="keep only records touching these guest addresses "
                                                             "(START-END or START+SIZE, e.g. 1G+2M)")
+    r.add_argument("--timeline", metavar="PNG", help="draw the trace: faults and their outcome, zaps, "
+                                                     "preparations, invalidations, memory mapped per level")
     r.add_argument("--all", action="store_true", help="also print counters that are zero, and per vCPU")
     _result_options(r)
     r.set_defaults(func=cmd_run)

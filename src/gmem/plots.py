@@ -146,42 +146,52 @@ def replay_chart(chunk_sizes, chunk_seconds, path, title="replay throughput"):
 
 def trace_timeline(recs, path, title="trace"):
     """Three panels over the trace's sequence numbers: the faults (gpa, coloured by what
-    followed them), the conversions and zaps (gpa ranges), and the SPTEs mapped at 4K/2M/1G."""
+    followed them), the guest-side events (SPTE zaps, preparations, memory-fault exits by gpa;
+    gmem invalidations by host pfn, on the right axis), and the guest memory mapped per
+    SPTE level."""
     from gmem import tracing
     require(path)
     plt = _pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True)
     ev = tracing.events(recs)
-    seq = recs["seq"].astype(np.int64)
+    mib = float(1 << 20)
     ax = axes[0]
     faults = recs[ev == "kvm_page_fault"]
     outcome = tracing.fault_outcomes(recs)
-    for name, color in (("fixed", "tab:green"), ("exit", "tab:red"), ("no change", "tab:gray")):
+    # the rare outcomes last, so that thousands of spurious faults do not hide them
+    for name, color, size in (("no change", "tab:gray", 2), ("fixed", "tab:green", 6), ("exit", "tab:red", 9)):
         m = outcome == name
         if m.any():
-            ax.scatter(faults["seq"][m], faults["a"][m] / 2**20, s=3, color=color, label=f"{name} ({int(m.sum())})")
+            ax.scatter(faults["seq"][m], faults["a"][m] / mib, s=size, color=color, label=f"{name} ({int(m.sum())})")
     ax.set_ylabel("fault gpa (MiB)")
-    ax.legend(fontsize=8, markerscale=3, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
-              title="fault then")
+    ax.legend(fontsize=8, markerscale=2, loc="upper left", bbox_to_anchor=(1.08, 1.0), frameon=False,
+              title="fault, then")
     ax = axes[1]
-    for name, color in (("spte_zap", "tab:orange"), ("gmem_invalidate", "tab:purple"), ("gmem_prepare", "tab:blue"),
-                        ("memory_fault_exit", "tab:red")):
+    handles = []
+    for name, color in (("spte_zap", "tab:orange"), ("gmem_prepare", "tab:blue"), ("memory_fault_exit", "tab:red")):
         r = recs[ev == name]
         if len(r):
-            y = (r["a"] << np.uint64(12) if name in ("spte_zap", "gmem_prepare") else r["a"]) / 2**20
-            if name == "gmem_invalidate":
-                y = r["a"] * 4096 / 2**20      # host pfn range start, shown on the same scale
-            ax.scatter(r["seq"], y, s=4, color=color, label=f"{name} ({len(r)})")
-    ax.set_ylabel("gpa / pfn (MiB)")
-    ax.legend(fontsize=8, markerscale=3, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+            gpa = r["a"] if name == "memory_fault_exit" else r["a"] << np.uint64(12)
+            handles.append(ax.scatter(r["seq"], gpa / mib, s=5, color=color, label=f"{name} ({len(r)})"))
+    ax.set_ylabel("gpa (MiB)")
+    r = recs[ev == "gmem_invalidate"]
+    if len(r):
+        ax2 = ax.twinx()
+        handles.append(ax2.scatter(r["seq"], r["a"] * 4096 / mib, s=12, marker="|", color="tab:purple",
+                                   label=f"gmem_invalidate ({len(r)}), right axis"))
+        ax2.set_ylabel("host pfn invalidated (MiB)", color="tab:purple")
+    ax.legend(handles=handles, fontsize=8, markerscale=2, loc="upper left", bbox_to_anchor=(1.08, 1.0),
+              frameon=False)
     ax = axes[2]
     levels = tracing.mapped_levels(recs)
+    seq = recs["seq"].astype(np.int64)
     for lvl, name in ((1, "4K"), (2, "2M"), (3, "1G")):
         if levels[lvl].any():
-            ax.step(seq, levels[lvl], where="post", label=f"{name} SPTEs")
-    ax.set_ylabel("SPTEs mapped")
+            ax.step(seq, levels[lvl] * tracing.LEVEL_PAGES[lvl] * 4096 / mib, where="post",
+                    label=f"by {name} SPTEs (peak {int(levels[lvl].max())})")
+    ax.set_ylabel("guest memory mapped (MiB)")
     ax.set_xlabel("trace sequence number")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.08, 1.0), frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

@@ -74,5 +74,9 @@ def validate(doc, name):
     errors = sorted(_validator(name).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         e = _deepest(jsonschema.exceptions.best_match(errors))
-        raise SchemaError(e.message, format_path(e.absolute_path))
+        message = e.message
+        if e.validator == "pattern" and "description" in e.schema:     # not the regex: what it means
+            message = f"{e.instance!r} is not a {e.absolute_path[-1] if e.absolute_path else 'value'}: " \
+                      f"{e.schema['description']}"
+        raise SchemaError(message, format_path(e.absolute_path))
     return doc
