@@ -7,12 +7,15 @@ threads in this process (the default: a batch of faults releases the GIL), on lo
 processes (--processes), or on an existing cluster (--scheduler ADDRESS; its workers need
 this gmem installed).
 
-Output directory:
+Output directory::
+
     cells/KEY.json     one result record per finished cell (resuming skips these)
     sweep.parquet      one row per cell: its coordinates, status, seconds and the counters
                        (gmem.results.totals: VM counters summed over the VMs)
     sweep.json         the result document (kind "sweep") with every cell's run
     charts/METRIC.png  per metric: the median over seeds against the size, per policy set
+
+From Python::
 
     from gmem import sweep
     doc = sweep.run(sweep.load("spec.toml"), "out/", scheduler="serial")
