@@ -176,6 +176,19 @@ def run_cell(cell):
                                   cell=coords)
 
 
+def run_cells(batch):
+    """run_cell for each cell of a batch (one Dask task: a cell takes tens of milliseconds,
+    about what a task costs the scheduler, so cells travel in batches)."""
+    return [run_cell(c) for c in batch]
+
+
+def _batches(todo, nworkers):
+    """About 8 batches per worker: few enough to amortise a task, enough to balance the load
+    and show progress."""
+    size = max(1, len(todo) // (8 * max(1, nworkers)))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
 def _client(scheduler, workers, processes):
     try:
         from distributed import Client, LocalCluster
@@ -243,11 +256,11 @@ def run(spec, out_dir, *, scheduler=None, workers=None, processes=False, progres
             client = _client(scheduler, workers, processes)
             try:
                 nworkers = len(client.scheduler_info()["workers"])
-                futures = client.map(run_cell, todo, pure=False)
+                futures = client.map(run_cells, _batches(todo, nworkers), pure=False)
                 for fut in as_completed(futures):
-                    rec = fut.result()
-                    _save_cell(cells_dir, rec)
-                    done[rec["cell"]["key"]] = rec
+                    for rec in fut.result():
+                        _save_cell(cells_dir, rec)
+                        done[rec["cell"]["key"]] = rec
                     if progress:
                         progress(len(done), len(grid))
             finally:
