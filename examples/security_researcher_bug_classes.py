@@ -54,8 +54,11 @@ def freed_page_still_assigned():
     try:
         host.check()
     except gmem.InvariantError as e:
-        return report(2, "a freed page still assigned in the RMP", e)
-    raise AssertionError("check() passed")
+        report(2, "a freed page still assigned in the RMP", e)
+    else:
+        raise AssertionError("check() passed")
+    f.close()
+    vm.close()
 
 
 def stale_spte_after_punch():
