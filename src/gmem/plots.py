@@ -202,8 +202,9 @@ def sweep_chart(table, metric, path, title=None):
     per policy set and kernel."""
     require(path)
     plt = _pyplot()
-    scen = sorted(set(table["scenario"]))
-    fig, axes = plt.subplots(1, len(scen), figsize=(4.6 * len(scen), 3.8), squeeze=False)
+    # only the scenarios that have this metric (no RMP panel for a TD, no TDX panel for SNP)
+    scen = sorted({s for s, v in zip(table["scenario"], table[metric]) if v is not None}) or sorted(set(table["scenario"]))
+    fig, axes = plt.subplots(1, len(scen), figsize=(max(6.0, 4.6 * len(scen)), 3.8), squeeze=False)
     for ax, s in zip(axes[0], scen):
         rows = [i for i, x in enumerate(table["scenario"]) if x == s]
         labels = sorted({table["label"][i] for i in rows})
