@@ -39,16 +39,26 @@ def run_until_done(vcpu, vm, f, r):
     return exits
 
 
-def snp_guest():
-    host = gmem.Host(memory=1 << 30, platform="amd")
-    vm = host.create_vm(uapi.KVM_X86_SNP_VM)
+def guest(platform, vm_type):
+    """A launched confidential guest with 16 MiB of private guest_memfd memory at gpa 0, whose
+    conversion requests exit to this VMM (KVM_CAP_EXIT_HYPERCALL)."""
+    host = gmem.Host(memory=1 << 30, platform=platform)
+    vm = host.create_vm(vm_type)
     vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
     f = vm.create_guest_memfd(16 * MB)
     vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 16 * MB, HVA, f, 0)
-    vm.snp_launch_start()                               # SNP_LAUNCH_START, no initial image, FINISH
-    vm.snp_launch_finish()
+    if vm_type == uapi.KVM_X86_SNP_VM:
+        vm.snp_launch_start()                           # SNP_LAUNCH_START, no initial image, FINISH
+        vm.snp_launch_finish()
+    else:
+        vm.tdx_init_vm(52)                              # KVM_TDX_INIT_VM, no initial image, FINALIZE
+        vm.tdx_finalize_vm()
     vm.set_memory_attributes(0, 16 * MB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    vcpu = vm.create_vcpu(0)
+    return host, vm, f, vm.create_vcpu(0)
+
+
+def snp_guest():
+    host, vm, f, vcpu = guest("amd", uapi.KVM_X86_SNP_VM)
     for gfn in range(0, 1024):                          # the guest touches its first 4 MiB privately
         vcpu.page_fault(gfn << 12, uapi.PFERR_GUEST_ENC_MASK | uapi.PFERR_WRITE_MASK)
     # the guest makes 1 MiB at 2 MiB shared (one 4K PSC entry per page), then half of it private again
@@ -65,15 +75,7 @@ def snp_guest():
 
 
 def tdx_guest():
-    host = gmem.Host(memory=1 << 30, platform="intel")
-    vm = host.create_vm(uapi.KVM_X86_TDX_VM)
-    vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
-    f = vm.create_guest_memfd(16 * MB)
-    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 16 * MB, HVA, f, 0)
-    vm.tdx_init_vm(52)                                  # KVM_TDX_INIT_VM, no initial image, FINALIZE
-    vm.tdx_finalize_vm()
-    vm.set_memory_attributes(0, 16 * MB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    vcpu = vm.create_vcpu(0)
+    host, vm, f, vcpu = guest("intel", uapi.KVM_X86_TDX_VM)
     for gpa in range(0, 4 * MB, 4096):
         vcpu.tdx_accept(gpa)
     # MapGPA of 4 MiB to shared (the shared bit set): KVM splits it into 2 MiB exits

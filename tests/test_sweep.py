@@ -107,3 +107,22 @@ def test_shipped_spec_is_valid():
     spec = sweep.load(root)
     assert len(sweep.cells(spec)) == 200
     assert scenario.validate(spec["_scenarios"]["tdx-life"])
+
+
+def test_an_existing_scheduler(tmp_path):
+    """--scheduler ADDRESS: the cells go to a cluster someone else started (here one in-process
+    worker on loopback), with the results of the serial run."""
+    from distributed import LocalCluster
+    spec = sweep.validate(dict(SPEC, scenarios=["sw-conversions"], sizes=["8M"]))
+    with LocalCluster(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=None) as cluster:
+        doc = sweep.run(spec, str(tmp_path / "remote"), scheduler=cluster.scheduler_address)
+        assert len(cluster.scheduler_info["workers"]) == 1            # the cluster outlives the sweep
+    serial = sweep.run(spec, str(tmp_path / "serial"), scheduler="serial")
+    assert doc["sweep"]["scheduler"].startswith("tcp://127.0.0.1:")
+    assert [_same(r) for r in doc["runs"]] == [_same(r) for r in serial["runs"]]
+
+
+def test_unreachable_scheduler(tmp_path):
+    spec = sweep.validate(dict(SPEC, scenarios=["sw-conversions"], sizes=["8M"]))
+    with pytest.raises(sweep.SweepError, match="--scheduler tcp://127.0.0.1:9: cannot connect"):
+        sweep.run(spec, str(tmp_path / "x"), scheduler="tcp://127.0.0.1:9")
