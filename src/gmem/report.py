@@ -12,8 +12,9 @@ from gmem import plots, results, schema
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: left; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+tr.differs td { background: #fff4d6; }
 th { background: #f4f4f4; }
 .ok { color: #1a7f37; } .violation, .error, .interrupted { color: #c62828; font-weight: bold; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
@@ -42,9 +43,16 @@ def load(path):
         raise ReportError(f"{path}: not a gmem result document: {e}") from None
 
 
-def _table(rows, headers):
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+def _table(rows, headers, numeric=(), highlight=()):
+    """An HTML table; columns whose index is in numeric are right-aligned, rows whose index is
+    in highlight are marked (the counters that differ between runs)."""
+    def cls(i):
+        return ' class="n"' if i in numeric else ""
+    head = "".join(f"<th{cls(i)}>{html.escape(str(h))}</th>" for i, h in enumerate(headers))
+    marked = ' class="differs"'
+    body = "".join(f"<tr{marked if j in highlight else ''}>" +
+                   "".join(f"<td{cls(i)}>{html.escape(str(x))}</td>" for i, x in enumerate(r)) + "</tr>"
+                   for j, r in enumerate(rows))
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -85,7 +93,7 @@ def render(doc, base_dir="."):
           ", ".join(f"{k}={v}" for k, v in r["host"]["options"].items()), f"{r['seconds']:.3f}",
           (f"{r['error']['type']}: {r['error']['message']}" if r["error"] else ""))
          for i, r in enumerate(runs[:200])],
-        ("#", "label", "status", "kernel", "platform", "options", "seconds", "error")))
+        ("#", "label", "status", "kernel", "platform", "options", "seconds", "error"), numeric={0, 6}))
     ok = [r for r in runs if r["status"] != "error"]
     if doc["kind"] == "sweep":
         parts.append(_sweep_section(doc, base_dir))
@@ -93,10 +101,14 @@ def render(doc, base_dir="."):
         keys = compare_keys(ok)
         tot = [results.totals(r["counters"]) for r in ok]
         moment = ok[0]["counters"]["moment"]["label"]
+        names = sorted(set().union(*tot))
+        differs = {j for j, k in enumerate(names) if len({t.get(k, 0) for t in tot}) > 1}
         parts.append(f"<h2>Counters</h2><p>taken {html.escape(moment)}; VMs closed earlier: just before their "
-                     f"close.</p>")
-        parts.append(_table([(k, *[f"{t.get(k, 0):,}" for t in tot]) for k in sorted(set().union(*tot))],
-                            ("counter", *[f"{i + 1}: {r['label']}" for i, r in enumerate(ok)])))
+                     f"close. Columns: the runs above, by number" +
+                     ("; highlighted: the counters that differ between runs" if len(ok) > 1 else "") + ".</p>")
+        parts.append(_table([(k, *[f"{t.get(k, 0):,}" for t in tot]) for k in names],
+                            ("counter", *[f"run {i + 1}" for i in range(len(ok))]),
+                            numeric=set(range(1, len(ok) + 1)), highlight=differs))
         if len(ok) > 1 and plots.have_matplotlib():
             parts.append(_img(lambda p: plots.compare_chart([r["label"] for r in ok], tot, keys, p,
                                                             title="runs compared")))
@@ -109,7 +121,7 @@ def render(doc, base_dir="."):
             parts.append(f"<h2>{html.escape(r['label'])}: events and step timings</h2><ul>" +
                          "".join(f"<li>{html.escape(e)}</li>" for e in r["events"]) + "</ul>")
             parts.append(_table([(t["step"], t["op"], f"{t['seconds'] * 1e3:.2f}") for t in r["timings"]],
-                                ("step", "op", "ms")))
+                                ("step", "op", "ms"), numeric={0, 2}))
     parts.append("</body></html>")
     return "\n".join(parts)
 
