@@ -679,3 +679,13 @@ def test_report_of_a_run_and_a_comparison(tmp_path):
     assert "prepare=alloc,prepared_tracking=arch" in page and "rmp.rmpupdate" in page
     assert page.count("data:image/png;base64,") == 1             # the comparison chart, inlined
     assert sorted(listing(tmp_path)) == ["c.html", "cmp.json", "run.html", "run.json"]
+
+
+def test_without_the_cli_extra(tmp_path):
+    """Installed without the cli extra: one line naming the extra, exit 2, nothing written."""
+    d = tmp_path / "_no_rich"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text("import sys\nsys.modules['rich'] = None\n")   # import rich fails
+    p = gmem_cli(tmp_path, "run", "snp-life", env_extra={"PYTHONPATH": os.pathsep.join([str(d), GMEM_ROOT])})
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip() == "gmem run: error: the command line needs rich: pip install 'kvm-gmem[cli]'"
