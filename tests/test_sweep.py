@@ -125,4 +125,4 @@ def test_an_existing_scheduler(tmp_path):
 def test_unreachable_scheduler(tmp_path):
     spec = sweep.validate(dict(SPEC, scenarios=["sw-conversions"], sizes=["8M"]))
     with pytest.raises(sweep.SweepError, match="--scheduler tcp://127.0.0.1:9: cannot connect"):
-        sweep.run(spec, str(tmp_path / "x"), scheduler="tcp://127.0.0.1:9")
+        sweep.run(spec, str(tmp_path / "x"), scheduler="tcp://127.0.0.1:9", connect_timeout="1s")

@@ -189,14 +189,14 @@ def _batches(todo, nworkers):
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 
-def _client(scheduler, workers, processes):
+def _client(scheduler, workers, processes, connect_timeout="10s"):
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise SweepError("gmem sweep needs Dask: pip install 'kvm-gmem[sweep]' (or --serial)") from None
     if scheduler:
         try:
-            return Client(scheduler, timeout="10s")
+            return Client(scheduler, timeout=connect_timeout)
         except (OSError, TimeoutError) as e:
             raise SweepError(f"--scheduler {scheduler}: cannot connect: {e}") from None
     n = workers or os.cpu_count() or 1
@@ -225,7 +225,7 @@ def _save_cell(cells_dir, rec):
     os.replace(tmp, os.path.join(cells_dir, rec["cell"]["key"] + ".json"))
 
 
-def run(spec, out_dir, *, scheduler=None, workers=None, processes=False, progress=None):
+def run(spec, out_dir, *, scheduler=None, workers=None, processes=False, progress=None, connect_timeout="10s"):
     """Run every cell of a validated spec not already in out_dir/cells; write the table, the
     charts and sweep.json; return the result document. scheduler: None (a local Dask cluster
     of `workers` threads, or processes), "serial" (no Dask), or a Dask scheduler address.
@@ -253,7 +253,7 @@ def run(spec, out_dir, *, scheduler=None, workers=None, processes=False, progres
                     progress(len(done), len(grid))
         elif todo:
             from distributed import as_completed
-            client = _client(scheduler, workers, processes)
+            client = _client(scheduler, workers, processes, connect_timeout)
             try:
                 nworkers = len(client.scheduler_info()["workers"])
                 futures = client.map(run_cells, _batches(todo, nworkers), pure=False)
