@@ -415,7 +415,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         vm.set_memory_attributes(0, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
     vcpus = [vm.create_vcpu(int(v)) for v in np.unique(vcpu)]
     n, chunk = len(gpa), args.chunk
-    chunks, done, status, error = [], 0, "ok", None
+    chunks, done, status, error, elapsed = [], 0, "ok", None, 0.0
     exits = 0
     t0 = time.perf_counter()
     try:
@@ -428,13 +428,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 exits += int((out["exit_reason"] == uapi.KVM_EXIT_MEMORY_FAULT).sum())
                 done = end
                 bar.update("faults", done, n, "replay")
+        elapsed = time.perf_counter() - t0          # the faults only, not the check below
         host.check()
     except KeyboardInterrupt:
         status, error = "interrupted", {"type": "KeyboardInterrupt", "message": f"interrupted after {done} faults",
                                         "step": None, "op": None}
     except gmem.InvariantError as e:
         status, error = "violation", results.error_record(e)
-    elapsed = time.perf_counter() - t0
+    if status == "interrupted":
+        elapsed = time.perf_counter() - t0
     hints = _replay_hints(vm, ec[:done], exits, done)
     counters = results.snapshot(host, {"replay": vm}, {"replay": vcpus}, (f"after {done} faults", None, None))
     stream = {"path": args.file, "faults": int(done), "vm_type": args.vm_type,
