@@ -94,7 +94,7 @@ def test_attribute_shadow():
 # The real kernel
 
 requires_kvm = pytest.mark.skipif(not kernel.available(),
-                                    reason="needs /dev/kvm with guest_memfd (KVM_CAP_GUEST_MEMFD)")
+                                    reason=f"needs /dev/kvm with guest_memfd: {kernel.unavailable_reason()}")
 
 
 @pytest.fixture(scope="module")
@@ -621,3 +621,18 @@ def test_vcpu(vm):
         assert errno_of(vcpu.pre_fault_memory, 0, 0) == errno.EINVAL             # gpa + size <= gpa
         with pytest.raises(NotImplementedError):
             vcpu.page_fault(0, 0)
+
+
+def test_unavailable_reason_agrees_with_available():
+    """Finding: available() said False without a reason."""
+    why = kernel.unavailable_reason()
+    assert (why is None) == kernel.available()
+    if why is not None:
+        assert why.startswith(("cannot open /dev/kvm: ", "/dev/kvm: this kernel has no guest_memfd"))
+
+
+def test_the_run_header_says_what_the_differential_tests_checked(pytestconfig):
+    from conftest import pytest_report_header
+    line = pytest_report_header(pytestconfig)
+    assert line.startswith("gmem.kernel: ")
+    assert ("check the model only" in line) == (not kernel.available())

@@ -1,4 +1,4 @@
-"""A soak (issue 7): random operations over several VMs on an SEV-SNP, a TDX and a
+"""A soak: random operations over several VMs on an SEV-SNP, a TDX and a
 SW_PROTECTED host, host.check() every check_every operations, with throughput and memory.
 
     from gmem import soak
