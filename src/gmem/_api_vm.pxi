@@ -16,9 +16,19 @@ cdef class FaultResult:
     cdef uint64_t mf_size
 
     def __init__(self, ret, exit_reason, memory_fault, level, pfn):
-        self.o.ret, self.o.exit_reason, self.o.level, self.o.pfn = ret, exit_reason, level, pfn
+        # every field checked against its C type first (ValueError, not a C conversion's
+        # OverflowError), then all assigned
+        cdef int32_t r = _int_arg(ret, "ret", -(1 << 31), 1 << 31)
+        cdef uint32_t e = _int_arg(exit_reason, "exit_reason", 0, 1 << 32)
+        cdef uint8_t lv = _int_arg(level, "level", 0, 1 << 8)
+        cdef uint64_t p = _int_arg(pfn, "pfn", 0, 1 << 64)
+        mf = (0, 0, 0) if memory_fault is None else tuple(memory_fault)
+        if len(mf) != 3:
+            raise ValueError("memory_fault must be (flags, gpa, size)")
+        mf = [_int_arg(x, f"memory_fault {name}", 0, 1 << 64) for x, name in zip(mf, ("flags", "gpa", "size"))]
+        self.o.ret, self.o.exit_reason, self.o.level, self.o.pfn = r, e, lv, p
         if memory_fault is not None:
-            self.o.flags, self.o.gpa, self.mf_size = memory_fault
+            self.o.flags, self.o.gpa, self.mf_size = mf
 
     @property
     def ret(self):
@@ -737,7 +747,11 @@ cdef dict _psc_entry(object e, Py_ssize_t i):
 
 
 cdef object _u64_array(object a, str what):
-    arr = np.asarray(a)
+    try:
+        arr = np.asarray(a)
+    except OverflowError:
+        # numpy converts an int subclass through its __index__, which may say 2**70
+        raise ValueError(f"{what} holds a number outside 64 bits") from None
     if arr.ndim != 1:
         raise ValueError(f"{what} must be 1-D, not {arr.ndim}-D")
     if arr.dtype.kind not in "ui":

@@ -59,8 +59,11 @@ cdef int _order_arg(object order, int max_order) except -1:
     return <int>order
 
 
-cdef int _mark_arg(object mark) except -2:
-    if mark is None:
+cdef int _mark_arg(object mark, bint search=False) except -2:
+    """XA_MARK_0..2; None (XA_PRESENT: any entry) only for a search. set_mark, clear_mark and
+    get_mark index node.marks[] with the mark: XA_NO_MARK there is node.marks[-1], the field
+    before it (the parent pointer)."""
+    if mark is None and search:
         return XA_NO_MARK
     if isinstance(mark, bool) or not isinstance(mark, (int, np.integer)) or not 0 <= mark < XA_MAX_MARKS:
         raise ValueError(f"mark must be 0, 1 or 2 (XA_MARK_0..2), not {mark!r}")
@@ -146,8 +149,20 @@ cdef class XArray:
         return xa_get_order(&self.xa, _u64(index, "index"))
 
     def split(self, index, order):
-        """xas_split: the entry covering index becomes entries of order, same value and marks."""
-        cdef int r = xa_split(&self.xa, _u64(index, "index"), _order_arg(order, XA_MAX_ORDER))
+        """xas_split: the entry covering index becomes entries of order, same value and marks.
+        MemoryError, before anything is allocated, for a split whose new nodes need more memory
+        than the machine has (an order-63 entry into pages: 2**57 nodes)."""
+        cdef uint64_t i = _u64(index, "index")
+        cdef int o = _order_arg(order, XA_MAX_ORDER), k = xa_get_order(&self.xa, i)
+        cdef int leaf = o - o % XA_CHUNK_SHIFT        # the shift of the nodes that hold order o
+        if k >= leaf + XA_CHUNK_SHIFT and o < k:
+            # 2 ** (k - leaf - 6) full leaves, plus at most as many nodes above them
+            need = (2 << <object>(k - leaf - XA_CHUNK_SHIFT)) * sizeof(xa_node)   # a Python int
+            import os
+            if need > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+                raise MemoryError(f"xa_split: splitting an order-{k} entry into order {o} needs "
+                                  f"{need} bytes of nodes, more than this machine's memory")
+        cdef int r = xa_split(&self.xa, i, o)
         if r == -_ENOENT:
             raise ValueError(f"no entry at index {index:#x} to split")
         if r == -_EINVAL:
@@ -159,21 +174,21 @@ cdef class XArray:
     def find(self, start=0, last=_U64_MAX, mark=None):
         """xa_find: (index, value) of the first entry at or after start (index >= start), or None."""
         cdef uint64_t i = _u64(start, "start"), l = _u64(last, "last"), v
-        if xa_find(&self.xa, &i, l, _mark_arg(mark), &v):
+        if xa_find(&self.xa, &i, l, _mark_arg(mark, True), &v):
             return (i, v)
         return None
 
     def find_after(self, index, last=_U64_MAX, mark=None):
         """xa_find_after: (index, value) of the first entry after the one covering index, or None."""
         cdef uint64_t i = _u64(index, "index"), l = _u64(last, "last"), v
-        if xa_find_after(&self.xa, &i, l, _mark_arg(mark), &v):
+        if xa_find_after(&self.xa, &i, l, _mark_arg(mark, True), &v):
             return (i, v)
         return None
 
     def items(self, first=0, last=_U64_MAX, mark=None):
         """Iterate (first_index, order, value) over the entries overlapping [first, last]
         (arguments are checked at the call)."""
-        return self._items(_u64(first, "first"), _u64(last, "last"), _mark_arg(mark))
+        return self._items(_u64(first, "first"), _u64(last, "last"), _mark_arg(mark, True))
 
     def _items(self, uint64_t start, uint64_t l, int m):
         cdef uint64_t f, v, end
@@ -336,13 +351,24 @@ cdef class PhysMem:
         return out
 
     def free_many(self, pfns, order=0):
-        """Free blocks from alloc_many (no per-block double-free check: benchmarks only)."""
+        """Free blocks from alloc_many. Every block is checked first, as free() checks one (in
+        host memory, aligned, allocated, holding no folio), and given at most once: a refused
+        call frees nothing."""
         cdef const uint64_t[::1] p = _u64_array(pfns, "pfns")
-        cdef int o = _order_arg(order, MAX_PAGE_ORDER)
-        cdef Py_ssize_t i
-        for i in range(p.shape[0]):
-            if p[i] < self.pm.start_pfn or p[i] >= self.pm.watermark or p[i] & ((((<uint64_t>1) << o)) - 1):
-                raise OSError(_errno.EINVAL, f"pfn {p[i]:#x} was not allocated at order {o}")
+        cdef int o = _order_arg(order, MAX_PAGE_ORDER), k
+        cdef Py_ssize_t i, bad = -1
+        cdef uint64_t first, v
+        if p.shape[0] > 1 and np.unique(np.asarray(p)).shape[0] != p.shape[0]:
+            raise OSError(_errno.EINVAL, "a block is given twice (double free)")
+        with nogil:
+            for i in range(p.shape[0]):
+                if phys_check_allocated(&self.pm, p[i], o) < 0 or xa_find_entry(
+                        &self.pm.memmap, p[i], p[i] + (((<uint64_t>1) << o)) - 1, XA_NO_MARK, &first, &k, &v):
+                    bad = i
+                    break
+        if bad >= 0:
+            raise OSError(_errno.EINVAL, f"block {p[bad]:#x} order {o} is not allocated (double free?) "
+                          "or holds a folio")
         with nogil:
             for i in range(p.shape[0]):
                 phys_free(&self.pm, p[i], o)
