@@ -565,9 +565,12 @@ def _child(setup, cases, run_one, wfd):
         w = setup()
         for i, case in enumerate(cases):
             failure = run_one(w, case)      # a message, a list of them, or None
-            _send(wfd, ("case", i, failure))
             if failure:
-                w = setup()         # a failed case may leave a broken world: the next gets a fresh one
+                # a failed case may leave a broken world: the next gets a fresh one (dropping
+                # the old one may crash: the case is reported once that is over)
+                w = None
+                w = setup()
+            _send(wfd, ("case", i, failure))
         _send(wfd, ("done",))
     except BaseException:
         _send(wfd, ("error", traceback.format_exc()))
@@ -651,6 +654,9 @@ def run_batches(setup, cases, run_one, describe_case, batch_size=200, timeout=No
         # the child died in the case after the last one it reported: that case again, alone in
         # a fresh world, names the culprit; the rest of the batch goes on in a new child
         k = len(results)
+        if k == len(batch):             # after its last case: rebuilding the world, or exiting
+            failures.append(f"after {describe_case(batch[-1])}: {broken}")
+            continue
         res, alone = _fork_batch(setup, [batch[k]], run_one, timeout)
         if alone:
             failures.append(f"{describe_case(batch[k])}: {alone}")
@@ -760,6 +766,27 @@ def _lazy_subclass(cls):
     return type(f"Lazy{cls.__name__}", (cls,), {"__init__": lambda self, *a, **k: None})
 
 
+def _orphan(cls_name):
+    """An object of cls_name left over from a guest whose every other object was dropped: the
+    VM closed (and destroyed, unless the object is its file or mapping), the host, VM and
+    files reachable only through it, cycles through a hook closure for the collector."""
+    h = gmem.Host(memory=16 * MB, huge_folios=True)
+    vm = h.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    f = vm.create_guest_memfd(4 * MB, u.GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA, f, 0)
+    vm.set_memory_attributes(0, 2 * MB, PRIVATE)
+    v, m = vm.create_vcpu(0), f.mmap(4096)
+    h.register_hooks(u.KVM_X86_SW_PROTECTED_VM, gmem_invalidate=lambda *a: (h, vm, f, v, m))
+    v.page_fault(0, W)
+    v.page_fault(2 * MB, W)
+    keep = dict(Vcpu=v, Mapping=m, Rmp=h.rmp, Trace=h.trace, GuestMemfd=f)[cls_name]
+    vm.close()
+    if cls_name not in ("GuestMemfd", "Mapping"):
+        m.close()
+        f.close()
+    return keep
+
+
 def _existing(w, cls_name):
     """A live object of the class (an Rmp of the scratch host: poking it runs the raw RMP
     instructions)."""
@@ -771,8 +798,9 @@ def lifetime_case(w, case):
     junk, copy): the object must then answer every member with the documented exceptions
     only, and leave host.check() clean."""
     how, name = case
-    if how == "closed":
-        obj = getattr(w, name)
+    if how in ("closed", "orphaned"):
+        obj = getattr(w, name) if how == "closed" else _orphan(name)
+        gc.collect()
         failures = poke_members(w, obj, type(obj).__name__)
         return f"{how} {name}:\n  " + "\n  ".join(failures) if failures else None
     cls_name, cls = name, live_class(name)
@@ -811,6 +839,7 @@ def lifetime_case(w, case):
 def lifetime_cases():
     classes = sorted({m.cls for m in public_api() if m.cls})
     cases = [("closed", name) for name in ("closed_vm", "closed_vcpu", "closed_f", "closed_m")]
+    cases += [("orphaned", name) for name in ("Vcpu", "Mapping", "Rmp", "Trace", "GuestMemfd")]
     return cases + [(how, c) for c in classes for how in ("reinit", "new", "lazy", "junk", "copy")]
 
 

@@ -38,7 +38,8 @@ KNOWN_GAPS = [
      "whose __int__ differs passes the check and overflows the C int"),
     ("sweep", r"^Vm\.page_fault_batch\(vcpu_id=LyingInt\): OverflowError",
      "page_fault_batch's np.ndim(vcpu_id) makes numpy convert an int subclass through __index__"),
-    ("lifetimes", r"^reinit Host\b", "issue 13 item 2: Host.__init__ runs again on a live host"),
+    ("lifetimes", r"^reinit Host\b", "issue 13 item 2: Host.__init__ runs again on a live host "
+     "(its old state freed under live folios: a crash once the world is dropped)"),
     ("lifetimes", r"^(new|lazy) Host\b", "issue 13 item 4, for Host: a Host made without __init__ "
      "has no fd table, platform or hook table (KeyError, AttributeError; a crash after item 2)"),
     ("lifetimes", r"^(new|lazy) Vm: crashed", "issue 13 item 4: a Vm made without __init__ has no host"),

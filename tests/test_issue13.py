@@ -148,9 +148,9 @@ def test_item_5_injection_without_a_host():
             inj.host = None
         except AttributeError:
             pass                    # a read-only attribute
-        for obj in (inj, hc.live_class("_Injection")(None)):
+        for make in (lambda: inj, lambda: hc.live_class("_Injection")(None)):
             try:
-                with obj:
+                with make():
                     pass
             except REFUSED:
                 pass
@@ -297,7 +297,7 @@ def test_item_10_failing_return_value_conversions(hook):
         unraisable = []
         sys.unraisablehook = unraisable.append
         h.register_hooks(SW, **{hook: lambda *a: hc.RaisingEverything()})
-        with pytest.raises(hc.Hostile):
+        with pytest.raises((hc.Hostile, TypeError, ValueError)):    # its own error, or a refusal of it
             vm.create_vcpu(0).page_fault(0, W)
         assert not unraisable, f"{unraisable[0].exc_value!r} was printed as 'Exception ignored'"
         h.check()
@@ -353,7 +353,7 @@ def test_item_13_tdx_init_vm_from_a_hook():
         except REFUSED + (gmem.GuestExit,):
             pass
         h.check()
-        if vm.td_state == "initialized":
+        if vm.td_state == "initialized" and vm.nr_premapped == 0:
             vm.tdx_finalize_vm()
     isolated(scenario)
 
