@@ -250,13 +250,19 @@ def _lookup(table, member):
     return table[_table_key(tuple(table), member.cls, member.qualname)]
 
 
+def _referent(obj, type_name):
+    return next((o for o in gc.get_referents(obj) if type(o).__name__ == type_name), None)
+
+
 def internal_file(w):
-    """The struct file behind w.f (internal: only gc finds it)."""
-    return next(o for o in gc.get_referents(w.f) if type(o) is core.GmemFile)
+    """The struct file behind w.f, where a Python object stands for it (internal: only gc
+    finds it), else None."""
+    return _referent(w.f, "GmemFile")
 
 
 def internal_inode(w):
-    return next(o for o in gc.get_referents(internal_file(w)) if type(o) is core.GmemInode)
+    file = internal_file(w)
+    return None if file is None else _referent(file, "GmemInode")
 
 
 RECEIVERS.update(GmemFile=internal_file, GmemInode=internal_inode)
