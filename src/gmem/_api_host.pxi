@@ -244,6 +244,14 @@ _PY_HOOKS.private_max_mapping_level = _py_private_max_mapping_level
 
 # -------------------------------------------------------------------- Host
 
+cdef void _user_access_ok(uint64_t hva, uint64_t n) except *:
+    """access_ok(hva, n) before copy_{from,to}_user moves a byte: the whole range below
+    TASK_SIZE_MAX (7.2: USER_PTR_MAX), no wrap."""
+    if not host_user_access_ok(hva, n):
+        raise _err(EFAULT, f"[{hva:#x}, +{n:#x}) is not user memory (access_ok: it wraps or reaches "
+                   "TASK_SIZE_MAX)")
+
+
 @cython.final
 cdef class Host:
     """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
@@ -332,7 +340,7 @@ cdef class Host:
     def __init__(self, *args, **kwargs):
         """(__cinit__ built the host; a second __init__ on a live host is refused)"""
         if self._initialized:
-            raise RuntimeError("Host.__init__ called again on a live host: make a new Host")
+            raise TypeError("Host.__init__ called again on a live host: make a new Host")
         self._initialized = True
 
     def __dealloc__(self):
@@ -479,8 +487,7 @@ cdef class Host:
         """Read the VMM's own memory (the shared backing of memslots) at hva."""
         held = _host_enter(self)
         cdef uint64_t a = _u64(hva, "hva"), ln = _buffer_len(n, "n"), pos = 0, k
-        if a + ln < a:
-            raise _err(EFAULT, f"hva {a:#x} + {ln} wraps around the address space")
+        _user_access_ok(a, ln)
         out = bytearray(ln)
         cdef unsigned char[::1] o = out if ln else None
         while pos < ln:
@@ -496,8 +503,7 @@ cdef class Host:
         b = _bytes_arg(data, "data")
         cdef uint64_t ln = len(b)
         cdef const unsigned char[::1] d = b if ln else None
-        if a + ln < a:
-            raise _err(EFAULT, f"hva {a:#x} + {ln} wraps around the address space")
+        _user_access_ok(a, ln)
         while pos < ln:
             k = min(ln - pos, 4096 - ((a + pos) & 4095))
             memcpy(self._user_page(a + pos, True) + ((a + pos) & 4095), &d[pos], k)

@@ -37,7 +37,7 @@ cdef class Vm:
 
     def __init__(self, Host host not None, vm_type, _wrap=None):
         if self._initialized:
-            raise RuntimeError("Vm.__init__ called again on a live VM: use host.create_vm()")
+            raise TypeError("Vm.__init__ called again on a live VM: use host.create_vm()")
         self._initialized = True
 
     cdef void _attach(self, kvm *k):
@@ -362,7 +362,7 @@ cdef class Vm:
             g, e = np.array(g, copy=True), np.array(e, copy=True)
             res = np.empty(n, dtype=FAULT_DTYPE)
         cdef unsigned char[::1] o = res.view(np.uint8) if n else None
-        if np.ndim(vcpu_id) == 0:
+        if isinstance(vcpu_id, (int, np.integer)) or np.ndim(vcpu_id) == 0:
             vid = _u64(vcpu_id, "vcpu_id")
             self._vcpu(vid)
             one = k.vcpus[vid]

@@ -11,8 +11,10 @@ cdef enum:
 cdef extern from *:
     """
     #define GMEM_MMAP_MIN_ADDR (65536ULL)
+    #define GMEM_TASK_SIZE_MAX (0x7FFFFFFFF000ULL)
     """
     const uint64_t MMAP_MIN_ADDR "GMEM_MMAP_MIN_ADDR"
+    const uint64_t TASK_SIZE_MAX "GMEM_TASK_SIZE_MAX"  # the end of user memory (4-level paging)
 
 
 cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil:
@@ -203,12 +205,17 @@ cdef int host_copy_page(gmem_host *host, uint64_t dst, uint64_t src) noexcept no
 
 # ------------------------------------------------------- the VMM's own memory
 
+cdef inline bint host_user_access_ok(uint64_t hva, uint64_t n) noexcept nogil:
+    """access_ok(): [hva, hva + n) lies below TASK_SIZE_MAX and does not wrap."""
+    return hva + n >= hva and hva + n <= TASK_SIZE_MAX
+
+
 cdef int hva_to_pfn(gmem_host *host, uint64_t hva, uint64_t *pfn) noexcept nogil:
     """get_user_pages of the VMM's memory behind an hva: a 4K page allocated at first touch."""
     cdef uint64_t v, old
     cdef uint32_t id
-    if hva < MMAP_MIN_ADDR or hva >> 63:
-        return -EFAULT              # below mmap_min_addr, or the kernel's half
+    if hva < MMAP_MIN_ADDR or hva >= TASK_SIZE_MAX:
+        return -EFAULT              # below mmap_min_addr, or not user memory
     if xa_load(&host.user_pages, hva >> 12, &v):
         pfn[0] = folio_get(&host.pm, <uint32_t>v).pfn
         return 0

@@ -44,10 +44,8 @@ cdef extern from *:
     # constants, not module variables
     """
     #define GMEM_INVALID_GFN (0xFFFFFFFFFFFFFFFFULL)
-    #define GMEM_TASK_SIZE_MAX (0x7FFFFFFFF000ULL)
     """
     const uint64_t INVALID_GFN "GMEM_INVALID_GFN"
-    const uint64_t TASK_SIZE_MAX "GMEM_TASK_SIZE_MAX"
 
 
 cdef inline uint64_t _mask(int order) noexcept nogil:

@@ -283,7 +283,7 @@ def op_launch(run, step):
     TDX INIT_VM/INIT_MEM_REGION/FINALIZE (the pages are set private first)."""
     name, vm = run.vm(step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
-    hva = HVA_BASE + (1 << 40)
+    hva = HVA_BASE - (1 << 40)          # the VMM's launch image, below its guest RAM
     run.host.write_user(hva, bytes(range(256)) * (size // 256))
     if vm.vm_type == uapi.KVM_X86_SNP_VM:
         vm.snp_launch_start()
