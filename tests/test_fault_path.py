@@ -272,12 +272,36 @@ def test_exit_5_emulation_on_private_memory_cannot_be_reached():
     assert vcpu.stats["pf_emulate"] == 0
 
 
-def test_exit_6_unresolvable_shared_pfn():
-    """kvm_handle_error_pfn's default: a memslot whose hva is not mapped in the VMM."""
+def test_unresolvable_shared_pfn_is_efault_without_an_exit():
+    """kvm_handle_error_pfn's default: a memslot whose hva is not mapped in the VMM is -EFAULT
+    from KVM_RUN with no KVM_EXIT_MEMORY_FAULT (one was proposed for it, never merged), and no
+    memory-fault exit is counted."""
     host, vm, f, vcpu = make_vm(hva=0)
-    assert_exit(vcpu.page_fault(0x2000, WRITE), 0x2000, private=False)
+    r = vcpu.page_fault(0x2000, WRITE)
+    assert (r.ret, r.exit_reason, r.memory_fault) == (-errno.EFAULT, 0, None)
+    assert vcpu.stats["memory_fault_exits"] == 0
     vm.set_memory_attributes(0x2000, PAGE, PRIVATE)
     assert vcpu.page_fault(0x2000, WRITE).ret == FIXED       # private pages come from gmem
+
+
+def test_munmap_of_the_vmm_memory_zaps_and_faults_efault():
+    """munmap of a memslot's backing: the mmu notifier zaps the gfns it backs
+    (kvm_mmu_notifier_invalidate_range_start), then a fault there is -EFAULT (no exit); the
+    VMM mapping it again gives the guest zero pages."""
+    host, vm, f, vcpu = make_vm()
+    gpa = 4 * M                                              # the shared slot's memory
+    assert vcpu.page_fault(gpa, WRITE).ret == FIXED
+    vcpu.write(gpa, b"shared")
+    host.munmap_user(HVA + gpa, 2 * PAGE)
+    assert all(g != gpa >> 12 for g, *_ in vm.sptes())
+    r = vcpu.page_fault(gpa, WRITE)
+    assert (r.ret, r.exit_reason) == (-errno.EFAULT, 0)
+    with pytest.raises(OSError) as e:
+        host.read_user(HVA + gpa, 6)
+    assert e.value.errno == errno.EFAULT
+    host.mmap_user(HVA + gpa, 2 * PAGE)
+    assert vcpu.read(gpa, 6) == bytes(6)
+    host.check()
 
 
 # ------------------------------------------------------------- §2.10 retry

@@ -108,6 +108,7 @@ def world():
     w.lsnp.set_user_memory_region2(0, GMEM, 0, 2 * MB, HVA + 16 * MB, w.lf, 0)
     w.lsnp.set_memory_attributes(0, 2 * MB, PRIVATE)
     w.lsnp.snp_launch_start()
+    w.amd.mmap_user(HVA + 32 * MB, 16 * MB)            # the VMM's buffers (launch images, ...)
     w.amd.write_user(HVA + 32 * MB, b"kernel")
     w.ltdx = w.intel.create_vm(u.KVM_X86_TDX_VM)
     w.ltdx.tdx_init_vm(52)
@@ -115,6 +116,7 @@ def world():
     w.ltf = w.ltdx.create_guest_memfd(2 * MB)
     w.ltdx.set_user_memory_region2(0, GMEM, 0, 2 * MB, HVA + 16 * MB, w.ltf, 0)
     w.ltdx.set_memory_attributes(0, 2 * MB, PRIVATE)
+    w.intel.mmap_user(HVA + 32 * MB, 16 * MB)
     w.intel.write_user(HVA + 32 * MB, b"tdboot")
     # closed things
     w.closed_f = w.snp.create_guest_memfd(8192)

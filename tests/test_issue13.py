@@ -306,6 +306,7 @@ def test_item_11_launch_update_page_type(page_type):
     def scenario():
         h, vm, f = guest(SNP, size=2 * MB)
         vm.snp_launch_start()
+        h.mmap_user(HVA + 4 * MB, 4096)
         h.write_user(HVA + 4 * MB, b"kernel")
         try:
             vm.snp_launch_update(0, HVA + 4 * MB, 4096, page_type)

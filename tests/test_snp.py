@@ -757,6 +757,7 @@ class TestKnownGaps:
 
     def test_vmm_write_to_assigned_page_faults(self):
         h = gmem.Host(memory=64 << 20)
+        h.mmap_user(HVA, 4096)
         h.write_user(HVA, b"a")
         pfn, = [p for p in range(64) if h.folio(p)]
         assert h.rmp.rmpupdate(pfn, assigned=1, gpa=0, asid=1) == 0

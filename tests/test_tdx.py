@@ -19,6 +19,7 @@ HC = 1 << u.KVM_HC_MAP_GPA_RANGE
 
 def td(size=8 << 20, gpaw=52, init=True, private=True, **hostkw):
     h = gmem.Host(memory=1 << 30, platform="intel", **hostkw)
+    h.mmap_user(SRC, 1 << 20)                   # the VMM's buffer for the TD's initial image
     vm = h.create_vm(u.KVM_X86_TDX_VM)
     if init:
         vm.tdx_init_vm(gpaw)

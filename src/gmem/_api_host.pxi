@@ -473,7 +473,7 @@ cdef class Host:
         cdef uint64_t pfn
         cdef unsigned char *p
         if hva_to_pfn(self.h, hva, &pfn) < 0:
-            raise _err(EFAULT, f"hva {hva:#x} is not mapped in the VMM")
+            raise _err(EFAULT, f"hva {hva:#x} is not mapped in the VMM (host.mmap_user, or a memslot)")
         if write and self.h.platform == GMEM_PLATFORM_AMD and snp_user_write_fault(self.h, pfn):
             # a user-mode RMP #PF: "Unexpected RMP page fault for user address" -> SIGBUS
             raise _SigBus(f"SIGBUS: VMM write at hva {hva:#x} hits pfn {pfn:#x}, assigned in the "
@@ -482,6 +482,26 @@ cdef class Host:
         if p == NULL and write:
             raise MemoryError("out of memory for page contents")
         return p if p != NULL else <unsigned char *>_ZERO_PAGE
+
+    def mmap_user(self, addr, size):
+        """The VMM maps anonymous memory at [addr, addr + size) (page aligned, below
+        TASK_SIZE_MAX): its pages read as zeros until written. A memslot's userspace range is
+        mapped when the memslot is created (the VMM mapped guest RAM first)."""
+        held = _host_enter(self)
+        cdef uint64_t a = _u64(addr, "addr"), n = _u64(size, "size")
+        r = host_mmap_user(self.h, a, n)
+        if r == -EINVAL:
+            raise _err(EINVAL, f"mmap: [{a:#x}, +{n:#x}) is not page-aligned user memory")
+        if r < 0:
+            raise MemoryError("mmap: out of memory")
+
+    def munmap_user(self, addr, size):
+        """munmap(2) of the VMM's memory: each VM's mmu notifier zaps the gfns of the memslots
+        it backs (kvm_mmu_notifier_invalidate_range_start), then the pages go; a guest fault
+        there is -EFAULT from then on, with no memory-fault exit (kvm_handle_error_pfn)."""
+        held = _host_enter(self)
+        _refuse_in_hook(self, "munmap")
+        self._check(gmem_munmap_user(self.h, _u64(addr, "addr"), _u64(size, "size")), "munmap")
 
     def read_user(self, hva, n):
         """Read the VMM's own memory (the shared backing of memslots) at hva."""

@@ -549,6 +549,8 @@ ctypedef struct gmem_host:
     physmem pm
     xarray page_data            # pfn -> malloc'd 4 KiB of contents (absent: zeros)
     xarray user_pages           # VMM userspace memory: hva >> 12 -> folio id
+    xarray user_mapped          # hva >> 12 -> 1 where the VMM has memory mapped (mmap_user,
+                                # and the userspace range of every memslot it created)
     int platform                # GMEM_PLATFORM_*
     int kernel                  # GMEM_KERNEL_*: the version whose rules apply
     uint8_t tdp                 # tdp_enabled

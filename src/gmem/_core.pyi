@@ -306,6 +306,10 @@ class Host:
         """C memory used by the model's own bookkeeping of host memory."""
     def folio(self, pfn: _Int) -> _Folio | None:
         """The folio containing pfn, or None."""
+    def mmap_user(self, addr: _Int, size: _Int) -> None:
+        """The VMM maps anonymous memory at [addr, addr + size) (memslots map their own range)."""
+    def munmap_user(self, addr: _Int, size: _Int) -> None:
+        """munmap(2) of the VMM's memory: the mmu notifiers zap what it backed; faults there: -EFAULT."""
     def read_user(self, hva: _Int, n: _Int) -> bytes:
         """Read the VMM's own memory (the shared backing of memslots) at hva."""
     def write_user(self, hva: _Int, data: _Bytes) -> None:

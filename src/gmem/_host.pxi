@@ -73,6 +73,7 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
     h.pm.pcp_enabled = 1
     xa_init(&h.page_data)
     xa_init(&h.user_pages)
+    xa_init(&h.user_mapped)
     h.platform = cfg.platform
     h.kernel = cfg.kernel
     h.tdp = cfg.tdp != 0
@@ -116,6 +117,7 @@ cdef void gmem_host_put(gmem_host *h) noexcept nogil:
     xa_destroy(&h.page_data)
     xa_destroy(&h.content_inodes)
     xa_destroy(&h.user_pages)
+    xa_destroy(&h.user_mapped)
     snp_rmptable_destroy(h)
     phys_destroy(&h.pm)
     free(h.trace_buf)
@@ -210,12 +212,34 @@ cdef inline bint host_user_access_ok(uint64_t hva, uint64_t n) noexcept nogil:
     return hva + n >= hva and hva + n <= TASK_SIZE_MAX
 
 
+cdef int host_mmap_user(gmem_host *h, uint64_t addr, uint64_t size) noexcept nogil:
+    """The VMM maps [addr, addr + size) (anonymous memory, its pages zero until written):
+    0, or -EINVAL outside user memory, -ENOMEM."""
+    if size == 0 or addr & 4095 or size & 4095 or addr < MMAP_MIN_ADDR or not host_user_access_ok(addr, size):
+        return -EINVAL
+    return xa_store_range(&h.user_mapped, addr >> 12, ((addr + size) >> 12) - 1, 1)
+
+
+cdef void host_munmap_user(gmem_host *h, uint64_t addr, uint64_t size) noexcept nogil:
+    """The VMM unmaps [addr, addr + size): its pages go back to the host (the caller ran the
+    mmu notifiers first)."""
+    cdef uint64_t start = addr >> 12, last = ((addr + size) >> 12) - 1, first, v
+    cdef int order
+    while xa_find_entry(&h.user_pages, start, last, XA_NO_MARK, &first, &order, &v):
+        page_data_drop(h, folio_get(&h.pm, <uint32_t>v).pfn, 1)
+        folio_free(&h.pm, <uint32_t>v)
+        xa_erase(&h.user_pages, first, &v)
+        start = first + 1
+    xa_assign_range(&h.user_mapped, addr >> 12, last, 0, True)
+
+
 cdef int hva_to_pfn(gmem_host *host, uint64_t hva, uint64_t *pfn) noexcept nogil:
-    """get_user_pages of the VMM's memory behind an hva: a 4K page allocated at first touch."""
+    """get_user_pages of the VMM's memory behind an hva: a 4K page allocated at first touch
+    where the VMM has memory mapped, else -EFAULT."""
     cdef uint64_t v, old
     cdef uint32_t id
-    if hva < MMAP_MIN_ADDR or hva >= TASK_SIZE_MAX:
-        return -EFAULT              # below mmap_min_addr, or not user memory
+    if hva < MMAP_MIN_ADDR or hva >= TASK_SIZE_MAX or not xa_load(&host.user_mapped, hva >> 12, &v):
+        return -EFAULT              # below mmap_min_addr, not user memory, or nothing mapped
     if xa_load(&host.user_pages, hva >> 12, &v):
         pfn[0] = folio_get(&host.pm, <uint32_t>v).pfn
         return 0

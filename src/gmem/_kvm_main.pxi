@@ -63,34 +63,6 @@ cdef inline int _refuse(gmem_host *h, int err, const char *why) noexcept nogil:
     return err
 
 
-cdef int xa_split_at(xarray *xa, uint64_t index) noexcept nogil:
-    """Split entries until none covers both index - 1 and index (0 or -ENOMEM)."""
-    cdef uint64_t v, first
-    cdef int order, r
-    if index == 0:
-        return 0
-    while xa_lookup(xa, index, &v, &first, &order) and first < index:
-        r = xa_split(xa, first, order - 1)
-        if r < 0:
-            return r
-    return 0
-
-
-cdef int xa_assign_range(xarray *xa, uint64_t first, uint64_t last, uint64_t value,
-                         bint erase) noexcept nogil:
-    """Give exactly the indices [first, last] value (or erase them), leaving the rest alone:
-    per-index semantics (xa_store() of each index) on top of multi-index entries."""
-    cdef int r = xa_split_at(xa, first)
-    if r == 0 and last != <uint64_t>0xFFFFFFFFFFFFFFFF:
-        r = xa_split_at(xa, last + 1)
-    if r < 0:
-        return r
-    if erase:
-        xa_erase_range(xa, first, last)
-        return 0
-    return xa_store_range(xa, first, last, value)
-
-
 # ----------------------------------------------------------------------- VMs
 
 cdef int kvm_create_vm(gmem_host *h, uint64_t vm_type, kvm **out) noexcept nogil:
@@ -446,7 +418,8 @@ cdef int kvm_alloc_memslot_metadata(kvm *kvm, kvm_memory_slot *s) noexcept nogil
             info[level - 2][0] = 1
         if (s.base_gfn + s.npages) & _mask(o):
             info[level - 2][n - 1] = 1
-        if (s.base_gfn ^ ugfn) & _mask(o) and not (s.flags & KVM_MEM_GUEST_MEMFD):
+        # every slot, guest_memfd ones included (kvm_alloc_memslot_metadata, all versions)
+        if (s.base_gfn ^ ugfn) & _mask(o):
             for j in range(n):
                 info[level - 2][j] = 1
     kvm_mmu_init_memslot_memory_attributes(kvm, s)
@@ -472,6 +445,9 @@ cdef int kvm_create_memslot(kvm *kvm, const kvm_userspace_memory_region2 *mem, u
         mem.flags, mem.slot
     if kvm_alloc_memslot_metadata(kvm, s) < 0:
         return -ENOMEM
+    # the VMM mapped the memslot's memory before it created the slot
+    if mem.userspace_addr >= MMAP_MIN_ADDR:
+        host_mmap_user(kvm.host, mem.userspace_addr, npages << 12)
     if (xa_store_range(&kvm.gfn_to_slot, base_gfn, base_gfn + npages - 1, i) < 0
             or xa_assign_range(&kvm.slot_index, s.id, s.id, i, False) < 0
             or (file != NULL and kvm_gmem_bind(kvm, s, file, pgoff) < 0)):
@@ -667,6 +643,48 @@ cdef int64_t kvm_check_extension(gmem_host *h, kvm *kvm, uint64_t cap) noexcept 
         # case out of kvm_vm_ioctl_check_extension_generic, so the answer is 0 (observed on 6.18.44)
         return 0
     return kvm_vm_ioctl_check_extension(h, kvm, cap)
+
+
+# ------------------------------------------------------------ mmu notifiers
+
+cdef void kvm_mmu_notifier_invalidate_range(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
+    """kvm_mmu_notifier_invalidate_range_start/end for the hvas [start, end): the gfns of every
+    memslot whose userspace range overlaps are zapped (kvm_handle_hva_range, KVM_FILTER_SHARED:
+    the direct root, which on a non-TDX VM is the only one)."""
+    cdef uint32_t i
+    cdef kvm_memory_slot *s
+    cdef uint64_t lo, hi
+    cdef bint begun = False
+    for i in range(kvm.nr_memslots):
+        s = &kvm.memslots[i]
+        if not s.used or kvm_memslot_is_gmem_only(s):
+            continue
+        lo = start if start > s.userspace_addr else s.userspace_addr
+        hi = end if end < s.userspace_addr + (s.npages << 12) else s.userspace_addr + (s.npages << 12)
+        if lo >= hi:
+            continue
+        if not begun:
+            begun = True
+            kvm_mmu_invalidate_begin(kvm)
+        lo = s.base_gfn + ((lo - s.userspace_addr) >> 12)
+        hi = s.base_gfn + ((hi - s.userspace_addr + 4095) >> 12)
+        kvm_mmu_invalidate_range_add(kvm, lo, hi)
+        kvm_unmap_gfn_range(kvm, lo, hi, KVM_FILTER_SHARED)
+    if begun:
+        kvm_mmu_invalidate_end(kvm)
+
+
+cdef int gmem_munmap_user(gmem_host *h, uint64_t addr, uint64_t size) noexcept nogil:
+    """munmap(2) of the VMM's memory: every VM's mmu notifier, then the pages go (faults on
+    them from now on: -EFAULT, kvm_handle_error_pfn)."""
+    cdef kvm *k = h.vms
+    if size == 0 or addr & 4095 or size & 4095 or not host_user_access_ok(addr, size):
+        return _refuse(h, -EINVAL, "munmap: addr and length must be page aligned user memory")
+    while k != NULL:
+        kvm_mmu_notifier_invalidate_range(k, addr, addr + size)
+        k = k.next
+    host_munmap_user(h, addr, size)
+    return 0
 
 
 # ------------------------------------------------------ invalidation and zap

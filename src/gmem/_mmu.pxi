@@ -168,8 +168,9 @@ cdef int kvm_mmu_faultin_pfn(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_ou
             return RET_PF_EMULATE
         r = hva_to_pfn(kvm.host, slot.userspace_addr + ((fault.gfn - slot.base_gfn) << 12), &fault.pfn)
         if r:
-            # kvm_handle_error_pfn: an unresolvable hva is a memory-fault exit
-            return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -EFAULT)
+            # kvm_handle_error_pfn: an hva nothing is mapped at is -EFAULT from KVM_RUN, with
+            # no KVM_EXIT_MEMORY_FAULT (a memory-fault exit for it was proposed, never merged)
+            return -EFAULT
         fault.map_writable = not (slot.flags & KVM_MEM_READONLY)
         fault.max_level = PG_LEVEL_4K      # the VMM's memory is in 4K pages
     if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn):

@@ -284,6 +284,7 @@ def op_launch(run, step):
     name, vm = run.vm(step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
     hva = HVA_BASE - (1 << 40)          # the VMM's launch image, below its guest RAM
+    run.host.mmap_user(hva, (size + 4095) & ~4095)
     run.host.write_user(hva, bytes(range(256)) * (size // 256))
     if vm.vm_type == uapi.KVM_X86_SNP_VM:
         vm.snp_launch_start()

@@ -61,7 +61,7 @@ def vm_encrypt_op(server, vs, dsize, srclen, payload):
         if ptype != uapi.KVM_SEV_SNP_PAGE_TYPE_ZERO and srclen:
             if src is None:
                 return -errno.EFAULT, b""
-            server.host.write_user(uaddr, src)  # the VMM's pages, as the model reads them
+            _vmm_pages(server, uaddr, src)  # the VMM's pages, as the model reads them
         gfn, uaddr, ln = vm.snp_launch_update(gfn, uaddr, ln, ptype, flags)
         struct.pack_into("<QQQ", data, 0, gfn, uaddr, ln)
     elif cid == uapi.KVM_SEV_SNP_LAUNCH_FINISH and vm.vm_type == uapi.KVM_X86_SNP_VM:
@@ -69,6 +69,15 @@ def vm_encrypt_op(server, vs, dsize, srclen, payload):
     else:
         return -errno.EINVAL, b""
     return 0, bytes(cmd) + bytes(data)
+
+
+def _vmm_pages(server, addr, data):
+    """The program's pages at addr, as the model reads them: mapped in the model's VMM
+    (they are mapped in the program, which read them), then written."""
+    start, end = addr & ~0xFFF, (addr + len(data) + 0xFFF) & ~0xFFF
+    if end > start:
+        server.host.mmap_user(start, end - start)
+    server.host.write_user(addr, data)
 
 
 def vcpu_encrypt_op(server, vcpu, vs, dsize, srclen, payload):
@@ -85,7 +94,7 @@ def vcpu_encrypt_op(server, vcpu, vs, dsize, srclen, payload):
     if srclen:
         if src is None:
             return -errno.EFAULT, b""
-        server.host.write_user(source, src)
+        _vmm_pages(server, source, src)
     done = vcpu.tdx_init_mem_region(source, gpa, nr, bool(flags & uapi.KVM_TDX_MEASURE_MEMORY_REGION))
     struct.pack_into("<QQQ", data, 0, source + (done << 12), gpa + (done << 12), nr - done)
     return 0, bytes(cmd) + bytes(data)
