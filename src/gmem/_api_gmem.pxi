@@ -27,7 +27,7 @@ cdef class GuestMemfd:
 
     def __dealloc__(self):
         if self.f != NULL:
-            kvm_gmem_put_file(self.f)     # a process exiting closes its fds
+            _teardown_put_file(self.f)    # a process exiting closes its fds
 
     @property
     def closed(self):
@@ -156,7 +156,7 @@ cdef class Mapping:
 
     def __dealloc__(self):
         if self.f != NULL:
-            kvm_gmem_put_file(self.f)
+            _teardown_put_file(self.f)
 
     @property
     def closed(self):

@@ -161,8 +161,9 @@ cdef object _hook_result(gmem_host *h, str name, object r, object lo, object hi,
 
 cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
     cdef Host host
-    # a host whose handle is gone (a C-level user, or the handle collected first) has no hooks
-    if h.py_host == NULL:
+    # a host whose handle is gone (a C-level user, or the handle collected first) has no hooks,
+    # nor has one whose handles are being collected (_teardown)
+    if h.py_host == NULL or h.in_teardown:
         return default
     host = <Host>h.py_host
     # looked up, not borrowed: the cyclic GC may have cleared host._hook_fns (the callable
@@ -180,6 +181,17 @@ cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object 
     finally:
         _host_unpark(host)
         host._hook_depth -= 1
+
+
+cdef inline void _teardown_put_file(gmem_file *f) noexcept:
+    """A handle collected without close(): its reference goes as a process exit's close would,
+    but Python hooks do not run (the garbage collector may be clearing them, or the objects
+    they use, in the same pass)."""
+    cdef gmem_host *h = f.inode.host
+    h.in_teardown += 1
+    kvm_gmem_put_file(f)
+    h.in_teardown -= 1
+    h.hook_error = 0
 
 
 cdef void _refuse_in_hook(Host host, str what) except *:

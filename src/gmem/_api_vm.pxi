@@ -60,7 +60,9 @@ cdef class Vm:
         if self.k.py_vm == <void *>self:
             self.k.py_vm = NULL
         if not self.closed:
+            self.k.host.in_teardown += 1
             kvm_put_kvm(self.k)     # the fd's reference (a process exiting closes it)
+            self.k.host.in_teardown -= 1
         kvm_handle_put(self.k)
 
     @property

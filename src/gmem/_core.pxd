@@ -574,6 +574,8 @@ ctypedef struct gmem_host:
     int fail_prepare_errno      # ... with -errno
     int invalidate_vm_type      # whose gmem_invalidate is running (it gets no kvm)
     int hook_error              # a Python hook raised: stop and re-raise at the boundary
+    int in_teardown             # a handle's deallocation is closing what it held: no Python
+                                # hook runs (the collector may have torn them down already)
     uint64_t stats[HOST_NR_STATS]
     gmem_trace_rec *trace_buf   # ring of trace_cap records; trace_seq counts all written
     uint64_t trace_cap
