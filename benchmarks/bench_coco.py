@@ -38,12 +38,14 @@ def snp_vm(huge=False):
     vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, GUEST, HVA, f, 0)
     vm.set_memory_attributes(0, GUEST, u.KVM_MEMORY_ATTRIBUTE_PRIVATE)
     vm.create_vcpu(0)
+    vm.launch()                                        # the vCPU runs after LAUNCH_FINISH
     return h, vm, f
 
 
 def tdx_vm(huge=False):
     h = gmem.Host(memory=2 * GUEST, platform="intel", huge_folios=huge)
-    vm = h.create_vm(u.KVM_X86_TDX_VM)                 # runnable at once: private faults AUG
+    vm = h.create_vm(u.KVM_X86_TDX_VM)
+    vm.launch()                                        # runnable at once: private faults AUG
     f = vm.create_guest_memfd(GUEST)
     vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, GUEST, HVA, f, 0)
     vm.set_memory_attributes(0, GUEST, u.KVM_MEMORY_ATTRIBUTE_PRIVATE)

@@ -27,7 +27,9 @@ def snp_guest(**hooks):
     f = vm.create_guest_memfd(4 * MB)
     vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 4 * MB, HVA, f, 0)
     vm.set_memory_attributes(0, 4 * MB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    return host, vm, f, vm.create_vcpu(0)
+    vcpu = vm.create_vcpu(0)
+    vm.launch()                                         # SNP LAUNCH_START + FINISH: it runs
+    return host, vm, f, vcpu
 
 
 def report(n, what, exc):
@@ -67,8 +69,9 @@ def stale_spte_after_punch():
     f = vm.create_guest_memfd(4 * MB, uapi.GUEST_MEMFD_FLAG_MMAP)
     vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 4 * MB, HVA, f, 0)
     vm.tdx_init_vm(52)
+    vcpu = vm.create_vcpu(0)                            # vCPUs only while the TD is built
+    vcpu.tdx_init_vcpu()
     vm.tdx_finalize_vm()
-    vcpu = vm.create_vcpu(0)
     vcpu.page_fault((2 * MB) | vm.shared_gpa_bit, W)    # a shared fault maps the file's page
     f.punch_hole(2 * MB, 4096)                          # zaps with KVM_FILTER_PRIVATE only
     try:

@@ -48,13 +48,16 @@ def guest(platform, vm_type):
     f = vm.create_guest_memfd(16 * MB)
     vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 16 * MB, HVA, f, 0)
     if vm_type == uapi.KVM_X86_SNP_VM:
-        vm.snp_launch_start()                           # SNP_LAUNCH_START, no initial image, FINISH
-        vm.snp_launch_finish()
+        vm.snp_launch_start()                           # SNP_LAUNCH_START, no initial image
+        vcpu = vm.create_vcpu(0)
+        vm.snp_launch_finish()                          # FINISH: the vCPU gets its VMSA
     else:
-        vm.tdx_init_vm(52)                              # KVM_TDX_INIT_VM, no initial image, FINALIZE
-        vm.tdx_finalize_vm()
+        vm.tdx_init_vm(52)                              # KVM_TDX_INIT_VM: vCPUs only now
+        vcpu = vm.create_vcpu(0)
+        vcpu.tdx_init_vcpu()
+        vm.tdx_finalize_vm()                            # no initial image: FINALIZE, then KVM_RUN
     vm.set_memory_attributes(0, 16 * MB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    return host, vm, f, vm.create_vcpu(0)
+    return host, vm, f, vcpu
 
 
 def snp_guest():

@@ -80,7 +80,9 @@ def snp_guest(huge=False, size=4 * MB, memory=64 * MB, **hooks):
     f = vm.create_guest_memfd(size)
     vm.set_user_memory_region2(0, GMEM, 0, size, HVA, f, 0)
     vm.set_memory_attributes(0, size, PRIVATE)
-    return h, py, vm, f, vm.create_vcpu(0)
+    v = vm.create_vcpu(0)
+    vm.launch()
+    return h, py, vm, f, v
 
 
 def test_the_python_hooks_are_correct():
@@ -274,6 +276,7 @@ class TestFreedPageStillAssigned:
         (snp_leak_pages): recorded, never reused, and check() accepts it."""
         h = gmem.Host(memory=64 * MB)
         vm = h.create_vm(SNP)
+        vm.launch()
         f = vm.create_guest_memfd(4 * MB)
         vm.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA, f, 0)
         vm.set_memory_attributes(0, 4 * MB, PRIVATE)
@@ -300,6 +303,7 @@ class TestStaleSpteAfterPunch:
         freed page, and check() names it as that kernel gap, not as a model bug."""
         h = gmem.Host(memory=64 * MB, platform="intel")
         vm = h.create_vm(u.KVM_X86_TDX_VM)
+        vm.launch()
         f = vm.create_guest_memfd(MB2, u.GUEST_MEMFD_FLAG_MMAP)
         vm.set_user_memory_region2(0, GMEM, 0, MB2, HVA, f, 0)
         vm.set_memory_attributes(0x2000, 4096, PRIVATE)
@@ -335,6 +339,7 @@ class TestStaleSpteAfterPunch:
         SPTE of a gmem-only slot and check() passes."""
         h = gmem.Host(memory=64 * MB, platform="amd")
         vm = h.create_vm(vm_type)
+        vm.launch()
         f = vm.create_guest_memfd(MB2, u.GUEST_MEMFD_FLAG_MMAP)
         vm.set_user_memory_region2(0, GMEM, 0, MB2, HVA, f, 0)
         r = vm.create_vcpu(0).page_fault(0x1000, W)
@@ -375,6 +380,7 @@ class TestStaleSpteAfterPunch:
         the poisoned page; check() now names such an SPTE, and memory_failure zaps it."""
         h = gmem.Host(memory=64 * MB)
         vm = h.create_vm(SNP)
+        vm.launch()
         f = vm.create_guest_memfd(4 * MB, u.GUEST_MEMFD_FLAG_MMAP)
         vm.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA, f, 0)
         vm.set_memory_attributes(0, 4 * MB, PRIVATE)
@@ -417,12 +423,15 @@ class TestMixed2M:
             return h.rmp.make_private(pfn & ~511, (gfn & ~511) << 12, u.PG_LEVEL_2M, vm.asid)
 
         h, py, vm, f, v = snp_guest(gmem_prepare=prepare)
+        h.mmap_user(HVA + 64 * MB, 2 * MB)               # the VMM's pages: the guest's next
+        h.write_user(HVA + 64 * MB, bytes(2 * MB))       # folio lies past the VMSA's 2M range
         r = v.page_fault(0x3000, ENC | W)
         assert h.rmp.level(r.pfn) == u.PG_LEVEL_2M
-        with pytest.raises(gmem.InvariantError, match="pagesize=1.*level 2|freed pfn .* is still assigned"):
+        with pytest.raises(gmem.InvariantError, match=r"pagesize=1.*level 2|freed pfn .* is still "
+                           r"assigned|private SPTE gfn 0x3 .*\(level 2\)"):
             h.check()
         vm.set_memory_attributes(0x3000, 4096, 0)            # zap the SPTE: the RMP side shows
-        with pytest.raises(gmem.InvariantError, match="freed pfn .* is still assigned|bound at gfn 0x3"):
+        with pytest.raises(gmem.InvariantError, match="freed pfn .* is still assigned|bound at gfn 0x3|belongs to no guest_memfd"):
             h.check()
 
     def test_rmpupdate_refuses_2m_over_4k_entries(self):
@@ -497,6 +506,7 @@ class TestLeakedOrDoubleFreedFolio:
         the only pages that do not come back, and host memory accounts for exactly them."""
         h = gmem.Host(memory=64 * MB)
         vm = h.create_vm(SNP)
+        vm.launch()
         f = vm.create_guest_memfd(4 * MB)
         vm.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA, f, 0)
         vm.set_memory_attributes(0, 4 * MB, PRIVATE)

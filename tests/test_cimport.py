@@ -126,7 +126,7 @@ def run(uint64_t log2_pages):
     cdef char buf[1024]
     cdef int64_t cap_gmem
     cdef int r_host, r_vm, r_vcpu, r_gmem, r_slot, r_attr, r_cap, r_check, r_punch, r_alloc
-    cdef int r_prefault_before, r_prefault_after, r_launch, r_mf, vm_type, fixed = 0
+    cdef int r_prefault_before, r_prefault_after, r_launch, r_run_before, r_mf, vm_type, fixed = 0
     cdef uint64_t done
     cdef uint64_t c[16]
     with nogil:
@@ -147,6 +147,9 @@ def run(uint64_t log2_pages):
         r_attr = kvm_vm_ioctl_set_mem_attributes(vm, &attrs)
         pf.gpa, pf.size, pf.flags = 0, 4096, 0
         r_prefault_before = kvm_vcpu_pre_fault_memory(v, &pf)        # before the launch: refused
+        kvm_mmu_page_fault(v, 0, PFERR_GUEST_ENC_MASK, &one)             # no VMSA yet: KVM_RUN -EINVAL
+        r_run_before = one.ret
+        r_launch = kvm_launch(vm)
         for i in range(n):                                               # a random permutation
             gpas[i] = i << 12
             ecs[i] = PFERR_GUEST_ENC_MASK | PFERR_WRITE_MASK
@@ -163,7 +166,6 @@ def run(uint64_t log2_pages):
                 fixed += 1
             i += 1
         kvm_mmu_page_fault(kvm_get_vcpu_by_id(vm, 0), gpas[0], ecs[0], &one)
-        r_launch = kvm_launch(vm)
         pf.gpa, pf.size = 0, 4096
         r_prefault_after = kvm_vcpu_pre_fault_memory(v, &pf)
         kvm_gmem_get_file(f)                                              # a second holder (dup)
@@ -196,7 +198,7 @@ def run(uint64_t log2_pages):
     free(out)
     return dict(reason=(<bytes>why).decode(), r_host=r_host, r_vm=r_vm, vm_type=vm_type, r_vcpu=r_vcpu, cap_gmem=cap_gmem, r_cap=r_cap,
                 r_gmem=r_gmem, r_slot=r_slot, r_attr=r_attr, r_prefault_before=r_prefault_before,
-                r_prefault_after=r_prefault_after, r_launch=r_launch, done=done, fixed=fixed,
+                r_prefault_after=r_prefault_after, r_launch=r_launch, r_run_before=r_run_before, done=done, fixed=fixed,
                 one_ret=one.ret, r_punch=r_punch, r_alloc=r_alloc, r_mf=r_mf, r_check=r_check,
                 check=buf[:256].decode(errors="replace") if r_check else "",
                 folios_allocated=c[0], folios_freed=c[1], gmem_invalidate=c[2], gmem_prepare=c[3],
@@ -249,7 +251,7 @@ def stable(tmp_path_factory):
 
 # the version of the STABLE section this test was written against: a change there must bump
 # GMEM_CAPI_VERSION, and this test with it
-STABLE_CAPI_VERSION = 4
+STABLE_CAPI_VERSION = 5
 
 
 def test_stable_capi_version(stable):
@@ -262,6 +264,7 @@ def test_stable_api_drives_a_model_without_python_objects(stable, capfd):
     assert (r["r_host"], r["r_vm"], r["r_vcpu"], r["r_gmem"], r["r_slot"], r["r_attr"], r["r_cap"]) == (0,) * 7
     assert r["vm_type"] == uapi.KVM_X86_SNP_VM and r["cap_gmem"] == 1
     assert r["r_prefault_before"] == -errno.EOPNOTSUPP          # SNP before LAUNCH_FINISH
+    assert r["r_run_before"] == -errno.EINVAL                    # ... and no VMSA to run with
     assert (r["done"], r["fixed"], r["pf_fixed"]) == (n, n, n)    # every private page faulted in once
     assert r["one_ret"] == uapi.RET_PF_SPURIOUS and r["pf_spurious"] == 1 and r["pf_taken"] == n + 1
     # 7.2: sev_gmem_prepare on every kvm_gmem_get_pfn: each page once, then the scalar slow-path

@@ -44,6 +44,7 @@ def make_vm(vm_type=SW, gmem_size=8 * M, slot_size=None, gpa=0, huge_folios=Fals
     """A host, a VM with one gmem-backed memslot (slot 0) at gpa, and vCPU 0."""
     host = gmem.Host(memory=memory, platform=PLATFORM[vm_type], huge_folios=huge_folios, **host_kw)
     vm = host.create_vm(vm_type)
+    vm.launch()                                     # SNP/TDX run only once launched
     f = vm.create_guest_memfd(gmem_size)
     vm.set_user_memory_region2(0, GMEM, gpa, slot_size or gmem_size, userspace_addr=hva, guest_memfd=f)
     return host, vm, f, vm.create_vcpu(0)
@@ -789,6 +790,8 @@ class Twin:
         self.hosts = [gmem.Host(memory=128 * M, platform=PLATFORM[vm_type], huge_folios=huge_folios)
                       for _ in range(2)]
         self.vms = [h.create_vm(vm_type) for h in self.hosts]
+        for vm in self.vms:
+            vm.launch()
         self.vcpus = [[vm.create_vcpu(i) for i in range(nr_vcpus)] for vm in self.vms]
         self.ref_host = RefHost(huge_folios)
         self.ref = self.ref_host.create_vm(vm_type)
@@ -1121,7 +1124,8 @@ def test_batch_td_state_does_not_change_under_a_fault():
     run while a vCPU faults: the batch stops with that error and nothing moved."""
     s51, s47, page = 1 << 51, 1 << 47, 0x5000
     host = gmem.Host(memory=1 << 30, platform="intel")
-    vm = host.create_vm(TDX)                     # not initialised yet: shared bit 51
+    vm = host.create_vm(TDX)
+    vm.launch()                                  # INIT_VM with GPAW 52: shared bit 51
     f = vm.create_guest_memfd(8 * M)
     vm.set_user_memory_region2(0, GMEM, 0, 8 * M, HVA, f, 0)
     vcpu = vm.create_vcpu(0)

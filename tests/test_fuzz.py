@@ -75,6 +75,7 @@ def world():
     # SNP: 4M of gmem at gpa 0, the first 2M private, one page faulted in and validated
     w.snp = w.amd.create_vm(u.KVM_X86_SNP_VM)
     w.sv = w.snp.create_vcpu(0)
+    w.snp.launch()
     w.f = w.snp.create_guest_memfd(4 * MB)
     w.snp.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA, w.f, 0)
     w.snp.set_memory_attributes(0, 2 * MB, PRIVATE)
@@ -95,6 +96,7 @@ def world():
     w.closed_m.close()
     # TDX: 4M at gpa 0, private, one page accepted
     w.tdx = w.intel.create_vm(u.KVM_X86_TDX_VM)
+    w.tdx.launch()
     w.tv = w.tdx.create_vcpu(0)
     w.tf = w.tdx.create_guest_memfd(4 * MB)
     w.tdx.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA, w.tf, 0)
@@ -113,6 +115,7 @@ def world():
     w.ltdx = w.intel.create_vm(u.KVM_X86_TDX_VM)
     w.ltdx.tdx_init_vm(52)
     w.ltv = w.ltdx.create_vcpu(0)
+    w.ltv.tdx_init_vcpu()
     w.ltf = w.ltdx.create_guest_memfd(2 * MB)
     w.ltdx.set_user_memory_region2(0, GMEM, 0, 2 * MB, HVA + 16 * MB, w.ltf, 0)
     w.ltdx.set_memory_attributes(0, 2 * MB, PRIVATE)
@@ -126,6 +129,7 @@ def world():
     w.closed_vm.close()
     # another host's objects
     w.foreign_vm = w.other.create_vm(u.KVM_X86_SNP_VM)
+    w.foreign_vm.launch()
     w.foreign_vcpu = w.foreign_vm.create_vcpu(0)
     w.foreign_f = w.foreign_vm.create_guest_memfd(2 * MB)
     w.foreign_vm.set_user_memory_region2(0, GMEM, 0, 2 * MB, HVA, w.foreign_f, 0)

@@ -46,10 +46,12 @@ def isolated(scenario, timeout=None):
     assert failure is None, failure
 
 
-def guest(vm_type=SW, size=4 * MB, private=True, vm_class=None, **host_kw):
+def guest(vm_type=SW, size=4 * MB, private=True, vm_class=None, launch=True, **host_kw):
     platform = "intel" if vm_type == TDX else "amd"
     h = gmem.Host(memory=64 * MB, platform=platform, **host_kw)
     vm = h.create_vm(vm_type) if vm_class is None else vm_class(h, vm_type)
+    if launch:
+        vm.launch()
     f = vm.create_guest_memfd(size)
     vm.set_user_memory_region2(0, GMEM, 0, size, HVA, f, 0)
     if private:
@@ -240,6 +242,7 @@ def test_item_8_prepare_return_values(vm_type):
             victim_pfn = vv.page_fault(0, W).pfn
             h.register_hooks(vm_type, gmem_prepare=lambda *a, value=value: value)
             vm = h.create_vm(vm_type)
+            vm.launch()
             f = vm.create_guest_memfd(4 * MB)
             vm.set_user_memory_region2(0, GMEM, 0, 4 * MB, HVA + 8 * MB, f, 0)
             vm.set_memory_attributes(0, 4 * MB, PRIVATE)
@@ -304,7 +307,7 @@ def test_item_10_failing_return_value_conversions(hook):
                          ids=["1.0", "np.float64", "Fraction", "np.bool_", "np.int64"])
 def test_item_11_launch_update_page_type(page_type):
     def scenario():
-        h, vm, f = guest(SNP, size=2 * MB)
+        h, vm, f = guest(SNP, size=2 * MB, launch=False)
         vm.snp_launch_start()
         h.mmap_user(HVA + 4 * MB, 4096)
         h.write_user(HVA + 4 * MB, b"kernel")

@@ -39,12 +39,19 @@ def broken(c):
     return c["invalidate"] == "invalidate_folio" and not c["reattach_private"] and c["huge_folios"]
 
 
-def counters(h, vm):
+def guest_assigned(h):
+    """RMP-assigned pages other than VMSAs (the launched vCPU's is there from the start)."""
+    return len([p for p in h.rmp.assigned() if not h.rmp.lookup(p).vmsa])
+
+
+def counters(h, vm, base=None):
+    """The policy's counters; base: the launch's own (the VMSA's RMPUPDATE), taken off."""
     s, r, hs = vm.stats, h.rmp.stats, h.stats
-    return dict(prepare=s["gmem_prepare"], rmpupdate=r["rmpupdate"], psmash=r["psmash"],
-                dmsplit=r["direct_map_splits"], fsplit=hs["folio_splits"], inval=hs["gmem_invalidate"],
-                zaps=s["zapped_sptes"], p2m=s["pages_2m"], p4k=s["pages_4k"],
-                assigned=len(h.rmp.assigned()), viol=r["rmp_violations"], leaked=r["leaked_pages"])
+    base = base or dict(rmpupdate=0, dmsplit=0)
+    return dict(prepare=s["gmem_prepare"], rmpupdate=r["rmpupdate"] - base["rmpupdate"], psmash=r["psmash"],
+                dmsplit=r["direct_map_splits"] - base["dmsplit"], fsplit=hs["folio_splits"],
+                inval=hs["gmem_invalidate"], zaps=s["zapped_sptes"], p2m=s["pages_2m"], p4k=s["pages_4k"],
+                assigned=guest_assigned(h), viol=r["rmp_violations"], leaked=r["leaked_pages"])
 
 
 def check(h):
@@ -67,11 +74,13 @@ def workload(c):
     h = gmem.Host(memory=256 * MB, platform="amd", **c)
     vm = h.create_vm(u.KVM_X86_SNP_VM)
     v = vm.create_vcpu(0)
+    vm.launch()
+    base = counters(h, vm)
     f = vm.create_guest_memfd(10 * MB)
     log = dict(lookups=0, bad_faults=0, snaps={}, checks={})
 
     def step(label):
-        log["snaps"][label] = counters(h, vm)
+        log["snaps"][label] = counters(h, vm, base)
         log["checks"][label] = check(h)
 
     f.allocate(0, 4 * MB)                     # before binding: nothing to prepare for
@@ -112,7 +121,7 @@ def workload(c):
     f.close()
     vm.close()
     step("teardown")
-    log["final_assigned"] = len(h.rmp.assigned())
+    log["final_assigned"] = guest_assigned(h)
     return log
 
 

@@ -322,7 +322,10 @@ def gmem_vm(vm_type, platform="amd", size=4 * M, private=2 * M, init=lambda vm: 
     f = vm.create_guest_memfd(size)
     vm.set_user_memory_region2(0, GMEM, 0, size, userspace_addr=HVA, guest_memfd=f)
     vm.set_memory_attributes(0, private, PRIVATE)
-    return host, vm, vm.create_vcpu(0), f
+    vcpu = vm.create_vcpu(0)
+    if vm_type == TDX and vm.td_state == "initialized":
+        vcpu.tdx_init_vcpu()                # runs once the test finalizes the TD
+    return host, vm, vcpu, f
 
 
 def snp_vm():
@@ -393,8 +396,9 @@ def test_tdx_range_into_the_alias_stops_there():
     vm.tdx_init_vm(48)
     top = vm.shared_gpa_bit - PAGE
     vm.set_user_memory_region2(0, 0, top, PAGE, userspace_addr=HVA)
-    vm.tdx_finalize_vm()
     vcpu = vm.create_vcpu(0)
+    vcpu.tdx_init_vcpu()
+    vm.tdx_finalize_vm()
     assert vcpu.pre_fault_memory(top, 2 * PAGE) == (vm.shared_gpa_bit, PAGE)
     assert errno_of(vcpu.pre_fault_memory, vm.shared_gpa_bit, PAGE) == errno.EINVAL
     host.check()

@@ -18,8 +18,9 @@ HVA = 0x7F0000000000
 MB2 = 2 << 20
 
 
-def snp(size=8 << 20, memory=1 << 30, private=True, slot_gpa=0, **hostkw):
-    """An SNP VM with one gmem slot of `size` bytes at slot_gpa (all private by default)."""
+def snp(size=8 << 20, memory=1 << 30, private=True, slot_gpa=0, launch=True, **hostkw):
+    """A launched SNP VM with one gmem slot of `size` bytes at slot_gpa (all private by
+    default) and vCPU 0; launch=False leaves it before LAUNCH_START."""
     h = gmem.Host(memory=memory, platform="amd", **hostkw)
     vm = h.create_vm(u.KVM_X86_SNP_VM)
     f = vm.create_guest_memfd(size)
@@ -27,7 +28,15 @@ def snp(size=8 << 20, memory=1 << 30, private=True, slot_gpa=0, **hostkw):
     if private:
         vm.set_memory_attributes(slot_gpa, size, PRIVATE)
     v = vm.create_vcpu(0)
+    if launch:
+        vm.launch()                 # LAUNCH_START + FINISH: the vCPU gets its VMSA and runs
     return h, vm, f, v
+
+
+def guest_assigned(h):
+    """The RMP-assigned pages other than the vCPUs' VMSAs (a launched vCPU has one; its
+    RMPUPDATE is the "+ 1" in the counts below)."""
+    return [p for p in h.rmp.assigned() if not h.rmp.lookup(p).vmsa]
 
 
 def private_fault(v, gpa):
@@ -239,7 +248,7 @@ class TestInjectedFailures:
         r = private_fault(v, 0x3000)
         assert h.rmp.lookup(r.pfn).assigned and h.rmp.lookup(r.pfn).gpa == 0x3000
         s = h.rmp.stats
-        assert s["rmpupdate_failed"] == 3 and s["rmpupdate"] == 4
+        assert s["rmpupdate_failed"] == 3 and s["rmpupdate"] == 4 + 1
         assert vm.stats["gmem_prepare_failed"] == 0
         h.check()
 
@@ -251,7 +260,7 @@ class TestInjectedFailures:
         # the fault becomes a memory-fault exit
         assert r.ret == -errno.EINVAL and r.exit_reason == u.KVM_EXIT_MEMORY_FAULT
         assert r.memory_fault == (u.KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x3000, 4096)
-        assert h.rmp.assigned() == [] and vm.stats["gmem_prepare_failed"] == 1
+        assert guest_assigned(h) == [] and vm.stats["gmem_prepare_failed"] == 1
         assert vm.sptes() == []
         h.check()
         # the folio was not marked prepared: the next fault prepares it
@@ -289,10 +298,46 @@ class TestInjectedFailures:
 # =================================================================== scenarios
 
 class TestLaunch:
+    def test_no_vcpu_runs_before_launch_finish(self):
+        """svm_vcpu_pre_run / pre_sev_run: an SNP vCPU has no VMSA until LAUNCH_FINISH, so
+        KVM_RUN is -EINVAL (nothing faults, nothing counted); LAUNCH_START and FINISH on a VM
+        that is not SNP are -ENOTTY; a second START is -EINVAL (the SNP context stays); a vCPU
+        created after an explicit FINISH has no VMSA and cannot run, one created after
+        vm.launch() can."""
+        h, vm, f, v = snp(launch=False)
+        assert v.page_fault(0x5000, ENC | W).ret == -errno.EINVAL
+        assert v.stats["pf_taken"] == 0 and h.rmp.assigned() == []
+        for call in (lambda: v.read(0x5000, 1, ENC), lambda: v.pvalidate(0x5000, 0, True),
+                     lambda: v.psc_msr(0x5000, 2)):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.EINVAL and "KVM_RUN" in str(e.value)
+        out = vm.page_fault_batch(np.array([0x5000, 0x6000], np.uint64), np.full(2, ENC | W, np.uint64))
+        assert list(out["ret"]) == [-errno.EINVAL] * 2
+        other = h.create_vm(u.KVM_X86_SW_PROTECTED_VM) if h.check_extension(
+            u.KVM_CAP_VM_TYPES) & (1 << u.KVM_X86_SW_PROTECTED_VM) else h.create_vm(u.KVM_X86_DEFAULT_VM)
+        for call in (other.snp_launch_start, other.snp_launch_finish):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.ENOTTY
+        vm.snp_launch_start()
+        vm.snp_launch_finish()
+        assert private_fault(v, 0x5000).level == u.PG_LEVEL_4K
+        with pytest.raises(OSError) as e:
+            vm.snp_launch_start()
+        assert e.value.errno == errno.EINVAL
+        late = vm.create_vcpu(1)
+        assert late.page_fault(0x6000, ENC | W).ret == -errno.EINVAL
+        h2, vm2, f2, v2 = snp()                         # vm.launch(): later vCPUs run
+        assert private_fault(vm2.create_vcpu(1), 0x6000).ret == u.RET_PF_FIXED
+        assert len(vm2.vmsa_pfns) == 2
+        h.check()
+        h2.check()
+
     def test_launch_start_policy(self):
         """snp_launch_start: only snp_supported_policy_bits, and the must-be-one bit 17; a
         refused start changes nothing (the launch can start afterwards)."""
-        h, vm, f, v = snp()
+        h, vm, f, v = snp(launch=False)
         for policy in (0, 1 << 16, (1 << 17) | (1 << 18), (1 << 17) | (1 << 21), (1 << 17) | (1 << 63)):
             with pytest.raises(OSError) as e:
                 vm.snp_launch_start(policy)
@@ -301,7 +346,7 @@ class TestLaunch:
         vm.snp_launch_finish()
 
     def test_vm_launch_is_the_minimal_launch(self):
-        h, vm, f, v = snp()
+        h, vm, f, v = snp(launch=False)
         with pytest.raises(OSError) as e:
             v.pre_fault_memory(0, 4096)               # pre_fault_allowed: not before the launch
         assert e.value.errno == errno.EOPNOTSUPP
@@ -311,7 +356,7 @@ class TestLaunch:
         h.check()
 
     def test_launch_and_boot(self):
-        h, vm, f, v = snp(size=4 << 20, private=False)
+        h, vm, f, v = snp(size=4 << 20, private=False, launch=False)
         vm.set_memory_attributes(0, MB2, PRIVATE)          # the second 2M stay shared
         kernel = bytes(range(256)) * 32                     # two pages
         h.write_user(HVA + 0x100000, kernel)
@@ -343,10 +388,9 @@ class TestLaunch:
         with pytest.raises(OSError, match="EINVAL") as e:
             vm.snp_launch_update(0x300, HVA, 4096, u.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
         assert e.value.errno == errno.EIO
-        # faulted in by a vCPU already (prepared): -EEXIST
-        private_fault(v, 0x30000)
-        with pytest.raises(OSError, match="EEXIST"):
-            vm.snp_launch_update(0x30, HVA, 4096, u.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        # no vCPU runs during the launch (no VMSA before FINISH): nothing faults in or prepares
+        assert v.page_fault(0x30000, ENC | W).ret == -errno.EINVAL
+        assert v.stats["pf_taken"] == 0
         for bad in (dict(length=0), dict(length=100), dict(page_type=2), dict(flags=1),
                     dict(uaddr=HVA + 8)):
             args = dict(gfn_start=0x40, uaddr=HVA, length=4096, page_type=1)
@@ -403,7 +447,7 @@ class TestPrivateFault:
         r = v.page_fault(0x5000, ENC | W)
         assert (r.ret, r.exit_reason, r.level) == (u.RET_PF_FIXED, 0, u.PG_LEVEL_4K)
         assert h.rmp.lookup(r.pfn) == gmem.RmpEntry(True, 0, False, False, vm.asid, 0x5000, False)
-        assert vm.stats["gmem_prepare"] == 1 and h.rmp.stats["rmpupdate"] == 1
+        assert vm.stats["gmem_prepare"] == 1 and h.rmp.stats["rmpupdate"] == 1 + 1
         assert vm.sptes() == [(5, 1, r.pfn, True, True)]
         h.check()
         with pytest.raises(gmem.GuestFault) as e:
@@ -483,7 +527,7 @@ class TestConversion:
         r = v.page_fault(0x2000, ENC | W)
         assert r.exit_reason == u.KVM_EXIT_MEMORY_FAULT
         assert r.memory_fault == (u.KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x2000, 4096)
-        assert h.rmp.assigned() == []
+        assert guest_assigned(h) == []
         h.check()
 
 
@@ -497,7 +541,8 @@ class TestHugeFolio:
         assert h.rmp.lookup(head) == gmem.RmpEntry(True, 1, False, False, vm.asid, MB2, False)
         assert h.rmp.lookup(head + 5).pagesize == 0 and h.rmp.level(head + 5) == u.PG_LEVEL_2M
         assert h.rmp.lookup(head + 5).gpa == MB2 + 0x5000
-        assert h.rmp.stats["rmpupdate"] == 1 and h.rmp.stats["direct_map_splits"] == 0
+        # (+ 1: the VMSA's RMPUPDATE, which split the direct map)
+        assert h.rmp.stats["rmpupdate"] == 1 + 1 and h.rmp.stats["direct_map_splits"] == 0 + 1
         assert (vm.stats["pages_2m"], vm.stats["pages_4k"]) == (1, 0)
         h.check()
         # the guest validates 4K: RMP|SIZEM #NPF, KVM PSMASHes and zaps, the retry maps 4K
@@ -535,13 +580,13 @@ class TestHugeFolio:
         r = private_fault(v, 4 << 20)                    # a mixed 2M range: 2M folio and RMP,
         assert r.level == u.PG_LEVEL_4K                  # but a 4K mapping
         assert h.rmp.level(r.pfn) == u.PG_LEVEL_2M
-        assert len(h.rmp.assigned()) == 3 * 512
+        assert len(guest_assigned(h)) == 3 * 512
         h.check()
         f2 = f.dup()
         f.close()
-        assert len(h.rmp.assigned()) == 3 * 512          # the file is still open through f2
+        assert len(guest_assigned(h)) == 3 * 512         # the file is still open through f2
         f2.close()                                       # release: the inode is evicted
-        assert h.rmp.assigned() == [] and h.rmp.leaked == []
+        assert guest_assigned(h) == [] and h.rmp.leaked == []
         assert vm.sptes() == []
         h.check()
         vm.close()
@@ -551,9 +596,7 @@ class TestHugeFolio:
     def test_destroying_the_vm_first(self):
         h, vm, f, v = snp(huge_folios=True)
         private_fault(v, 0)
-        private_fault(v, 0x200000 + 0x3000)
-        vm.snp_launch_start()
-        vm.snp_launch_finish()                           # a VMSA page too
+        private_fault(v, 0x200000 + 0x3000)             # and snp()'s launch made a VMSA page
         assert len(h.rmp.assigned()) == 2 * 512 + 1
         vm.close()                                       # the gmem file keeps the VM alive
         assert len(h.rmp.assigned()) == 2 * 512 + 1
@@ -677,7 +720,7 @@ class TestPageStateChange:
         assert ex.args == (0x13000, 1, u.KVM_MAP_GPA_RANGE_ENCRYPTED)
         assert v.complete_hypercall(0) == 0
         assert [e["cur_page"] for e in ents] == [1, 1, 1, 1]
-        assert h.rmp.assigned() == []                    # the punch made it shared
+        assert guest_assigned(h) == []                    # the punch made it shared
         assert h.rmp.view(0, 4096).tobytes() != rmp_before
         h.check()
 
@@ -771,6 +814,7 @@ class TestKnownGaps:
         vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0x3000, 0x10000, HVA, f, 0)
         vm.set_memory_attributes(0, 4 << 20, PRIVATE)
         v = vm.create_vcpu(0)
+        vm.launch()
         r = private_fault(v, 0x5000)
         assert h.rmp.lookup(r.pfn).gpa == 0x5000
         assert v.pvalidate(0x5000, 0, 1) == 0

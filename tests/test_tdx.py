@@ -1,7 +1,8 @@
 """Intel TDX private memory: the TD build (INIT_MEM_REGION, FINALIZE), AUG and ACCEPT, MapGPA
 conversions and the shared-bit alias.  Rules from arch/x86/kvm/vmx/tdx.c (tdx_sept_set_private_spte,
-tdx_gmem_post_populate, tdx_handle_ept_violation) and the TDX module's ABI.  The model follows the post-v6.16 kernel for an access to
-an unaccepted page: a memory-fault exit of size 0 (v6.16 killed the VM)."""
+tdx_gmem_post_populate, tdx_handle_ept_violation) and the TDX module's ABI.  The TD's life is
+gated as tdx.c gates it: vCPUs only between INIT_VM and FINALIZE, KVM_RUN only after both
+INIT_VCPU and FINALIZE; an access to an unaccepted page kills the VM (6.16 to 7.2)."""
 import errno
 
 import numpy as np
@@ -18,16 +19,22 @@ HC = 1 << u.KVM_HC_MAP_GPA_RANGE
 
 
 def td(size=8 << 20, gpaw=52, init=True, private=True, **hostkw):
+    """A TD with one gmem slot and vCPU 0. init: being built (KVM_TDX_INIT_VM with gpaw, the
+    vCPU KVM_TDX_INIT_VCPU'd; FINALIZE lets it run); else launched at once (vm.launch())."""
     h = gmem.Host(memory=1 << 30, platform="intel", **hostkw)
     h.mmap_user(SRC, 1 << 20)                   # the VMM's buffer for the TD's initial image
     vm = h.create_vm(u.KVM_X86_TDX_VM)
     if init:
         vm.tdx_init_vm(gpaw)
+    else:
+        vm.launch()
     f = vm.create_guest_memfd(size)
     vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, size, HVA, f, 0)
     if private:
         vm.set_memory_attributes(0, size, PRIVATE)
     v = vm.create_vcpu(0)
+    if init:
+        v.tdx_init_vcpu()
     return h, vm, f, v
 
 
@@ -39,7 +46,7 @@ class TestBuild:
     def test_init_vm(self):
         h = gmem.Host(memory=64 << 20, platform="intel")
         vm = h.create_vm(u.KVM_X86_TDX_VM)
-        assert vm.td_state == "runnable"          # a TD that skips the build can fault at once
+        assert vm.td_state == "uninitialized" and vm.shared_gpa_bit == 0    # tdx_vm_init
         vm.tdx_init_vm(48)
         assert vm.td_state == "initialized"
         assert vm.shared_gpa_bit == 1 << 47 == u.TDX_SHARED_BIT_PWL_4 << 12
@@ -54,8 +61,97 @@ class TestBuild:
         assert vm2.shared_gpa_bit == 1 << 51 == u.TDX_SHARED_BIT_PWL_5 << 12
         assert gmem.Host(memory=64 << 20, platform="amd").create_vm(u.KVM_X86_SNP_VM).td_state is None
         sw = gmem.Host(memory=64 << 20, platform="intel").create_vm(u.KVM_X86_DEFAULT_VM)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as e:
             sw.tdx_init_vm(52)
+        assert e.value.errno == errno.ENOTTY        # vt_mem_enc_ioctl: not a TD
+        with pytest.raises(OSError) as e:
+            sw.create_vcpu(0).tdx_init_vcpu()
+        assert e.value.errno == errno.EINVAL        # vt_vcpu_mem_enc_ioctl: not a TD's vCPU
+        h.check()
+
+    def test_the_build_gates_vcpus_and_kvm_run(self):
+        """tdx_vcpu_create: vCPUs only while the TD is being built (-EIO before INIT_VM and
+        after FINALIZE); tdx_vcpu_pre_run: KVM_RUN -EINVAL until the vCPU had INIT_VCPU and the
+        TD is finalized; KVM_TDX_INIT_VCPU once per vCPU."""
+        h = gmem.Host(memory=64 << 20, platform="intel")
+        vm = h.create_vm(u.KVM_X86_TDX_VM)
+        with pytest.raises(OSError) as e:
+            vm.create_vcpu(0)
+        assert e.value.errno == errno.EIO
+        vm.tdx_init_vm(52)
+        f = vm.create_guest_memfd(1 << 20)
+        vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, 1 << 20, HVA, f, 0)
+        vm.set_memory_attributes(0, 1 << 20, PRIVATE)
+        v0, v1 = vm.create_vcpu(0), vm.create_vcpu(1)
+        assert v0.page_fault(0x5000, 0).ret == -errno.EINVAL        # KVM_RUN refused: not entered
+        with pytest.raises(OSError) as e:
+            v0.tdx_accept(0x5000)
+        assert e.value.errno == errno.EINVAL
+        h.mmap_user(SRC, 4096)
+        with pytest.raises(OSError) as e:
+            v0.tdx_init_mem_region(SRC, 0x10000, 1)                 # the vCPU is not initialised
+        assert e.value.errno == errno.EINVAL
+        v0.tdx_init_vcpu()
+        with pytest.raises(OSError) as e:
+            v0.tdx_init_vcpu()
+        assert e.value.errno == errno.EINVAL
+        assert v0.tdx_init_mem_region(SRC, 0x10000, 1) == 1
+        assert v0.page_fault(0x5000, 0).ret == -errno.EINVAL        # not finalized yet
+        vm.tdx_finalize_vm()
+        with pytest.raises(OSError) as e:
+            vm.create_vcpu(2)
+        assert e.value.errno == errno.EIO
+        assert v0.page_fault(0x5000, 0).ret == u.RET_PF_FIXED
+        assert v1.page_fault(0x6000, 0).ret == -errno.EINVAL        # never had INIT_VCPU
+        assert v1.stats["pf_taken"] == 0
+        with pytest.raises(OSError) as e:
+            v1.tdx_init_vcpu()                                       # too late: the TD runs
+        assert e.value.errno == errno.EINVAL
+        h.check()
+
+    def test_launch_stands_for_the_build(self):
+        """vm.launch() does INIT_VM, INIT_VCPU for the vCPUs there are, FINALIZE_VM; vCPUs
+        created after it run at once (the minimal launch stands for the whole build)."""
+        h = gmem.Host(memory=64 << 20, platform="intel")
+        vm = h.create_vm(u.KVM_X86_TDX_VM)
+        vm.tdx_init_vm(52)
+        v0 = vm.create_vcpu(0)
+        vm.launch()                                 # INIT_VM done already: INIT_VCPU, FINALIZE
+        f = vm.create_guest_memfd(1 << 20)
+        vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, 1 << 20, HVA, f, 0)
+        vm.set_memory_attributes(0, 1 << 20, PRIVATE)
+        v1 = vm.create_vcpu(1)
+        assert v0.page_fault(0x5000, 0).ret == u.RET_PF_FIXED
+        assert v1.page_fault(0x6000, 0).ret == u.RET_PF_FIXED
+        with pytest.raises(OSError) as e:
+            vm.launch()
+        assert e.value.errno == errno.EINVAL
+        h.check()
+
+    def test_access_before_accept_kills_the_td(self):
+        """tdx_handle_ept_violation: a private access to a PENDING page (SEPT_VE_DISABLE) is
+        kvm_vm_dead and KVM_RUN -EIO; from then on every VM and vCPU ioctl is -EIO, while the
+        guest_memfd file and close() still work (kvm_vm_ioctl, kvm_vcpu_ioctl)."""
+        h, vm, f, v = td(init=False)
+        assert v.page_fault(0x5000, u.PFERR_USER_MASK).ret == u.RET_PF_FIXED
+        assert states(vm)[5] == "pending"
+        with pytest.raises(gmem.GuestExit) as e:
+            v.read(0x5000, 4)
+        assert e.value.result.ret == -errno.EIO and e.value.result.exit_reason == 0
+        assert v.page_fault(0x6000, 0).ret == -errno.EIO            # KVM_RUN: KVM_REQ_VM_DEAD
+        out = vm.page_fault_batch(np.array([0x6000, 0x7000], np.uint64), np.zeros(2, np.uint64))
+        assert list(out["ret"]) == [-errno.EIO] * 2
+        for call in (lambda: v.read(0x6000, 1),
+                     lambda: v.tdx_accept(0x5000), lambda: vm.create_vcpu(1),
+                     lambda: vm.set_memory_attributes(0, 4096, 0), lambda: vm.create_guest_memfd(4096),
+                     lambda: vm.check_extension(u.KVM_CAP_GUEST_MEMFD), lambda: v.pre_fault_memory(0, 4096)):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.EIO and "kvm_vm_dead" in str(e.value)
+        f.punch_hole(0, 1 << 20)                    # the gmem file is not the VM
+        h.check()
+        vm.close()
+        f.close()
         h.check()
 
     def test_init_mem_region_measure(self):
@@ -87,24 +183,10 @@ class TestBuild:
         assert vm.tdx_stats["page_add"] == 3 and vm.tdx_stats["aug"] == 0
         assert vm.stats["pages_4k"] == 3
         h.check()
-        # a private fault before finalize premaps a page that is never added
+        # no vCPU runs before FINALIZE (tdx_vcpu_pre_run): a fault cannot premap anything
         r = v.page_fault(0x40000, 0)
-        assert (r.ret, r.level) == (u.RET_PF_FIXED, u.PG_LEVEL_4K)
-        assert vm.nr_premapped == 1 and states(vm)[0x40] == "premapped"
-        assert vm.tdx_stats["aug"] == 0
-        h.check()
-        with pytest.raises(OSError) as e:
-            vm.tdx_finalize_vm()
-        assert e.value.errno == errno.EINVAL and vm.td_state == "initialized"
-        # it was prepared by the fault: populating it now is -EEXIST
-        with pytest.raises(OSError) as e:
-            v.tdx_init_mem_region(SRC, 0x40000, 1)
-        assert e.value.errno == errno.EEXIST
-        # zapping a premapped leaf needs no BLOCK/TRACK/REMOVE, only nr_premapped--
-        blocks = vm.tdx_stats["block"]
-        vm.set_memory_attributes(0x40000, 4096, 0)
-        assert vm.nr_premapped == 0 and 0x40 not in vm.sept()
-        assert vm.tdx_stats["block"] == blocks == 0
+        assert (r.ret, r.exit_reason) == (-errno.EINVAL, 0) and vm.nr_premapped == 0
+        assert 0x40 not in vm.sept() and vm.tdx_stats["aug"] == 0
         h.check()
         vm.tdx_finalize_vm()
         assert vm.td_state == "runnable"
@@ -122,15 +204,6 @@ class TestBuild:
         assert vm.sept()[5] == (r.pfn, "pending") and vm.tdx_stats["aug"] == 1
         assert vm.nr_premapped == 0
         h.check()
-        with pytest.raises(gmem.GuestExit) as e:
-            v.read(0x5000, 4)
-        res = e.value.result
-        assert (res.ret, res.exit_reason) == (-errno.EFAULT, u.KVM_EXIT_MEMORY_FAULT)
-        assert res.memory_fault == (u.KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x5000, 0)
-        # size 0 marks a bad fault: userspace cannot convert "it"
-        with pytest.raises(OSError) as e2:
-            vm.set_memory_attributes(res.memory_fault[1], res.memory_fault[2], 0)
-        assert e2.value.errno == errno.EINVAL
         assert v.tdx_accept(0x5000) == u.TDX_SUCCESS
         assert vm.sept()[5] == (r.pfn, "accepted")
         assert v.tdx_accept(0x5000) == 0xB0A00000000     # TDX_PAGE_ALREADY_ACCEPTED
@@ -164,10 +237,10 @@ class TestBuild:
             v.tdx_init_mem_region(SRC, MB2 - 0x1000, 2)
         assert states(vm) == {0x1FF: "accepted"} and vm.nr_premapped == 0
         h.check()
-        vm2 = h.create_vm(u.KVM_X86_TDX_VM)          # not being built
+        vm2 = h.create_vm(u.KVM_X86_TDX_VM)          # not being built: no vCPU to populate with
         with pytest.raises(OSError) as e:
-            vm2.create_vcpu(0).tdx_init_mem_region(SRC, 0, 1)
-        assert e.value.errno == errno.EINVAL
+            vm2.create_vcpu(0)
+        assert e.value.errno == errno.EIO
         h.check()
 
 

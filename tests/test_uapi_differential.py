@@ -982,8 +982,11 @@ for _t, _p in ((SW, "amd"), (SNP, "amd"), (TDX, "intel")):
     # kvm_arch_nr_memslot_as_ids(): 1 for a VM with private memory
     mcase(f"memslot-as-id-1-type{_t}", _p, "EINVAL")(
         lambda h, _t=_t: (lambda vm: _slot(vm, gm(vm, 4 * PS), slot=1 << 16))(vm_(h, _t)))
-# kvm_arch_prepare_memory_region: kvm_is_gfn_alias() -- a TDX memslot may not reach the shared bit
+# kvm_arch_prepare_memory_region: kvm_is_gfn_alias() -- a TDX memslot may not reach the shared bit,
+# which KVM_TDX_INIT_VM sets (tdx_td_init); before it gfn_direct_bits is 0 and nothing is an alias
 mcase("memslot-tdx-shared-bit", "intel", "EINVAL")(
+    lambda h: region2((lambda vm: (vm.tdx_init_vm(52), vm)[1])(vm_(h, TDX)), 0, 0, 1 << 51, PS))
+mcase("memslot-tdx-shared-bit-before-init-vm", "intel", OK)(
     lambda h: region2(vm_(h, TDX), 0, 0, 1 << 51, PS))
 mcase("memslot-tdx-below-shared-bit", "intel", OK)(
     lambda h: region2(vm_(h, TDX), 0, 0, (1 << 51) - PS, PS))

@@ -401,6 +401,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--memory: {e}") from None
     vm = host.create_vm(vm_type)
+    vm.launch()                         # a replay runs the guest: the minimal launch first
     gfn_bits = gpa & ~np.uint64(vm.shared_gpa_bit or 0)
     top = int(gfn_bits.max()) + 4096
     if top > 1 << 52:

@@ -37,7 +37,7 @@ cdef class Vcpu:
         try:
             g = _u64(gpa, "gpa")
             e = _u64(error_code, "error_code")
-            self.vm._open("page fault")
+            self.vm._open("page fault", True)
             kvm_mmu_page_fault(self.v, g, e, &out)
             host._raise_hook_exc()
         finally:
@@ -75,6 +75,13 @@ cdef class Vcpu:
         return {name: kvm_vcpu_stat(self.v, i) for i, name in enumerate(VCPU_STATS)}
 
     # ------------------------------------------------------- guest accesses
+    cdef kvm *_run(self, str what) except NULL:
+        """KVM_RUN for a guest instruction: the VM fd open, then vcpu_pre_run's refusals
+        (kvm_vcpu_pre_run: the launch not done for this vCPU, a dead VM)."""
+        cdef kvm *k = self.vm._open(what)
+        self.vm.host._check(kvm_vcpu_pre_run(self.v), what)
+        return k
+
     cdef unsigned char *_guest_page(self, uint64_t gpa, uint64_t error_code, bint write) except NULL:
         """The bytes of the page at gpa once a guest access reaches it (kvm_guest_access)."""
         cdef kvm_fault_out out
@@ -96,7 +103,7 @@ cdef class Vcpu:
         cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
         cdef uint64_t ln = _buffer_len(n, "n")
         cdef unsigned char *p
-        self.vm._open("guest read")
+        self._run("guest read")
         out = bytearray(ln)
         cdef unsigned char[::1] o = out if ln else None
         while pos < ln:
@@ -111,7 +118,7 @@ cdef class Vcpu:
         held = _host_enter(self.vm.host)
         cdef uint64_t a = _u64(gpa, "gpa"), ec = _u64(error_code, "error_code"), pos = 0, k
         cdef unsigned char *p
-        self.vm._open("guest write")
+        self._run("guest write")
         b = _bytes_arg(data, "data")
         cdef uint64_t ln = len(b)
         cdef const unsigned char[::1] d = b if ln else None
@@ -130,7 +137,7 @@ cdef class Vcpu:
         cdef kvm_fault_out out
         cdef uint64_t code = 0, g = _u64(gpa, "gpa")
         cdef int ps = _c_int_arg(pagesize, "pagesize")
-        self.vm._open("PVALIDATE")
+        self._run("PVALIDATE")
         r = snp_guest_pvalidate(self.v, g, ps, bool(validate), &code, &out)
         if r != GUEST_ACCESS_OK:
             _guest_access_end(self, r, &out, "PVALIDATE")
@@ -142,7 +149,7 @@ cdef class Vcpu:
         cdef kvm_fault_out out
         cdef uint64_t code = 0, g = _u64(gpa, "gpa"), a = _u64(attrs, "attrs")
         cdef int ps = _c_int_arg(pagesize, "pagesize")
-        self.vm._open("RMPADJUST")
+        self._run("RMPADJUST")
         r = snp_guest_rmpadjust(self.v, g, ps, a, &code, &out)
         if r != GUEST_ACCESS_OK:
             _guest_access_end(self, r, &out, "RMPADJUST")
@@ -162,7 +169,7 @@ cdef class Vcpu:
         held = _host_enter(self.vm.host)
         cdef uint64_t result = 0, g = _u64(gpa, "gpa")
         cdef int o = _c_int_arg(op, "op")
-        self.vm._open("page-state change")
+        self._run("page-state change")
         self.v.complete_userspace_io = NULL
         r = snp_begin_psc_msr(self.v, g, o, &result)
         return self._exit_or_result(r, result, "page-state change")
@@ -175,7 +182,7 @@ cdef class Vcpu:
         cdef uint64_t result = 0
         cdef psc_buffer buf
         cdef Py_ssize_t i
-        self.vm._open("page-state change")
+        self._run("page-state change")
         if self.v.kvm.vm_type != KVM_X86_SNP_VM:
             raise _err(EINVAL, "page-state change: only an SEV-SNP guest has it")
         ents = [_psc_entry(e, i) for i, e in enumerate(entries)]
@@ -216,7 +223,8 @@ cdef class Vcpu:
         held = _host_enter(self.vm.host)
         cdef kvm_fault_out out
         cdef uint64_t status = 0, g = _u64(gpa, "gpa")
-        self.vm._tdx("TDG.MEM.PAGE.ACCEPT")
+        self.vm._tdx("TDG.MEM.PAGE.ACCEPT", EINVAL)
+        self._run("TDG.MEM.PAGE.ACCEPT")
         r = tdx_accept_page(self.v, g, &status, &out)
         if r != 0:
             _guest_access_end(self, r, &out, "TDG.MEM.PAGE.ACCEPT")
@@ -227,10 +235,19 @@ cdef class Vcpu:
         per 2M chunk (answer with complete_hypercall), or a TDVMCALL status."""
         held = _host_enter(self.vm.host)
         cdef uint64_t status = 0, g = _u64(gpa, "gpa"), n = _u64(size, "size")
-        self.vm._tdx("MapGPA")
+        self.vm._tdx("MapGPA", EINVAL)
+        self._run("MapGPA")
         self.v.complete_userspace_io = NULL
         r = tdx_map_gpa(self.v, g, n, &status)
         return self._exit_or_result(r, status, "MapGPA")
+
+    def tdx_init_vcpu(self):
+        """KVM_TDX_INIT_VCPU: once per vCPU, between KVM_TDX_INIT_VM and KVM_TDX_FINALIZE_VM;
+        the vCPU runs only after it (and after FINALIZE)."""
+        held = _host_enter(self.vm.host)
+        _refuse_in_hook(self.vm.host, "KVM_TDX_INIT_VCPU")
+        self.vm._tdx("KVM_TDX_INIT_VCPU", EINVAL)
+        self.vm.host._check(tdx_vcpu_init(self.v), "KVM_TDX_INIT_VCPU")
 
     def tdx_init_mem_region(self, source_addr, gpa, nr_pages, measure=False):
         """KVM_TDX_INIT_MEM_REGION: copy nr_pages from the VMM's memory at source_addr into the
@@ -242,7 +259,7 @@ cdef class Vcpu:
         cdef uint64_t src = _u64(source_addr, "source_addr"), g = _u64(gpa, "gpa")
         cdef uint64_t n = _u64(nr_pages, "nr_pages"), done = 0
         what = "KVM_TDX_INIT_MEM_REGION"
-        self.vm._tdx(what)
+        self.vm._tdx(what, EINVAL)
         r = tdx_vcpu_init_mem_region(self.v, src, g, n, bool(measure), &done)
         self.vm.host._raise_hook_exc()
         if r < 0:
@@ -255,6 +272,7 @@ cdef class Vcpu:
         held = _host_enter(self.vm.host)
         cdef complete_userspace_io_t complete = self.v.complete_userspace_io
         cdef uint64_t result = 0, r64 = <uint64_t>(_int_arg(ret, "ret", -(1 << 63), 1 << 64) & 0xFFFFFFFFFFFFFFFF)
+        self._run("complete_hypercall")
         if complete == NULL:
             raise _err(EINVAL, "no hypercall exit is pending on this vCPU")
         self.v.complete_userspace_io = NULL

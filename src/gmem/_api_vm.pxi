@@ -81,10 +81,14 @@ cdef class Vm:
     def destroyed(self):
         return bool(self.k.dead)
 
-    cdef kvm *_open(self, str what) except NULL:
-        """The VM for an ioctl on its fd: EBADF once the fd is closed."""
+    cdef kvm *_open(self, str what, bint run=False) except NULL:
+        """The VM for an ioctl on its fd (or one of its vCPUs'): EBADF once the fd is closed,
+        EIO once the VM is dead (kvm_vm_ioctl, kvm_vcpu_ioctl). run: a fault, whose outcome
+        says -EIO itself (kvm_vcpu_pre_run), as each record of a batch does."""
         if self.closed:
             raise _err(EBADF, f"{what}: the VM fd is closed")
+        if not run:
+            self.host._check(kvm_ioctl_check_dead(self.k), what)
         return self.k
 
     def close(self):
@@ -104,7 +108,10 @@ cdef class Vm:
 
     def launch(self):
         """The minimal launch for the VM type, for scenarios that do not model it: SNP
-        LAUNCH_START + LAUNCH_FINISH, TDX INIT_VM + FINALIZE_VM; nothing for the others."""
+        LAUNCH_START + LAUNCH_FINISH, TDX INIT_VM + INIT_VCPU (each vCPU) + FINALIZE_VM; nothing
+        for the others. It stands for the whole build: vCPUs created after it can run at once
+        (in the kernel they are made during the build; after an explicit finish a TD refuses
+        new vCPUs with EIO and a new SNP vCPU has no VMSA)."""
         held = _host_enter(self.host)
         _refuse_in_hook(self.host, "launch")
         self.host._check(kvm_launch(self._open("launch")), "launch")
@@ -280,10 +287,12 @@ cdef class Vm:
         return out
 
     # ---------------------------------------------------------------- TDX
-    cdef kvm *_tdx(self, str what) except NULL:
+    cdef kvm *_tdx(self, str what, int refuse_errno=ENOTTY) except NULL:
+        """A TDX command's VM: vt_mem_enc_ioctl refuses a VM that is not a TD with ENOTTY,
+        vt_vcpu_mem_enc_ioctl a vCPU that is not a TD's with EINVAL."""
         cdef kvm *k = self._open(what)
         if k.vm_type != KVM_X86_TDX_VM:
-            raise _err(EINVAL, f"{what}: not a TDX VM")
+            raise _err(refuse_errno, f"{what}: not a TDX VM")
         return k
 
     def tdx_init_vm(self, gpaw=52):
@@ -343,7 +352,7 @@ cdef class Vm:
         on that host wait and land before or after it, never between two faults; other hosts
         run in parallel."""
         held = _host_enter(self.host)
-        cdef kvm *k = self._open("page_fault_batch")
+        cdef kvm *k = self._open("page_fault_batch", True)
         cdef const uint64_t[::1] g = _u64_array(gpas, "gpas")
         cdef const uint64_t[::1] e = _u64_array(error_codes, "error_codes")
         cdef const uint64_t[::1] ids = None

@@ -20,7 +20,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 # ======================================================================================
 
 cdef enum:
-    GMEM_CAPI_VERSION = 4
+    GMEM_CAPI_VERSION = 5
 
 # Opaque to stable users: reach them only through the calls below.
 ctypedef struct gmem_host
@@ -259,6 +259,14 @@ cdef uint64_t kvm_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil
 cdef int kvm_vm_ioctl_enable_cap(kvm *kvm, uint64_t cap, uint64_t arg0) noexcept nogil
 # the minimal launch for the VM type (no-op for DEFAULT/SW_PROTECTED): vm.launch()
 cdef int kvm_launch(kvm *kvm) noexcept nogil
+# kvm_vm_ioctl / kvm_vcpu_ioctl's first check: -EIO once the VM is dead (kvm_vm_dead), else 0.
+# Call it before any VM or vCPU ioctl; the C functions above assume it was.
+cdef int kvm_ioctl_check_dead(kvm *kvm) noexcept nogil
+cdef void kvm_vm_dead(kvm *kvm) noexcept nogil
+# KVM_RUN's checks before entering the guest (vcpu_pre_run): 0, or -EINVAL (an SNP vCPU
+# before LAUNCH_FINISH, a TD vCPU before KVM_TDX_INIT_VCPU and KVM_TDX_FINALIZE_VM) / -EIO.
+# kvm_mmu_page_fault makes the same check and reports it in out.ret.
+cdef int kvm_vcpu_pre_run(kvm_vcpu *vcpu) noexcept nogil
 
 # ---- guest_memfd (virt/kvm/guest_memfd.c)
 # KVM_CREATE_GUEST_MEMFD: 0 with *out holding the new fd's reference, or -errno.
@@ -504,6 +512,7 @@ ctypedef int (*handle_ept_violation_t)(kvm_vcpu *vcpu, uint64_t gpa, uint64_t er
 ctypedef int (*vm_init_t)(kvm *kvm) noexcept nogil
 ctypedef void (*vm_destroy_t)(kvm *kvm) noexcept nogil
 ctypedef int (*vm_launch_t)(kvm *kvm) noexcept nogil
+ctypedef int (*vcpu_create_t)(kvm_vcpu *vcpu) noexcept nogil
 
 ctypedef struct kvm_x86_hooks:
     is_private_fault_t is_private_fault
@@ -517,6 +526,7 @@ ctypedef struct kvm_x86_hooks:
     vm_init_t vm_init
     vm_destroy_t vm_destroy
     vm_launch_t vm_launch
+    vcpu_create_t vcpu_create   # kvm_x86_ops.vcpu_precreate + vcpu_create: 0 or -errno
 
 # SEV-SNP host state (arch/x86/virt/svm/sev.c)
 cdef enum:
@@ -619,7 +629,7 @@ ctypedef struct kvm_memory_slot:
 # arch/x86/kvm/svm/svm.h struct kvm_sev_info, the parts gmem models
 ctypedef struct kvm_sev_info:
     uint32_t asid
-    int launch_started          # KVM_SEV_SNP_LAUNCH_START done, LAUNCH_FINISH not yet
+    int launch_started          # 0, SNP_LAUNCHING (LAUNCH_START done), SNP_LAUNCHED (FINISH)
     uint64_t policy             # the guest policy LAUNCH_START was given
     xarray vmsa_pfns            # pfn -> 1: the vCPUs' VMSA pages (snp_launch_finish)
 
@@ -638,6 +648,9 @@ ctypedef struct kvm:
     int users_count             # kernel references: the VM fd and each guest_memfd file
     int handle_refs             # handles pointing at this struct: it is freed after both are 0
     int dead                    # kvm_destroy_vm ran: only the struct and its vCPUs remain
+    int vm_dead                 # kvm_vm_dead (KVM_BUG_ON, a TD's unaccepted access): every VM
+                                # and vCPU ioctl is -EIO from now on
+    int launched_minimal        # vm.launch() stood for the whole build (vCPUs made later too)
     kvm *next                   # host.vms
     uint32_t id                 # this host's VM number (1, 2, ...)
     int vm_type
@@ -720,6 +733,10 @@ ctypedef struct kvm_vcpu:
     uint32_t psc_last
     uint64_t map_gpa_next       # TDX MapGPA: the chunk in this exit starts here (shared bit
     uint64_t map_gpa_end        # included); the request ends here
+    int pre_run_err             # what KVM_RUN returns before entering the guest (0: it enters):
+                                # -EINVAL for an SNP vCPU without a VMSA or a TD vCPU before
+                                # INIT_VCPU/FINALIZE_VM, -EIO once the VM is dead
+    int tdx_state               # VCPU_TD_STATE_*: KVM_TDX_INIT_VCPU done
 
 cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_t *pfn,
                           int *max_order) noexcept nogil

@@ -524,6 +524,8 @@ class Vcpu:
         """TDG.MEM.PAGE.ACCEPT: TDX_SUCCESS or TDX_PAGE_ALREADY_ACCEPTED."""
     def tdx_map_gpa(self, gpa: _Int, size: _Int) -> HypercallExit | int:
         """TDG.VP.VMCALL<MapGPA>: an exit to answer, or a TDVMCALL status."""
+    def tdx_init_vcpu(self) -> None:
+        """KVM_TDX_INIT_VCPU: once per vCPU, between KVM_TDX_INIT_VM and KVM_TDX_FINALIZE_VM."""
     def tdx_init_mem_region(self, source_addr: _Int, gpa: _Int, nr_pages: _Int, measure: bool = False) -> int:
         """KVM_TDX_INIT_MEM_REGION: the pages added."""
     def complete_hypercall(self, ret: int = 0) -> HypercallExit | int:

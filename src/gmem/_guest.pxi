@@ -73,9 +73,9 @@ cdef int kvm_guest_access(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, uin
         if out.ret == RET_PF_FIXED or out.ret == RET_PF_SPURIOUS:
             out.pfn += (gpa >> 12) & _mask(_level_order(out.level))
             if kvm.vm_type == KVM_X86_TDX_VM and tdx_access_pending(vcpu, gpa):
-                out.ret, out.exit_reason = -EFAULT, KVM_EXIT_MEMORY_FAULT
-                out.flags, out.gpa, out.level, out.pfn = KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa & ~(<uint64_t>4095), 0, 0
-                vcpu.memory_fault_size = 0
+                kvm_vm_dead(kvm)
+                memset(out, 0, sizeof(kvm_fault_out))
+                out.ret = -EIO
                 return GUEST_ACCESS_EXIT
             if not snp_private:
                 pfn[0] = out.pfn

@@ -179,7 +179,9 @@ cdef void kvm_handle_put(kvm *kvm) noexcept nogil:
 
 
 cdef int kvm_vm_ioctl_create_vcpu(kvm *kvm, uint64_t id, kvm_vcpu **out) noexcept nogil:
+    cdef vcpu_create_t vcpu_create = kvm.host.hooks[kvm.vm_type].vcpu_create
     cdef kvm_vcpu *v
+    cdef int r
     if id >= KVM_MAX_VCPU_IDS:
         return _refuse(kvm.host, -EINVAL, "KVM_CREATE_VCPU: id >= KVM_MAX_VCPU_IDS")
     if kvm.vcpus[id] != NULL:
@@ -189,9 +191,31 @@ cdef int kvm_vm_ioctl_create_vcpu(kvm *kvm, uint64_t id, kvm_vcpu **out) noexcep
         return _refuse(kvm.host, -ENOMEM, "KVM_CREATE_VCPU: out of memory")
     v.kvm = kvm
     v.vcpu_id = <uint32_t>id
+    r = vcpu_create(v) if vcpu_create != NULL else 0
+    if r:
+        free(v)
+        return r
     kvm.vcpus[id] = v
     kvm.created_vcpus += 1
     out[0] = v
+    return 0
+
+
+cdef void kvm_vm_dead(kvm *kvm) noexcept nogil:
+    """kvm_vm_dead (include/linux/kvm_host.h): KVM_REQ_VM_DEAD to every vCPU; from now on
+    every VM and vCPU ioctl, KVM_RUN included, is -EIO. The VM stays until its fds close."""
+    cdef uint32_t i
+    kvm.vm_dead = 1
+    for i in range(KVM_MAX_VCPU_IDS):
+        if kvm.vcpus[i] != NULL:
+            kvm.vcpus[i].pre_run_err = -EIO
+
+
+cdef int kvm_ioctl_check_dead(kvm *kvm) noexcept nogil:
+    """kvm_vm_ioctl, kvm_vcpu_ioctl: a dead VM answers -EIO before the command is read."""
+    if kvm.vm_dead:
+        return _refuse(kvm.host, -EIO, "the VM is dead (kvm_vm_dead): every VM and vCPU ioctl "
+                       "is -EIO")
     return 0
 
 

@@ -341,6 +341,9 @@ cdef inline int __kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t erro
     cdef bint private
     cdef int r
     memset(out, 0, sizeof(kvm_fault_out))
+    if vcpu.pre_run_err:            # KVM_RUN refused before entering (kvm_vcpu_pre_run)
+        out.ret = vcpu.pre_run_err
+        return out.ret
     # hardware never sets KVM's synthetic bits (npf_interception WARNs and clears them)
     if error_code & PFERR_SYNTHETIC_MASK:
         vcpu.stats[VCPU_STAT_SYNTHETIC_CLEARED] += 1

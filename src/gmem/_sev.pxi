@@ -455,6 +455,7 @@ cdef void sev_hooks_init(kvm_x86_hooks *hooks, int vm_type) noexcept nogil:
         hooks.private_max_mapping_level = sev_private_max_mapping_level
         hooks.handle_rmp_fault = sev_handle_rmp_fault
         hooks.vm_launch = snp_launch_minimal
+        hooks.vcpu_create = snp_vcpu_create
 
 
 cdef int sev_vm_init(kvm *kvm) noexcept nogil:
@@ -512,18 +513,25 @@ cdef enum:
         SNP_POLICY_MASK_DEBUG | SNP_POLICY_MASK_SINGLE_SOCKET
 
 
+cdef enum:
+    SNP_LAUNCHING = 1           # kvm_sev_info.launch_started: LAUNCH_START done
+    SNP_LAUNCHED = 2            # ... and LAUNCH_FINISH (the context stays: no second START)
+
+
 cdef int sev_snp_launch_start(kvm *kvm, uint64_t policy) noexcept nogil:
     """KVM_SEV_SNP_LAUNCH_START (snp_launch_start): the guest is being built; pre-faulting is
     refused until finish. The policy may hold only the supported bits and must hold the
     reserved must-be-one bit 17."""
-    if kvm.vm_type != KVM_X86_SNP_VM or kvm.sev.launch_started:
-        return _refuse(kvm.host, -EINVAL, "not an SNP VM, or launch already started")
+    if kvm.vm_type != KVM_X86_SNP_VM:
+        return _refuse(kvm.host, -ENOTTY, "KVM_SEV_SNP_LAUNCH_START on a VM that is not SNP")
+    if kvm.sev.launch_started:
+        return _refuse(kvm.host, -EINVAL, "launch already started (the SNP context exists)")
     if policy & ~(<uint64_t>SNP_SUPPORTED_POLICY_BITS):
         return _refuse(kvm.host, -EINVAL, "policy bits outside snp_supported_policy_bits")
     if not policy & SNP_POLICY_MASK_RSVD_MBO:
         return _refuse(kvm.host, -EINVAL, "policy without SNP_POLICY_MASK_RSVD_MBO (bit 17)")
     kvm.sev.policy = policy
-    kvm.sev.launch_started = 1
+    kvm.sev.launch_started = SNP_LAUNCHING
     kvm.pre_fault_allowed = 0
     return 0
 
@@ -561,7 +569,7 @@ cdef int64_t sev_snp_launch_update(kvm *kvm, uint64_t gfn, uint64_t *uaddr, uint
     failed: *populate_err says why). *uaddr: 0 for a ZERO page."""
     cdef snp_populate_args args
     cdef int64_t count
-    if kvm.vm_type != KVM_X86_SNP_VM or not kvm.sev.launch_started:
+    if kvm.vm_type != KVM_X86_SNP_VM or kvm.sev.launch_started != SNP_LAUNCHING:
         return _refuse(kvm.host, -EINVAL, "not an SNP VM being launched")
     if (len == 0 or len & 4095 or flags or not (page_type == KVM_SEV_SNP_PAGE_TYPE_NORMAL
             or KVM_SEV_SNP_PAGE_TYPE_ZERO <= page_type <= KVM_SEV_SNP_PAGE_TYPE_CPUID)):
@@ -581,29 +589,53 @@ cdef int64_t sev_snp_launch_update(kvm *kvm, uint64_t gfn, uint64_t *uaddr, uint
     return count
 
 
+cdef int snp_launch_update_vmsa(kvm_vcpu *vcpu) noexcept nogil:
+    """snp_launch_update_vmsa for one vCPU: its VMSA becomes a private, immutable page, and
+    the vCPU may run (pre_sev_run finds a valid VMSA)."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef gmem_host *h = kvm.host
+    cdef uint64_t pfn, raw, old
+    cdef uint32_t id = _snp_safe_alloc_page(h)
+    if id == 0:
+        return _refuse(h, -ENOMEM, "out of memory for a VMSA page")
+    pfn = folio_get(&h.pm, id).pfn
+    if rmp_make_private(h, pfn, INITIAL_VMSA_GPA, PG_LEVEL_4K, kvm.sev.asid, True):
+        folio_free(&h.pm, id)
+        return _refuse(h, -EIO, "RMPUPDATE of the VMSA failed")
+    xa_load(&h.rmp.entries, pfn, &raw)
+    xa_store_order(&h.rmp.entries, pfn, 0, raw | RMP_VALIDATED | RMP_VMSA, &old)
+    xa_store_order(&kvm.sev.vmsa_pfns, pfn, 0, 1, &old)
+    vcpu.pre_run_err = 0
+    return 0
+
+
 cdef int sev_snp_launch_finish(kvm *kvm) noexcept nogil:
     """KVM_SEV_SNP_LAUNCH_FINISH: each vCPU's VMSA becomes a private, immutable page; the
     guest runs and pre-faulting is allowed."""
-    cdef gmem_host *h = kvm.host
-    cdef uint32_t id, vid
-    cdef uint64_t pfn, raw, old
-    if kvm.vm_type != KVM_X86_SNP_VM or not kvm.sev.launch_started:
-        return _refuse(h, -EINVAL, "not an SNP VM being launched")
+    cdef uint32_t vid
+    cdef int r
+    if kvm.vm_type != KVM_X86_SNP_VM:
+        return _refuse(kvm.host, -ENOTTY, "KVM_SEV_SNP_LAUNCH_FINISH on a VM that is not SNP")
+    if kvm.sev.launch_started != SNP_LAUNCHING:
+        return _refuse(kvm.host, -EINVAL, "no SNP launch in progress (LAUNCH_START first)")
     for vid in range(KVM_MAX_VCPU_IDS):
-        if kvm.vcpus[vid] == NULL:
-            continue
-        id = _snp_safe_alloc_page(h)
-        if id == 0:
-            return _refuse(h, -ENOMEM, "out of memory for a VMSA page")
-        pfn = folio_get(&h.pm, id).pfn
-        if rmp_make_private(h, pfn, INITIAL_VMSA_GPA, PG_LEVEL_4K, kvm.sev.asid, True):
-            folio_free(&h.pm, id)
-            return _refuse(h, -EIO, "RMPUPDATE of the VMSA failed")
-        xa_load(&h.rmp.entries, pfn, &raw)
-        xa_store_order(&h.rmp.entries, pfn, 0, raw | RMP_VALIDATED | RMP_VMSA, &old)
-        xa_store_order(&kvm.sev.vmsa_pfns, pfn, 0, 1, &old)
-    kvm.sev.launch_started = 0
+        if kvm.vcpus[vid] != NULL:
+            r = snp_launch_update_vmsa(kvm.vcpus[vid])
+            if r:
+                return r
+    kvm.sev.launch_started = SNP_LAUNCHED
     kvm.pre_fault_allowed = 1
+    return 0
+
+
+cdef int snp_vcpu_create(kvm_vcpu *vcpu) noexcept nogil:
+    """An SNP vCPU has no VMSA until LAUNCH_FINISH: KVM_RUN is -EINVAL (pre_sev_run). One
+    created after vm.launch() gets its VMSA at once (the minimal launch stands for the build);
+    one created after an explicit LAUNCH_FINISH stays unable to run, as in the kernel (only
+    the guest's AP creation would give it one)."""
+    if vcpu.kvm.launched_minimal:
+        return snp_launch_update_vmsa(vcpu)
+    vcpu.pre_run_err = -EINVAL
     return 0
 
 

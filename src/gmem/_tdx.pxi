@@ -14,6 +14,8 @@ cdef enum:
     TD_STATE_UNINITIALIZED = 0
     TD_STATE_INITIALIZED = 1
     TD_STATE_RUNNABLE = 2
+    VCPU_TD_STATE_UNINITIALIZED = 0
+    VCPU_TD_STATE_INITIALIZED = 1
     # kvm.tdx.stats
     TDX_STAT_AUG = 0
     TDX_STAT_PAGE_ADD = 1
@@ -75,6 +77,7 @@ cdef void tdx_hooks_init(kvm_x86_hooks *hooks) noexcept nogil:
     hooks.vm_init = tdx_vm_init
     hooks.vm_destroy = tdx_vm_destroy
     hooks.vm_launch = tdx_launch_minimal
+    hooks.vcpu_create = tdx_vcpu_create
     hooks.is_private_fault = tdx_is_private_fault
     hooks.private_max_mapping_level = tdx_private_max_mapping_level
     hooks.set_external_spte = tdx_sept_set_private_spte
@@ -86,8 +89,8 @@ cdef int tdx_vm_init(kvm *kvm) noexcept nogil:
     kvm.has_private_mem = 1
     kvm.has_protected_state = 1
     kvm.pre_fault_allowed = 0               # until KVM_TDX_FINALIZE_VM
-    kvm.gfn_direct_bits = (<uint64_t>1) << (51 - 12)     # GPAW 52: shared bit 51
-    kvm.tdx.state = TD_STATE_RUNNABLE       # a TD can fault at once; tdx_init_vm models the build
+    kvm.gfn_direct_bits = 0                 # KVM_TDX_INIT_VM chooses the shared bit
+    kvm.tdx.state = TD_STATE_UNINITIALIZED
     xa_init(&kvm.tdx.sept)
     return 0
 
@@ -106,8 +109,9 @@ cdef int tdx_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
 
 
 cdef int tdx_td_init(kvm *kvm, int gpaw) noexcept nogil:
-    """KVM_TDX_INIT_VM: GPAW 52 (shared bit 51) or 48 (shared bit 47); the TD is being built."""
-    if kvm.tdx.state != TD_STATE_RUNNABLE or kvm.tdx.sept.nr_entries or (gpaw != 48 and gpaw != 52):
+    """KVM_TDX_INIT_VM (tdx_td_init): GPAW 52 (shared bit 51) or 48 (shared bit 47); the TD is
+    being built: vCPUs may be created now, and only now."""
+    if kvm.tdx.state != TD_STATE_UNINITIALIZED or (gpaw != 48 and gpaw != 52):
         return _refuse(kvm.host, -EINVAL, "already initialised, or GPAW not 48/52")
     kvm.gfn_direct_bits = (<uint64_t>1) << ((51 if gpaw == 52 else 47) - 12)
     kvm.tdx.state = TD_STATE_INITIALIZED
@@ -116,17 +120,50 @@ cdef int tdx_td_init(kvm *kvm, int gpaw) noexcept nogil:
 
 
 cdef int tdx_td_finalize(kvm *kvm) noexcept nogil:
-    """KVM_TDX_FINALIZE_VM: refused (EINVAL) while a premapped page was never added."""
+    """KVM_TDX_FINALIZE_VM: refused (EINVAL) while a premapped page was never added. The
+    vCPUs that had KVM_TDX_INIT_VCPU may run (tdx_vcpu_pre_run)."""
+    cdef uint32_t i
     if kvm.tdx.state != TD_STATE_INITIALIZED or kvm.tdx.nr_premapped:
         return _refuse(kvm.host, -EINVAL, "TD not initialised, or premapped pages not added")
     kvm.tdx.state = TD_STATE_RUNNABLE
     kvm.pre_fault_allowed = 1
+    for i in range(KVM_MAX_VCPU_IDS):
+        if kvm.vcpus[i] != NULL and kvm.vcpus[i].tdx_state == VCPU_TD_STATE_INITIALIZED:
+            kvm.vcpus[i].pre_run_err = 0
+    return 0
+
+
+cdef int tdx_vcpu_create(kvm_vcpu *vcpu) noexcept nogil:
+    """tdx_vcpu_create: a TD takes vCPUs only between KVM_TDX_INIT_VM and FINALIZE_VM (-EIO);
+    each runs once it had KVM_TDX_INIT_VCPU and the TD is finalized."""
+    cdef kvm *kvm = vcpu.kvm
+    if kvm.launched_minimal:
+        vcpu.tdx_state = VCPU_TD_STATE_INITIALIZED      # kvm_launch: as if made during the build
+        return 0
+    if kvm.tdx.state != TD_STATE_INITIALIZED:
+        return _refuse(kvm.host, -EIO, "KVM_CREATE_VCPU on a TD outside KVM_TDX_INIT_VM .. "
+                       "KVM_TDX_FINALIZE_VM (tdx_vcpu_create)")
+    vcpu.pre_run_err = -EINVAL
+    return 0
+
+
+cdef int tdx_vcpu_init(kvm_vcpu *vcpu) noexcept nogil:
+    """KVM_TDX_INIT_VCPU (tdx_vcpu_init): once per vCPU, while the TD is being built."""
+    if vcpu.kvm.tdx.state != TD_STATE_INITIALIZED or vcpu.tdx_state != VCPU_TD_STATE_UNINITIALIZED:
+        return _refuse(vcpu.kvm.host, -EINVAL, "KVM_TDX_INIT_VCPU: the TD is not being built, or "
+                       "the vCPU is initialised already")
+    vcpu.tdx_state = VCPU_TD_STATE_INITIALIZED
     return 0
 
 
 cdef int tdx_launch_minimal(kvm *kvm) noexcept nogil:
-    """vm.launch() for TDX: INIT_VM, then FINALIZE_VM with no initial memory."""
-    cdef int r = tdx_td_init(kvm, 52)
+    """vm.launch() for TDX: INIT_VM (unless done), INIT_VCPU for each vCPU not yet
+    initialised, then FINALIZE_VM with no initial memory."""
+    cdef uint32_t i
+    cdef int r = tdx_td_init(kvm, 52) if kvm.tdx.state == TD_STATE_UNINITIALIZED else 0
+    for i in range(KVM_MAX_VCPU_IDS):
+        if r == 0 and kvm.vcpus[i] != NULL and kvm.vcpus[i].tdx_state == VCPU_TD_STATE_UNINITIALIZED:
+            r = tdx_vcpu_init(kvm.vcpus[i])
     return r if r else tdx_td_finalize(kvm)
 
 
@@ -150,9 +187,11 @@ cdef void tdx_sept_remove_private_spte(kvm *kvm, uint64_t gfn, int level, uint64
     if tdx_sept_state(v) == TDX_SEPT_PREMAPPED:
         kvm.tdx.nr_premapped -= 1             # premapped, never added: nothing to remove
         return
-    # BLOCK, TRACK, REMOVE, WBINVD, then tdx_clear_page (MOVDIR64B) before the page goes back
+    # BLOCK, TRACK (tdx_track: only once the TD runs), REMOVE, WBINVD, then tdx_clear_page
+    # (MOVDIR64B) before the page goes back
     kvm.tdx.stats[TDX_STAT_BLOCK] += 1
-    kvm.tdx.stats[TDX_STAT_TRACK] += 1
+    if kvm.tdx.state == TD_STATE_RUNNABLE:
+        kvm.tdx.stats[TDX_STAT_TRACK] += 1
     kvm.tdx.stats[TDX_STAT_REMOVE] += 1
     page_data_drop(kvm.host, pfn, 1)
 
@@ -240,8 +279,9 @@ cdef int tdx_vcpu_init_mem_region(kvm_vcpu *vcpu, uint64_t src, uint64_t gpa, ui
     cdef tdx_gmem_post_populate_arg arg
     arg.vcpu, arg.measure = vcpu, measure
     done[0] = 0
-    if kvm.tdx.state != TD_STATE_INITIALIZED:
-        return _refuse(kvm.host, -EINVAL, "the TD is not being built (initial memory is fixed)")
+    if kvm.tdx.state != TD_STATE_INITIALIZED or vcpu.tdx_state != VCPU_TD_STATE_INITIALIZED:
+        return _refuse(kvm.host, -EINVAL, "the TD is not being built (initial memory is fixed), "
+                       "or the vCPU had no KVM_TDX_INIT_VCPU")
     if src & 4095 or gpa & 4095 or nr_pages == 0 or nr_pages >= (<uint64_t>1) << 52 or \
             gpa + (nr_pages << 12) <= gpa or (gpa >> 12) & kvm.gfn_direct_bits or \
             ((gpa + (nr_pages << 12) - 1) >> 12) & kvm.gfn_direct_bits:
@@ -335,9 +375,10 @@ cdef int tdx_complete_vmcall_map_gpa(kvm_vcpu *vcpu, uint64_t ret, uint64_t *sta
 
 
 cdef bint tdx_access_pending(kvm_vcpu *vcpu, uint64_t gpa) noexcept nogil:
-    """A TD's access to a private page it has not accepted: with SEPT_VE_DISABLE the module
-    exits to KVM, which (since the July 2025 change) reports a memory-fault exit of size 0
-    with -EFAULT. (v6.16 killed the VM instead.)"""
+    """A TD's access to a private page it has not accepted: with SEPT_VE_DISABLE (which KVM
+    requires) the module exits to KVM as a PENDING EPT violation, and
+    tdx_handle_ept_violation (tdx_is_sept_violation_unexpected_pending, 6.16 to 7.2) kills
+    the VM: kvm_vm_dead, KVM_RUN -EIO."""
     cdef uint64_t v
     if (gpa >> 12) & vcpu.kvm.gfn_direct_bits:
         return False

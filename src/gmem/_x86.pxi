@@ -104,9 +104,28 @@ cdef void kvm_arch_destroy_vm(kvm *kvm) noexcept nogil:
 
 
 cdef int kvm_launch(kvm *kvm) noexcept nogil:
-    """vm.launch(): the vendor's minimal launch (nothing for VM types without one)."""
+    """vm.launch(): the vendor's minimal launch (nothing for VM types without one). It
+    stands for the whole build: vCPUs created afterwards come up as if created during it
+    (not the kernel's: there a TD refuses KVM_CREATE_VCPU after FINALIZE_VM, and an SNP
+    vCPU created after LAUNCH_FINISH has no VMSA)."""
     cdef vm_launch_t launch = kvm.host.hooks[kvm.vm_type].vm_launch
-    return launch(kvm) if launch != NULL else 0
+    cdef int r = launch(kvm) if launch != NULL else 0
+    if r == 0 and launch != NULL:
+        kvm.launched_minimal = 1
+    return r
+
+
+cdef int kvm_vcpu_pre_run(kvm_vcpu *vcpu) noexcept nogil:
+    """vcpu_pre_run's refusals before the guest is entered: a dead VM (-EIO, KVM_REQ_VM_DEAD);
+    svm_vcpu_pre_run / pre_sev_run: an SNP vCPU with no VMSA, i.e. before LAUNCH_FINISH
+    (-EINVAL); tdx_vcpu_pre_run: a TD vCPU not INITIALIZED or a TD not RUNNABLE (-EINVAL)."""
+    if vcpu.pre_run_err == -EIO:
+        return kvm_ioctl_check_dead(vcpu.kvm)
+    if vcpu.pre_run_err:
+        return _refuse(vcpu.kvm.host, vcpu.pre_run_err, "KVM_RUN before the launch lets this vCPU "
+                       "run (SNP: LAUNCH_FINISH gives it a VMSA; TDX: KVM_TDX_INIT_VCPU and "
+                       "KVM_TDX_FINALIZE_VM)")
+    return 0
 
 
 cdef int kvm_arch_prepare_memory_region(kvm *kvm, uint64_t base_gfn, uint64_t npages) noexcept nogil:

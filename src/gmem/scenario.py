@@ -92,11 +92,24 @@ class Run:
                 raise ScenarioError(f"vms[{i}]: {e}") from None
 
     def _make_vm(self, s):
+        """The VM with its vCPUs, as far into its launch as its kernel lets vCPUs be made: a
+        TD being built (INIT_VM, INIT_VCPU) when a launch step follows, else launched at once
+        (vm.launch(): a scenario without a launch step runs its guest from the start)."""
         name = s.get("name", f"vm{len(self.vms)}")
         vm_type = VM_TYPES[s.get("type", "default")]
         vm = self.host.create_vm(vm_type)
         self.vms[name] = vm
+        first = next(iter(self.vms))
+        launch = [st for st in self.spec.get("steps", [])
+                  if st.get("op") == "launch" and st.get("vm", first) == name]
+        if not launch:
+            vm.launch()
+        elif vm_type == uapi.KVM_X86_TDX_VM:
+            vm.tdx_init_vm(int(launch[0].get("gpaw", 52)))     # vCPUs only while being built
         self.vcpus[name] = [vm.create_vcpu(i) for i in range(int(s.get("vcpus", 1)))]
+        if launch and vm_type == uapi.KVM_X86_TDX_VM:
+            for v in self.vcpus[name]:
+                v.tdx_init_vcpu()
         if vm_type in (uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM):
             vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
         for g in s.get("gmem", []):
@@ -294,7 +307,7 @@ def op_launch(run, step):
             params = vm.snp_launch_update(params[0], params[1], params[2], uapi.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
         vm.snp_launch_finish()
     elif vm.vm_type == uapi.KVM_X86_TDX_VM:
-        vm.tdx_init_vm(int(step.get("gpaw", 52)))
+        # (KVM_TDX_INIT_VM and INIT_VCPU ran when the VM was made: vCPUs exist only after it)
         vm.set_memory_attributes(gpa, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         run.vcpus[name][0].tdx_init_mem_region(hva, gpa, size >> 12)
         vm.tdx_finalize_vm()

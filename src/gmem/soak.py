@@ -92,9 +92,7 @@ class _Guest:
     def __init__(self, host, vm_type, serial):
         self.host, self.type = host, vm_type
         self.vm = host.create_vm(vm_type)
-        if vm_type == TDX:
-            self.vm.tdx_init_vm(52)
-            self.vm.tdx_finalize_vm()
+        self.vm.launch()                # the minimal launch: the guest (and its vCPUs) run at once
         self.vm.enable_cap(u.KVM_CAP_EXIT_HYPERCALL, 1 << u.KVM_HC_MAP_GPA_RANGE)
         self.f = self.vm.create_guest_memfd(GMEM_SIZE)
         self.bind()
