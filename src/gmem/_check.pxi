@@ -129,7 +129,36 @@ cdef int inode_check(gmem_inode *i, char *buf, size_t len) noexcept nogil:
         if (first + _pages(order)) << 12 > i.size:
             snprintf(buf, len, "gmem inode %u: folio at index 0x%llx beyond i_size", i.ino, <ull>first)
             return -1
+        if (i.host.gmem_in_place_conversion and f.refcount != 1
+                and not mt_range_is(&i.attributes, first, first + _mask(order), 0)):
+            snprintf(buf, len, "gmem inode %u index 0x%llx: a private page still has a GUP pin or "
+                     "reference (refcount %d)", i.ino, <ull>first, f.refcount)
+            return -1
         start = first + _pages(order)
+    return inode_attributes_check(i, buf, len)
+
+
+cdef int inode_attributes_check(gmem_inode *i, char *buf, size_t len) noexcept nogil:
+    """In-place conversion: the maple tree covers every index, merged; no user PTE maps a
+    private page (conversion to private unmaps first, the user fault refuses private pages)."""
+    cdef gmem_vma *vma = i.vmas
+    cdef uint64_t start, first, v
+    cdef int order
+    if mt_check(&i.attributes):
+        snprintf(buf, len, "gmem inode %u attributes: a range is missing or not merged", i.ino)
+        return -1
+    if not i.host.gmem_in_place_conversion:
+        return 0
+    while vma != NULL:
+        start = 0
+        while start != INVALID_GFN and xa_find_entry(&vma.ptes, start, INVALID_GFN, XA_NO_MARK,
+                                                     &first, &order, &v):
+            if mt_load(&i.attributes, first, NULL, NULL) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+                snprintf(buf, len, "gmem inode %u index 0x%llx: a user mapping still maps a private "
+                         "page", i.ino, <ull>first)
+                return -1
+            start = first + 1
+        vma = vma.next
     return 0
 
 
@@ -218,8 +247,8 @@ cdef int vm_check(kvm *kvm, char *buf, size_t len) noexcept nogil:
     while kvm_mmu_next_spte(kvm, &start, &s):
         if spte_check(kvm, &s, buf, len):
             return -1
-    if not kvm.has_private_mem:
-        return 0
+    if not kvm.has_private_mem or kvm.host.gmem_in_place_conversion:
+        return 0        # in place: the VM's attributes (and their mixed flags) are not used
     for i in range(kvm.nr_memslots):
         slot = &kvm.memslots[i]
         if not slot.used:
