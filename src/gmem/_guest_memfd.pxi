@@ -106,10 +106,13 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
 
 cdef int kvm_gmem_split_folio(gmem_inode *inode, uint64_t first, uint32_t id) noexcept nogil:
     """Split a huge folio into 4K folios (truncate_inode_partial_folio -> split_folio)."""
-    cdef int r = xa_split(&inode.filemap, first, 0)
+    cdef int r
     cdef uint64_t k, old
-    cdef folio *f
+    cdef folio *f = folio_get(&inode.host.pm, id)
     cdef int had_private
+    if f.refcount != 1:
+        return -EAGAIN          # can_split_folio(): a GUP pin or reference holds the folio whole
+    r = xa_split(&inode.filemap, first, 0)
     if r < 0:
         return r
     r = folio_split(&inode.host.pm, id, 0)
