@@ -291,6 +291,8 @@ cdef class Mapping:
         cdef gmem_pin *p = NULL
         if self.vma == NULL:
             raise ValueError("mapping is closed")
+        if not self.prot & PROT_WRITE:
+            raise _err(EFAULT, "GUP for write on a mapping without PROT_WRITE")
         if ln == 0 or off + ln > self.length or off + ln < off:
             raise _err(EFAULT, f"[{off:#x}, +{ln:#x}) is not inside the mapping")
         cdef uint64_t first = (self.offset + off) >> 12

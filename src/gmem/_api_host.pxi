@@ -369,12 +369,17 @@ cdef class Host:
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
         cfg.content_memfd = bool(content_memfd)     # gmem exec (_contents_memfd.pxi)
+        in_place = kernel == "next" if gmem_in_place_conversion is None else bool(gmem_in_place_conversion)
+        modes = bool(content_modes)
         if gmem_in_place_conversion is not None and kernel != "next":
             raise ValueError(f"gmem_in_place_conversion is a module parameter of \"next\" only, "
                              f"not of kernel {kernel!r}")
-        if content_modes and kernel != "next":
+        if modes and kernel != "next":
             raise ValueError(f"content_modes (RFC v4/v5 KVM_SET_MEMORY_ATTRIBUTES2 flags) need "
                              f"kernel=\"next\", not {kernel!r}")
+        if modes and not in_place:
+            raise ValueError("content_modes need gmem_in_place_conversion (they are flags of "
+                             "KVM_SET_MEMORY_ATTRIBUTES2)")
         self._lock = PyThread_allocate_lock()
         if self._lock == NULL:
             raise MemoryError("host lock")
@@ -384,12 +389,8 @@ cdef class Host:
         if r < 0:
             raise ValueError((<bytes>why).decode() if why != NULL else "invalid host configuration")
         self.h.py_host = <void *>self
-        if gmem_in_place_conversion is not None:
-            self.h.gmem_in_place_conversion = bool(gmem_in_place_conversion)
-        if content_modes and not self.h.gmem_in_place_conversion:
-            raise ValueError("content_modes need gmem_in_place_conversion (they are flags of "
-                             "KVM_SET_MEMORY_ATTRIBUTES2)")
-        self.h.content_modes = bool(content_modes)
+        self.h.gmem_in_place_conversion = in_place
+        self.h.content_modes = modes
         self.platform = platform
         self.sw_protected = cfg.sw_protected
         self.memory_attributes = cfg.memory_attributes

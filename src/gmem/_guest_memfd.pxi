@@ -639,14 +639,8 @@ cdef int kvm_gmem_mmap(gmem_file *file, uint64_t len, uint64_t offset, uint64_t 
     return 0
 
 
-cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write,
-                                     unsigned char **page) noexcept nogil:
-    """A host access to page pgoff through a mapping: 0 with *page its bytes (for a read of a
-    page with no contents, the zero page: NULL), GMEM_FAULT_SIGBUS_* (VM_FAULT_SIGBUS), or
-    -ENOMEM (VM_FAULT_OOM)."""
-    cdef gmem_inode *inode = file.inode
-    cdef uint32_t id
-    cdef folio *f
+cdef int kvm_gmem_fault_refused(gmem_inode *inode, uint64_t pgoff) noexcept nogil:
+    """The user fault's SIGBUS rules: 0, or GMEM_FAULT_SIGBUS_* with the reason."""
     if pgoff << 12 >= inode.size or pgoff >= inode.size >> 12:
         return _refuse(inode.host, GMEM_FAULT_SIGBUS_EOF, "the page is beyond i_size")
     if inode.host.gmem_in_place_conversion:
@@ -657,6 +651,20 @@ cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write
     elif not inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
         return _refuse(inode.host, GMEM_FAULT_SIGBUS_PRIVATE,
                        "guest_memfd without GUEST_MEMFD_FLAG_INIT_SHARED is private")
+    return 0
+
+
+cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write,
+                                     unsigned char **page) noexcept nogil:
+    """A host access to page pgoff through a mapping: 0 with *page its bytes (for a read of a
+    page with no contents, the zero page: NULL), GMEM_FAULT_SIGBUS_* (VM_FAULT_SIGBUS), or
+    -ENOMEM (VM_FAULT_OOM)."""
+    cdef gmem_inode *inode = file.inode
+    cdef uint32_t id
+    cdef folio *f
+    cdef int r = kvm_gmem_fault_refused(inode, pgoff)
+    if r:
+        return r
     if kvm_gmem_get_folio(inode, pgoff, &id) < 0:
         return _refuse(inode.host, -ENOMEM, "out of memory faulting a guest_memfd page (VM_FAULT_OOM)")
     f = folio_get(&inode.host.pm, id)
@@ -867,11 +875,15 @@ cdef int kvm_gmem_pin(gmem_vma *vma, uint64_t pgoff, uint64_t npages, int longte
         return _refuse(inode.host, -ENOMEM, "out of memory")
     pin.file, pin.first, pin.longterm = vma.file, pgoff, longterm
     for i in range(npages):
+        # (every page is checked before any is faulted in: a refused GUP changes nothing)
+        if kvm_gmem_fault_refused(inode, pgoff + i):
+            free(pin.ids)
+            free(pin)
+            return _refuse(inode.host, -EFAULT, "GUP: the fault on a page of the range is SIGBUS "
+                           "(a private page, or beyond i_size)")
+    for i in range(npages):
         r = kvm_gmem_vma_fault(vma, pgoff + i, True, &page)
-        if r > 0:
-            r = _refuse(inode.host, -EFAULT, "GUP: the fault on a page of the range is SIGBUS "
-                        "(a private page, or beyond i_size)")
-        if r < 0:
+        if r:
             pin.npages = i
             kvm_gmem_unpin(pin, False)
             return r
