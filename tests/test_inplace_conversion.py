@@ -431,6 +431,32 @@ def test_old_and_new_names_reach_the_same_slot():
     assert seen == [1]                      # 7.2 calls it prepare; the new name gets npages
 
 
+def test_snp_in_place_rmp():
+    """SNP under "next": make_private (RMPUPDATE assigned) at the private fault only,
+    make_shared (RMPUPDATE shared) at the conversion to shared, before the page is used shared."""
+    h = gmem.Host(memory=1 << 30, platform="amd", kernel="next")
+    vm = h.create_vm(u.KVM_X86_SNP_VM)
+    f = vm.create_guest_memfd(4 * PG, MMAP | INIT_SHARED)          # INIT_SHARED: in place only
+    vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, 4 * PG, HVA, f, 0)
+    vm.launch()
+    vcpu = vm.create_vcpu(0) if 0 not in vm.vcpus else vm.vcpus[0]
+    m = f.mmap(4 * PG)
+    m[PG] = A
+    r = vcpu.page_fault(PG, u.PFERR_WRITE_MASK)                     # shared: nothing to prepare
+    assert r.ret == u.RET_PF_FIXED and vm.stats["gmem_make_private"] == 0
+    assert not h.rmp.lookup(r.pfn).assigned
+    f.set_memory_attributes(0, 4 * PG, PRIVATE)
+    r = vcpu.page_fault(PG, u.PFERR_GUEST_ENC_MASK | u.PFERR_WRITE_MASK)
+    assert r.ret == u.RET_PF_FIXED and vm.stats["gmem_make_private"] == 1
+    e = h.rmp.lookup(r.pfn)
+    assert e.assigned and e.gpa == PG
+    h.check()
+    f.set_memory_attributes(0, 4 * PG, 0)
+    assert not h.rmp.lookup(r.pfn).assigned and h.stats["gmem_make_shared"] == 1
+    m[PG] = B                                                       # the host may write it again
+    h.check()
+
+
 # ----------------------------------------------------- content modes (RFC v4/v5)
 
 def _content(mode_host=True):

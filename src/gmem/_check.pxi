@@ -454,8 +454,16 @@ cdef int gmem_rmp_check(gmem_host *h, char *buf, size_t len) noexcept nogil:
                 for k in range(_pages(order)):
                     idx, pfn = first + k, f.pfn + k
                     e = snp_rmpentry_info(h, pfn)
+                    if e.assigned and h.gmem_in_place_conversion and not f.flags & PG_leaked and not (
+                            mt_load(&inode.attributes, idx, NULL, NULL) & KVM_MEMORY_ATTRIBUTE_PRIVATE):
+                        snprintf(buf, len, "gmem inode %u index 0x%llx (pfn 0x%llx) is shared but still "
+                                 "RMP-assigned: the conversion's make_shared did not run", inode.ino,
+                                 <ull>idx, <ull>pfn)
+                        return -1
                     if not e.assigned:
-                        if inode.vm_type == KVM_X86_SNP_VM and not f.flags & PG_leaked:
+                        # "next": uptodate means zeroed; make_private runs at a private fault only
+                        if (inode.vm_type == KVM_X86_SNP_VM and not f.flags & PG_leaked
+                                and h.kernel != GMEM_KERNEL_NEXT):
                             snprintf(buf, len, "gmem inode %u index 0x%llx (pfn 0x%llx) is prepared for an SNP "
                                      "guest but not RMP-assigned: the prepare hook did not make it private "
                                      "(INV-4)", inode.ino, <ull>idx, <ull>pfn)
