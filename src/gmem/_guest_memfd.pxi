@@ -866,6 +866,11 @@ cdef int kvm_gmem_pin(gmem_vma *vma, uint64_t pgoff, uint64_t npages, int longte
     cdef unsigned char *page
     cdef uint64_t i, v
     cdef int r
+    for i in range(npages):
+        # (every page is checked before any is faulted in: a refused GUP changes nothing)
+        if kvm_gmem_fault_refused(inode, pgoff + i):
+            return _refuse(inode.host, -EFAULT, "GUP: the fault on a page of the range is SIGBUS "
+                           "(a private page, or beyond i_size)")
     pin = <gmem_pin *>_calloc(1, sizeof(gmem_pin))
     if pin == NULL:
         return _refuse(inode.host, -ENOMEM, "out of memory")
@@ -874,13 +879,6 @@ cdef int kvm_gmem_pin(gmem_vma *vma, uint64_t pgoff, uint64_t npages, int longte
         free(pin)
         return _refuse(inode.host, -ENOMEM, "out of memory")
     pin.file, pin.first, pin.longterm = vma.file, pgoff, longterm
-    for i in range(npages):
-        # (every page is checked before any is faulted in: a refused GUP changes nothing)
-        if kvm_gmem_fault_refused(inode, pgoff + i):
-            free(pin.ids)
-            free(pin)
-            return _refuse(inode.host, -EFAULT, "GUP: the fault on a page of the range is SIGBUS "
-                           "(a private page, or beyond i_size)")
     for i in range(npages):
         r = kvm_gmem_vma_fault(vma, pgoff + i, True, &page)
         if r:
