@@ -616,3 +616,16 @@ class InPlaceMachine(RuleBasedStateMachine):
 
 TestInPlaceMachine = InPlaceMachine.TestCase
 TestInPlaceMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("name", sorted(__import__("gmem.scenario").scenario.BUILTIN))
+def test_builtin_scenarios_under_next(name, in_place):
+    """The VMM of the scenarios converts through the guest_memfd when in place (and keeps the
+    page: no punch on conversion to shared), through the VM otherwise."""
+    from gmem import scenario
+    r = scenario.run(scenario.BUILTIN[name], options=dict(kernel="next", gmem_in_place_conversion=in_place),
+                     name=name)
+    assert r.status == "ok", r.error
+    assert (r.host.stats["gmem_conversions"] > 0) == in_place
+    r.host.check()
