@@ -211,6 +211,7 @@ def world():
     w.pm_block = w.pm.alloc(2)
     w.pm_folio = w.pm.folio_alloc(2)
     w.pm.alloc_many(5, 0)
+    w.pin = w.m.pin(0, 4096)            # a GUP pin on the default VM's mapping
     return w
 
 
@@ -234,6 +235,7 @@ RECEIVERS = {
     "Vm": lambda w: w.snp, "Vm.snp_launch": lambda w: w.lsnp, "Vm.tdx_": lambda w: w.ltdx,
     "Vcpu": lambda w: w.sv, "Vcpu.tdx_": lambda w: w.tv, "Vcpu.tdx_init_mem_region": lambda w: w.ltv,
     "GuestMemfd": lambda w: w.f, "GuestMemfd.mmap": lambda w: w.df, "Mapping": lambda w: w.m,
+    "Pin": lambda w: w.pin,
     # the raw RMP instructions corrupt the RMP on purpose: a scratch host nobody checks
     "Rmp": lambda w: w.amd.rmp, **{f"Rmp.{n}": (lambda w: w.rmp) for n in
                                    ("rmpupdate", "psmash", "make_private", "make_shared", "inject_rmpupdate_failures")},
@@ -417,6 +419,8 @@ def _fingerprint(obj):
                 gmem.page_states(obj, 0, 256 << 10).tobytes())     # where the baselines point
     if isinstance(obj, (gmem.GuestMemfd, gmem.Mapping)):
         return obj.closed
+    if isinstance(obj, gmem.Pin):
+        return obj.released
     if isinstance(obj, gmem.Vcpu):
         return obj.stats
     if isinstance(obj, gmem.XArray):

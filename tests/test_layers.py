@@ -104,9 +104,10 @@ UPCALLS = {
     # gmem exec: a guest_memfd page's contents live in its inode's memfd (the page cache)
     ("_host", "_contents_memfd"): {"gmem_contents_drop", "gmem_contents_page"},
     ("_guest_memfd", "_contents_memfd"): {"gmem_contents_init", "gmem_contents_release"},
-    # kvm_main.c calls guest_memfd.c (kvm_gmem_bind/unbind, the supported flags) ...
+    # kvm_main.c calls guest_memfd.c (kvm_gmem_bind/unbind, the supported flags, and with
+    # in-place conversion the attributes: kvm_gmem_is_private_gfn behind kvm_mem_is_private) ...
     ("_kvm_main", "_guest_memfd"): {"kvm_gmem_bind", "kvm_gmem_bind_check", "kvm_gmem_get_supported_flags",
-                                    "kvm_gmem_unbind"},
+                                    "kvm_gmem_unbind", "kvm_gmem_get_memory_attributes"},
     # ... and KVM_SET_MEMORY_ATTRIBUTES, which the kernel keeps in kvm_main.c too
     ("_kvm_main", "_attributes"): {"kvm_mmu_init_memslot_memory_attributes", "kvm_vm_set_mem_attributes"},
     # the kvm_arch_* callbacks (include/linux/kvm_host.h), implemented by x86 and its MMU

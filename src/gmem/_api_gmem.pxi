@@ -131,12 +131,44 @@ cdef class GuestMemfd:
         self.vm.host._check(kvm_gmem_mmap(f, ln, off, p, fl), "mmap")
         return Mapping._new(self, ln, off, p)
 
+    def set_memory_attributes(self, offset, size, attributes, flags=0):
+        """KVM_SET_MEMORY_ATTRIBUTES2 on this fd ("next", in-place conversion). Refused with
+        OSError whose .error_offset is what the kernel writes back: for EAGAIN the first page
+        still referenced (a pin or reference) after the range was unmapped."""
+        held = _host_enter(self.vm.host)
+        cdef gmem_file *f = self._open("KVM_SET_MEMORY_ATTRIBUTES2")
+        _refuse_in_hook(self.vm.host, "KVM_SET_MEMORY_ATTRIBUTES2")
+        cdef kvm_memory_attributes2 a
+        memset(&a, 0, sizeof(a))
+        a.offset, a.size = _u64_wrap(offset, "offset"), _u64_wrap(size, "size")
+        a.attributes, a.flags = _u64_wrap(attributes, "attributes"), _u64_wrap(flags, "flags")
+        cdef int r = kvm_gmem_set_attributes(f, &a)
+        self.vm.host._raise_hook_exc()
+        if r < 0:
+            e = _err(-r, f"KVM_SET_MEMORY_ATTRIBUTES2: {_reason(self.vm.host.h)}")
+            e.error_offset = a.error_offset
+            raise e
+
+    def get_memory_attributes(self, offset):
+        """The attributes of the page at offset in this guest_memfd's own attributes (the
+        maple tree kept while in-place conversion is on; no ioctl reads them)."""
+        held = _host_enter(self.vm.host)
+        cdef gmem_file *f = self._open("get_memory_attributes")
+        cdef uint64_t off = _u64(offset, "offset")
+        if off >= self.size:
+            raise _err(EINVAL, f"offset {off:#x} is past i_size")
+        cdef uint64_t attrs = 0
+        self.vm.host._check(kvm_gmem_get_attributes(f, off >> 12, &attrs), "get_memory_attributes")
+        return attrs
+
 
 @cython.final
 cdef class Mapping:
     """A MAP_SHARED mapping of a guest_memfd. m[a:b] reads, m[a:b] = data writes; an access
-    the kernel answers with SIGBUS (kvm_gmem_fault_user_mapping) raises gmem.SigBus."""
+    the kernel answers with SIGBUS (kvm_gmem_fault_user_mapping) raises gmem.SigBus.
+    m.pin(offset, length) takes GUP references on its pages (gmem.Pin)."""
     cdef gmem_file *f                # NULL once unmapped
+    cdef gmem_vma *vma               # the VMA: the pages it has PTEs for
     cdef GuestMemfd file             # the fd it was mapped from
     cdef readonly uint64_t length
     cdef readonly uint64_t offset
@@ -150,13 +182,15 @@ cdef class Mapping:
     cdef Mapping _new(GuestMemfd file, uint64_t length, uint64_t offset, uint32_t prot):
         cdef Mapping m = Mapping.__new__(Mapping, _HANDLE)
         m.file, m.length, m.offset, m.prot = file, length, offset, prot
+        m.vma = kvm_gmem_vma_create(file.f, offset >> 12, (length + 4095) >> 12)  # holds the file
+        if m.vma == NULL:
+            raise MemoryError("mmap: out of memory")
         m.f = file.f
-        kvm_gmem_get_file(m.f)              # a VMA holds a file reference
         return m
 
     def __dealloc__(self):
-        if self.f != NULL:
-            _teardown_put_file(self.f)
+        if self.vma != NULL:
+            _teardown(self.f.inode.host, <void *>self.vma, _TEARDOWN_VMA)
 
     @property
     def closed(self):
@@ -168,11 +202,11 @@ cdef class Mapping:
     def close(self):
         """munmap."""
         held = _host_enter(self.file.vm.host)
-        cdef gmem_file *f = self.f
-        if f != NULL:
+        cdef gmem_vma *vma = self.vma
+        if vma != NULL:
             _refuse_in_hook(self.file.vm.host, "munmap")
-            self.f = NULL
-            kvm_gmem_put_file(f)
+            self.f, self.vma = NULL, NULL
+            kvm_gmem_vma_close(vma)
             self.file.vm.host._raise_hook_exc()
 
     def __enter__(self):
@@ -201,7 +235,7 @@ cdef class Mapping:
     cdef unsigned char *_fault(self, uint64_t pos, bint write) except NULL:
         """kvm_gmem_fault_user_mapping for the page holding byte pos of the mapping."""
         cdef unsigned char *p = NULL
-        cdef int r = kvm_gmem_fault_user_mapping(self.f, (self.offset + pos) >> 12, write, &p)
+        cdef int r = kvm_gmem_vma_fault(self.vma, (self.offset + pos) >> 12, write, &p)
         if r > 0:
             e = _SigBus(f"SIGBUS: {_reason(self.file.vm.host.h)} (page {(self.offset + pos) >> 12})", pos)
             e.offset = pos          # the first byte of the mapping that faulted, as gmem.kernel sets it
@@ -244,3 +278,68 @@ cdef class Mapping:
             p = self._fault(pos, True)
             memcpy(p + ((self.offset + pos) & 4095), &d[pos - a], n)
             pos += n
+
+    def pin(self, offset, length, *, longterm=True):
+        """GUP on [offset, offset + length) of the mapping, as a DMA/VFIO pin takes it:
+        pin_user_pages(FOLL_LONGTERM | FOLL_WRITE) (longterm=True) or a plain get_user_pages
+        reference (longterm=False, a transient reference). Every page is faulted in for write; a
+        page the fault refuses (private, beyond i_size) fails the whole call with EFAULT. The
+        references hold the folios (a punched page lives on until released) and keep the file
+        open: pin.release(), or use the pin as a context manager."""
+        held = _host_enter(self.file.vm.host)
+        cdef uint64_t off = _u64(offset, "offset"), ln = _u64(length, "length")
+        cdef gmem_pin *p = NULL
+        if self.vma == NULL:
+            raise ValueError("mapping is closed")
+        if not self.prot & PROT_WRITE:
+            raise _err(EFAULT, "GUP for write on a mapping without PROT_WRITE")
+        if ln == 0 or off + ln > self.length or off + ln < off:
+            raise _err(EFAULT, f"[{off:#x}, +{ln:#x}) is not inside the mapping")
+        cdef uint64_t first = (self.offset + off) >> 12
+        cdef uint64_t last = (self.offset + off + ln - 1) >> 12
+        self.file.vm.host._check(kvm_gmem_pin(self.vma, first, last - first + 1, bool(longterm), &p), "GUP")
+        return Pin._new(self.file.vm.host, p, off, ln)
+
+
+@cython.final
+cdef class Pin:
+    """GUP references on a mapping's pages (Mapping.pin): held until release()."""
+    cdef gmem_pin *p                 # NULL once released
+    cdef Host host
+    cdef readonly uint64_t offset    # in the mapping, as pinned
+    cdef readonly uint64_t length
+    cdef readonly bint longterm
+
+    def __cinit__(self, _wrap=None):
+        if _wrap is not _HANDLE:
+            raise TypeError("pins come from Mapping.pin()")
+
+    @staticmethod
+    cdef Pin _new(Host host, gmem_pin *p, uint64_t offset, uint64_t length):
+        cdef Pin pin = Pin.__new__(Pin, _HANDLE)
+        pin.p, pin.host, pin.offset, pin.length, pin.longterm = p, host, offset, length, p.longterm
+        return pin
+
+    def __dealloc__(self):
+        if self.p != NULL:
+            _teardown(self.host.h, <void *>self.p, _TEARDOWN_PIN)
+
+    @property
+    def released(self):
+        return self.p == NULL
+
+    def release(self):
+        """unpin_user_pages / put_page (a second release does nothing)."""
+        held = _host_enter(self.host)
+        cdef gmem_pin *p = self.p
+        if p != NULL:
+            _refuse_in_hook(self.host, "unpin")
+            self.p = NULL
+            kvm_gmem_unpin(p, True)
+            self.host._raise_hook_exc()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()

@@ -121,7 +121,11 @@ cdef _HostHold _host_enter(Host host):
 # One table: HOOK_NAMES[i] names field i of kvm_x86_hooks that a Python callable may replace,
 # _PY_HOOKS holds the trampoline for each, _hook_set copies field i from a table.
 
-HOOK_NAMES = ("is_private_fault", "gmem_prepare", "gmem_invalidate", "private_max_mapping_level")
+HOOK_NAMES = ("is_private_fault", "gmem_prepare", "gmem_invalidate", "private_max_mapping_level",
+              "gmem_make_shared")
+# "next"'s names for the same slots (7b8529e70a11, 2131c4f763d2, fb50ca77b672): either name may be
+# registered under any version, each called with its own arguments where the slot's event happens
+HOOK_RENAMES = {"make_private": "gmem_prepare", "reclaim": "gmem_invalidate"}
 
 cdef kvm_x86_hooks _PY_HOOKS
 
@@ -133,8 +137,10 @@ cdef void _hook_set(kvm_x86_hooks *dst, int i, const kvm_x86_hooks *src) noexcep
         dst.gmem_prepare = src.gmem_prepare
     elif i == 2:
         dst.gmem_invalidate = src.gmem_invalidate
-    else:
+    elif i == 3:
         dst.private_max_mapping_level = src.private_max_mapping_level
+    else:
+        dst.gmem_make_shared = src.gmem_make_shared
 
 
 cdef void _hook_failed(gmem_host *h, BaseException e):
@@ -183,15 +189,29 @@ cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object 
         host._hook_depth -= 1
 
 
-cdef inline void _teardown_put_file(gmem_file *f) noexcept:
+cdef enum:
+    _TEARDOWN_FILE = 0
+    _TEARDOWN_VMA = 1
+    _TEARDOWN_PIN = 2
+
+
+cdef void _teardown(gmem_host *h, void *what, int kind) noexcept:
     """A handle collected without close(): its reference goes as a process exit's close would,
     but Python hooks do not run (the garbage collector may be clearing them, or the objects
     they use, in the same pass)."""
-    cdef gmem_host *h = f.inode.host
     h.in_teardown += 1
-    kvm_gmem_put_file(f)
+    if kind == _TEARDOWN_FILE:
+        kvm_gmem_put_file(<gmem_file *>what)
+    elif kind == _TEARDOWN_VMA:
+        kvm_gmem_vma_close(<gmem_vma *>what)
+    else:
+        kvm_gmem_unpin(<gmem_pin *>what, True)
     h.in_teardown -= 1
     h.hook_error = 0
+
+
+cdef inline void _teardown_put_file(gmem_file *f) noexcept:
+    _teardown(f.inode.host, <void *>f, _TEARDOWN_FILE)
 
 
 cdef void _refuse_in_hook(Host host, str what) except *:
@@ -248,7 +268,23 @@ cdef int _py_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
         return PG_LEVEL_4K if r is None else r
 
 
+cdef void _py_gmem_make_shared(gmem_host *h, uint64_t start, uint64_t end) noexcept nogil:
+    """gmem_make_shared(host, start_pfn, npages) ("next", at a conversion to shared): what it
+    returns is not read"""
+    with gil:
+        _call_hook(h, h.invalidate_vm_type, 4, (<object>h.py_host if h.py_host != NULL else None,
+                                                start, end - start), None)
+
+
+def _make_private_as_prepare(fn):
+    """make_private(vm, gfn, pfn, npages) in gmem_prepare's slot, which passes log2(npages)."""
+    def make_private(vm, gfn, pfn, order):
+        return fn(vm, gfn, pfn, 1 << order)
+    return make_private
+
+
 _PY_HOOKS.is_private_fault = _py_is_private_fault
+_PY_HOOKS.gmem_make_shared = _py_gmem_make_shared
 _PY_HOOKS.gmem_prepare = _py_gmem_prepare
 _PY_HOOKS.gmem_invalidate = _py_gmem_invalidate
 _PY_HOOKS.private_max_mapping_level = _py_private_max_mapping_level
@@ -275,7 +311,10 @@ cdef class Host:
     invalidate="free_folio"|"invalidate_folio" (with reattach_private, the re-attach scan
     after a split that the RFC cover letter suggests), huge_folios (2M gmem folios,
     proposed upstream), scramble_on_conversion (SW_PROTECTED: converted gmem pages read back
-    as garbage).
+    as garbage). Under kernel="next": gmem_in_place_conversion (the module parameter, default
+    False as in a kernel built with CONFIG_KVM_VM_MEMORY_ATTRIBUTES; True: shared/private lives
+    in the guest_memfd, KVM_SET_MEMORY_ATTRIBUTES2 on its fd) and
+    content_modes (the RFC v4/v5 ZERO/PRESERVE flags of that ioctl, dropped from v7 on).
     """
     cdef gmem_host *h
     cdef readonly str platform
@@ -299,7 +338,8 @@ cdef class Host:
     def __cinit__(self, memory=64 << 30, platform="amd", *, kernel=None, sw_protected=True,
                   memory_attributes=True, tdp=True, prepare=None, prepared_tracking=None,
                   invalidate=None, huge_folios=False, reattach_private=False,
-                  scramble_on_conversion=False, content_memfd=False):
+                  scramble_on_conversion=False, content_memfd=False, gmem_in_place_conversion=None,
+                  content_modes=False):
         cdef gmem_host_config cfg
         cdef const char *why = NULL
         cdef int r
@@ -330,6 +370,17 @@ cdef class Host:
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
         cfg.content_memfd = bool(content_memfd)     # gmem exec (_contents_memfd.pxi)
+        in_place = bool(gmem_in_place_conversion)
+        modes = bool(content_modes)
+        if in_place and kernel != "next":
+            raise ValueError(f"gmem_in_place_conversion is a module parameter of \"next\" only, "
+                             f"not of kernel {kernel!r}")
+        if modes and kernel != "next":
+            raise ValueError(f"content_modes (RFC v4/v5 KVM_SET_MEMORY_ATTRIBUTES2 flags) need "
+                             f"kernel=\"next\", not {kernel!r}")
+        if modes and not in_place:
+            raise ValueError("content_modes need gmem_in_place_conversion (they are flags of "
+                             "KVM_SET_MEMORY_ATTRIBUTES2)")
         self._lock = PyThread_allocate_lock()
         if self._lock == NULL:
             raise MemoryError("host lock")
@@ -339,6 +390,8 @@ cdef class Host:
         if r < 0:
             raise ValueError((<bytes>why).decode() if why != NULL else "invalid host configuration")
         self.h.py_host = <void *>self
+        self.h.gmem_in_place_conversion = in_place
+        self.h.content_modes = modes
         self.platform = platform
         self.sw_protected = cfg.sw_protected
         self.memory_attributes = cfg.memory_attributes
@@ -366,6 +419,17 @@ cdef class Host:
     def kernel(self):
         """The kernel version whose rules apply ("rfc-2023", "6.18", "7.2" or "next")."""
         return {v: k for k, v in KERNELS.items()}[self.h.kernel]
+
+    @property
+    def gmem_in_place_conversion(self):
+        """kvm.gmem_in_place_conversion ("next"): shared/private is a guest_memfd attribute
+        (KVM_SET_MEMORY_ATTRIBUTES2 on its fd) rather than the VM's."""
+        return bool(self.h.gmem_in_place_conversion)
+
+    @property
+    def content_modes(self):
+        """KVM_SET_MEMORY_ATTRIBUTES2 takes the RFC v4/v5 content modes in flags."""
+        return bool(self.h.content_modes)
 
     @property
     def tdp(self):
@@ -427,16 +491,22 @@ cdef class Host:
     def register_hooks(self, vm_type, **hooks):
         """Replace hooks of one VM type with Python callables (None restores the native one):
         is_private_fault(vm, gpa, error_code) -> bool, gmem_prepare(vm, gfn, pfn, order) -> int,
-        gmem_invalidate(host, start_pfn, end_pfn), private_max_mapping_level(vm, pfn) -> int.
+        gmem_invalidate(host, start_pfn, end_pfn), private_max_mapping_level(vm, pfn) -> int,
+        and "next"'s names: make_private(vm, gfn, pfn, npages) -> int (gmem_prepare's slot: under
+        "next" it runs only for private pages), reclaim(host, start_pfn, end_pfn) (gmem_invalidate's,
+        at free), gmem_make_shared(host, start_pfn, npages) (at a conversion to shared).
         A type this host lacks (6..31) becomes creatable, with private memory like SW_PROTECTED."""
         cdef int t, i
         cdef kvm_x86_hooks native
         held = _host_enter(self)                  # the fault path reads the hook table
         if isinstance(vm_type, bool) or not isinstance(vm_type, int) or not 0 <= vm_type < KVM_MAX_VM_TYPES:
             raise ValueError(f"vm_type must be in [0, {KVM_MAX_VM_TYPES})")
+        slots = [HOOK_RENAMES.get(name, name) for name in hooks]
+        if len(set(slots)) != len(slots):
+            raise ValueError("a hook given by both its names: " + ", ".join(sorted(hooks)))
         for name, fn in hooks.items():
-            if name not in HOOK_NAMES:
-                raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
+            if HOOK_RENAMES.get(name, name) not in HOOK_NAMES:
+                raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES + tuple(HOOK_RENAMES))}")
             if fn is not None and not callable(fn):
                 raise TypeError(f"hook {name} must be callable or None")
         t = vm_type
@@ -444,7 +514,9 @@ cdef class Host:
             self.h.vm_types |= 1u << t
         kvm_x86_hooks_init(&native, t)
         for name, fn in hooks.items():
-            i = HOOK_NAMES.index(name)
+            i = HOOK_NAMES.index(HOOK_RENAMES.get(name, name))
+            if fn is not None and name == "make_private":
+                fn = _make_private_as_prepare(fn)
             _hook_set(&self.h.hooks[t], i, &native if fn is None else &_PY_HOOKS)
             if fn is None:
                 self._hook_fns.pop((t, i), None)
@@ -465,6 +537,11 @@ cdef class Host:
     def stats(self):
         held = _host_enter(self)
         d = {name: gmem_host_stat(self.h, i) for i, name in enumerate(HOST_STATS)}
+        # "next" names: reclaim is the free-time hook gmem_invalidate was
+        d["gmem_reclaim"] = d["gmem_invalidate"]
+        d["gmem_make_shared"] = self.h.gmem_make_shared_calls
+        d["gmem_make_shared_pages"] = self.h.gmem_make_shared_pages
+        d["gmem_conversions"] = self.h.gmem_conversions
         d["free_pages"] = self.h.pm.nr_free_pages
         d["used_pages"] = self.h.pm.end_pfn - self.h.pm.start_pfn - self.h.pm.nr_free_pages
         d["folios"] = self.h.pm.nr_folios

@@ -430,6 +430,7 @@ cdef class Vm:
              "pages_1g": kvm_vm_pages(self.k, PG_LEVEL_1G)}
         for i, name in enumerate(VM_STATS):
             d[name] = kvm_vm_stat(self.k, i)
+        d["gmem_make_private"] = d["gmem_prepare"]     # "next"'s name for the same hook
         for name in VCPU_STATS:
             d[name] = 0
         for v in self.vcpus.values():

@@ -99,23 +99,15 @@ cdef kvm_memory_slot *_next_slot_in(kvm *kvm, uint64_t *index, uint64_t end) noe
 cdef void kvm_scramble_range(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
     """The option for SW_PROTECTED VMs: a page that changes between private and shared reads
     back as garbage (as if encrypted with another key) instead of keeping its bytes."""
-    cdef uint64_t index = start, gfn, idx, v, first, x
-    cdef int order, i
+    cdef uint64_t index = start, gfn, idx, v, first
+    cdef int order
     cdef kvm_memory_slot *slot = _next_slot_in(kvm, &index, end)
-    cdef unsigned char *p
     while slot != NULL:
         gfn = start if start > slot.base_gfn else slot.base_gfn
         while gfn < end and gfn < slot.base_gfn + slot.npages:
             idx = gfn - slot.base_gfn + slot.gmem_pgoff
             if slot.gmem_file != NULL and xa_lookup(&slot.gmem_file.inode.filemap, idx, &v, &first, &order):
-                p = page_data_get(kvm.host, folio_get(&kvm.host.pm, <uint32_t>v).pfn + idx - first, True)
-                x = gfn * (<uint64_t>0x9E3779B97F4A7C15) + 1
-                if p != NULL:
-                    for i in range(4096):
-                        x ^= x << 13
-                        x ^= x >> 7
-                        x ^= x << 17
-                        p[i] = x & 0xFF
+                host_scramble_page(kvm.host, folio_get(&kvm.host.pm, <uint32_t>v).pfn + idx - first, gfn)
             gfn += 1
         slot = _next_slot_in(kvm, &index, end)
 

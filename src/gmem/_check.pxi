@@ -129,7 +129,36 @@ cdef int inode_check(gmem_inode *i, char *buf, size_t len) noexcept nogil:
         if (first + _pages(order)) << 12 > i.size:
             snprintf(buf, len, "gmem inode %u: folio at index 0x%llx beyond i_size", i.ino, <ull>first)
             return -1
+        if (i.host.gmem_in_place_conversion and f.refcount != 1
+                and not mt_range_is(&i.attributes, first, first + _mask(order), 0)):
+            snprintf(buf, len, "gmem inode %u index 0x%llx: a private page still has a GUP pin or "
+                     "reference (refcount %d)", i.ino, <ull>first, f.refcount)
+            return -1
         start = first + _pages(order)
+    return inode_attributes_check(i, buf, len)
+
+
+cdef int inode_attributes_check(gmem_inode *i, char *buf, size_t len) noexcept nogil:
+    """In-place conversion: the maple tree covers every index, merged; no user PTE maps a
+    private page (conversion to private unmaps first, the user fault refuses private pages)."""
+    cdef gmem_vma *vma = i.vmas
+    cdef uint64_t start, first, v
+    cdef int order
+    if mt_check(&i.attributes):
+        snprintf(buf, len, "gmem inode %u attributes: a range is missing or not merged", i.ino)
+        return -1
+    if not i.host.gmem_in_place_conversion:
+        return 0
+    while vma != NULL:
+        start = 0
+        while start != INVALID_GFN and xa_find_entry(&vma.ptes, start, INVALID_GFN, XA_NO_MARK,
+                                                     &first, &order, &v):
+            if mt_load(&i.attributes, first, NULL, NULL) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+                snprintf(buf, len, "gmem inode %u index 0x%llx: a user mapping still maps a private "
+                         "page", i.ino, <ull>first)
+                return -1
+            start = first + 1
+        vma = vma.next
     return 0
 
 
@@ -218,8 +247,8 @@ cdef int vm_check(kvm *kvm, char *buf, size_t len) noexcept nogil:
     while kvm_mmu_next_spte(kvm, &start, &s):
         if spte_check(kvm, &s, buf, len):
             return -1
-    if not kvm.has_private_mem:
-        return 0
+    if not kvm.has_private_mem or kvm.host.gmem_in_place_conversion:
+        return 0        # in place: the VM's attributes (and their mixed flags) are not used
     for i in range(kvm.nr_memslots):
         slot = &kvm.memslots[i]
         if not slot.used:
@@ -425,8 +454,16 @@ cdef int gmem_rmp_check(gmem_host *h, char *buf, size_t len) noexcept nogil:
                 for k in range(_pages(order)):
                     idx, pfn = first + k, f.pfn + k
                     e = snp_rmpentry_info(h, pfn)
+                    if e.assigned and h.gmem_in_place_conversion and not f.flags & PG_leaked and not (
+                            mt_load(&inode.attributes, idx, NULL, NULL) & KVM_MEMORY_ATTRIBUTE_PRIVATE):
+                        snprintf(buf, len, "gmem inode %u index 0x%llx (pfn 0x%llx) is shared but still "
+                                 "RMP-assigned: the conversion's make_shared did not run", inode.ino,
+                                 <ull>idx, <ull>pfn)
+                        return -1
                     if not e.assigned:
-                        if inode.vm_type == KVM_X86_SNP_VM and not f.flags & PG_leaked:
+                        # "next": uptodate means zeroed; make_private runs at a private fault only
+                        if (inode.vm_type == KVM_X86_SNP_VM and not f.flags & PG_leaked
+                                and h.kernel != GMEM_KERNEL_NEXT):
                             snprintf(buf, len, "gmem inode %u index 0x%llx (pfn 0x%llx) is prepared for an SNP "
                                      "guest but not RMP-assigned: the prepare hook did not make it private "
                                      "(INV-4)", inode.ino, <ull>idx, <ull>pfn)

@@ -516,9 +516,10 @@ ctypedef int (*vcpu_create_t)(kvm_vcpu *vcpu) noexcept nogil
 
 ctypedef struct kvm_x86_hooks:
     is_private_fault_t is_private_fault
-    gmem_prepare_t gmem_prepare
-    gmem_invalidate_t gmem_invalidate
+    gmem_prepare_t gmem_prepare         # "next": make_private (given log2(npages))
+    gmem_invalidate_t gmem_invalidate   # "next": reclaim
     private_max_mapping_level_t private_max_mapping_level
+    gmem_invalidate_t gmem_make_shared  # "next": to-shared conversion (start_pfn, end_pfn)
     handle_rmp_fault_t handle_rmp_fault
     set_external_spte_t set_external_spte
     remove_external_spte_t remove_external_spte
@@ -554,6 +555,51 @@ ctypedef struct snp_rmp:
 
 ctypedef struct gmem_inode
 
+# lib/maple_tree.c as guest_memfd's attributes use it (_maple.pxi): page index -> attributes,
+# every index present, adjacent equal ranges merged
+ctypedef struct gmem_attr_tree:
+    uint64_t *starts            # range i is [starts[i], starts[i + 1]) (the last: to ULONG_MAX)
+    uint64_t *vals
+    uint32_t nr                 # ranges (>= 1)
+    uint32_t cap
+
+cdef int mt_init(gmem_attr_tree *mt, uint64_t value) noexcept nogil
+cdef void mt_destroy(gmem_attr_tree *mt) noexcept nogil
+cdef uint64_t mt_load(const gmem_attr_tree *mt, uint64_t index, uint64_t *first,
+                      uint64_t *last) noexcept nogil
+cdef bint mt_range_is(const gmem_attr_tree *mt, uint64_t first, uint64_t last,
+                      uint64_t value) noexcept nogil
+cdef int mt_preallocate(gmem_attr_tree *mt) noexcept nogil
+cdef void mt_store(gmem_attr_tree *mt, uint64_t first, uint64_t last, uint64_t value) noexcept nogil
+cdef int mt_check(const gmem_attr_tree *mt) noexcept nogil
+
+# struct kvm_memory_attributes2 ("next": KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd fd)
+ctypedef struct kvm_memory_attributes2:
+    uint64_t offset
+    uint64_t size
+    uint64_t attributes
+    uint64_t flags
+    uint64_t error_offset       # out: written only on error
+    uint64_t reserved[11]
+
+# A user mapping of a guest_memfd (a VMA of the VMM): the pages it has a PTE for, so that
+# folio_mapped() and unmap_mapping_pages() have something to look at
+ctypedef struct gmem_vma:
+    gmem_file *file
+    uint64_t pgoff              # first page index mapped
+    uint64_t npages
+    xarray ptes                 # page index -> 1 where this mapping has a PTE
+    gmem_vma *next              # inode.vmas (i_mmap)
+
+# GUP references taken through a mapping (pin_user_pages(FOLL_LONGTERM) for DMA/VFIO, or a
+# plain get_user_pages reference): one folio reference per page, held until released
+ctypedef struct gmem_pin:
+    gmem_file *file             # held, so the inode outlives the pin
+    uint64_t first              # first page index
+    uint64_t npages
+    uint32_t *ids               # the folio of each page (a punched one lives on, off the page cache)
+    int longterm                # FOLL_PIN (GUP_PIN_COUNTING_BIAS) or FOLL_GET (1)
+
 ctypedef struct gmem_host:
     int refcount                # the creator's reference and one per VM
     physmem pm
@@ -572,6 +618,11 @@ ctypedef struct gmem_host:
     uint8_t huge_folios
     uint8_t reattach_private    # invalidate_folio: re-attach folio->private to tails after a split
     uint8_t scramble_on_conversion  # SW_PROTECTED: a converted page's old contents are garbage
+    uint8_t gmem_in_place_conversion  # "next": kvm.gmem_in_place_conversion (per-inode attributes)
+    uint8_t content_modes       # "next" + RFC v4/v5: KVM_SET_MEMORY_ATTRIBUTES2 content modes
+    uint64_t gmem_conversions   # KVM_SET_MEMORY_ATTRIBUTES2 calls that changed attributes
+    uint64_t gmem_make_shared_calls   # the arch's make_shared hook, and the pages it was given
+    uint64_t gmem_make_shared_pages
     kvm_x86_hooks hooks[32]
     void *py_host               # borrowed PyObject* of the gmem.Host, or NULL
     const char *reason          # the rule behind the last refused call (a static string)
@@ -606,6 +657,8 @@ ctypedef struct gmem_inode:
     gmem_inode *next            # host.inodes
     int memfd                   # content_memfd: the memfd holding the contents, else -1
     unsigned char *contents     # ... mapped here (NULL: contents in the host's page_data)
+    gmem_attr_tree attributes   # in-place conversion: page index -> KVM_MEMORY_ATTRIBUTE_*
+    gmem_vma *vmas              # the user mappings of the inode (i_mmap)
 
 ctypedef struct gmem_file:
     gmem_inode *inode

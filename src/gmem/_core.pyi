@@ -24,7 +24,7 @@ _Kernel: TypeAlias = Literal["rfc-2023", "6.18", "7.2", "next"]
 _TraceEvent: TypeAlias = Literal["kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit",
                                  "gmem_prepare", "gmem_invalidate"]
 _HookName: TypeAlias = Literal["is_private_fault", "gmem_prepare", "gmem_invalidate",
-                               "private_max_mapping_level"]
+                               "private_max_mapping_level", "gmem_make_shared"]
 # a structured numpy array (FAULT_DTYPE, TRACE_DTYPE, RMP_DTYPE or PAGE_STATE_DTYPE)
 _Record: TypeAlias = npt.NDArray[np.void]
 
@@ -86,6 +86,8 @@ HOST_STATS: Final[tuple[str, ...]]
 SNP_STATS: Final[tuple[str, ...]]
 TDX_STATS: Final[tuple[str, ...]]
 HOOK_NAMES: Final[tuple[_HookName, ...]]
+# "next"'s names for hook slots: name -> the HOOK_NAMES entry it replaces
+HOOK_RENAMES: Final[dict[str, _HookName]]
 TDX_SEPT_STATES: Final[dict[int, str]]
 # the kernel versions a Host can model, and the one it models when none is named
 KERNELS: Final[dict[str, int]]
@@ -256,7 +258,15 @@ class Host:
         reattach_private: bool = False,
         scramble_on_conversion: bool = False,
         content_memfd: bool = False,
+        gmem_in_place_conversion: bool | None = None,
+        content_modes: bool = False,
     ) -> None: ...
+    @property
+    def gmem_in_place_conversion(self) -> bool:
+        """kvm.gmem_in_place_conversion ("next"): attributes live in the guest_memfd."""
+    @property
+    def content_modes(self) -> bool:
+        """KVM_SET_MEMORY_ATTRIBUTES2 takes the RFC v4/v5 content modes."""
     @property
     def kernel(self) -> _Kernel:
         """The kernel version whose rules apply."""
@@ -292,6 +302,9 @@ class Host:
         gmem_prepare: Callable[[Vm, int, int, int], int | None] | None = ...,
         gmem_invalidate: Callable[[Host, int, int], object] | None = ...,
         private_max_mapping_level: Callable[[Vm, int], int | None] | None = ...,
+        gmem_make_shared: Callable[[Host, int, int], object] | None = ...,
+        make_private: Callable[[Vm, int, int, int], int | None] | None = ...,
+        reclaim: Callable[[Host, int, int], object] | None = ...,
     ) -> None:
         """Replace hooks of one VM type with Python callables (None restores the native one)."""
     @property
@@ -582,6 +595,10 @@ class GuestMemfd:
         """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)."""
     def mmap(self, length: _Int, offset: _Int = 0, prot: _Int = 3, flags: _Int = 1) -> Mapping:
         """mmap(2) of the file (needs GUEST_MEMFD_FLAG_MMAP)."""
+    def set_memory_attributes(self, offset: _Int, size: _Int, attributes: _Int, flags: _Int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES2 on this fd ("next"); OSError carries .error_offset."""
+    def get_memory_attributes(self, offset: _Int) -> int:
+        """The inode's attributes at offset (in-place conversion only; else ENOTTY)."""
 
 @final
 class Mapping:
@@ -610,6 +627,27 @@ class Mapping:
     def __setitem__(self, key: SupportsIndex, value: int | _Bytes, /) -> None: ...
     @overload
     def __setitem__(self, key: slice, value: _Bytes, /) -> None: ...
+    def pin(self, offset: _Int, length: _Int, *, longterm: bool = True) -> Pin:
+        """GUP references on the mapping's pages (FOLL_PIN | FOLL_LONGTERM, or FOLL_GET)."""
+
+@final
+class Pin:
+    """GUP references taken by Mapping.pin(), held until release()."""
+
+    def __new__(cls, _wrap: object = None) -> Self:
+        """Not for Python callers: pins come from Mapping.pin()."""
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def longterm(self) -> bool: ...
+    @property
+    def released(self) -> bool: ...
+    def release(self) -> None:
+        """unpin_user_pages / put_page."""
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...
 
 # -------------------------------------------------------------------------- Rmp
 

@@ -13,12 +13,13 @@ cimport cython
 cimport numpy as cnp
 import numpy as np
 from libc.stdlib cimport malloc, realloc, calloc, free, qsort
-from libc.string cimport memset, memcpy
+from libc.string cimport memset, memcpy, memmove
 
 cnp.import_array()
 
 # ---------------------------------------------------------- the kernel half (C)
 include "_xarray.pxi"        # lib/xarray.c: the XArray
+include "_maple.pxi"         # lib/maple_tree.c: ranges of values (guest_memfd attributes, "next")
 include "_physmem.pxi"       # mm/page_alloc.c, struct folio: the buddy allocator and folio table
 include "_trace.pxi"         # include/trace/events/kvm.h: tracepoints into a ring
 include "_host.pxi"          # the simulated machine: page contents, the VMM's memory, the platform

@@ -29,6 +29,11 @@ cdef enum:
     # kvm_gmem_fault_user_mapping's outcomes besides 0 (VM_FAULT_SIGBUS and its reason)
     GMEM_FAULT_SIGBUS_EOF = 1
     GMEM_FAULT_SIGBUS_PRIVATE = 2
+    # "next": in-place conversion (include/uapi/linux/kvm.h as of v8/v13)
+    KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES = 250
+    # content modes in kvm_memory_attributes2.flags: RFC v4/v5 only (Host(content_modes=True))
+    KVM_SET_MEMORY_ATTRIBUTES2_ZERO = 1 << 0
+    KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE = 1 << 1
 
 
 # ------------------------------------------------------------------ folios
@@ -84,6 +89,12 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
     page_data_drop(host, start, end - start)
     host.stats[HOST_STAT_FOLIOS_FREED] += 1
     f = folio_get(&host.pm, id)
+    if f.refcount > 1:
+        # filemap_free_folio: the page cache drops its reference; a GUP pin or reference
+        # (kvm_gmem_pin) keeps the folio until it is released, off the page cache
+        f.refcount -= 1
+        f.mapping = 0
+        return
     if f.flags & (PG_hwpoison | PG_leaked):
         # a poisoned page, or one the invalidate hook could not give back (snp_leak_pages),
         # never returns to the allocator
@@ -95,10 +106,13 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
 
 cdef int kvm_gmem_split_folio(gmem_inode *inode, uint64_t first, uint32_t id) noexcept nogil:
     """Split a huge folio into 4K folios (truncate_inode_partial_folio -> split_folio)."""
-    cdef int r = xa_split(&inode.filemap, first, 0)
+    cdef int r
     cdef uint64_t k, old
-    cdef folio *f
+    cdef folio *f = folio_get(&inode.host.pm, id)
     cdef int had_private
+    if f.refcount != 1:
+        return -EAGAIN          # can_split_folio(): a GUP pin or reference holds the folio whole
+    r = xa_split(&inode.filemap, first, 0)
     if r < 0:
         return r
     r = folio_split(&inode.host.pm, id, 0)
@@ -141,6 +155,10 @@ cdef inline int kvm_gmem_invalidate_filter(gmem_inode *inode) noexcept nogil:
     # (MMAP without INIT_SHARED) also maps shared faults from the file (__kvm_mmu_faultin_pfn),
     # and KVM_FILTER_PRIVATE zaps only TDX's mirror root, so punch/release/memory_failure leave
     # those shared SPTEs; check() names them.  Other VM types have one root, zapped whole.
+    # "next" (e088c7f86bef kvm_gmem_get_all_gfns_filter): with in-place conversion a file holds
+    # both kinds, so punch/release/memory failure zap SHARED | PRIVATE
+    if inode.host.gmem_in_place_conversion:
+        return KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
     if inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
         return KVM_FILTER_SHARED
     return KVM_FILTER_PRIVATE
@@ -148,6 +166,13 @@ cdef inline int kvm_gmem_invalidate_filter(gmem_inode *inode) noexcept nogil:
 
 cdef void kvm_gmem_invalidate_begin(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
     """Zap every binding's gfns in [start, end) of every file on the inode."""
+    kvm_gmem_invalidate_start(inode, start, end, kvm_gmem_invalidate_filter(inode))
+
+
+cdef void kvm_gmem_invalidate_start(gmem_inode *inode, uint64_t start, uint64_t end,
+                                    int filter) noexcept nogil:
+    """kvm_gmem_invalidate_start with the caller's filter (a conversion zaps only the kind it
+    converts from)."""
     cdef gmem_file *f = inode.files
     cdef uint64_t index, first, v, lo, hi
     cdef int order
@@ -166,7 +191,7 @@ cdef void kvm_gmem_invalidate_begin(gmem_inode *inode, uint64_t start, uint64_t 
             kvm_mmu_invalidate_range_add(f.kvm, slot.base_gfn + lo - slot.gmem_pgoff,
                                          slot.base_gfn + hi - slot.gmem_pgoff)
             kvm_unmap_gfn_range(f.kvm, slot.base_gfn + lo - slot.gmem_pgoff,
-                                slot.base_gfn + hi - slot.gmem_pgoff, kvm_gmem_invalidate_filter(inode))
+                                slot.base_gfn + hi - slot.gmem_pgoff, filter)
             index = slot.gmem_pgoff + slot.npages
         f = f.next
 
@@ -181,6 +206,7 @@ cdef void kvm_gmem_invalidate_end(gmem_inode *inode) noexcept nogil:
 
 
 cdef void kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
+    unmap_mapping_pages(inode, start, end - start)     # truncate_pagecache_range
     kvm_gmem_invalidate_begin(inode, start, end)
     kvm_gmem_truncate(inode, start, end)
     kvm_gmem_invalidate_end(inode)
@@ -205,6 +231,8 @@ cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_ino
     cdef gmem_prepare_t hook = host.hooks[kvm.vm_type].gmem_prepare
     cdef uint64_t gfn, pfn = f.pfn
     cdef int order = f.order, r = 0
+    if host.kernel == GMEM_KERNEL_NEXT:
+        return kvm_gmem_make_private_folio(kvm, slot, inode, f)
     if host.prepared_tracking == GMEM_TRACK_GMEM and (f.flags & PG_uptodate):
         return 0
     if not (f.flags & PG_uptodate):
@@ -228,6 +256,35 @@ cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_ino
     else:
         f.flags |= PG_uptodate
     return 0
+
+
+cdef int kvm_gmem_make_private_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode *inode,
+                                     folio *f) noexcept nogil:
+    """"next" (3df611b5a04e, 2131c4f763d2, fb50ca77b672, cb0544296a33): __kvm_gmem_get_pfn zeroes
+    a folio once (uptodate), then kvm_gmem_get_pfn calls make_private(kvm, gfn, pfn, npages) only
+    if the index is private (the inode's attributes with in-place conversion, else the VM's);
+    shared pages are never prepared.  The C hook slot is gmem_prepare's, given log2(npages)."""
+    cdef gmem_host *host = inode.host
+    cdef gmem_prepare_t hook = host.hooks[kvm.vm_type].gmem_prepare
+    cdef uint64_t gfn = slot.base_gfn + f.index - slot.gmem_pgoff
+    cdef int r = 0
+    if not (f.flags & PG_uptodate):
+        host_clear_pages(host, f.pfn, _pages(f.order))
+        f.flags |= PG_uptodate
+    if hook == NULL or not kvm_mem_is_private(kvm, gfn):
+        return 0
+    kvm.stats[VM_STAT_GMEM_PREPARE] += 1
+    if host.fail_prepare:
+        host.fail_prepare -= 1
+        r = -host.fail_prepare_errno
+    else:
+        r = hook(kvm, gfn, f.pfn, f.order)
+    if host.hook_error and r == 0:
+        r = -EIO
+    gmem_trace(host, TRACE_GMEM_PREPARE, 0, gfn, f.pfn, f.order, <uint64_t>(-r))
+    if r:
+        kvm.stats[VM_STAT_GMEM_PREPARE_FAILED] += 1
+    return r
 
 
 cdef inline int kvm_gmem_fit_folio(gmem_inode *inode, kvm_memory_slot *slot, uint64_t index,
@@ -314,6 +371,10 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
     pfn[0] = f.pfn + (index - f.index)
     # A huge folio maps huge only where gfn and index agree modulo its size.
     max_order[0] = f.order if ((gfn ^ index) & _mask(f.order)) == 0 else 0
+    if max_order[0] and file.inode.host.gmem_in_place_conversion and not mt_range_is(
+            &file.inode.attributes, f.index, f.index + _mask(f.order),
+            mt_load(&file.inode.attributes, f.index, NULL, NULL)):
+        max_order[0] = 0        # the folio's range has both kinds: map 4K
     return 0
 
 
@@ -322,7 +383,9 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
 cdef uint64_t kvm_gmem_get_supported_flags(kvm *kvm) noexcept nogil:
     """6.18: MMAP everywhere; INIT_SHARED only where the VM type has no private memory
     (kvm_arch_supports_gmem_init_shared).  kvm NULL: /dev/kvm answers as for a default VM."""
-    if kvm != NULL and kvm.has_private_mem:
+    # "next" (b5ed1ee2a7a0): kvm_arch_supports_gmem_init_shared() = gmem_in_place_conversion ||
+    # !kvm_arch_has_private_mem() (body not read: inferred from its subject and v8's review)
+    if kvm != NULL and kvm.has_private_mem and not kvm.host.gmem_in_place_conversion:
         return GUEST_MEMFD_FLAG_MMAP
     return GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
 
@@ -346,6 +409,12 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
     inode.size = size
     inode.flags = flags
     inode.vm_type = kvm.vm_type             # indexes the host's hook table on free
+    # "next": every index present, PRIVATE unless the file starts shared
+    if mt_init(&inode.attributes, 0 if flags & GUEST_MEMFD_FLAG_INIT_SHARED
+               else KVM_MEMORY_ATTRIBUTE_PRIVATE) < 0:
+        xa_destroy(&inode.filemap)
+        free(inode)
+        return _refuse(h, -ENOMEM, "out of memory")
     inode.ino = h.next_ino
     h.next_ino += 1
     pp = &h.inodes                      # listed oldest first, as the VMs
@@ -443,6 +512,7 @@ cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
     kvm_gmem_truncate(inode, 0, <uint64_t>0xFFFFFFFFFFFFFFFF)
     gmem_contents_release(inode)
     xa_destroy(&inode.filemap)
+    mt_destroy(&inode.attributes)
     while pp[0] != NULL:
         if pp[0] == inode:
             pp[0] = inode.next
@@ -478,7 +548,8 @@ cdef int kvm_gmem_bind(kvm *kvm, kvm_memory_slot *slot, gmem_file *file, uint64_
         return -ENOMEM
     slot.gmem_file = file
     slot.gmem_pgoff = pgoff
-    if file.inode.flags & GUEST_MEMFD_FLAG_MMAP:
+    # "next" (2e646bcfcf90): with in-place conversion every gmem memslot is gmem-only
+    if file.inode.flags & GUEST_MEMFD_FLAG_MMAP or kvm.host.gmem_in_place_conversion:
         slot.flags |= KVM_MEMSLOT_GMEM_ONLY
     return 0
 
@@ -568,6 +639,21 @@ cdef int kvm_gmem_mmap(gmem_file *file, uint64_t len, uint64_t offset, uint64_t 
     return 0
 
 
+cdef int kvm_gmem_fault_refused(gmem_inode *inode, uint64_t pgoff) noexcept nogil:
+    """The user fault's SIGBUS rules: 0, or GMEM_FAULT_SIGBUS_* with the reason."""
+    if pgoff << 12 >= inode.size or pgoff >= inode.size >> 12:
+        return _refuse(inode.host, GMEM_FAULT_SIGBUS_EOF, "the page is beyond i_size")
+    if inode.host.gmem_in_place_conversion:
+        # "next": shared per the inode's attributes, else -EACCES -> VM_FAULT_SIGBUS
+        if mt_load(&inode.attributes, pgoff, NULL, NULL) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            return _refuse(inode.host, GMEM_FAULT_SIGBUS_PRIVATE, "the page is private (in-place "
+                           "conversion: kvm_gmem_fault_user_mapping gets -EACCES)")
+    elif not inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+        return _refuse(inode.host, GMEM_FAULT_SIGBUS_PRIVATE,
+                       "guest_memfd without GUEST_MEMFD_FLAG_INIT_SHARED is private")
+    return 0
+
+
 cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write,
                                      unsigned char **page) noexcept nogil:
     """A host access to page pgoff through a mapping: 0 with *page its bytes (for a read of a
@@ -576,11 +662,9 @@ cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write
     cdef gmem_inode *inode = file.inode
     cdef uint32_t id
     cdef folio *f
-    if pgoff << 12 >= inode.size or pgoff >= inode.size >> 12:
-        return _refuse(inode.host, GMEM_FAULT_SIGBUS_EOF, "the page is beyond i_size")
-    if not inode.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
-        return _refuse(inode.host, GMEM_FAULT_SIGBUS_PRIVATE,
-                       "guest_memfd without GUEST_MEMFD_FLAG_INIT_SHARED is private")
+    cdef int r = kvm_gmem_fault_refused(inode, pgoff)
+    if r:
+        return r
     if kvm_gmem_get_folio(inode, pgoff, &id) < 0:
         return _refuse(inode.host, -ENOMEM, "out of memory faulting a guest_memfd page (VM_FAULT_OOM)")
     f = folio_get(&inode.host.pm, id)
@@ -660,8 +744,7 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
         if f.flags & PG_uptodate:
             ret = -EEXIST                                      # already faulted in / populated
             break
-        if not kvm_range_has_memory_attributes(kvm, gfn, gfn + 1, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-                                               KVM_MEMORY_ATTRIBUTE_PRIVATE):
+        if not kvm.has_private_mem or not kvm_mem_is_private(kvm, gfn):   # next: kvm_is_private_gfn
             ret = -EINVAL
             break
         ret = post_populate(kvm, gfn, f.pfn + (index - f.index), src + (<uint64_t>i << 12) if src else 0,
@@ -701,4 +784,301 @@ cdef int gmem_memory_failure(gmem_host *h, uint64_t pfn) noexcept nogil:
             return 1
         inode = inode.next
     folio_get(&h.pm, id).flags |= PG_hwpoison
+    return 0
+
+
+# ------------------------------------------------ user mappings and GUP references
+# A Mapping is a VMA (struct gmem_vma): the pages it has a PTE for are what folio_mapped() and
+# unmap_mapping_pages() see.  GUP through it (mm/gup.c on a guest_memfd VMA) faults each page
+# in and takes a folio reference: FOLL_PIN adds GUP_PIN_COUNTING_BIAS (folio_maybe_dma_pinned),
+# FOLL_GET one.  The page cache holds one reference of its own (folio_alloc's).
+
+cdef enum:
+    GUP_PIN_COUNTING_BIAS = 1024
+
+
+cdef gmem_vma *kvm_gmem_vma_create(gmem_file *file, uint64_t pgoff, uint64_t npages) noexcept nogil:
+    """After kvm_gmem_mmap succeeded: the VMA, holding a file reference (NULL: out of memory)."""
+    cdef gmem_vma *vma = <gmem_vma *>_calloc(1, sizeof(gmem_vma))
+    if vma == NULL:
+        return NULL
+    vma.file, vma.pgoff, vma.npages = file, pgoff, npages
+    xa_init(&vma.ptes)
+    vma.next = file.inode.vmas
+    file.inode.vmas = vma
+    kvm_gmem_get_file(file)
+    return vma
+
+
+cdef void kvm_gmem_vma_close(gmem_vma *vma) noexcept nogil:
+    """munmap: the PTEs go with the VMA, then its file reference."""
+    cdef gmem_vma **pp = &vma.file.inode.vmas
+    cdef gmem_file *file = vma.file
+    while pp[0] != NULL:
+        if pp[0] == vma:
+            pp[0] = vma.next
+            break
+        pp = &pp[0].next
+    xa_destroy(&vma.ptes)
+    free(vma)
+    kvm_gmem_put_file(file)
+
+
+cdef int kvm_gmem_vma_fault(gmem_vma *vma, uint64_t pgoff, bint write, unsigned char **page) noexcept nogil:
+    """A user access through the VMA: kvm_gmem_fault_user_mapping, and the PTE it installs."""
+    cdef uint64_t old
+    cdef int r = kvm_gmem_fault_user_mapping(vma.file, pgoff, write, page)
+    if r == 0 and xa_store_order(&vma.ptes, pgoff, 0, 1, &old) < 0:
+        return _refuse(vma.file.inode.host, -ENOMEM, "out of memory for a page table")
+    return r
+
+
+cdef void unmap_mapping_pages(gmem_inode *inode, uint64_t start, uint64_t nr) noexcept nogil:
+    """Zap every user PTE of pages [start, start + nr) in every VMA of the inode."""
+    cdef gmem_vma *vma = inode.vmas
+    if nr == 0:
+        return
+    while vma != NULL:
+        xa_erase_range(&vma.ptes, start, start + nr - 1)
+        vma = vma.next
+
+
+cdef bint kvm_gmem_folio_mapped(gmem_inode *inode, uint64_t first, uint64_t nr) noexcept nogil:
+    """folio_mapped() for the folio at pages [first, first + nr): a PTE in some VMA."""
+    cdef gmem_vma *vma = inode.vmas
+    cdef uint64_t f, v
+    cdef int k
+    while vma != NULL:
+        if xa_find_entry(&vma.ptes, first, first + nr - 1, XA_NO_MARK, &f, &k, &v):
+            return True
+        vma = vma.next
+    return False
+
+
+cdef int kvm_gmem_pin(gmem_vma *vma, uint64_t pgoff, uint64_t npages, int longterm,
+                      gmem_pin **out) noexcept nogil:
+    """pin_user_pages(FOLL_LONGTERM | FOLL_WRITE) (longterm) or get_user_pages (FOLL_GET) on
+    pages [pgoff, pgoff + npages) of the VMA: every page is faulted in for write (a page the
+    fault refuses with SIGBUS is -EFAULT, as GUP reports it) and its folio gets a reference.
+    All or nothing: 0 with *out, or -errno with no reference taken."""
+    cdef gmem_inode *inode = vma.file.inode
+    cdef gmem_pin *pin
+    cdef unsigned char *page
+    cdef uint64_t i, v
+    cdef int r
+    for i in range(npages):
+        # (every page is checked before any is faulted in: a refused GUP changes nothing)
+        if kvm_gmem_fault_refused(inode, pgoff + i):
+            return _refuse(inode.host, -EFAULT, "GUP: the fault on a page of the range is SIGBUS "
+                           "(a private page, or beyond i_size)")
+    pin = <gmem_pin *>_calloc(1, sizeof(gmem_pin))
+    if pin == NULL:
+        return _refuse(inode.host, -ENOMEM, "out of memory")
+    pin.ids = <uint32_t *>_calloc(npages if npages else 1, sizeof(uint32_t))
+    if pin.ids == NULL:
+        free(pin)
+        return _refuse(inode.host, -ENOMEM, "out of memory")
+    pin.file, pin.first, pin.longterm = vma.file, pgoff, longterm
+    for i in range(npages):
+        r = kvm_gmem_vma_fault(vma, pgoff + i, True, &page)
+        if r:
+            pin.npages = i
+            kvm_gmem_unpin(pin, False)
+            return r
+        xa_load_follow(&inode.filemap, pgoff + i, &v)
+        pin.ids[i] = <uint32_t>v
+        folio_get(&inode.host.pm, pin.ids[i]).refcount += GUP_PIN_COUNTING_BIAS if longterm else 1
+    pin.npages = npages
+    kvm_gmem_get_file(vma.file)
+    out[0] = pin
+    return 0
+
+
+cdef void kvm_gmem_unpin(gmem_pin *pin, bint put_file) noexcept nogil:
+    """unpin_user_pages / put_page: a folio the page cache dropped meanwhile (a punched hole)
+    is freed with its last reference."""
+    cdef gmem_host *host = pin.file.inode.host
+    cdef folio *f
+    cdef uint64_t i
+    for i in range(pin.npages):
+        f = folio_get(&host.pm, pin.ids[i])
+        f.refcount -= GUP_PIN_COUNTING_BIAS if pin.longterm else 1
+        if f.refcount == 0:
+            folio_free(&host.pm, pin.ids[i])
+    free(pin.ids)
+    if put_file:
+        kvm_gmem_put_file(pin.file)
+    free(pin)
+
+
+# ------------------------------------------------- in-place conversion ("next")
+
+cdef uint64_t kvm_gmem_get_memory_attributes(kvm *kvm, uint64_t gfn) noexcept nogil:
+    """kvm_gmem_is_private_gfn (98fd6e30bd14), for every attribute lookup while in-place
+    conversion is on: memslot -> file -> the inode's maple tree; a gfn with no memslot or no
+    file is shared."""
+    cdef kvm_memory_slot *slot = gfn_to_memslot(kvm, gfn)
+    if slot == NULL or not kvm_slot_has_gmem(slot) or slot.gmem_file == NULL:
+        return 0
+    return mt_load(&slot.gmem_file.inode.attributes, gfn - slot.base_gfn + slot.gmem_pgoff, NULL, NULL)
+
+
+cdef int kvm_gmem_get_attributes(gmem_file *file, uint64_t index, uint64_t *attrs) noexcept nogil:
+    """The inode's attributes at index: 0 with *attrs, or -ENOTTY when they are the VM's."""
+    if not file.inode.host.gmem_in_place_conversion:
+        return _refuse(file.inode.host, -ENOTTY, "attributes are per VM (in-place conversion is "
+                       "off, or the kernel predates it): vm.get_memory_attributes(gfn)")
+    attrs[0] = mt_load(&file.inode.attributes, index, NULL, NULL)
+    return 0
+
+
+cdef int kvm_gmem_has_outstanding_references(gmem_inode *inode, uint64_t start, uint64_t end,
+                                             uint64_t *error_index) noexcept nogil:
+    """dcde2f853ff4: a folio in [start, end) still referenced beyond the page cache's own after
+    unmapping: maybe DMA-pinned, still mapped, or any other reference (lru batches drained).
+    Unallocated indices have no folio and never fail."""
+    cdef uint64_t index = start, first, v
+    cdef int order
+    cdef folio *f
+    while index < end and xa_find_entry(&inode.filemap, index, end - 1, XA_NO_MARK, &first, &order, &v):
+        f = folio_get(&inode.host.pm, <uint32_t>v)
+        if (f.refcount >= GUP_PIN_COUNTING_BIAS or kvm_gmem_folio_mapped(inode, first, _pages(order))
+                or f.refcount != 1):
+            error_index[0] = first if first > start else start
+            return 1
+        index = first + _pages(order)
+    return 0
+
+
+cdef void kvm_gmem_make_shared(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
+    """6fa1dab756fd: to shared, the arch's make_shared(start_pfn, nr_pages) over each allocated
+    folio run of the range, inside the invalidation."""
+    cdef gmem_host *host = inode.host
+    cdef gmem_invalidate_t hook = host.hooks[inode.vm_type].gmem_make_shared
+    cdef uint64_t index = start, first, v, lo, hi, pfn
+    cdef int order
+    cdef folio *f
+    while index < end and xa_find_entry(&inode.filemap, index, end - 1, XA_NO_MARK, &first, &order, &v):
+        f = folio_get(&host.pm, <uint32_t>v)
+        lo = first if first > start else start
+        hi = first + _pages(order) if first + _pages(order) < end else end
+        pfn = f.pfn + lo - first
+        if hook != NULL:
+            host.gmem_make_shared_calls += 1
+            host.gmem_make_shared_pages += hi - lo
+            host.invalidate_vm_type = inode.vm_type
+            hook(host, pfn, pfn + hi - lo)
+        index = first + _pages(order)
+
+
+cdef int kvm_gmem_content_mode(gmem_file *file, uint64_t mode, bint to_private) noexcept nogil:
+    """RFC v4/v5 kvm_gmem_content_mode_is_supported (Host(content_modes=True) only; dropped from
+    v7 on): UNSPECIFIED always; ZERO never when converting to private (KVM is untrusted, it
+    cannot promise the guest zeros); else the arch's mask: SW_PROTECTED ZERO | PRESERVE; SNP and
+    TDX ZERO, PRESERVE only to private before the launch finishes (!pre_fault_allowed).  Those
+    masks were argued, not agreed."""
+    cdef kvm *kvm = file.kvm
+    cdef uint64_t mask = KVM_SET_MEMORY_ATTRIBUTES2_ZERO
+    if mode == 0:
+        return 0
+    if mode == KVM_SET_MEMORY_ATTRIBUTES2_ZERO and to_private:
+        return _refuse(kvm.host, -EOPNOTSUPP, "content mode ZERO converting to private: KVM "
+                       "cannot promise the guest zeroed private memory")
+    if kvm.vm_type == KVM_X86_SW_PROTECTED_VM or kvm.vm_type >= 6:
+        mask |= KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE
+    elif to_private and not kvm.pre_fault_allowed:
+        mask |= KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE
+    if not mode & mask:
+        return _refuse(kvm.host, -EOPNOTSUPP, "content mode not supported by this VM type "
+                       "(kvm_arch_gmem_supported_content_modes; RFC v4/v5 masks, unsettled)")
+    return 0
+
+
+cdef void kvm_gmem_apply_content_mode(gmem_file *file, uint64_t start, uint64_t end,
+                                      uint64_t mode) noexcept nogil:
+    """The mode over the allocated pages of the whole range: ZERO clears them, PRESERVE keeps
+    them, unspecified scrambles them on SW_PROTECTED (random bytes, so a test can tell it from
+    PRESERVE) and leaves them to the hardware elsewhere."""
+    cdef gmem_inode *inode = file.inode
+    cdef uint64_t index = start, first, v, lo, hi, pfn, i
+    cdef int order
+    cdef folio *f
+    if mode == KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE:
+        return
+    if mode == 0 and not (file.kvm.vm_type == KVM_X86_SW_PROTECTED_VM
+                          and (inode.host.content_modes or inode.host.scramble_on_conversion)):
+        return
+    while index < end and xa_find_entry(&inode.filemap, index, end - 1, XA_NO_MARK, &first, &order, &v):
+        f = folio_get(&inode.host.pm, <uint32_t>v)
+        lo = first if first > start else start
+        hi = first + _pages(order) if first + _pages(order) < end else end
+        pfn = f.pfn + lo - first
+        if mode == KVM_SET_MEMORY_ATTRIBUTES2_ZERO:
+            host_clear_pages(inode.host, pfn, hi - lo)
+        else:
+            for i in range(hi - lo):
+                host_scramble_page(inode.host, pfn + i, (lo + i) ^ (<uint64_t>inode.ino << 40))
+        index = first + _pages(order)
+
+
+cdef int kvm_gmem_set_attributes(gmem_file *file, kvm_memory_attributes2 *a) noexcept nogil:
+    """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd fd (kvm_gmem_ioctl ->
+    kvm_gmem_set_attributes, 799c9fadc639): the checks in order, then under the invalidate lock
+    __kvm_gmem_set_attributes.  On error a.error_offset is written where the kernel writes it."""
+    cdef gmem_inode *inode = file.inode
+    cdef gmem_host *h = inode.host
+    cdef uint64_t start, end, err_index, mode, modes = 0
+    cdef bint to_private
+    cdef int i, r
+    if h.kernel != GMEM_KERNEL_NEXT:
+        return _refuse(h, -ENOTTY, "guest_memfd has no ioctls before in-place conversion (\"next\")")
+    if not h.gmem_in_place_conversion:
+        return _refuse(h, -ENOTTY, "kvm.gmem_in_place_conversion is off: attributes are per VM "
+                       "(KVM_SET_MEMORY_ATTRIBUTES on the VM fd)")
+    if h.content_modes:
+        modes = KVM_SET_MEMORY_ATTRIBUTES2_ZERO | KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE
+    mode = a.flags
+    if a.flags & ~modes or mode == modes and modes:
+        return _refuse(h, -EINVAL, "flags must be 0 (content modes: RFC v4/v5 only, and one "
+                       "at a time)" if not modes else "flags: one content mode at most")
+    for i in range(11):
+        if a.reserved[i]:
+            return _refuse(h, -EINVAL, "reserved fields must be 0")
+    if not file.kvm.has_private_mem:
+        return _refuse(h, -EINVAL, "the VM has no private memory (kvm_arch_has_private_mem)")
+    if a.attributes & ~KVM_MEMORY_ATTRIBUTE_PRIVATE:
+        return _refuse(h, -EINVAL, "attributes other than KVM_MEMORY_ATTRIBUTE_PRIVATE")
+    if a.size == 0 or a.offset + a.size < a.offset:
+        return _refuse(h, -EINVAL, "size is 0 or offset + size wraps")
+    if a.offset & 4095 or a.size & 4095:
+        return _refuse(h, -EINVAL, "offset and size must be page aligned")
+    if a.offset >= inode.size or a.offset + a.size > inode.size:
+        return _refuse(h, -EINVAL, "offset + size is past i_size")
+    start, end = a.offset >> 12, (a.offset + a.size) >> 12
+    to_private = (a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
+    r = kvm_gmem_content_mode(file, mode, to_private)
+    if r < 0:
+        a.error_offset = a.offset
+        return r
+    if mt_range_is(&inode.attributes, start, end - 1, a.attributes):
+        kvm_gmem_apply_content_mode(file, start, end, mode)
+        return 0                                    # nothing to convert: no invalidation
+    if mt_preallocate(&inode.attributes) < 0:
+        a.error_offset = a.offset
+        return _refuse(h, -ENOMEM, "out of memory (kvm_gmem_mas_preallocate)")
+    if to_private:
+        # every process's PTEs of the range go first (not undone on -EAGAIN); private to
+        # shared needs no check: the guest is the only user of private pages
+        unmap_mapping_pages(inode, start, end - start)
+        if kvm_gmem_has_outstanding_references(inode, start, end, &err_index):
+            a.error_offset = err_index << 12
+            return _refuse(h, -EAGAIN, "a page of the range is still referenced (a GUP pin or "
+                           "reference): error_offset is the first")
+    kvm_gmem_invalidate_start(inode, start, end, KVM_FILTER_SHARED if to_private else KVM_FILTER_PRIVATE)
+    if not to_private:
+        kvm_gmem_make_shared(inode, start, end)
+    mt_store(&inode.attributes, start, end - 1, a.attributes)
+    kvm_gmem_apply_content_mode(file, start, end, mode)
+    kvm_gmem_invalidate_end(inode)
+    h.gmem_conversions += 1
     return 0

@@ -92,6 +92,10 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
     h.huge_folios = cfg.huge_folios != 0
     h.reattach_private = cfg.reattach_private != 0
     h.scramble_on_conversion = cfg.scramble_on_conversion != 0
+    # "next": kvm.gmem_in_place_conversion (537ec2b15fdd) defaults to
+    # !CONFIG_KVM_VM_MEMORY_ATTRIBUTES; off here, as in a kernel that keeps the per-VM ioctl
+    # VMMs use today; gmem.Host(gmem_in_place_conversion=True) loads the module with it on
+    h.gmem_in_place_conversion = 0
     h.content_memfd = cfg.content_memfd != 0
     xa_init(&h.content_inodes)
     h.next_ino = 1
@@ -189,6 +193,21 @@ cdef void host_clear_pages(gmem_host *host, uint64_t pfn, uint64_t n) noexcept n
         for i in range(n):
             host_write_fault(host, pfn + i)
     page_data_drop(host, pfn, n)
+
+
+cdef void host_scramble_page(gmem_host *host, uint64_t pfn, uint64_t seed) noexcept nogil:
+    """Fill pfn with pseudo-random bytes from seed (xorshift): what a page encrypted under
+    another key reads as."""
+    cdef unsigned char *p = page_data_get(host, pfn, True)
+    cdef uint64_t x = seed * (<uint64_t>0x9E3779B97F4A7C15) + 1
+    cdef int i
+    if p == NULL:
+        return
+    for i in range(4096):
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
+        p[i] = x & 0xFF
 
 
 cdef int host_copy_page(gmem_host *host, uint64_t dst, uint64_t src) noexcept nogil:

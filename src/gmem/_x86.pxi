@@ -87,6 +87,10 @@ cdef void kvm_x86_hooks_init(kvm_x86_hooks *hooks, int vm_type) noexcept nogil:
         sev_hooks_init(hooks, vm_type)
     elif vm_type == KVM_X86_TDX_VM:
         tdx_hooks_init(hooks)
+    # "next" (f3c073e25476, 6fa1dab756fd): a to-shared conversion runs the vendor's make_shared,
+    # which for SEV is the RMP body its free-time hook has (sev_gmem_make_shared: RMPUPDATE to
+    # shared; whether it also flushes caches as the free path does is unverified)
+    hooks.gmem_make_shared = hooks.gmem_invalidate
 
 
 cdef int kvm_arch_init_vm(kvm *kvm) noexcept nogil:

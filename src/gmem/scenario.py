@@ -28,7 +28,8 @@ VM_TYPES = {"default": uapi.KVM_X86_DEFAULT_VM, "sw_protected": uapi.KVM_X86_SW_
             "sev": uapi.KVM_X86_SEV_VM, "sev_es": uapi.KVM_X86_SEV_ES_VM, "snp": uapi.KVM_X86_SNP_VM,
             "tdx": uapi.KVM_X86_TDX_VM}
 HOST_KEYS = {"memory", "platform", "kernel", "sw_protected", "memory_attributes", "tdp", "prepare",
-             "prepared_tracking", "invalidate", "huge_folios", "reattach_private", "scramble_on_conversion"}
+             "prepared_tracking", "invalidate", "huge_folios", "reattach_private", "scramble_on_conversion",
+             "gmem_in_place_conversion", "content_modes"}
 POLICY_KEYS = ("prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private",
                "scramble_on_conversion")
 HVA_BASE = 0x7F0000000000
@@ -167,11 +168,22 @@ class Run:
 
 # -------------------------------------------------------------------- ops
 
+def set_attributes(run, name, vm, gpa, size, private):
+    """The VMM sets [gpa, gpa + size) private or shared: KVM_SET_MEMORY_ATTRIBUTES on the VM, or,
+    with in-place conversion ("next"), KVM_SET_MEMORY_ATTRIBUTES2 on each guest_memfd behind it."""
+    attrs = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+    if not run.host.gmem_in_place_conversion:
+        vm.set_memory_attributes(gpa, size, attrs)
+        return
+    for f, off, n in run.gmem_range(name, gpa, size):
+        f.set_memory_attributes(off, n, attrs)
+
+
 def op_attributes(run, step):
     """Set memory attributes of [gpa, gpa + size): private = true|false."""
-    _, vm = run.vm(step)
-    vm.set_memory_attributes(parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"]),
-                             uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if step.get("private", True) else 0)
+    name, vm = run.vm(step)
+    set_attributes(run, name, vm, parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"]),
+                   step.get("private", True))
 
 
 def op_allocate(run, step):
@@ -245,11 +257,12 @@ def op_pvalidate(run, step):
 
 
 def _handle_map_gpa(run, name, vm, exit_):
-    """The VMM's side of KVM_HC_MAP_GPA_RANGE: set the attributes; discard freed private memory."""
+    """The VMM's side of KVM_HC_MAP_GPA_RANGE: set the attributes; discard freed private memory
+    (not in place: there the page itself becomes shared)."""
     gpa, npages, attrs = exit_.args
     private = bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED)
-    vm.set_memory_attributes(gpa, npages << 12, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
-    if not private:
+    set_attributes(run, name, vm, gpa, npages << 12, private)
+    if not private and not run.host.gmem_in_place_conversion:
         for f, off, n in run.gmem_range(name, gpa, npages << 12):
             f.punch_hole(off, n)
     return 0
@@ -301,14 +314,14 @@ def op_launch(run, step):
     run.host.write_user(hva, bytes(range(256)) * (size // 256))
     if vm.vm_type == uapi.KVM_X86_SNP_VM:
         vm.snp_launch_start()
-        vm.set_memory_attributes(gpa, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        set_attributes(run, name, vm, gpa, size, True)
         params = (gpa >> 12, hva, size)
         while params[2]:
             params = vm.snp_launch_update(params[0], params[1], params[2], uapi.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
         vm.snp_launch_finish()
     elif vm.vm_type == uapi.KVM_X86_TDX_VM:
         # (KVM_TDX_INIT_VM and INIT_VCPU ran when the VM was made: vCPUs exist only after it)
-        vm.set_memory_attributes(gpa, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        set_attributes(run, name, vm, gpa, size, True)
         run.vcpus[name][0].tdx_init_mem_region(hva, gpa, size >> 12)
         vm.tdx_finalize_vm()
     else:

@@ -72,6 +72,10 @@ KVM_USERSPACE_MEMORY_REGION2_SIZE = 160
 # struct kvm_memory_attributes: address, size, attributes, flags
 KVM_MEMORY_ATTRIBUTES_FORMAT = "<QQQQ"
 KVM_MEMORY_ATTRIBUTES_SIZE = 32
+# struct kvm_memory_attributes2 ("next", on the guest_memfd fd): offset, size, attributes, flags,
+# error_offset (out, written only on error), reserved[11] (must be 0)
+KVM_MEMORY_ATTRIBUTES2_FORMAT = "<QQQQQ11Q"
+KVM_MEMORY_ATTRIBUTES2_SIZE = 128
 # struct kvm_create_guest_memfd: size, flags, reserved[6] (reserved is not checked)
 KVM_CREATE_GUEST_MEMFD_FORMAT = "<QQ6Q"
 KVM_CREATE_GUEST_MEMFD_SIZE = 64
@@ -113,6 +117,8 @@ KVM_SET_USER_MEMORY_REGION2 = _IOW(KVMIO, 0x49, KVM_USERSPACE_MEMORY_REGION2_SIZ
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, KVM_ENABLE_CAP_SIZE)   # also on a vCPU fd
 KVM_SET_MEMORY_ATTRIBUTES = _IOW(KVMIO, 0xD2, KVM_MEMORY_ATTRIBUTES_SIZE)
 KVM_CREATE_GUEST_MEMFD = _IOWR(KVMIO, 0xD4, KVM_CREATE_GUEST_MEMFD_SIZE)
+# on a guest_memfd fd ("next": in-place conversion; a different number from the VM ioctl's)
+KVM_SET_MEMORY_ATTRIBUTES2 = _IOWR(KVMIO, 0xD2, KVM_MEMORY_ATTRIBUTES2_SIZE)
 # on a vCPU fd
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_PRE_FAULT_MEMORY = _IOWR(KVMIO, 0xD5, KVM_PRE_FAULT_MEMORY_SIZE)   # 6.11+
@@ -230,6 +236,7 @@ KVM_CAP_X86_APIC_BUS_CYCLES_NS = 237
 KVM_CAP_X86_GUEST_MODE = 238
 KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED = 243
 KVM_CAP_GUEST_MEMFD_FLAGS = 244     # 6.18; returns the valid KVM_CREATE_GUEST_MEMFD flags
+KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES = 250   # "next" (v8's number); attributes of guest_memfd fds
 
 # --------------------------------------------------------------------------------------------
 # guest_memfd creation flags (6.18; every flag bit was invalid in 6.8 ... 6.17)
@@ -258,6 +265,9 @@ KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 
 KVM_MEMORY_ATTRIBUTE_PRIVATE = BIT(3)
 KVM_MEMORY_EXIT_FLAG_PRIVATE = BIT(3)
+# KVM_SET_MEMORY_ATTRIBUTES2 content modes in flags: RFC v4/v5 only (gmem.Host(content_modes=True))
+KVM_SET_MEMORY_ATTRIBUTES2_ZERO = BIT(0)
+KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE = BIT(1)
 
 # --------------------------------------------------------------------------------------------
 # Exit reasons (kvm_run.exit_reason)
