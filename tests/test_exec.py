@@ -439,8 +439,6 @@ def test_set_memory_region_add_overlapping_private_memory_regions_in_gpa(driver,
 
 
 @needs_cc
-@pytest.mark.xfail(strict=True, reason="7.2's kvm_gmem_bind answers an overlapping guest_memfd binding with "
-                   "EEXIST; the model follows 6.18's EINVAL until kernel versions exist (issue 16)")
 def test_set_memory_region_add_overlapping_private_memory_regions_in_guest_memfd(driver, tmp_path):
     """test_add_overlapping_private_memory_regions, overlap in the guest_memfd's offsets only
     (GPA-disjoint): 7.2 says EEXIST (kvm_gmem_bind's xa_find over the file's bindings)."""

@@ -411,7 +411,7 @@ class TestLaunch:
                 h.touch(pfn)
         with pytest.raises(OSError) as e:
             vm.snp_launch_update(0x50, HVA, 4096, 1)
-        assert e.value.errno == errno.EINVAL                 # the launch is over
+        assert e.value.errno == errno.EIO                    # the context stays; the firmware refuses
         h.check()
 
         # boot: launch pages need no PVALIDATE

@@ -538,7 +538,9 @@ cdef int kvm_gmem_bind_check(kvm *kvm, gmem_file *file, int fdget_err, uint64_t 
     if <int64_t>offset < 0 or offset + (npages << 12) > file.inode.size:
         return _refuse(h, -EINVAL, "guest_memfd_offset + memory_size is past the end of the guest_memfd")
     if xa_find_entry(&file.bindings, offset >> 12, (offset >> 12) + npages - 1, XA_NO_MARK, &f, &k, &v):
-        return _refuse(h, -EINVAL, "that guest_memfd range is already bound to a memslot")
+        # -EEXIST since 7.2 ("KVM guest_memfd changes for 7.2"); 6.18 and the RFC said -EINVAL
+        return _refuse(h, -EEXIST if h.kernel >= GMEM_KERNEL_7_2 else -EINVAL,
+                       "that guest_memfd range is already bound to a memslot")
     return 0
 
 

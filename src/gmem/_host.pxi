@@ -226,6 +226,27 @@ cdef int host_copy_page(gmem_host *host, uint64_t dst, uint64_t src) noexcept no
 
 # ------------------------------------------------------- the VMM's own memory
 
+cdef int host_copy_from_user(gmem_host *host, uint64_t dst, uint64_t hva) noexcept nogil:
+    """copy_from_user of one page at hva (any alignment: two source pages then) into pfn
+    dst: 0, -EFAULT where the VMM has nothing mapped, or -ENOMEM."""
+    cdef uint64_t spfn, done = 0, n
+    cdef unsigned char *s
+    cdef unsigned char *d = page_data_get(host, dst, True)
+    if d == NULL:
+        return -ENOMEM
+    while done < 4096:
+        n = min(4096 - done, 4096 - ((hva + done) & 4095))
+        if hva_to_pfn(host, hva + done, &spfn):
+            return -EFAULT
+        s = page_data_get(host, spfn, False)
+        if s != NULL:
+            memcpy(d + done, s + ((hva + done) & 4095), n)
+        else:
+            memset(d + done, 0, n)
+        done += n
+    return 0
+
+
 cdef inline bint host_user_access_ok(uint64_t hva, uint64_t n) noexcept nogil:
     """access_ok(): [hva, hva + n) lies below TASK_SIZE_MAX and does not wrap."""
     return hva + n >= hva and hva + n <= TASK_SIZE_MAX

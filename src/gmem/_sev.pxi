@@ -539,19 +539,23 @@ cdef int sev_snp_launch_start(kvm *kvm, uint64_t policy) noexcept nogil:
 cdef int sev_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t src, int order,
                                 void *opaque) noexcept nogil:
     cdef gmem_host *h = kvm.host
+    cdef snp_populate_args *args = <snp_populate_args *>opaque
     cdef int assigned, level, r
-    cdef uint64_t spfn, raw, old
+    cdef uint64_t raw, old
+    # sev_gmem_post_populate: a non-ZERO page needs a source (WARN_ON_ONCE, -EINVAL: the ioctl
+    # says -EIO), unless the page is converted in place ("next": it already holds the data)
+    if src == 0 and args.page_type != KVM_SEV_SNP_PAGE_TYPE_ZERO and not h.gmem_in_place_conversion:
+        return -EINVAL
     if snp_lookup_rmpentry(h, pfn, &assigned, &level):
         return -EINVAL
     if assigned:
         return -EEXIST
-    host_clear_pages(h, pfn, 1)
     if src:
-        if hva_to_pfn(h, src, &spfn):
-            return -EFAULT
-        r = host_copy_page(h, pfn, spfn)
+        r = host_copy_from_user(h, pfn, src)    # 6.18 copies from any alignment
         if r:
             return r
+    elif not h.gmem_in_place_conversion:
+        host_clear_pages(h, pfn, 1)
     r = rmp_make_private(h, pfn, gfn << 12, PG_LEVEL_4K, kvm.sev.asid, True)
     if r:
         return r
@@ -569,17 +573,22 @@ cdef int64_t sev_snp_launch_update(kvm *kvm, uint64_t gfn, uint64_t *uaddr, uint
     failed: *populate_err says why). *uaddr: 0 for a ZERO page."""
     cdef snp_populate_args args
     cdef int64_t count
-    if kvm.vm_type != KVM_X86_SNP_VM or kvm.sev.launch_started != SNP_LAUNCHING:
-        return _refuse(kvm.host, -EINVAL, "not an SNP VM being launched")
+    if kvm.vm_type != KVM_X86_SNP_VM or not kvm.sev.launch_started:
+        return _refuse(kvm.host, -EINVAL, "not an SNP VM with a launch context (LAUNCH_START)")
     if (len == 0 or len & 4095 or flags or not (page_type == KVM_SEV_SNP_PAGE_TYPE_NORMAL
             or KVM_SEV_SNP_PAGE_TYPE_ZERO <= page_type <= KVM_SEV_SNP_PAGE_TYPE_CPUID)):
         return _refuse(kvm.host, -EINVAL, "len, flags or page type invalid")
     if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO:
         uaddr[0] = 0
-    elif uaddr[0] == 0 or uaddr[0] & 4095:
-        return _refuse(kvm.host, -EINVAL, "uaddr must be a page-aligned source")
+    elif uaddr[0] & 4095 and kvm.host.kernel >= GMEM_KERNEL_7_2:
+        # "retroactively document and enforce" (7.0): 6.18 copied from any alignment
+        return _refuse(kvm.host, -EINVAL, "uaddr must be page-aligned (7.0+)")
     if not kvm_slot_has_gmem(gfn_to_memslot(kvm, gfn)):
         return _refuse(kvm.host, -EINVAL, "gfn_start is not in a guest_memfd memslot")
+    if kvm.sev.launch_started == SNP_LAUNCHED:
+        # the context outlives LAUNCH_FINISH, so the ioctl goes on; the firmware refuses
+        # LAUNCH_UPDATE in the RUNNING state (by reading the SNP ABI; not seen on hardware)
+        return _refuse(kvm.host, -EIO, "the firmware refuses SNP_LAUNCH_UPDATE once the guest runs")
     args.page_type = page_type
     args.fw_error = 0
     count = kvm_gmem_populate(kvm, gfn, uaddr[0], len >> 12, sev_gmem_post_populate, &args)

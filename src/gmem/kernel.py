@@ -125,6 +125,22 @@ def _check_open(obj, what):
         raise _oserror(errno.EBADF, f"{what} on a closed {type(obj).__name__}")
 
 
+def running_version():
+    """(major, minor) of the running kernel, from uname (0, 0) if it cannot be read."""
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except ValueError:
+        return (0, 0)
+
+
+def model_kernel():
+    """The ``gmem.Host(kernel=...)`` bundle whose rules the running kernel follows, for
+    comparing the model with it: "7.2" from 7.2 on, else "6.18" (the oldest bundle with
+    guest_memfd as VMMs use it)."""
+    return "7.2" if running_version() >= (7, 2) else "6.18"
+
+
 def available():
     """True if /dev/kvm opens and ``KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD)`` is non-zero;
     ``unavailable_reason()`` says why not."""
