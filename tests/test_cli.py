@@ -710,3 +710,17 @@ def test_without_the_cli_extra(tmp_path):
     p = gmem_cli(tmp_path, "run", "snp-life", env_extra={"PYTHONPATH": os.pathsep.join([str(d), GMEM_ROOT])})
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip() == "gmem run: error: the command line needs rich: pip install 'kvm-gmem[cli]'"
+
+
+def test_compare_kernel_versions(tmp_path):
+    """gmem compare --kernel: the scenario under each version, crossed with the policy sets.
+    6.18 prepares once per folio (uptodate = prepared), the others on every get_pfn."""
+    doc = doc_of(gmem_cli(tmp_path, "compare", "snp-life", "--kernel", "rfc-2023,6.18,7.2,next", "--json"))
+    assert [r["label"] for r in doc["runs"]] == [f"kernel={k}" for k in ("rfc-2023", "6.18", "7.2", "next")]
+    prep = [r["counters"]["vm"]["guest"]["gmem_prepare"] for r in doc["runs"]]
+    assert all(r["status"] == "ok" for r in doc["runs"]) and prep[1] < prep[0] == prep[2] == prep[3]
+    doc = doc_of(gmem_cli(tmp_path, "compare", "snp-life", "--kernel", "7.2,next", "--policy",
+                          "prepare=alloc", "--json"))
+    assert [r["label"] for r in doc["runs"]] == ["kernel=7.2,prepare=alloc", "kernel=next,prepare=alloc"]
+    p = gmem_cli(tmp_path, "compare", "snp-life", "--kernel", "6.1")
+    assert p.returncode == 2 and "kernel must be one of" in p.stderr

@@ -259,7 +259,9 @@ def compare_keys(runs):
 def cmd_compare(args: argparse.Namespace) -> int:
     from gmem import _console, plots, results, scenario
     spec = scenario.get(args.scenario)
-    sets = args.policy or DEFAULT_POLICY_SETS
+    sets = args.policy or ([""] if args.kernel else DEFAULT_POLICY_SETS)
+    if args.kernel:             # each policy set under each kernel version
+        sets = [",".join(filter(None, (f"kernel={k.strip()}", p))) for k in args.kernel.split(",") for p in sets]
     parsed = [_parse_policy(p) for p in sets]
     if args.chart:
         _check_writable(args.chart, picture=True)
@@ -553,6 +555,8 @@ def build_parser():
     c.add_argument("scenario", nargs="?", default="snp-life")
     c.add_argument("--policy", action="append", metavar="K=V,K=V",
                    help="a policy set (repeat); default: 6.18, the RFC, and post-6.18")
+    c.add_argument("--kernel", metavar="K,K", help="kernel versions to compare (rfc-2023,6.18,7.2,next), "
+                   "each with the --policy sets (or the version's own defaults)")
     c.add_argument("--chart", metavar="PNG", help="write a chart (.png, .svg or .pdf)")
     _result_options(c)
     c.set_defaults(func=cmd_compare)

@@ -30,8 +30,8 @@ VM_TYPES = {"default": uapi.KVM_X86_DEFAULT_VM, "sw_protected": uapi.KVM_X86_SW_
 HOST_KEYS = {"memory", "platform", "kernel", "sw_protected", "memory_attributes", "tdp", "prepare",
              "prepared_tracking", "invalidate", "huge_folios", "reattach_private", "scramble_on_conversion",
              "gmem_in_place_conversion", "content_modes"}
-POLICY_KEYS = ("prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private",
-               "scramble_on_conversion")
+POLICY_KEYS = ("kernel", "prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private",
+               "scramble_on_conversion", "gmem_in_place_conversion")
 HVA_BASE = 0x7F0000000000
 ENC = uapi.PFERR_GUEST_ENC_MASK
 
