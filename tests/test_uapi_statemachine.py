@@ -62,7 +62,8 @@ class ShadowFile:
 class GmemMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.hosts = [gmem.Host(platform="none", sw_protected=False, memory_attributes=False)]
+        self.hosts = [gmem.Host(platform="none", sw_protected=False, memory_attributes=False,
+                                kernel=kernel.model_kernel())]          # the rules of the kernel compared
         if KERNEL:
             self.hosts.append(kernel.Host())
         self.vms = [h.create_vm(0) for h in self.hosts]
@@ -183,7 +184,8 @@ class GmemMachine(RuleBasedStateMachine):
         elif (offset + npages) * PS > sf.size:
             want = ("err", "EINVAL")
         elif any(o < offset + npages and offset < o + n for o, n in sf.bindings.values()):
-            want = ("err", "EINVAL")
+            # kvm_gmem_bind: -EEXIST since 7.2, -EINVAL before
+            want = ("err", "EEXIST" if kernel.model_kernel() == "7.2" else "EINVAL")
         else:
             want = ("ok", None)
             self.slots[slot] = (gpa, npages, fi)

@@ -149,6 +149,18 @@ cdef class GuestMemfd:
             e.error_offset = a.error_offset
             raise e
 
+    def get_policy(self, offset):
+        """The NUMA policy of the page at offset, as get_mempolicy(MPOL_F_ADDR) on a mapping of
+        it reports: (mode, nodes), (MPOL_DEFAULT, ()) where mbind set none (6.19+; before,
+        guest_memfd keeps no policy)."""
+        held = _host_enter(self.vm.host)
+        cdef gmem_file *f = self._open("get_policy")
+        cdef uint64_t off = _u64(offset, "offset")
+        if off >= self.size:
+            raise _err(EINVAL, f"offset {off:#x} is past i_size")
+        cdef uint64_t pol = kvm_gmem_get_policy(f.inode, off >> 12)
+        return (<int>(pol >> 32), tuple(n for n in range(GMEM_MAX_NUMNODES) if (pol >> n) & 1))
+
     def get_memory_attributes(self, offset):
         """The attributes of the page at offset in this guest_memfd's own attributes (the
         maple tree kept while in-place conversion is on; no ioctl reads them)."""
@@ -278,6 +290,27 @@ cdef class Mapping:
             p = self._fault(pos, True)
             memcpy(p + ((self.offset + pos) & 4095), &d[pos - a], n)
             pos += n
+
+    def mbind(self, mode, nodes=()):
+        """mbind(2) over the whole mapping: the inode's shared policy for those pages (mode
+        from uapi.MPOL_*, nodes an iterable of node numbers), used when their folios are
+        allocated; folios already there stay (kvm_gmem_set_policy, 6.19+). EINVAL as
+        do_mbind refuses; before 6.19 it succeeds and guest_memfd ignores it."""
+        held = _host_enter(self.file.vm.host)
+        cdef Host host = self.file.vm.host
+        cdef int m = _c_int_arg(mode, "mode")
+        cdef uint64_t mask = 0, pol = 0
+        if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
+            raise TypeError("nodes must be an iterable of node numbers")
+        for n in nodes:
+            k = _int_arg(n, "node", 0, 1 << 30)
+            if k >= GMEM_MAX_NUMNODES:
+                raise _err(EINVAL, f"mbind: node {k} is beyond MAX_NUMNODES")
+            mask |= (<uint64_t>1) << k
+        if self.vma == NULL:
+            raise _err(EFAULT, "mbind: the range is not mapped (the mapping is closed)")
+        host._check(mpol_new(host.h, m, mask, &pol), "mbind")
+        host._check(kvm_gmem_set_policy(self.f.inode, self.offset >> 12, self.length >> 12, pol), "mbind")
 
     def pin(self, offset, length, *, longterm=True):
         """GUP on [offset, offset + length) of the mapping, as a DMA/VFIO pin takes it:

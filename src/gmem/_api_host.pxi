@@ -336,7 +336,7 @@ cdef class Host:
     cdef object __weakref__
 
     def __cinit__(self, memory=64 << 30, platform="amd", *, kernel=None, sw_protected=True,
-                  memory_attributes=True, tdp=True, prepare=None, prepared_tracking=None,
+                  memory_attributes=True, tdp=True, numa_nodes=1, prepare=None, prepared_tracking=None,
                   invalidate=None, huge_folios=False, reattach_private=False,
                   scramble_on_conversion=False, content_memfd=False, gmem_in_place_conversion=None,
                   content_modes=False):
@@ -358,6 +358,7 @@ cdef class Host:
                 raise ValueError(f"{name} must be one of {sorted(_POLICIES[name])}, not {value!r}")
         cfg.platform = _PLATFORMS[platform]
         cfg.tdp = bool(tdp)
+        cfg.numa_nodes = _int_arg(numa_nodes, "numa_nodes", 1, GMEM_MAX_NUMNODES + 1)
         cfg.sw_protected = bool(sw_protected)
         cfg.memory_attributes = bool(memory_attributes)
         if prepare is not None:                     # ... which the named options override
@@ -430,6 +431,19 @@ cdef class Host:
     def content_modes(self):
         """KVM_SET_MEMORY_ATTRIBUTES2 takes the RFC v4/v5 content modes in flags."""
         return bool(self.h.content_modes)
+
+    @property
+    def numa_nodes(self):
+        """NUMA nodes: the memory split into equal ranges, node 0 lowest (the local node)."""
+        return self.h.pm.nr_nodes
+
+    def pfn_to_nid(self, pfn):
+        """pfn_to_nid: the node holding a page frame."""
+        held = _host_enter(self)
+        cdef uint64_t p = _u64(pfn, "pfn")
+        if p >= self.h.pm.end_pfn:
+            raise ValueError(f"pfn {p:#x} is beyond the host's memory")
+        return phys_pfn_to_nid(&self.h.pm, p)
 
     @property
     def tdp(self):

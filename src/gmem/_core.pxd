@@ -172,6 +172,7 @@ ctypedef struct gmem_host_config:
     int kernel                      # GMEM_KERNEL_*: set it, then gmem_host_config_kernel()
                                     # gives the policies below that version's defaults
     int tdp                         # two-dimensional paging (tdp_enabled)
+    int numa_nodes                  # NUMA nodes the memory is split into (1 .. GMEM_MAX_NUMNODES)
     int sw_protected                # KVM_X86_SW_PROTECTED_VM available
     int memory_attributes           # KVM_SET_MEMORY_ATTRIBUTES exists
     int prepare_policy              # GMEM_PREPARE_*
@@ -405,6 +406,7 @@ cdef int xa_check(const xarray *xa) noexcept nogil
 # ------------------------------------------------- mm/page_alloc.c, mm/filemap.c
 cdef enum:
     MAX_PAGE_ORDER = 18          # largest buddy block: 1 GiB of 4 KiB pages
+    GMEM_MAX_NUMNODES = 8        # (MAX_NUMNODES on x86 is 1 << CONFIG_NODES_SHIFT)
     NR_PAGE_ORDERS = 19
     PCP_HIGH = 512               # per-cpu list of free 4K pages: drained above this ...
     PCP_BATCH_ORDER = 6          # ... and refilled / drained 64 pages at a time
@@ -445,6 +447,8 @@ ctypedef struct physmem:
     uint32_t folio_free_id       # head of the list of released ids (0 = none)
     uint64_t nr_folios
     xarray memmap                # pfn -> folio id (multi-index: the folio's order)
+    uint32_t nr_nodes            # NUMA nodes: node n is [node_end[n - 1] (or start_pfn), node_end[n]);
+    uint64_t node_end[8]         # no free block crosses a node's end
 
 cdef int phys_init(physmem *pm, uint64_t start_pfn, uint64_t nr_pages) noexcept nogil
 cdef void phys_destroy(physmem *pm) noexcept nogil
@@ -630,6 +634,7 @@ ctypedef struct gmem_host:
     gmem_inode *inodes          # live guest_memfd inodes, oldest first
     uint32_t nr_vms_created     # VMs are numbered 1, 2, ... (kvm->id) in messages
     uint32_t next_ino
+    int il_prev                 # the (one) task's interleave rotor (current->il_prev)
     uint32_t next_asid
     uint64_t fail_prepare       # fault injection: the next prepares fail ...
     int fail_prepare_errno      # ... with -errno
@@ -658,6 +663,7 @@ ctypedef struct gmem_inode:
     int memfd                   # content_memfd: the memfd holding the contents, else -1
     unsigned char *contents     # ... mapped here (NULL: contents in the host's page_data)
     gmem_attr_tree attributes   # in-place conversion: page index -> KVM_MEMORY_ATTRIBUTE_*
+    gmem_attr_tree policy       # 6.19+ shared mempolicy (mbind): page index -> mode << 32 | nodes
     gmem_vma *vmas              # the user mappings of the inode (i_mmap)
 
 ctypedef struct gmem_file:

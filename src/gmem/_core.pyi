@@ -251,6 +251,7 @@ class Host:
         sw_protected: bool = True,
         memory_attributes: bool = True,
         tdp: bool = True,
+        numa_nodes: int = 1,
         prepare: Literal["fault", "alloc"] | None = None,
         prepared_tracking: Literal["gmem", "arch"] | None = None,
         invalidate: Literal["free_folio", "invalidate_folio"] | None = None,
@@ -270,6 +271,9 @@ class Host:
     @property
     def kernel(self) -> _Kernel:
         """The kernel version whose rules apply."""
+    @property
+    def numa_nodes(self) -> int: ...
+    def pfn_to_nid(self, pfn: _Int) -> int: ...
     @property
     def tdp(self) -> bool:
         """tdp_enabled: the host has two-dimensional paging."""
@@ -597,6 +601,7 @@ class GuestMemfd:
         """mmap(2) of the file (needs GUEST_MEMFD_FLAG_MMAP)."""
     def set_memory_attributes(self, offset: _Int, size: _Int, attributes: _Int, flags: _Int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES2 on this fd ("next"); OSError carries .error_offset."""
+    def get_policy(self, offset: _Int) -> tuple[int, tuple[int, ...]]: ...
     def get_memory_attributes(self, offset: _Int) -> int:
         """The inode's attributes at offset (in-place conversion only; else ENOTTY)."""
 
@@ -627,6 +632,7 @@ class Mapping:
     def __setitem__(self, key: SupportsIndex, value: int | _Bytes, /) -> None: ...
     @overload
     def __setitem__(self, key: slice, value: _Bytes, /) -> None: ...
+    def mbind(self, mode: _Int, nodes: Iterable[_Int] = ()) -> None: ...
     def pin(self, offset: _Int, length: _Int, *, longterm: bool = True) -> Pin:
         """GUP references on the mapping's pages (FOLL_PIN | FOLL_LONGTERM, or FOLL_GET)."""
 

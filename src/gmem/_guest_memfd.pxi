@@ -38,6 +38,32 @@ cdef enum:
 
 # ------------------------------------------------------------------ folios
 
+cdef inline int kvm_gmem_alloc_folio(gmem_inode *inode, uint64_t index, int order, uint32_t *id) noexcept nogil:
+    """__filemap_get_folio_mpol's allocation: by the inode's policy at index (mbind, 6.19+;
+    mpol_shared_policy_lookup only for an absent folio), else the local node first."""
+    cdef uint64_t first, last
+    cdef uint64_t pol = mt_load(&inode.policy, index, &first, &last) if inode.host.pm.nr_nodes > 1 else 0
+    return mpol_folio_alloc(inode.host, pol, order, id) if pol else folio_alloc(&inode.host.pm, order, id)
+
+
+cdef int kvm_gmem_set_policy(gmem_inode *inode, uint64_t pgoff, uint64_t npages, uint64_t pol) noexcept nogil:
+    """kvm_gmem_set_policy (.set_policy of the mapping, 6.19+): mpol_set_shared_policy over
+    the pages; the folios there stay where they are. Before 6.19 the mapping has no
+    .set_policy: mbind succeeds on the VMA and guest_memfd never sees it."""
+    if inode.host.kernel < GMEM_KERNEL_7_2 or npages == 0:
+        return 0
+    if mt_preallocate(&inode.policy) < 0:
+        return _refuse(inode.host, -ENOMEM, "mbind: out of memory")
+    mt_store(&inode.policy, pgoff, pgoff + npages - 1, pol)
+    return 0
+
+
+cdef uint64_t kvm_gmem_get_policy(gmem_inode *inode, uint64_t index) noexcept nogil:
+    """kvm_gmem_get_policy: the shared policy at index (0, MPOL_DEFAULT: none was set)."""
+    cdef uint64_t first, last
+    return mt_load(&inode.policy, index, &first, &last)
+
+
 cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
     """filemap_grab_folio: the folio at index, allocated if absent (2M when
     huge_folios allows: an aligned, empty 2M range inside i_size)."""
@@ -54,7 +80,8 @@ cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *
         if (base + _pages(HPAGE_ORDER) <= inode.size >> 12 and
                 not xa_find_entry(&inode.filemap, base, base + _mask(HPAGE_ORDER), XA_NO_MARK, &first, &k, &v)):
             order = HPAGE_ORDER
-    if folio_alloc(&host.pm, order, &i) < 0 and (order == 0 or folio_alloc(&host.pm, 0, &i) < 0):
+    if kvm_gmem_alloc_folio(inode, index, order, &i) < 0 and (order == 0 or
+                                                            kvm_gmem_alloc_folio(inode, index, 0, &i) < 0):
         host.stats[HOST_STAT_ALLOC_FAILURES] += 1
         return -ENOMEM
     f = folio_get(&host.pm, i)
@@ -415,6 +442,11 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
         xa_destroy(&inode.filemap)
         free(inode)
         return _refuse(h, -ENOMEM, "out of memory")
+    if mt_init(&inode.policy, 0) < 0:
+        mt_destroy(&inode.attributes)
+        xa_destroy(&inode.filemap)
+        free(inode)
+        return _refuse(h, -ENOMEM, "out of memory")
     inode.ino = h.next_ino
     h.next_ino += 1
     pp = &h.inodes                      # listed oldest first, as the VMs
@@ -513,6 +545,7 @@ cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
     gmem_contents_release(inode)
     xa_destroy(&inode.filemap)
     mt_destroy(&inode.attributes)
+    mt_destroy(&inode.policy)
     while pp[0] != NULL:
         if pp[0] == inode:
             pp[0] = inode.next

@@ -24,6 +24,7 @@ cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil:
     cfg.platform = GMEM_PLATFORM_AMD
     cfg.kernel = GMEM_KERNEL_7_2
     cfg.tdp = 1
+    cfg.numa_nodes = 1
     cfg.sw_protected = 1
     cfg.memory_attributes = 1
     gmem_host_config_kernel(cfg)
@@ -70,6 +71,11 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
         return -ENOMEM
     h.refcount = 1
     phys_init(&h.pm, 0, cfg.memory >> 12)
+    if cfg.numa_nodes != 1 and phys_set_nodes(&h.pm, cfg.numa_nodes) < 0:
+        phys_destroy(&h.pm)
+        free(h)
+        why[0] = "numa_nodes must be 1 to 8, each node at least 2 MiB"
+        return -EINVAL
     h.pm.pcp_enabled = 1
     xa_init(&h.page_data)
     xa_init(&h.user_pages)

@@ -24,11 +24,44 @@ cdef int phys_init(physmem *pm, uint64_t start_pfn, uint64_t nr_pages) noexcept 
     pm.end_pfn = start_pfn + nr_pages
     pm.watermark = start_pfn
     pm.nr_free_pages = nr_pages
+    pm.nr_nodes = 1
+    pm.node_end[0] = pm.end_pfn
     for o in range(NR_PAGE_ORDERS):
         xa_init(&pm.free_area[o])
     xa_init(&pm.memmap)
     pm.folio_next_id = 1
     return 0
+
+
+cdef int phys_set_nodes(physmem *pm, uint32_t n) noexcept nogil:
+    """Split the (untouched) memory into n NUMA nodes of equal 2M-aligned size, the last
+    taking the rest: 0, or -EINVAL if n is out of range or a node would be empty."""
+    cdef uint64_t per
+    cdef uint32_t i
+    if n == 0 or n > GMEM_MAX_NUMNODES:
+        return -EINVAL
+    per = ((pm.end_pfn - pm.start_pfn) // n) & ~(<uint64_t>511)
+    if per == 0 or pm.watermark != pm.start_pfn:
+        return -EINVAL
+    for i in range(n):
+        pm.node_end[i] = pm.start_pfn + per * (i + 1) if i + 1 < n else pm.end_pfn
+    pm.nr_nodes = n
+    return 0
+
+
+cdef inline uint64_t _node_end_of(const physmem *pm, uint64_t pfn) noexcept nogil:
+    cdef uint32_t i = 0
+    while i + 1 < pm.nr_nodes and pfn >= pm.node_end[i]:
+        i += 1
+    return pm.node_end[i]
+
+
+cdef int phys_pfn_to_nid(const physmem *pm, uint64_t pfn) noexcept nogil:
+    """pfn_to_nid: the node holding pfn."""
+    cdef int i = 0
+    while i + 1 < <int>pm.nr_nodes and pfn >= pm.node_end[i]:
+        i += 1
+    return i
 
 
 cdef void phys_destroy(physmem *pm) noexcept nogil:
@@ -58,10 +91,12 @@ cdef inline bint _free_area_take(physmem *pm, uint64_t pfn, int order) noexcept 
 
 
 cdef int _carve_order(const physmem *pm, uint64_t pfn) noexcept nogil:
-    """The largest block at pfn (a watermark) that is aligned and fits below end_pfn."""
+    """The largest block at pfn (a watermark) that is aligned and fits below the end of its
+    node (end_pfn with one node)."""
     cdef int o = MAX_PAGE_ORDER
-    # (end_pfn - pfn, not pfn + pages: a block at the top of the pfn space would wrap)
-    while o > 0 and ((pfn & (_pages(o) - 1)) or _pages(o) > pm.end_pfn - pfn):
+    cdef uint64_t end = _node_end_of(pm, pfn)
+    # (end - pfn, not pfn + pages: a block at the top of the pfn space would wrap)
+    while o > 0 and ((pfn & (_pages(o) - 1)) or _pages(o) > end - pfn):
         o -= 1
     return o
 
@@ -167,7 +202,12 @@ cdef int _buddy_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
                 _phys_lower_watermark(pm, watermark)
                 return -ENOMEM
             pm.watermark += _pages(c)
-    # split down, giving the upper halves to the free lists
+    return _buddy_split(pm, p, o, order, pfn)
+
+
+cdef int _buddy_split(physmem *pm, uint64_t p, int o, int order, uint64_t *pfn) noexcept nogil:
+    """expand(): the free block [p, order o) taken off its list is split down to order, the
+    upper halves going to the free lists."""
     while o > order:
         o -= 1
         if _free_area_add(pm, p + _pages(o), o) < 0:
@@ -177,6 +217,42 @@ cdef int _buddy_alloc(physmem *pm, int order, uint64_t *pfn) noexcept nogil:
     pm.nr_free_pages -= _pages(order)
     pfn[0] = p
     return 0
+
+
+cdef int _buddy_alloc_in(physmem *pm, int order, uint64_t lo, uint64_t hi, uint64_t *pfn) noexcept nogil:
+    """The lowest free block of at least order inside [lo, hi) (a node): untouched memory
+    below hi is described first (carved into the free lists), then searched."""
+    cdef int o, c
+    cdef uint64_t idx, v
+    cdef bint carved = False
+    while True:
+        for o in range(order, NR_PAGE_ORDERS):
+            idx = (lo + _pages(o) - 1) >> o
+            if hi >> o > idx and xa_find(&pm.free_area[o], &idx, (hi >> o) - 1, _FREE_MARK, &v):
+                _free_area_take(pm, idx << o, o)
+                return _buddy_split(pm, idx << o, o, order, pfn)
+        if carved or pm.watermark >= hi:
+            return -ENOMEM
+        while pm.watermark < hi:
+            c = _carve_order(pm, pm.watermark)
+            if _free_area_add(pm, pm.watermark, c) < 0:
+                return -ENOMEM
+            pm.watermark += _pages(c)
+        carved = True
+
+
+cdef int phys_alloc_node(physmem *pm, int order, int nid, uint64_t *pfn) noexcept nogil:
+    """__alloc_pages(__GFP_THISNODE): a block on node nid, or -ENOMEM."""
+    cdef uint64_t lo = pm.start_pfn if nid == 0 else pm.node_end[nid - 1], hi = pm.node_end[nid]
+    if pm.fail_alloc:
+        pm.fail_alloc -= 1
+        return -ENOMEM
+    if _buddy_alloc_in(pm, order, lo, hi, pfn) == 0:
+        return 0
+    if pm.pcp_count:
+        phys_drain_pcp(pm)
+        return _buddy_alloc_in(pm, order, lo, hi, pfn)
+    return -ENOMEM
 
 
 cdef void _phys_lower_watermark(physmem *pm, uint64_t floor) noexcept nogil:
@@ -203,6 +279,8 @@ cdef void _buddy_free(physmem *pm, uint64_t pfn, int order) noexcept nogil:
         buddy = pfn ^ _pages(order)
         if buddy < pm.start_pfn or buddy + _pages(order) > pm.watermark:
             break
+        if pm.nr_nodes > 1 and _node_end_of(pm, buddy) != _node_end_of(pm, pfn):
+            break                               # a block never spans two nodes
         if not _free_area_take(pm, buddy, order):
             break
         pfn = pfn if pfn < buddy else buddy
@@ -291,12 +369,17 @@ cdef inline void _folio_release_id(physmem *pm, uint32_t id) noexcept nogil:
 
 
 cdef int folio_alloc(physmem *pm, int order, uint32_t *id) noexcept nogil:
+    return folio_alloc_node(pm, order, -1, id)
+
+
+cdef int folio_alloc_node(physmem *pm, int order, int nid, uint32_t *id) noexcept nogil:
+    """A folio of order on node nid (any node, lowest first, if nid < 0): 0 or -ENOMEM."""
     cdef uint64_t pfn, old
     cdef uint32_t i
     cdef folio *f
     if _folio_new_id(pm, &i) < 0:
         return -ENOMEM
-    if phys_alloc(pm, order, &pfn) < 0:
+    if (phys_alloc(pm, order, &pfn) if nid < 0 else phys_alloc_node(pm, order, nid, &pfn)) < 0:
         _folio_release_id(pm, i)
         return -ENOMEM
     if xa_store_follow(&pm.memmap, pfn, order, i, &old) < 0:
