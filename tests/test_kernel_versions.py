@@ -112,3 +112,33 @@ def test_rules_that_did_not_change(kernel):
     vm.snp_launch_finish()
     assert v.page_fault(0, ENC_W).ret == u.RET_PF_FIXED
     h.check()
+
+
+def td_being_built(kernel):
+    h = gmem.Host(memory=64 << 20, platform="intel", kernel=kernel)
+    vm = h.create_vm(u.KVM_X86_TDX_VM)
+    vm.tdx_init_vm(52)
+    f = vm.create_guest_memfd(2 << 20)
+    vm.set_user_memory_region2(0, GMEM, 0, 2 << 20, HVA, f, 0)
+    vm.set_memory_attributes(0, 2 << 20, PRIVATE)
+    v = vm.create_vcpu(0)
+    v.tdx_init_vcpu()
+    h.mmap_user(SRC, 4 * PS)
+    return h, vm, f, v
+
+
+@pytest.mark.parametrize("kernel", ["6.18", "7.2"])
+def test_tdx_init_mem_region_per_version(kernel):
+    """KVM_TDX_INIT_MEM_REGION: the source is pinned before anything is mapped (a bad one
+    maps nothing, EFAULT); 7.2's tdx_gmem_post_populate has no page for source 0
+    (EOPNOTSUPP; 6.18's get_user_pages_fast(0) said EFAULT); a page added already is EEXIST
+    in 6.18 (kvm_gmem_populate's uptodate check) and EIO in 7.2 (kvm_tdp_mmu_map_private_pfn
+    finds it mapped: RET_PF_SPURIOUS)."""
+    h, vm, f, v = td_being_built(kernel)
+    assert errno_of(v.tdx_init_mem_region, SRC + 64 * PS, 0x10000, 1) == errno.EFAULT
+    assert errno_of(v.tdx_init_mem_region, 0, 0x10000, 1) == (errno.EOPNOTSUPP if kernel == "7.2" else errno.EFAULT)
+    assert vm.sept() == {} and vm.nr_premapped == 0
+    assert v.tdx_init_mem_region(SRC, 0x10000, 1) == 1
+    assert errno_of(v.tdx_init_mem_region, SRC, 0x10000, 1) == (errno.EIO if kernel == "7.2" else errno.EEXIST)
+    vm.tdx_finalize_vm()                    # nothing premapped was left behind
+    h.check()

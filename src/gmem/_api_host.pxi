@@ -198,7 +198,9 @@ cdef enum:
 cdef void _teardown(gmem_host *h, void *what, int kind) noexcept:
     """A handle collected without close(): its reference goes as a process exit's close would,
     but Python hooks do not run (the garbage collector may be clearing them, or the objects
-    they use, in the same pass)."""
+    they use, in the same pass). The machine is held meanwhile: when the Host went first, the
+    last VM's reference (which this put may drop) is all that keeps it."""
+    h.refcount += 1
     h.in_teardown += 1
     if kind == _TEARDOWN_FILE:
         kvm_gmem_put_file(<gmem_file *>what)
@@ -208,6 +210,7 @@ cdef void _teardown(gmem_host *h, void *what, int kind) noexcept:
         kvm_gmem_unpin(<gmem_pin *>what, True)
     h.in_teardown -= 1
     h.hook_error = 0
+    gmem_host_put(h)
 
 
 cdef inline void _teardown_put_file(gmem_file *f) noexcept:

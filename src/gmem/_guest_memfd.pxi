@@ -776,8 +776,8 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
         if f.flags & PG_hwpoison:
             ret = -EHWPOISON
             break
-        if f.flags & PG_uptodate:
-            ret = -EEXIST                                      # already faulted in / populated
+        if f.flags & PG_uptodate and kvm.host.kernel < GMEM_KERNEL_7_2:
+            ret = -EEXIST       # already faulted in / populated (7.0 dropped it: the arch decides)
             break
         if not kvm.has_private_mem or not kvm_mem_is_private(kvm, gfn):   # next: kvm_is_private_gfn
             ret = -EINVAL

@@ -134,6 +134,12 @@ cdef void gmem_host_put(gmem_host *h) noexcept nogil:
     free(h)
 
 
+cdef inline int _refuse(gmem_host *h, int err, const char *why) noexcept nogil:
+    """A rule refuses: err (a -errno) comes back, why is kept for gmem_reason()."""
+    h.reason = why
+    return err
+
+
 cdef const char *gmem_reason(const gmem_host *h) noexcept nogil:
     return h.reason
 

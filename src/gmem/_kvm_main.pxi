@@ -57,12 +57,6 @@ cdef inline int _level_order(int level) noexcept nogil:
     return (level - 1) * 9
 
 
-cdef inline int _refuse(gmem_host *h, int err, const char *why) noexcept nogil:
-    """A rule refuses: err (a -errno) comes back, why is kept for gmem_reason()."""
-    h.reason = why
-    return err
-
-
 # ----------------------------------------------------------------------- VMs
 
 cdef int kvm_create_vm(gmem_host *h, uint64_t vm_type, kvm **out) noexcept nogil:

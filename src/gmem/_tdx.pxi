@@ -250,14 +250,25 @@ cdef int tdx_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t s
     cdef kvm_vcpu *vcpu = arg.vcpu
     cdef uint64_t spfn, v, old
     cdef int level, r
-    # build the mirror leaf (premapped: the TD is not runnable yet)
+    # the source is pinned before anything is mapped (get_user_pages_fast in
+    # kvm_gmem_populate, 6.18 and 7.0+): a bad one maps nothing. 7.2 has no source for 0
+    # (tdx_gmem_post_populate: -EOPNOTSUPP) unless the page is converted in place ("next")
+    if src == 0 and kvm.host.kernel >= GMEM_KERNEL_7_2 and not kvm.host.gmem_in_place_conversion:
+        return -EOPNOTSUPP
+    if src and hva_to_pfn(kvm.host, src, &spfn):
+        return -EFAULT
+    if src == 0 and kvm.host.kernel < GMEM_KERNEL_7_2:
+        return -EFAULT                          # get_user_pages_fast(0)
+    # build the mirror leaf: 6.18 premaps it (the TD is not runnable yet), 7.2 maps and adds
+    # in one step (kvm_tdp_mmu_map_private_pfn: anything but RET_PF_FIXED, e.g. a gfn mapped
+    # already, is -EIO)
+    if kvm.host.kernel >= GMEM_KERNEL_7_2 and xa_load(&kvm.tdx.sept, gfn, &v):
+        return -EIO                             # RET_PF_SPURIOUS: mapped already
     r = kvm_tdp_map_page(vcpu, gfn << 12, PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS, &level)
     if r < 0:
         return r
-    if hva_to_pfn(kvm.host, src, &spfn):
-        return -EFAULT
     # TDH.MEM.PAGE.ADD: the page enters the TD with the source's contents, accepted
-    r = host_copy_page(kvm.host, pfn, spfn)
+    r = host_copy_page(kvm.host, pfn, spfn) if src else 0
     if r:
         return r
     if xa_load(&kvm.tdx.sept, gfn, &v) and tdx_sept_state(v) == TDX_SEPT_PREMAPPED:
