@@ -1044,6 +1044,33 @@ def test_empty_batch_with_a_vcpu_id_array():
     host.check()
 
 
+# ----------------------------------------- the fault path's cursors, and leaves freed
+
+def test_vcpu_cursors_outlive_a_closed_guest_memfd():
+    """A vCPU's cursors into a guest_memfd's bindings and page cache stay behind when the file
+    is closed and its inode freed. A new guest_memfd bound in its place (its structs often at
+    the freed one's addresses) is never read through them: each fault gets the new file's own
+    page, scalar and batched."""
+    host, vm, f, vcpu = make_vm(gmem_size=2 * M)
+    vm.set_memory_attributes(0, 2 * M, PRIVATE)
+    gpas = np.arange(0, 2 * M, 5 * PAGE, dtype=np.uint64)
+    for round in range(20):
+        if round % 2:
+            out = vm.page_fault_batch(gpas, np.full(len(gpas), WRITE, np.uint64))
+            assert (out["ret"] == FIXED).all()
+            pfns = {int(g): int(p) for g, p in zip(gpas, out["pfn"])}
+        else:
+            pfns = {int(g): vcpu.page_fault(int(g), WRITE).pfn for g in gpas}
+        assert sptes(vm) == {g >> 12: (1, pfns[g], True, True) for g in pfns}
+        host.check()
+        vm.set_user_memory_region2(0, GMEM, 0, 0)
+        f.close()                              # the inode goes: every page freed
+        assert vm.sptes() == [] and host.stats["folios_freed"] == (round + 1) * len(gpas)
+        f = vm.create_guest_memfd(2 * M)
+        vm.set_user_memory_region2(0, GMEM, 0, 2 * M, userspace_addr=HVA, guest_memfd=f)
+    host.check()
+
+
 # ------------------------------------------------- batch leaves freed mid-batch
 
 def _zapping_guest(batch):
@@ -1080,21 +1107,21 @@ def _zapping_guest(batch):
     return recs, vm.stats, vcpu.stats, len(calls)
 
 
-def test_batch_leaves_freed_under_it_are_not_hinted():
-    """The batch hints each fault's SPTE and filemap leaves, found eight faults ahead. A hook
-    zapping every SPTE in between frees those leaves (their array's node_gen moves), so they
-    are not hinted: the batch still answers fault for fault as the scalar path does."""
+def test_batch_leaves_freed_under_it_are_not_trusted():
+    """The batch hands each fault cursors on its SPTE and filemap leaves, found ahead. A hook
+    zapping every SPTE in between frees those leaves (their array's node_gen moves), so the
+    cursors are not trusted: the batch still answers fault for fault as the scalar path does."""
     batch, scalar = _zapping_guest(True), _zapping_guest(False)
     assert batch[3] == scalar[3] == 2048 and batch[0] == scalar[0]
     assert batch[1] == scalar[1] and batch[2] == scalar[2]
     assert Counter(r[0] for r in batch[0])[FIXED] > 2048   # zapped pages faulted again
 
 
-def test_batch_leaf_hinted_for_the_gfn_it_was_found_for():
+def test_batch_leaf_handed_for_the_gfn_it_was_found_for():
     """A hook's tdx_init_vm (a TD that has only faulted shared pages) moves the shared bit from
     51 to 47 mid-batch. The leaf stage found fault 8's SPTE leaf for gfn = gpa >> 12 without the
-    old bit; it is hinted for that gfn, not for one recomputed with the new bit (another leaf's
-    range: xa_check -11, and a later fault answered from gfn 5's SPTE)."""
+    old bit; the cursor it hands over stands on that gfn's leaf, and trusts it for no other
+    range (a later fault must not be answered from gfn 5's SPTE)."""
     s51, s47, page = 1 << 51, 1 << 47, 0x5000
     host = gmem.Host(memory=1 << 30, platform="intel")
     vm = host.create_vm(TDX)                     # not initialised yet: shared bit 51

@@ -330,12 +330,24 @@ ctypedef struct xarray:
     uint64_t nr_entries
     uint64_t nr_nodes
     xa_node *node_cache         # up to XA_NODE_CACHE freed nodes kept for reuse (not counted)
-    xa_node *hint               # a leaf (shift 0) node a sequential stream is in, or NULL
-    uint64_t hint_index         # the first index it covers (no node header to read)
-    uint64_t node_gen           # bumped when a node is freed: a leaf found earlier (xa_leaf)
-                                # is still its index's leaf while node_gen is unchanged
+    uint64_t node_gen           # bumped when a node is freed (from a value unique to this
+                                # array, taken by xa_init): a node a cursor found earlier is
+                                # still on its index's path while node_gen is unchanged
     uint32_t nr_cached
     uint64_t nr_by_order[64]   # entries of each order (nr_indices = sum n << order)
+
+# struct xa_state: a caller's cursor (see _xarray.pxi). It stands on the node its last walk
+# ended in, reached for xa_node_index; the next walk starts there for any index in that
+# node's range while the array's node_gen is still xa_gen (XA_GEN_NOWHERE: it stands
+# nowhere).
+ctypedef struct xa_state:
+    xarray *xa
+    uint64_t xa_index
+    uint64_t xa_gen
+    uint64_t xa_node_index
+    xa_node *xa_node
+    uint8_t xa_shift            # xa_node's shift (carried: its header is not read)
+    uint8_t xa_offset           # the canonical slot of xa_index's entry in xa_node
 
 cdef void xa_init(xarray *xa) noexcept nogil
 cdef void xa_destroy(xarray *xa) noexcept nogil
@@ -347,8 +359,6 @@ cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
 cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil
 # The address of index's slot in its leaf node (not read), or NULL: for prefetching.
 cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil
-# The leaf node (shift 0) covering index, or NULL; for xa_hint_leaf while node_gen holds.
-cdef xa_node *xa_leaf(const xarray *xa, uint64_t index) noexcept nogil
 # Store value over the naturally aligned range of 1 << order indices at index
 # (index must be aligned).  A store into part of a larger entry stores at every
 # index of that entry; smaller entries inside the range are replaced by one entry.
@@ -424,6 +434,7 @@ ctypedef struct physmem:
     uint32_t folio_free_id       # head of the list of released ids (0 = none)
     uint64_t nr_folios
     xarray memmap                # pfn -> folio id (multi-index: the folio's order)
+    xa_state memmap_xas          # folio_alloc's cursor in it
 
 cdef int phys_init(physmem *pm, uint64_t start_pfn, uint64_t nr_pages) noexcept nogil
 cdef void phys_destroy(physmem *pm) noexcept nogil
@@ -521,9 +532,11 @@ ctypedef struct snp_rmp:
     int enabled                 # the platform has SNP (an RMP covering all memory)
     xarray entries              # pfn -> raw low qword (struct rmpentry_raw); absent = 0.
                                 # A 2M entry is stored at its head only.
+    xa_state cursor             # reads and writes of entries: they follow the allocator's pfns
     uint64_t nr_2m              # 2M entries among them (none: a lookup reads no head)
     xarray perms                # pfn -> VMPL1..3 permission bytes (RMPADJUST), absent = none
     xarray direct_map_4k        # 2M region (pfn >> 9) -> 1 where the host direct map was split
+    xa_state direct_map_cursor  # its reads and writes (they follow the allocator too)
     xarray leaked               # pfn -> 1: snp_leak_pages
     uint64_t fail_rmpupdate     # fault injection: fail this many RMPUPDATEs ...
     uint32_t fail_rmpupdate_code  # ... with this code
@@ -683,9 +696,17 @@ ctypedef struct guest_fault:
     uint64_t pfn                 # the host page involved, if any
     const char *why
 
+# A stream's cursors into one guest_memfd (not the kernel's: kvm_gmem_get_pfn walks from the
+# top each time): a vCPU's faults, a loop over a range.
+ctypedef struct kvm_gmem_cursor:
+    xa_state bindings           # in gmem_file.bindings
+    xa_state filemap            # in gmem_inode.filemap
+
 ctypedef struct kvm_vcpu:
     kvm *kvm
     uint32_t vcpu_id
+    kvm_gmem_cursor gmem_cursor # the fault path's, handed the batch's leaves
+    xa_state spte_cursor        # the fault path's, in kvm.sptes
     uint64_t stats[VCPU_NR_STATS]
     complete_userspace_io_t complete_userspace_io   # NULL: no userspace exit pending
     kvm_run_hypercall hypercall # the exit's fields, as userspace sees them

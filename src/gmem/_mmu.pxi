@@ -128,7 +128,7 @@ cdef int kvm_mmu_faultin_pfn_gmem(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fau
     cdef int r, max_order = 0
     if not kvm_slot_has_gmem(fault.slot):
         return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -EFAULT)
-    r = kvm_gmem_get_pfn(vcpu.kvm, fault.slot, fault.gfn, &fault.pfn, &max_order)
+    r = __kvm_gmem_get_pfn(vcpu.kvm, fault.slot, fault.gfn, &fault.pfn, &max_order, &vcpu.gmem_cursor)
     if r:
         return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, r)
     fault.map_writable = not (fault.slot.flags & KVM_MEM_READONLY)
@@ -203,7 +203,9 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     cdef int order = _level_order(fault.goal_level), k
     cdef uint64_t base = fault.gfn & ~_mask(order), old, first
     cdef uint64_t spte = make_spte(fault.pfn, fault.goal_level, fault.map_writable, fault.is_private)
-    if xa_lookup_follow(&kvm.sptes, fault.gfn, &old, &first, &k):
+    cdef xa_state *xas = &vcpu.spte_cursor
+    xas_set_xa(xas, &kvm.sptes, fault.gfn)
+    if xas_lookup(xas, &old, &first, &k):
         if k == order and old == spte:
             return RET_PF_SPURIOUS
         if k > order:
@@ -217,7 +219,8 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
         # TDX: the mirror leaf is forwarded to the S-EPT before it becomes visible
         if kvm.host.hooks[kvm.vm_type].set_external_spte(kvm, base, fault.goal_level, fault.pfn):
             return -EIO
-    if xa_store_follow(&kvm.sptes, base, order, spte, &old) < 0:
+    xas_set(xas, base)
+    if xas_store(xas, order, spte, &old) < 0:
         return -ENOMEM
     gmem_trace(kvm.host, TRACE_SPTE_INSTALL, vcpu.vcpu_id, base, fault.pfn, fault.goal_level,
                fault.is_private)
@@ -234,11 +237,12 @@ cdef inline int page_fault_can_be_fast(kvm *kvm, const kvm_page_fault *fault) no
     return fault.write
 
 
-cdef inline int fast_page_fault(kvm *kvm, const kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+cdef inline int fast_page_fault(kvm_vcpu *vcpu, const kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
     cdef uint64_t spte
-    if fault.is_private and kvm_has_mirrored_tdp(kvm):
+    if fault.is_private and kvm_has_mirrored_tdp(vcpu.kvm):
         return RET_PF_INVALID    # fast pf is not supported for mirrored roots
-    if not xa_load_follow(&kvm.sptes, fault.gfn, &spte):
+    xas_set_xa(&vcpu.spte_cursor, &vcpu.kvm.sptes, fault.gfn)
+    if not xas_load(&vcpu.spte_cursor, &spte):
         return RET_PF_INVALID
     if (spte & SPTE_WRITABLE) or not fault.write:
         out.level = spte & SPTE_LEVEL_MASK
@@ -280,7 +284,7 @@ cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, const kvm_page_fault *fau
     cdef kvm_page_fault slow
     cdef int r
     if page_fault_can_be_fast(vcpu.kvm, fault):
-        r = fast_page_fault(vcpu.kvm, fault, out)
+        r = fast_page_fault(vcpu, fault, out)
         if r != RET_PF_INVALID:
             vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
             return r
@@ -322,11 +326,10 @@ cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
 cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
                             kvm_fault_out *out) noexcept nogil:
     """One #NPF / EPT violation with its 64-bit error code; the outcome in *out."""
-    cdef kvm_fault_leaves lv
     # not the kernel's: the fault's SPTE and filemap leaves are found and prefetched first,
-    # then hinted, so their cache misses overlap rather than follow one another
-    kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code, &lv)
-    kvm_mmu_hint_leaves(vcpu.kvm, &lv)
+    # the vCPU's cursors left on them, so their cache misses overlap rather than follow one
+    # another
+    kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code, &vcpu.spte_cursor, &vcpu.gmem_cursor.filemap)
     return __kvm_mmu_page_fault(vcpu, gpa, error_code, out)
 
 
@@ -427,65 +430,55 @@ cdef inline int kvm_mmu_page_fault_done(kvm_vcpu *vcpu, uint64_t gpa, uint64_t e
 # Not the kernel's: a batch knows its next faults, so while one fault runs it pulls
 # into the cache what a later one will read, in two stages, the second needing the
 # first one's lines: the SPTE and gmem filemap leaves, then the folio named by that
-# filemap slot. The leaves found become the arrays' hints when that fault comes, so its
-# lookups walk nothing (a leaf is still its index's leaf while no node of its array was
-# freed: node_gen). Nothing else changes state. The scalar kvm_mmu_page_fault does the
-# leaf stage for its own fault, just before it.
+# filemap slot. The leaf stage walks cursors of its own (in a ring); when the fault comes,
+# they become its vCPU's cursors, so its lookups walk nothing (a cursor is trusted only
+# while no node of its array was freed: node_gen). Nothing else changes state. The scalar
+# kvm_mmu_page_fault does the leaf stage on its vCPU's cursors, just before the fault.
 
 ctypedef struct kvm_fault_leaves:
-    # what the leaf stage found for a later fault (NULL: nothing, or not looked up)
-    xa_node *spte
-    xa_node *filemap
-    uint64_t spte_index         # the gfn spte was found for: gfn_direct_bits may change
-                                # before the fault comes (a hook's tdx_init_vm)
-    xarray *filemap_xa          # the gmem file's page cache, kept alive by its memslot
-    uint64_t filemap_index
-    uint64_t spte_gen
-    uint64_t filemap_gen
+    # the leaf stage's cursors for a later fault
+    xa_state spte
+    xa_state filemap
+    bint filemap_walked
 
 
-cdef void kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code,
-                                  kvm_fault_leaves *lv) noexcept nogil:
-    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
+cdef bint kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code, xa_state *spte,
+                                  xa_state *filemap) noexcept nogil:
+    """Walk the cursors to the fault's SPTE leaf and (for a fault that is not present) its
+    filemap leaf, prefetching the slots; whether the filemap cursor was walked."""
+    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, index
     cdef kvm_memory_slot *s
-    lv.spte_index = gfn
-    lv.spte = xa_leaf(&kvm.sptes, gfn)
-    lv.spte_gen = kvm.sptes.node_gen
-    if lv.spte != NULL:
-        gmem_prefetch(&lv.spte.slots[gfn & XA_CHUNK_MASK])
-    lv.filemap = NULL
+    cdef xa_node *leaf
+    xas_set_xa(spte, &kvm.sptes, gfn)
+    leaf = xas_leaf(spte)
+    if leaf != NULL:
+        gmem_prefetch(&leaf.slots[gfn & XA_CHUNK_MASK])
     if error_code & PFERR_PRESENT_MASK:
-        return          # most likely fast_page_fault, which reads only the SPTE
+        return False    # most likely fast_page_fault, which reads only the SPTE
     s = __gfn_to_memslot(kvm, gfn, False)
     if s == NULL or s.gmem_file == NULL:
-        return
-    lv.filemap_xa = &s.gmem_file.inode.filemap
-    lv.filemap_index = gfn - s.base_gfn + s.gmem_pgoff
-    lv.filemap = xa_leaf(lv.filemap_xa, lv.filemap_index)
-    lv.filemap_gen = lv.filemap_xa.node_gen
-    if lv.filemap != NULL:
-        gmem_prefetch(&lv.filemap.slots[lv.filemap_index & XA_CHUNK_MASK])
-
-
-cdef inline bint _leaf_valid(const xarray *xa, const xa_node *leaf, uint64_t gen) noexcept nogil:
-    return leaf != NULL and xa.node_gen == gen
+        return False
+    index = gfn - s.base_gfn + s.gmem_pgoff
+    xas_set_xa(filemap, &s.gmem_file.inode.filemap, index)
+    leaf = xas_leaf(filemap)
+    if leaf != NULL:
+        gmem_prefetch(&leaf.slots[index & XA_CHUNK_MASK])
+    return True
 
 
 cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
-    # walked again rather than read through lv.filemap: measured faster (the walk's
+    # walked again rather than read through the leaf found: measured faster (the walk's
     # dependent loads give the leaf stage's prefetch of the slot time to land)
-    cdef const uint64_t *p = xa_leaf_slot(lv.filemap_xa, lv.filemap_index)
+    cdef const uint64_t *p = xa_leaf_slot(lv.filemap.xa, lv.filemap.xa_index)
     if p != NULL and _xa_is_value(p[0]):
         gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
 
 
-cdef inline void kvm_mmu_hint_leaves(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
-    if _leaf_valid(&kvm.sptes, lv.spte, lv.spte_gen):
-        # the index the leaf was found for, not gpa's gfn now: a leaf hinted for another
-        # index's range would answer that range's lookups from the wrong SPTEs
-        xa_hint_leaf(&kvm.sptes, lv.spte, lv.spte_index)
-    if _leaf_valid(lv.filemap_xa, lv.filemap, lv.filemap_gen):
-        xa_hint_leaf(lv.filemap_xa, lv.filemap, lv.filemap_index)
+cdef inline void kvm_mmu_hand_leaves(kvm_vcpu *vcpu, const kvm_fault_leaves *lv) noexcept nogil:
+    """The fault's vCPU takes the cursors the leaf stage left on its leaves."""
+    vcpu.spte_cursor = lv.spte
+    if lv.filemap_walked:
+        vcpu.gmem_cursor.filemap = lv.filemap
 
 
 cdef enum:
@@ -497,8 +490,8 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
                                      const uint64_t *ecs, kvm_fault_out *out, size_t n) noexcept nogil:
     """kvm_mmu_page_fault per record, in order. Without ids, every fault is taken by vcpus[0].
     Fault i + 2 * AHEAD gets its leaves prefetched (unless they are the ones the stage went to
-    last: a sequential stream needs none), fault i + AHEAD its folio, and fault i its leaves as
-    hints. Returns the faults done (fewer than n only when a Python hook raised)."""
+    last: a sequential stream needs none), fault i + AHEAD its folio, and fault i's vCPU takes
+    the cursors left on its leaves. Returns the faults done (fewer than n only when a Python hook raised)."""
     cdef size_t i, j
     cdef kvm_vcpu *v
     cdef kvm *k
@@ -512,25 +505,29 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
     v = vcpus[ids[0]] if ids != NULL else vcpus[0]
     k = v.kvm
     host = k.host
+    for r in range(PREFETCH_RING):
+        xas_init(&ring[r].spte, NULL, 0)
+        xas_init(&ring[r].filemap, NULL, 0)
     for i in range(n):
         j = i + 2 * PREFETCH_AHEAD
         if j < n:
             r = j & (PREFETCH_RING - 1)
             key = gpas[j] >> 18
             if key != last:
-                kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r])
+                ring[r].filemap_walked = kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r].spte,
+                                                                 &ring[r].filemap)
                 filled |= 1u << r
             else:
                 filled &= ~(1u << r)
             last = key
         r = (i + PREFETCH_AHEAD) & (PREFETCH_RING - 1)
-        if (filled >> r) & 1 and ring[r].filemap != NULL and i + PREFETCH_AHEAD < n:
+        if (filled >> r) & 1 and ring[r].filemap_walked and i + PREFETCH_AHEAD < n:
             kvm_mmu_prefetch_folio(k, &ring[r])
-        r = i & (PREFETCH_RING - 1)
-        if (filled >> r) & 1:
-            kvm_mmu_hint_leaves(k, &ring[r])
         if ids != NULL:
             v = vcpus[ids[i]]
+        r = i & (PREFETCH_RING - 1)
+        if (filled >> r) & 1:
+            kvm_mmu_hand_leaves(v, &ring[r])
         __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
         if host.hook_error:
             return i + 1
