@@ -544,6 +544,17 @@ ctypedef struct snp_rmp:
 
 ctypedef struct gmem_inode
 
+# The model's own 4 KiB pages (the TDP MMU's page tables), carved from 2 MiB chunks on
+# transparent huge pages; a free page is all zero but for its link (_host.pxi)
+ctypedef struct gmem_page_pool:
+    uint64_t *free_list         # freed pages: word 0 links the next
+    char *next                  # the newest chunk's pages not handed out yet
+    char *end
+    void **chunks
+    uint32_t nr_chunks
+    uint32_t cap_chunks
+    uint64_t nr_pages           # handed out and not freed
+
 ctypedef struct gmem_host:
     int refcount                # the creator's reference and one per VM
     physmem pm
@@ -576,6 +587,8 @@ ctypedef struct gmem_host:
     uint64_t trace_seq
     uint32_t trace_mask         # enabled events (1 << TRACE_*)
     snp_rmp rmp
+    gmem_page_pool pt_pool      # the VMs' page tables
+    uint64_t inode_gen          # bumped when an inode is freed (a batch's ring knows its own)
 
 ctypedef struct gmem_inode:
     gmem_host *host
@@ -646,7 +659,12 @@ ctypedef struct kvm:
     uint64_t attr_memo_val
     int attr_memo_valid
     xarray mem_attr_array       # gfn -> memory attributes
-    xarray sptes                # gfn -> spte (multi-index for huge mappings)
+    uint64_t *tdp_root[2]       # the TDP MMU's roots, 512-entry page tables (NULL until the
+                                # first map): TDP_ROOT_DIRECT, TDP_ROOT_MIRROR (TDX's private
+                                # SPTEs, forwarded to the S-EPT)
+    uint64_t tdp_mmu_gen        # bumped whenever a page table is freed (tdp_cursor)
+    uint64_t tdp_mmu_pages      # page tables in use, roots included (kvm->arch.tdp_mmu_pages)
+    uint64_t tdp_pages[3]       # leaf SPTEs by level (kvm->stat.pages: pages_4k, _2m, _1g)
     xarray mmio_sptes           # gfn -> the memslot generation it was made in
     uint64_t memslots_generation  # bumped by every memslot change (kvm_memslots.generation)
     uint64_t mmu_invalidate_seq
@@ -696,6 +714,21 @@ ctypedef struct guest_fault:
     uint64_t pfn                 # the host page involved, if any
     const char *why
 
+cdef enum:
+    TDP_ROOT_DIRECT = 0
+    TDP_ROOT_MIRROR = 1
+    TDP_NR_ROOTS = 2
+
+# Not the kernel's (its walks start at the root): where a vCPU's last walk of one root
+# ended, the page table pt of that level, reached for gfn while the VM's tdp_mmu_gen was gen
+# (_tdp_mmu.pxi).
+ctypedef struct tdp_cursor:
+    uint64_t *pt
+    uint64_t gfn
+    uint64_t gen                # TDP_GEN_NOWHERE: it stands nowhere
+    uint8_t level
+    uint8_t shift               # gfn shift of pt's entries: 9 * (level - 1)
+
 # A stream's cursors into one guest_memfd (not the kernel's: kvm_gmem_get_pfn walks from the
 # top each time): a vCPU's faults, a loop over a range.
 ctypedef struct kvm_gmem_cursor:
@@ -706,7 +739,7 @@ ctypedef struct kvm_vcpu:
     kvm *kvm
     uint32_t vcpu_id
     kvm_gmem_cursor gmem_cursor # the fault path's, handed the batch's leaves
-    xa_state spte_cursor        # the fault path's, in kvm.sptes
+    tdp_cursor tdp_cursor[2]    # the fault path's, in each root
     uint64_t stats[VCPU_NR_STATS]
     complete_userspace_io_t complete_userspace_io   # NULL: no userspace exit pending
     kvm_run_hypercall hypercall # the exit's fields, as userspace sees them

@@ -1,21 +1,9 @@
-# arch/x86/kvm/mmu/mmu.c + tdp_mmu.c: the TDP page-fault path with the 64-bit error code,
-# from kvm_mmu_page_fault down to the SPTE; the SPTE encoding and zaps; the batch of faults
-# (kvm_mmu_page_fault_batch, with its prefetching pipeline); KVM_PRE_FAULT_MEMORY's
-# kvm_tdp_map_page; SW_PROTECTED's private-fault rule.  Vendors' rules come in through the
-# hook table (_x86.pxi): nothing here names SNP's or TDX's internals.
-
-# SPTE encoding in the sptes xarray: pfn << 8 | private << 3 | writable << 2 | level
-cdef enum:
-    SPTE_LEVEL_MASK = 3
-    SPTE_WRITABLE = 1 << 2
-    SPTE_PRIVATE = 1 << 3
-    SPTE_PFN_SHIFT = 8
-
-
-cdef inline uint64_t make_spte(uint64_t pfn, int level, bint writable, bint private) noexcept nogil:
-    return (pfn << SPTE_PFN_SHIFT) | (SPTE_PRIVATE if private else 0) | \
-           (SPTE_WRITABLE if writable else 0) | level
-
+# arch/x86/kvm/mmu/mmu.c: the TDP page-fault path with the 64-bit error code, from
+# kvm_mmu_page_fault down to kvm_tdp_mmu_map (the page tables are _tdp_mmu.pxi's); unmapping
+# a gfn range; the batch of faults (kvm_mmu_page_fault_batch, with its prefetching
+# pipeline); KVM_PRE_FAULT_MEMORY's kvm_tdp_map_page; SW_PROTECTED's private-fault rule.
+# Vendors' rules come in through the hook table (_x86.pxi): nothing here names SNP's or
+# TDX's internals.
 
 cdef inline bint kvm_has_mirrored_tdp(const kvm *kvm) noexcept nogil:
     """Private leaves live in a mirror root forwarded to external page tables, and the vendor
@@ -23,60 +11,25 @@ cdef inline bint kvm_has_mirrored_tdp(const kvm *kvm) noexcept nogil:
     return kvm.vm_type == KVM_X86_TDX_VM
 
 
-cdef bint kvm_mmu_spte_lookup(kvm *kvm, uint64_t gfn, uint64_t *pfn, int *level, bint *private) noexcept nogil:
-    """The leaf SPTE mapping gfn: 1 with the pfn it maps gfn to, its level and whether it is
-    private, or 0 if gfn is not mapped."""
-    cdef uint64_t v, first
-    cdef int order
-    if kvm.dead or not xa_lookup(&kvm.sptes, gfn, &v, &first, &order):
-        return 0
-    pfn[0] = (v >> SPTE_PFN_SHIFT) + (gfn - first)
-    level[0] = v & SPTE_LEVEL_MASK
-    private[0] = (v & SPTE_PRIVATE) != 0
-    return 1
-
-
-ctypedef struct kvm_spte_info:
-    uint64_t gfn                # the first gfn it maps
-    uint64_t pfn
-    int level
-    bint writable
-    bint private
-
-
-cdef bint kvm_mmu_next_spte(kvm *kvm, uint64_t *start, kvm_spte_info *info) noexcept nogil:
-    """The next leaf SPTE at or after *start, advancing *start past it (vm.sptes(), check())."""
-    cdef uint64_t first, v
-    cdef int order
-    if kvm.dead or start[0] == INVALID_GFN or not xa_find_entry(&kvm.sptes, start[0], INVALID_GFN,
-                                                                  XA_NO_MARK, &first, &order, &v):
-        return 0
-    info.gfn, info.pfn, info.level = first, v >> SPTE_PFN_SHIFT, v & SPTE_LEVEL_MASK
-    info.writable, info.private = (v & SPTE_WRITABLE) != 0, (v & SPTE_PRIVATE) != 0
-    start[0] = first + _mask(order) + 1 if first + _mask(order) != INVALID_GFN else INVALID_GFN
-    return 1
+cdef inline bint kvm_is_addr_direct(const kvm *kvm, uint64_t gpa) noexcept nogil:
+    """mmu.h: gpa is mapped by the direct root (the VM has no direct bits, or gpa has them)."""
+    return kvm.gfn_direct_bits == 0 or ((gpa >> 12) & kvm.gfn_direct_bits) != 0
 
 
 cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int filter) noexcept nogil:
-    """Zap the SPTEs overlapping [start, end) that pass filter (0: all): huge ones whole."""
-    cdef uint64_t index = start, first, v, zapped = 0
-    cdef int order
-    cdef remove_external_spte_t remove_external = kvm.host.hooks[kvm.vm_type].remove_external_spte
+    """Zap the SPTEs overlapping [start, end) in the roots filter names (0: all), huge ones
+    whole (kvm_tdp_mmu_unmap_gfn_range: the filter only picks the mirror or the direct root,
+    kvm_gfn_range_filter_to_root_types; a VM without mirrored TDP has one root)."""
+    cdef uint64_t zapped = 0
     if end <= start:
         return 0
     if not kvm_has_mirrored_tdp(kvm):
-        filter = 0          # one (direct) root: the filter only picks the mirror or the direct root
-    while xa_find_entry(&kvm.sptes, index, end - 1, XA_NO_MARK, &first, &order, &v):
-        if (filter == 0 or (filter == KVM_FILTER_PRIVATE and (v & SPTE_PRIVATE))
-                or (filter == KVM_FILTER_SHARED and not (v & SPTE_PRIVATE))):
-            xa_erase(&kvm.sptes, first, &v)
-            if v & SPTE_PRIVATE and remove_external != NULL:
-                remove_external(kvm, first, v & SPTE_LEVEL_MASK, v >> SPTE_PFN_SHIFT)
-            gmem_trace(kvm.host, TRACE_SPTE_ZAP, 0, first, v >> SPTE_PFN_SHIFT, v & SPTE_LEVEL_MASK, 0)
-            zapped += 1
-        if first + _mask(order) >= end - 1:
-            break
-        index = first + _mask(order) + 1
+        filter = 0
+    # the roots in the order the kernel lists them (the direct root was added last)
+    if filter != KVM_FILTER_PRIVATE:
+        zapped += tdp_mmu_zap_leafs(kvm, TDP_ROOT_DIRECT, start, end)
+    if filter != KVM_FILTER_SHARED:
+        zapped += tdp_mmu_zap_leafs(kvm, TDP_ROOT_MIRROR, start, end)
     if filter != KVM_FILTER_PRIVATE:
         xa_erase_range(&kvm.mmio_sptes, start, end - 1)
     if zapped:
@@ -198,35 +151,6 @@ cdef void kvm_mmu_hugepage_adjust(kvm *kvm, kvm_page_fault *fault) noexcept nogi
     fault.pfn &= ~_mask(_level_order(level))
 
 
-cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
-    cdef kvm *kvm = vcpu.kvm
-    cdef int order = _level_order(fault.goal_level), k
-    cdef uint64_t base = fault.gfn & ~_mask(order), old, first
-    cdef uint64_t spte = make_spte(fault.pfn, fault.goal_level, fault.map_writable, fault.is_private)
-    cdef xa_state *xas = &vcpu.spte_cursor
-    xas_set_xa(xas, &kvm.sptes, fault.gfn)
-    if xas_lookup(xas, &old, &first, &k):
-        if k == order and old == spte:
-            return RET_PF_SPURIOUS
-        if k > order:
-            # a huge SPTE where a smaller one goes: zap it first
-            xa_erase(&kvm.sptes, first, &old)
-            gmem_trace(kvm.host, TRACE_SPTE_ZAP, vcpu.vcpu_id, first, old >> SPTE_PFN_SHIFT,
-                       old & SPTE_LEVEL_MASK, 0)
-            kvm.stats[VM_STAT_ZAPPED_SPTES] += 1
-            kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
-    if fault.is_private and kvm.host.hooks[kvm.vm_type].set_external_spte != NULL:
-        # TDX: the mirror leaf is forwarded to the S-EPT before it becomes visible
-        if kvm.host.hooks[kvm.vm_type].set_external_spte(kvm, base, fault.goal_level, fault.pfn):
-            return -EIO
-    xas_set(xas, base)
-    if xas_store(xas, order, spte, &old) < 0:
-        return -ENOMEM
-    gmem_trace(kvm.host, TRACE_SPTE_INSTALL, vcpu.vcpu_id, base, fault.pfn, fault.goal_level,
-               fault.is_private)
-    return RET_PF_FIXED
-
-
 cdef inline int page_fault_can_be_fast(kvm *kvm, const kvm_page_fault *fault) noexcept nogil:
     if fault.error_code & PFERR_RSVD_MASK:
         return 0
@@ -238,15 +162,20 @@ cdef inline int page_fault_can_be_fast(kvm *kvm, const kvm_page_fault *fault) no
 
 
 cdef inline int fast_page_fault(kvm_vcpu *vcpu, const kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+    cdef uint64_t *sptep
     cdef uint64_t spte
+    cdef int level
     if fault.is_private and kvm_has_mirrored_tdp(vcpu.kvm):
         return RET_PF_INVALID    # fast pf is not supported for mirrored roots
-    xas_set_xa(&vcpu.spte_cursor, &vcpu.kvm.sptes, fault.gfn)
-    if not xas_load(&vcpu.spte_cursor, &spte):
+    sptep = tdp_mmu_last_sptep(vcpu.kvm, TDP_ROOT_DIRECT, fault.gfn, &vcpu.tdp_cursor[TDP_ROOT_DIRECT], &level)
+    if sptep == NULL:
         return RET_PF_INVALID
-    if (spte & SPTE_WRITABLE) or not fault.write:
-        out.level = spte & SPTE_LEVEL_MASK
-        out.pfn = spte >> SPTE_PFN_SHIFT
+    spte = sptep[0]
+    if not is_shadow_present_pte(spte):
+        return RET_PF_INVALID
+    if (spte & PT_WRITABLE_MASK) or not fault.write:
+        out.level = level
+        out.pfn = spte_to_pfn(spte)
         return RET_PF_SPURIOUS
     return RET_PF_INVALID
 
@@ -329,7 +258,8 @@ cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
     # not the kernel's: the fault's SPTE and filemap leaves are found and prefetched first,
     # the vCPU's cursors left on them, so their cache misses overlap rather than follow one
     # another
-    kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code, &vcpu.spte_cursor, &vcpu.gmem_cursor.filemap)
+    kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code,
+                            &vcpu.tdp_cursor[kvm_fault_root(vcpu.kvm, gpa)], &vcpu.gmem_cursor.filemap)
     return __kvm_mmu_page_fault(vcpu, gpa, error_code, out)
 
 
@@ -437,22 +367,27 @@ cdef inline int kvm_mmu_page_fault_done(kvm_vcpu *vcpu, uint64_t gpa, uint64_t e
 
 ctypedef struct kvm_fault_leaves:
     # the leaf stage's cursors for a later fault
-    xa_state spte
+    tdp_cursor spte
     xa_state filemap
+    int root                    # the root spte walked (kvm_fault_root)
     bint filemap_walked
 
 
-cdef bint kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code, xa_state *spte,
+cdef inline int kvm_fault_root(const kvm *kvm, uint64_t gpa) noexcept nogil:
+    """The root a fault at gpa most likely maps in (tdp_mmu_get_root_for_fault)."""
+    return TDP_ROOT_MIRROR if kvm_has_mirrored_tdp(kvm) and not kvm_is_addr_direct(kvm, gpa) else TDP_ROOT_DIRECT
+
+
+cdef bint kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code, tdp_cursor *spte,
                                   xa_state *filemap) noexcept nogil:
-    """Walk the cursors to the fault's SPTE leaf and (for a fault that is not present) its
-    filemap leaf, prefetching the slots; whether the filemap cursor was walked."""
+    """Walk the cursors to the fault's last-level page table and (for a fault that is not
+    present) its filemap leaf, prefetching the slots; whether the filemap cursor was walked."""
     cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, index
     cdef kvm_memory_slot *s
+    cdef uint64_t *pt = tdp_mmu_leaf_pt(kvm, kvm_fault_root(kvm, gpa), gfn, spte)
     cdef xa_node *leaf
-    xas_set_xa(spte, &kvm.sptes, gfn)
-    leaf = xas_leaf(spte)
-    if leaf != NULL:
-        gmem_prefetch(&leaf.slots[gfn & XA_CHUNK_MASK])
+    if pt != NULL:
+        gmem_prefetch(&pt[gfn & (SPTE_ENT_PER_PAGE - 1)])
     if error_code & PFERR_PRESENT_MASK:
         return False    # most likely fast_page_fault, which reads only the SPTE
     s = __gfn_to_memslot(kvm, gfn, False)
@@ -476,7 +411,7 @@ cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept 
 
 cdef inline void kvm_mmu_hand_leaves(kvm_vcpu *vcpu, const kvm_fault_leaves *lv) noexcept nogil:
     """The fault's vCPU takes the cursors the leaf stage left on its leaves."""
-    vcpu.spte_cursor = lv.spte
+    vcpu.tdp_cursor[lv.root] = lv.spte
     if lv.filemap_walked:
         vcpu.gmem_cursor.filemap = lv.filemap
 
@@ -506,7 +441,7 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
     k = v.kvm
     host = k.host
     for r in range(PREFETCH_RING):
-        xas_init(&ring[r].spte, NULL, 0)
+        tdp_cursor_init(&ring[r].spte)
         xas_init(&ring[r].filemap, NULL, 0)
     for i in range(n):
         j = i + 2 * PREFETCH_AHEAD
@@ -514,6 +449,7 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
             r = j & (PREFETCH_RING - 1)
             key = gpas[j] >> 18
             if key != last:
+                ring[r].root = kvm_fault_root(k, gpas[j])
                 ring[r].filemap_walked = kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r].spte,
                                                                  &ring[r].filemap)
                 filled |= 1u << r
