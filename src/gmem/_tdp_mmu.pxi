@@ -128,17 +128,16 @@ cdef uint64_t *_tdp_mmu_walk(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c, in
     return &pt[spte_index(gfn, lvl)]
 
 
-cdef inline uint64_t *tdp_mmu_last_sptep(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c,
-                                         int *level) noexcept nogil:
-    """kvm_tdp_mmu_fast_pf_get_last_sptep with the caller's cursor: a cursor already on the
-    table holding gfn's last SPTE reads it inline."""
+cdef inline uint64_t *tdp_mmu_last_sptep(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c) noexcept nogil:
+    """kvm_tdp_mmu_fast_pf_get_last_sptep with the caller's cursor, left on the SPTE's table
+    (c.level is the SPTE's level): a cursor already there reads it inline."""
     cdef uint64_t *sptep
+    cdef int level
     if tdp_cursor_trusted(c, kvm, gfn):
         sptep = &c.pt[(gfn >> c.shift) & (SPTE_ENT_PER_PAGE - 1)]
         if not is_shadow_present_pte(sptep[0]) or is_last_spte(sptep[0], c.level):
-            level[0] = c.level
             return sptep
-    return _tdp_mmu_walk(kvm, root, gfn, c, level, False)
+    return _tdp_mmu_walk(kvm, root, gfn, c, &level, False)
 
 
 cdef uint64_t *tdp_mmu_leaf_pt(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c) noexcept nogil:
