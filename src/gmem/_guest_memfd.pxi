@@ -448,6 +448,7 @@ cdef void kvm_gmem_release(gmem_file *file) noexcept nogil:
 cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
     """The last file is gone: truncate everything, unlist and free the inode."""
     cdef gmem_inode **pp = &inode.host.inodes
+    inode.host.inode_gen += 1           # a batch's ring stops reading its filemap
     kvm_gmem_truncate(inode, 0, <uint64_t>0xFFFFFFFFFFFFFFFF)
     xa_destroy(&inode.filemap)
     while pp[0] != NULL:

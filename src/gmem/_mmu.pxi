@@ -359,20 +359,27 @@ cdef inline int kvm_mmu_page_fault_done(kvm_vcpu *vcpu, uint64_t gpa, uint64_t e
 
 
 # --------------------------------------------------------- batch prefetch
-# Not the kernel's: a batch knows its next faults, so while one fault runs it pulls
-# into the cache what a later one will read, in two stages, the second needing the
-# first one's lines: the SPTE and gmem filemap leaves, then the folio named by that
-# filemap slot. The leaf stage walks cursors of its own (in a ring); when the fault comes,
-# they become its vCPU's cursors, so its lookups walk nothing (a cursor is trusted only
-# while no node of its array was freed: node_gen). Nothing else changes state. The scalar
-# kvm_mmu_page_fault does the leaf stage on its vCPU's cursors, just before the fault.
+# Not the kernel's: a batch knows its next faults, so while one fault runs it pulls into
+# the cache what later ones will touch, in two stages, each using what the one before
+# found. The leaf stage, 2 * PREFETCH_AHEAD faults ahead, walks cursors of its own (in a
+# ring) to the fault's last-level page table and its guest_memfd filemap leaf, and
+# prefetches the SPTE and the filemap slot. The folio stage, PREFETCH_AHEAD faults ahead,
+# reads that slot through the leaf found (if no node of the filemap was freed and no inode
+# since): the folio it names is prefetched, both of its cache lines (a struct folio
+# straddles two half the time); an empty slot means a cold fault, which will store into the
+# leaf and count it, so the leaf's header is prefetched for writing. When the fault comes,
+# the cursors become its vCPU's, so its own lookups walk nothing (a cursor is trusted only
+# while its tables or nodes are). Nothing else changes state. The scalar kvm_mmu_page_fault
+# does the leaf stage on its vCPU's cursors, just before the fault.
 
 ctypedef struct kvm_fault_leaves:
     # the leaf stage's cursors for a later fault
     tdp_cursor spte
-    xa_state filemap
+    xa_state filemap            # stands on the filemap leaf (xa_node), if there is one
+    uint64_t inode_gen          # host.inode_gen when the filemap was walked
     int root                    # the root spte walked (kvm_fault_root)
-    bint filemap_walked
+    bint filemap_walked         # the filemap cursor was walked for this fault
+    bint filemap_leaf           # ... and stands on the index's leaf
 
 
 cdef inline int kvm_fault_root(const kvm *kvm, uint64_t gpa) noexcept nogil:
@@ -380,35 +387,47 @@ cdef inline int kvm_fault_root(const kvm *kvm, uint64_t gpa) noexcept nogil:
     return TDP_ROOT_MIRROR if kvm_has_mirrored_tdp(kvm) and not kvm_is_addr_direct(kvm, gpa) else TDP_ROOT_DIRECT
 
 
-cdef bint kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code, tdp_cursor *spte,
-                                  xa_state *filemap) noexcept nogil:
-    """Walk the cursors to the fault's last-level page table and (for a fault that is not
-    present) its filemap leaf, prefetching the slots; whether the filemap cursor was walked."""
+cdef int kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code, tdp_cursor *spte,
+                                 xa_state *filemap) noexcept nogil:
+    """The leaf stage: walk the cursors to the fault's last-level page table and (for a fault
+    that is not present) its filemap leaf, prefetching the slots. 0: the filemap cursor was
+    not walked; 1: it was, and found no leaf; 2: it stands on the index's leaf."""
     cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, index
     cdef kvm_memory_slot *s
-    cdef uint64_t *pt = tdp_mmu_leaf_pt(kvm, kvm_fault_root(kvm, gpa), gfn, spte)
+    cdef uint64_t *pt = tdp_mmu_pt_at(kvm, kvm_fault_root(kvm, gpa), gfn, spte, PG_LEVEL_4K)
     cdef xa_node *leaf
     if pt != NULL:
         gmem_prefetch(&pt[gfn & (SPTE_ENT_PER_PAGE - 1)])
     if error_code & PFERR_PRESENT_MASK:
-        return False    # most likely fast_page_fault, which reads only the SPTE
+        return 0        # most likely fast_page_fault, which reads only the SPTE
     s = __gfn_to_memslot(kvm, gfn, False)
     if s == NULL or s.gmem_file == NULL:
-        return False
+        return 0
     index = gfn - s.base_gfn + s.gmem_pgoff
     xas_set_xa(filemap, &s.gmem_file.inode.filemap, index)
     leaf = xas_leaf(filemap)
-    if leaf != NULL:
-        gmem_prefetch(&leaf.slots[index & XA_CHUNK_MASK])
-    return True
+    if leaf == NULL:
+        return 1
+    gmem_prefetch(&leaf.slots[index & XA_CHUNK_MASK])
+    return 2
 
 
 cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
-    # walked again rather than read through the leaf found: measured faster (the walk's
-    # dependent loads give the leaf stage's prefetch of the slot time to land)
-    cdef const uint64_t *p = xa_leaf_slot(lv.filemap.xa, lv.filemap.xa_index)
-    if p != NULL and _xa_is_value(p[0]):
-        gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
+    """The folio stage: the slot the leaf stage prefetched, read through its leaf."""
+    cdef const xa_node *leaf = lv.filemap.xa_node
+    cdef uint64_t e
+    cdef const char *f
+    if kvm.host.inode_gen != lv.inode_gen or lv.filemap.xa.node_gen != lv.filemap.xa_gen:
+        return          # the leaf may be gone (a Python hook changed things mid-batch)
+    e = leaf.slots[lv.filemap.xa_index & XA_CHUNK_MASK]
+    if _xa_is_sibling(e):
+        e = leaf.slots[_xa_sibling_off(e)]
+    if _xa_is_value(e):
+        f = <const char *>folio_get(&kvm.host.pm, <uint32_t>(e >> 1))
+        gmem_prefetch(f)
+        gmem_prefetch(f + sizeof(folio) - 1)
+    elif e == 0:
+        gmem_prefetchw(leaf)        # its header: count += 1 when the fault stores
 
 
 cdef inline void kvm_mmu_hand_leaves(kvm_vcpu *vcpu, const kvm_fault_leaves *lv) noexcept nogil:
@@ -419,8 +438,8 @@ cdef inline void kvm_mmu_hand_leaves(kvm_vcpu *vcpu, const kvm_fault_leaves *lv)
 
 
 cdef enum:
-    PREFETCH_AHEAD = 4       # faults between the two prefetch stages (measured: 4 beats 2-24)
-    PREFETCH_RING = 16       # the leaves of faults i .. i + 2 * AHEAD (a power of two)
+    PREFETCH_AHEAD = 8       # faults between the two prefetch stages
+    PREFETCH_RING = 32       # the leaves of faults i .. i + 2 * AHEAD (a power of two, <= 32)
 
 
 cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, const uint64_t *gpas,
@@ -428,7 +447,8 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
     """kvm_mmu_page_fault per record, in order. Without ids, every fault is taken by vcpus[0].
     Fault i + 2 * AHEAD gets its leaves prefetched (unless they are the ones the stage went to
     last: a sequential stream needs none), fault i + AHEAD its folio, and fault i's vCPU takes
-    the cursors left on its leaves. Returns the faults done (fewer than n only when a Python hook raised)."""
+    the cursors left on its leaves. Returns the faults done (fewer than n only when a Python
+    hook raised)."""
     cdef size_t i, j
     cdef kvm_vcpu *v
     cdef kvm *k
@@ -436,7 +456,7 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
     cdef kvm_fault_leaves ring[PREFETCH_RING]
     cdef uint32_t filled = 0        # bit r: the leaf stage filled ring[r] (else it went nowhere)
     cdef uint64_t key, last = <uint64_t>-1
-    cdef int r
+    cdef int r, walked
     if n == 0:
         return 0                # (with ids, the vCPU table has no entry to read)
     v = vcpus[ids[0]] if ids != NULL else vcpus[0]
@@ -452,14 +472,16 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
             key = gpas[j] >> 18
             if key != last:
                 ring[r].root = kvm_fault_root(k, gpas[j])
-                ring[r].filemap_walked = kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r].spte,
-                                                                 &ring[r].filemap)
+                walked = kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r].spte, &ring[r].filemap)
+                ring[r].filemap_walked = walked != 0
+                ring[r].filemap_leaf = walked == 2
+                ring[r].inode_gen = host.inode_gen
                 filled |= 1u << r
             else:
                 filled &= ~(1u << r)
             last = key
         r = (i + PREFETCH_AHEAD) & (PREFETCH_RING - 1)
-        if (filled >> r) & 1 and ring[r].filemap_walked and i + PREFETCH_AHEAD < n:
+        if (filled >> r) & 1 and ring[r].filemap_leaf and i + PREFETCH_AHEAD < n:
             kvm_mmu_prefetch_folio(k, &ring[r])
         if ids != NULL:
             v = vcpus[ids[i]]

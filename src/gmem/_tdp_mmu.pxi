@@ -102,11 +102,11 @@ cdef inline bint tdp_cursor_trusted(const tdp_cursor *c, const kvm *kvm, uint64_
 
 
 cdef uint64_t *_tdp_mmu_walk(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c, int *level,
-                             bint to_table) noexcept nogil:
+                             int to_table) noexcept nogil:
     """Down from the cursor's table if gfn is under it, else from the root, to the last SPTE
     on gfn's path (a leaf, not present, or at level 1): its address, with *level; the cursor
-    stands on its table. NULL if the root does not reach gfn. to_table: stop at the level-1
-    table without reading its SPTE (a batch prefetches it)."""
+    stands on its table. NULL if the root does not reach gfn. to_table (a level, or 0): stop
+    at the table of that level without reading its SPTE (a batch prefetches it)."""
     cdef uint64_t *pt
     cdef uint64_t spte
     cdef int lvl
@@ -117,7 +117,7 @@ cdef uint64_t *_tdp_mmu_walk(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c, in
         if pt == NULL or gfn >> TDP_ROOT_GFN_BITS:
             c.gen = TDP_GEN_NOWHERE
             return NULL
-    while not (to_table and lvl == PG_LEVEL_4K):
+    while lvl > to_table:
         spte = pt[spte_index(gfn, lvl)]
         if not is_shadow_present_pte(spte) or is_last_spte(spte, lvl):
             break
@@ -137,16 +137,17 @@ cdef inline uint64_t *tdp_mmu_last_sptep(kvm *kvm, int root, uint64_t gfn, tdp_c
         sptep = &c.pt[(gfn >> c.shift) & (SPTE_ENT_PER_PAGE - 1)]
         if not is_shadow_present_pte(sptep[0]) or is_last_spte(sptep[0], c.level):
             return sptep
-    return _tdp_mmu_walk(kvm, root, gfn, c, &level, False)
+    return _tdp_mmu_walk(kvm, root, gfn, c, &level, 0)
 
 
-cdef uint64_t *tdp_mmu_leaf_pt(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c) noexcept nogil:
-    """The level-1 table on gfn's path, the cursor left on it, or NULL if there is none
-    (the batch finds it to prefetch the SPTE)."""
-    cdef int level
-    if tdp_cursor_trusted(c, kvm, gfn) and c.level == PG_LEVEL_4K:
+cdef uint64_t *tdp_mmu_pt_at(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c, int level) noexcept nogil:
+    """The table of that level on gfn's path (or one below it, where the cursor already
+    stands), the cursor left on it, or NULL if there is none (the batch finds it to prefetch
+    gfn's entry in it)."""
+    cdef int found
+    if tdp_cursor_trusted(c, kvm, gfn) and c.level <= level:
         return c.pt
-    if _tdp_mmu_walk(kvm, root, gfn, c, &level, True) == NULL or level != PG_LEVEL_4K:
+    if _tdp_mmu_walk(kvm, root, gfn, c, &found, level) == NULL or found > level:
         return NULL
     return c.pt
 
@@ -310,7 +311,7 @@ cdef bint _tdp_mmu_leaf_at(kvm *kvm, int root, uint64_t gfn, uint64_t *spte, int
     cdef tdp_cursor c
     cdef uint64_t *sptep
     tdp_cursor_init(&c)
-    sptep = _tdp_mmu_walk(kvm, root, gfn, &c, level, False)
+    sptep = _tdp_mmu_walk(kvm, root, gfn, &c, level, 0)
     if sptep == NULL or not is_shadow_present_pte(sptep[0]):
         return False
     spte[0] = sptep[0]

@@ -15,7 +15,15 @@ from libc.string cimport memset
 cdef extern from *:
     """
     static inline int gmem_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
+    /* asm volatile, not __builtin_prefetch: gcc may delete a prefetch, or a whole inlined
+       function of loads and prefetches, as having no effect */
+    #if defined(__x86_64__)
+    #define gmem_prefetch(p) __asm__ __volatile__("prefetcht0 (%0)" : : "r"((const void *)(p)))
+    #define gmem_prefetchw(p) __asm__ __volatile__("prefetchw (%0)" : : "r"((const void *)(p)))
+    #else
     #define gmem_prefetch(p) __builtin_prefetch((const void *)(p))
+    #define gmem_prefetchw(p) __builtin_prefetch((const void *)(p), 1)
+    #endif
     /* node_gen values are unique to an array (xa_init): 2^32 arrays of 2^32 frees each */
     static unsigned long long gmem_xa_gen_next;
     static inline unsigned long long gmem_xa_new_gen(void) {
@@ -24,6 +32,7 @@ cdef extern from *:
     """
     int gmem_ctz64(unsigned long long x) noexcept nogil
     void gmem_prefetch(const void *p) noexcept nogil
+    void gmem_prefetchw(const void *p) noexcept nogil
     uint64_t gmem_xa_new_gen() noexcept nogil
     # a cursor's xa_gen when it stands nowhere: no array's node_gen gets there
     const uint64_t XA_GEN_NOWHERE "(~0ULL)"
@@ -352,7 +361,10 @@ cdef inline int xas_lookup(xa_state *xas, uint64_t *value, uint64_t *first, int 
     return 1
 
 
-cdef xa_node *_xas_leaf(xa_state *xas) noexcept nogil:
+cdef xa_node *xas_walk_to(xa_state *xas, int shift_to) noexcept nogil:
+    """The node of shift shift_to on xa_index's path (or one below it, where the cursor
+    already stands), the cursor standing on it, without reading the slot of xa_index in it
+    (a batch finds it to prefetch that slot); NULL if the path ends above that shift."""
     cdef xa_node *node
     cdef int shift
     cdef uint64_t e
@@ -364,14 +376,14 @@ cdef xa_node *_xas_leaf(xa_state *xas) noexcept nogil:
             xas.xa_gen = XA_GEN_NOWHERE
             return NULL
         shift = node.shift
-    while shift != 0:
+    while shift > shift_to:
         e = xas_descend(xas, node, shift)
         if not _xa_is_node(e):
             break
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
     xas_stand(xas, node, shift)
-    return node if shift == 0 else NULL
+    return node if shift <= shift_to else NULL
 
 
 cdef inline xa_node *xas_leaf(xa_state *xas) noexcept nogil:
@@ -379,7 +391,7 @@ cdef inline xa_node *xas_leaf(xa_state *xas) noexcept nogil:
     slot (a batch finds it to prefetch the slot); NULL if there is none."""
     if xas_trusted(xas) and xas.xa_shift == 0:
         return xas.xa_node
-    return _xas_leaf(xas)
+    return xas_walk_to(xas, 0)
 
 
 cdef inline int _xas_store_here(xa_state *xas, uint64_t e, uint64_t value, uint64_t *old) noexcept nogil:
