@@ -1,4 +1,5 @@
-"""Build the Cython core (gmem._core).
+"""Build the Cython core (gmem._core) and gmem exec's preload library (gmem._shim, plain C:
+an LD_PRELOAD library, never imported).
 
 GMEM_SANITIZE=1 builds it with -fsanitize=address,undefined (run the tests with
 LD_PRELOAD=$(gcc -print-file-name=libasan.so)); GMEM_DEBUG=1 builds with -O0 -g.
@@ -31,8 +32,19 @@ ext = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+# gmem exec's preload library: a shared object built like an extension so that it installs
+# with the package; it links against libc only (never libpython) and exports only the calls
+# it interposes.
+shim = Extension(
+    "gmem._shim",
+    ["src/gmem/shim/gmem_shim.c"],
+    depends=["src/gmem/shim/proto.h"],
+    extra_compile_args=["-O2", "-fvisibility=hidden", "-Wall"],
+    extra_link_args=["-pthread"],
+)
+
 setup(
-    ext_modules=cythonize(
+    ext_modules=[shim] + cythonize(
         [ext],
         compiler_directives={
             "language_level": 3,

@@ -2,8 +2,9 @@
 
 It re-states arch/x86/kvm/mmu/mmu.c (kvm_mmu_page_fault -> kvm_mmu_do_page_fault ->
 kvm_tdp_mmu_page_fault -> kvm_mmu_faultin_pfn -> kvm_mmu_hugepage_adjust ->
-kvm_tdp_mmu_map) with dicts, in the order of ../shared/spec/x86-snp-tdx.md §2.3-§2.9,
-so that it can be read against the spec line by line.  The Cython core is checked
+kvm_tdp_mmu_map) with dicts, in the order of arch/x86/kvm/mmu/mmu.c
+(kvm_mmu_page_fault -> kvm_mmu_do_page_fault -> kvm_tdp_page_fault), so that it can be read
+against the kernel line by line.  The Cython core is checked
 against it (tests/test_fault_path.py) and measured against it (benchmarks/bench_fault.py).
 
 State, all plain dicts:
@@ -21,6 +22,7 @@ SW_PROTECTED: the attributes, except RSVD faults; SNP: PFERR_GUEST_ENC; TDX: no 
 bit 51 in the gpa), the TDX shared-bit alias and its 4K private limit.  Not modelled:
 the RMP, the S-EPT, PSMASH, dirty logging, gmem-only (mmap) slots.
 """
+import errno
 from collections import Counter
 from dataclasses import dataclass
 
@@ -367,8 +369,8 @@ class RefVm:
             if write and slot.flags & U.KVM_MEM_READONLY:
                 return Result(U.RET_PF_EMULATE)           # KVM_PFN_ERR_RO_FAULT
             hva = slot.hva + ((gfn - slot.base_gfn) << PAGE_SHIFT)
-            if hva < MMAP_MIN_ADDR:                       # kvm_handle_error_pfn
-                return self.memory_fault_exit(st, gfn, private)
+            if hva < MMAP_MIN_ADDR:                       # kvm_handle_error_pfn: -EFAULT,
+                return Result(-errno.EFAULT)              # and no memory-fault exit
             page = self.host.user_pages.get(hva >> PAGE_SHIFT)
             if page is None:                              # the VMM's page, at first touch
                 page = self.host.user_pages[hva >> PAGE_SHIFT] = self.host.new_page("user")
@@ -398,7 +400,7 @@ class RefVm:
         first = gfn & ~(n - 1)
         if first < slot.base_gfn or first + n > slot.base_gfn + slot.npages:
             return True                                   # a misaligned slot edge
-        if not slot.flags & U.KVM_MEM_GUEST_MEMFD and (slot.base_gfn ^ (slot.hva >> PAGE_SHIFT)) & (n - 1):
+        if (slot.base_gfn ^ (slot.hva >> PAGE_SHIFT)) & (n - 1):
             return True                                   # gfn and hva not aligned alike
         if self.has_private_mem:                          # KVM_LPAGE_MIXED_FLAG
             attrs = {self.attributes.get(g, 0) for g in range(first, first + n)}

@@ -158,6 +158,7 @@ class TestHostWriteToGuestPage:
         next write to it faults (SIGBUS for a user access), and check() finds a guest page that
         is no guest_memfd's."""
         h, py, vm, f, v = snp_guest()
+        h.mmap_user(HVA + 64 * MB, 4096)                           # a buffer of the VMM's own
         h.write_user(HVA + 64 * MB, b"vmm data")
         vmm_pfn = next(p for p in range(h.nr_pages) if h.folio(p))
 

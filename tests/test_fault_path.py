@@ -1,8 +1,8 @@
 """The x86 TDP fault path (arch/x86/kvm/mmu/mmu.c) with guest_memfd.
 
 Three parts:
-  * one test per rule of ../shared/spec/x86-snp-tdx.md §2: the error-code bits that
-    matter, the synthetic bits, each memory-fault-exit trigger of §2.9, RET_PF_RETRY,
+  * one test per rule of the fault path (arch/x86/kvm/mmu/mmu.c): the error-code bits that
+    matter, the synthetic bits, each memory-fault-exit trigger (kvm_mmu_prepare_memory_fault_exit), RET_PF_RETRY,
     zapping, hugepages and their demotion, the TDX shared-bit alias, the trace;
   * the kernel selftests private_mem_kvm_exits_test.c and private_mem_conversions_test.c
     (kernel-gmem.md §18.4-§18.5) re-expressed with vcpu.read/write and the VMM's memory;
@@ -272,12 +272,36 @@ def test_exit_5_emulation_on_private_memory_cannot_be_reached():
     assert vcpu.stats["pf_emulate"] == 0
 
 
-def test_exit_6_unresolvable_shared_pfn():
-    """kvm_handle_error_pfn's default: a memslot whose hva is not mapped in the VMM."""
+def test_unresolvable_shared_pfn_is_efault_without_an_exit():
+    """kvm_handle_error_pfn's default: a memslot whose hva is not mapped in the VMM is -EFAULT
+    from KVM_RUN with no KVM_EXIT_MEMORY_FAULT (one was proposed for it, never merged), and no
+    memory-fault exit is counted."""
     host, vm, f, vcpu = make_vm(hva=0)
-    assert_exit(vcpu.page_fault(0x2000, WRITE), 0x2000, private=False)
+    r = vcpu.page_fault(0x2000, WRITE)
+    assert (r.ret, r.exit_reason, r.memory_fault) == (-errno.EFAULT, 0, None)
+    assert vcpu.stats["memory_fault_exits"] == 0
     vm.set_memory_attributes(0x2000, PAGE, PRIVATE)
     assert vcpu.page_fault(0x2000, WRITE).ret == FIXED       # private pages come from gmem
+
+
+def test_munmap_of_the_vmm_memory_zaps_and_faults_efault():
+    """munmap of a memslot's backing: the mmu notifier zaps the gfns it backs
+    (kvm_mmu_notifier_invalidate_range_start), then a fault there is -EFAULT (no exit); the
+    VMM mapping it again gives the guest zero pages."""
+    host, vm, f, vcpu = make_vm()
+    gpa = 4 * M                                              # the shared slot's memory
+    assert vcpu.page_fault(gpa, WRITE).ret == FIXED
+    vcpu.write(gpa, b"shared")
+    host.munmap_user(HVA + gpa, 2 * PAGE)
+    assert all(g != gpa >> 12 for g, *_ in vm.sptes())
+    r = vcpu.page_fault(gpa, WRITE)
+    assert (r.ret, r.exit_reason) == (-errno.EFAULT, 0)
+    with pytest.raises(OSError) as e:
+        host.read_user(HVA + gpa, 6)
+    assert e.value.errno == errno.EFAULT
+    host.mmap_user(HVA + gpa, 2 * PAGE)
+    assert vcpu.read(gpa, 6) == bytes(6)
+    host.check()
 
 
 # ------------------------------------------------------------- §2.10 retry
@@ -1075,8 +1099,9 @@ def test_vcpu_cursors_outlive_a_closed_guest_memfd():
 
 def _zapping_guest(batch):
     """A 16 MiB private guest, half of it mapped, with a prepare hook that zaps every SPTE
-    (a round trip through shared) on every 50th cold fault; the stream's records and stats."""
-    host = gmem.Host(memory=64 * M)
+    (a round trip through shared) on every 50th cold fault; the stream's records and stats
+    (Linux 6.18: a folio is prepared once, so the hook runs once per page)."""
+    host = gmem.Host(memory=64 * M, kernel="6.18")
     vm = host.create_vm(SW)
     f = vm.create_guest_memfd(16 * M)
     vm.set_user_memory_region2(0, GMEM, 0, 16 * M, userspace_addr=HVA, guest_memfd=f)
@@ -1117,11 +1142,10 @@ def test_batch_leaves_freed_under_it_are_not_trusted():
     assert Counter(r[0] for r in batch[0])[FIXED] > 2048   # zapped pages faulted again
 
 
-def test_batch_leaf_handed_for_the_gfn_it_was_found_for():
-    """A hook's tdx_init_vm (a TD that has only faulted shared pages) moves the shared bit from
-    51 to 47 mid-batch. The leaf stage found fault 8's SPTE leaf for gfn = gpa >> 12 without the
-    old bit; the cursor it hands over stands on that gfn's leaf, and trusts it for no other
-    range (a later fault must not be answered from gfn 5's SPTE)."""
+def test_batch_td_state_does_not_change_under_a_fault():
+    """A hook's tdx_init_vm mid-batch (which would move the shared bit from 51 to 47 under the
+    faults the leaf stage already looked up) is refused, as the kernel's KVM_TDX_INIT_VM cannot
+    run while a vCPU faults: the batch stops with that error and nothing moved."""
     s51, s47, page = 1 << 51, 1 << 47, 0x5000
     host = gmem.Host(memory=1 << 30, platform="intel")
     vm = host.create_vm(TDX)                     # not initialised yet: shared bit 51
@@ -1137,8 +1161,11 @@ def test_batch_leaf_handed_for_the_gfn_it_was_found_for():
 
     host.register_hooks(TDX, is_private_fault=is_private)
     gpas = np.array([s51 | s47 | 0x100000] * 8 + [s51 | page], dtype=np.uint64)
-    vm.page_fault_batch(gpas, np.full(9, WRITE, np.uint64))
-    assert vm.shared_gpa_bit == s47
+    with pytest.raises(OSError) as e:
+        vm.page_fault_batch(gpas, np.full(9, WRITE, np.uint64))
+    assert e.value.errno == errno.EDEADLK
+    assert vm.shared_gpa_bit == s51 and vm.td_state == "runnable"
+    host.register_hooks(TDX, is_private_fault=None)
     host.check()
-    r = vcpu.page_fault(s51 | s47 | page, PRESENT | WRITE)      # gfn (1 << 39) | 5: no SPTE
-    assert r.ret != SPURIOUS
+    r = vcpu.page_fault(s51 | page, PRESENT | WRITE)
+    assert r.ret == SPURIOUS

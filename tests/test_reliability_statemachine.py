@@ -533,10 +533,11 @@ class GmemMachine(RuleBasedStateMachine):
         vm = vmr.vm
         fr = self._pick(data, vmr.files, "file")
         attempt(vm.snp_launch_start)
-        self.host.write_user(HVA0 + (1 << 40), b"firmware" * 8)
+        self.host.mmap_user(HVA0 - (1 << 40), 1 << 20)      # the VMM's launch image
+        self.host.write_user(HVA0 - (1 << 40), b"firmware" * 8)
         gfn = (fr.base >> 12) + data.draw(st.integers(0, fr.npages), label="gfn")
         attempt(vm.set_memory_attributes, gfn << 12, npages * PS, PRIVATE)
-        attempt(vm.snp_launch_update, gfn, HVA0 + (1 << 40), npages * PS, page_type)
+        attempt(vm.snp_launch_update, gfn, HVA0 - (1 << 40), npages * PS, page_type)
         if finish:
             attempt(vm.snp_launch_finish)
 
@@ -572,11 +573,12 @@ class GmemMachine(RuleBasedStateMachine):
         v = self._vcpu(data, vmr)
         fr = self._pick(data, vmr.files, "file")
         attempt(vm.tdx_init_vm, data.draw(st.sampled_from([52, 52, 48]), label="gpaw"))
-        self.host.write_user(HVA0 + (1 << 40), b"tdvf" * 16)
+        self.host.mmap_user(HVA0 - (1 << 40), 1 << 20)
+        self.host.write_user(HVA0 - (1 << 40), b"tdvf" * 16)
         gpa = fr.base + data.draw(st.integers(0, fr.npages), label="page") * PS
         attempt(vm.set_memory_attributes, gpa, npages * PS, PRIVATE)
         if v is not None:
-            attempt(v.tdx_init_mem_region, HVA0 + (1 << 40), gpa, npages)
+            attempt(v.tdx_init_mem_region, HVA0 - (1 << 40), gpa, npages)
         if finalize:
             attempt(vm.tdx_finalize_vm)
 

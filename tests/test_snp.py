@@ -1,7 +1,7 @@
 """SEV-SNP: the RMP table and its instructions, and the scenarios of issue 5.
 
-Facts from ../shared/spec/x86-snp-tdx.md §3 (the [ARCH] rules are AMD APM vol. 2 §15.36),
-§5 and §6.3-6.4.  Every scenario ends with host.check().
+Rules from arch/x86/kvm/svm/sev.c and arch/x86/virt/svm/sev.c (the architectural ones from
+the AMD APM vol. 2 §15.36).  Every scenario ends with host.check().
 """
 import errno
 
@@ -289,6 +289,27 @@ class TestInjectedFailures:
 # =================================================================== scenarios
 
 class TestLaunch:
+    def test_launch_start_policy(self):
+        """snp_launch_start: only snp_supported_policy_bits, and the must-be-one bit 17; a
+        refused start changes nothing (the launch can start afterwards)."""
+        h, vm, f, v = snp()
+        for policy in (0, 1 << 16, (1 << 17) | (1 << 18), (1 << 17) | (1 << 21), (1 << 17) | (1 << 63)):
+            with pytest.raises(OSError) as e:
+                vm.snp_launch_start(policy)
+            assert e.value.errno == errno.EINVAL, hex(policy)
+        vm.snp_launch_start((1 << 17) | (1 << 19) | (1 << 20) | 0xFFFF)   # MBO, DEBUG, SINGLE_SOCKET, ABI
+        vm.snp_launch_finish()
+
+    def test_vm_launch_is_the_minimal_launch(self):
+        h, vm, f, v = snp()
+        with pytest.raises(OSError) as e:
+            v.pre_fault_memory(0, 4096)               # pre_fault_allowed: not before the launch
+        assert e.value.errno == errno.EOPNOTSUPP
+        vm.launch()
+        assert vm.vmsa_pfns and h.rmp.lookup(vm.vmsa_pfns[0]).vmsa
+        assert v.pre_fault_memory(0, 4096) == (4096, 0)
+        h.check()
+
     def test_launch_and_boot(self):
         h, vm, f, v = snp(size=4 << 20, private=False)
         vm.set_memory_attributes(0, MB2, PRIVATE)          # the second 2M stay shared
@@ -378,7 +399,7 @@ class TestLaunch:
 
 class TestPrivateFault:
     def test_fault_prepare_pvalidate(self):
-        h, vm, f, v = snp()
+        h, vm, f, v = snp(kernel="6.18")             # a folio is prepared once (uptodate)
         r = v.page_fault(0x5000, ENC | W)
         assert (r.ret, r.exit_reason, r.level) == (u.RET_PF_FIXED, 0, u.PG_LEVEL_4K)
         assert h.rmp.lookup(r.pfn) == gmem.RmpEntry(True, 0, False, False, vm.asid, 0x5000, False)
@@ -736,6 +757,7 @@ class TestKnownGaps:
 
     def test_vmm_write_to_assigned_page_faults(self):
         h = gmem.Host(memory=64 << 20)
+        h.mmap_user(HVA, 4096)
         h.write_user(HVA, b"a")
         pfn, = [p for p in range(64) if h.folio(p)]
         assert h.rmp.rmpupdate(pfn, assigned=1, gpa=0, asid=1) == 0

@@ -1,6 +1,6 @@
 """Intel TDX private memory: the TD build (INIT_MEM_REGION, FINALIZE), AUG and ACCEPT, MapGPA
-conversions and the shared-bit alias.  Facts from ../shared/spec/x86-snp-tdx.md §4, §6.3 (INV-8,
-INV-9, INV-10) and §6.4 scenarios 6-7.  The model follows the post-v6.16 kernel for an access to
+conversions and the shared-bit alias.  Rules from arch/x86/kvm/vmx/tdx.c (tdx_sept_set_private_spte,
+tdx_gmem_post_populate, tdx_handle_ept_violation) and the TDX module's ABI.  The model follows the post-v6.16 kernel for an access to
 an unaccepted page: a memory-fault exit of size 0 (v6.16 killed the VM)."""
 import errno
 
@@ -19,6 +19,7 @@ HC = 1 << u.KVM_HC_MAP_GPA_RANGE
 
 def td(size=8 << 20, gpaw=52, init=True, private=True, **hostkw):
     h = gmem.Host(memory=1 << 30, platform="intel", **hostkw)
+    h.mmap_user(SRC, 1 << 20)                   # the VMM's buffer for the TD's initial image
     vm = h.create_vm(u.KVM_X86_TDX_VM)
     if init:
         vm.tdx_init_vm(gpaw)
@@ -55,6 +56,24 @@ class TestBuild:
         sw = gmem.Host(memory=64 << 20, platform="intel").create_vm(u.KVM_X86_DEFAULT_VM)
         with pytest.raises(OSError):
             sw.tdx_init_vm(52)
+        h.check()
+
+    def test_init_mem_region_measure(self):
+        """KVM_TDX_MEASURE_MEMORY_REGION extends each page into the measurement: TDH.MR.EXTEND
+        per 256 bytes; without it, the pages are added unmeasured."""
+        h, vm, f, v = td()
+        assert v.tdx_init_mem_region(SRC, 0x10000, 2, measure=True) == 2
+        assert vm.tdx_stats["mr_extend"] == 2 * 4096 // 256
+        assert v.tdx_init_mem_region(SRC, 0x20000, 1) == 1
+        assert vm.tdx_stats["mr_extend"] == 32 and vm.tdx_stats["page_add"] == 3
+
+    def test_vm_launch_is_the_minimal_launch(self):
+        h = gmem.Host(memory=64 << 20, platform="intel")
+        vm = h.create_vm(u.KVM_X86_TDX_VM)
+        vm.launch()                                  # INIT_VM, then FINALIZE_VM
+        assert vm.td_state == "runnable" and vm.shared_gpa_bit == 1 << 51
+        sw = h.create_vm(u.KVM_X86_DEFAULT_VM)
+        sw.launch()                                  # nothing to launch
         h.check()
 
     def test_init_mem_region_finalize_aug_accept(self):

@@ -2,8 +2,8 @@
 ``gmem.Host(platform="none", sw_protected=False, memory_attributes=False)`` and, where
 ``gmem.kernel.available()``, the real /dev/kvm of this machine (Linux 6.18, DEFAULT VM type only,
 no memory attributes) -- and each case's outcome is asserted equal to the expected outcome written
-in the table (from /work/shared/spec/kernel-gmem.md, confirmed on the real kernel). So the model is
-checked against the spec everywhere, and against the kernel where it exists.
+in the table (read from the kernel's source and confirmed on a real kernel). So the model is
+checked against the kernel's rules everywhere, and against a running kernel where one exists.
 
 Outcome of a scenario: its return value (``OK`` for None), the errno name of an ``OSError``
 (``"EINVAL"``), or ``("SIGBUS", offset)`` for a ``gmem.SigBus`` escaping the scenario.

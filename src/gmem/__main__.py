@@ -1,16 +1,22 @@
 """gmem: a model of KVM guest_memfd and the x86 confidential-VM fault path.
 
-  gmem demo                      an SEV-SNP guest's life, a table and a memory-map PNG
+  gmem demo                      an SEV-SNP guest's life, a table and a memory-map picture
   gmem run SCENARIO              a built-in scenario or a TOML file; counters, optional trace
   gmem compare SCENARIO          one scenario under several policy sets, side by side
   gmem replay FILE               a fault stream (.npy or CSV: vcpu, gpa, error_code) through the batch path
+  gmem exec -- PROGRAM ARGS      run an unmodified program with the model as its /dev/kvm
+  gmem sweep SPEC.toml           a grid of scenarios x options x sizes x seeds on Dask, into Parquet
+  gmem report RESULT             an HTML page of a result (run, compare, replay or sweep)
+
+Exit status: 0 done; 1 the model found a violation (host.check(), an RMP violation);
+2 bad input (one line on stderr, nothing written); 130 interrupted (the partial result is
+still printed). --json prints one result document (gmem/schemas/result-1.schema.json).
 """
 import argparse
 import json
 import os
 import sys
 import time
-import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -19,6 +25,9 @@ import numpy as np
 class CliError(Exception):
     """A bad input: reported on one line, exit status 2, nothing written."""
 
+
+EXIT = {"ok": 0, "violation": 1, "error": 1, "interrupted": 130}
+CLI_EXTRA_HINT = "pip install 'kvm-gmem[cli]'"
 
 DEFAULT_POLICY_SETS = [
     "prepare=fault,prepared_tracking=gmem",           # Linux 6.12 .. 6.18
@@ -49,37 +58,77 @@ def _parse_policy(text: str) -> dict[str, Any]:
     return out
 
 
-def _table(rows, headers):
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([line.format(*headers), line.format(*("-" * w for w in widths))] +
-                     [line.format(*r) for r in rows])
-
-
-def _check_writable(path):
+def _check_writable(path, picture=False):
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise CliError(f"cannot write {path}: no directory {d}")
+    if picture:
+        from gmem import plots
+        try:
+            plots.require(path)
+        except plots.PlotError as e:
+            raise CliError(f"{e} (or --no-plot)" if "matplotlib" in str(e) and picture == "demo" else str(e)) from None
+
+
+def _emit(doc, args):
+    """Validate the result document, print it (--json) and/or write it (-o); the exit status."""
+    from gmem import results
+    results.validate(doc)
+    text = json.dumps(doc, indent=1)
+    if doc["status"] != "ok":
+        worst = next(r for r in doc["runs"] if r["status"] == doc["status"])
+        print(f"gmem {args.command}: {_status_line(worst)}", file=sys.stderr)
+    if getattr(args, "output", None):
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+        _note(args, f"wrote the result to {args.output}")
+    if args.json:
+        print(text)
+    return EXIT[doc["status"]]
+
+
+def _note(args, text):
+    """A status line: stdout normally, stderr under --json (stdout is the document)."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def _status_line(run_rec):
+    e = run_rec["error"]
+    where = f" at steps[{e['step']}] ({e['op']})" if e and e.get("step") is not None else ""
+    return f"{run_rec['status']}{where}: {e['type']}: {e['message']}" if e else run_rec["status"]
+
+
+def _run_progress(bar, spec):
+    """A progress callback for scenario.run: the step bar, and the faults of a long step."""
+    nsteps = len(spec.get("steps", []))
+
+    def on_step(i, step, run):
+        bar.update("steps", i + 1, nsteps, f"step {i + 1}/{nsteps} ({step['op']})")
+
+    def progress(i, op, done, total):
+        bar.update("faults", done, total, f"steps[{i}] {op}")
+    return on_step, progress
+
+
+def _scenario_record(name, spec):
+    return {"name": name, "description": spec.get("description", ""), "spec": spec}
 
 
 # ------------------------------------------------------------------ demo
 
 def cmd_demo(args):
-    from gmem import _core, plots, scenario
+    from gmem import _console, _core, plots, scenario
     if not args.no_plot:
-        _check_writable(args.out)
+        _check_writable(args.out, picture="demo")
     spec = scenario.BUILTIN["snp-life"]
     snap = {}
 
     def on_step(i, step, run):
         if step["op"] == "check":
-            snap["counters"] = run.counters()
             snap["states"] = _core.page_states(run.vms["guest"], 0, 64 << 20)
 
-    t = time.perf_counter()
-    run = scenario.run(spec, on_step=on_step)
-    elapsed = time.perf_counter() - t
-    c = snap["counters"]
+    run = scenario.run(spec, on_step=on_step, name="snp-life")
+    c = results_flat(run)
     print(f"gmem demo: {spec['description']}\n")
     for e in run.events:
         print(f"  - {e}")
@@ -89,187 +138,363 @@ def cmd_demo(args):
         ("gmem prepare calls (RMPUPDATE to private)", c["guest.gmem_prepare"]),
         ("gmem invalidate calls / pages made shared", f"{c['host.gmem_invalidate']} / {c['host.gmem_invalidate_pages']}"),
         ("RMPUPDATE / PSMASH / PVALIDATE", f"{c['rmp.rmpupdate']} / {c['rmp.psmash']} / {c['rmp.pvalidate']}"),
-        ("RMP-assigned pages (before shutdown)", c["rmp.assigned_pages"]),
-        ("SPTEs zapped / TLB flushes", f"{c['guest.zapped_sptes']} / {c['guest.remote_tlb_flush']}"),
         ("huge folio splits", c["host.folio_splits"]),
         ("host RMP violations", c["rmp.rmp_violations"]),
-        ("RMP-assigned pages after shutdown", len(run.host.rmp.assigned())),
+        ("RMP-assigned pages after shutdown", c["rmp.assigned_pages"]),
     ]
-    print("\n" + _table([(k, str(v)) for k, v in rows], ("what", "count")))
+    print()
+    _console.print_table([(k, str(v)) for k, v in rows], ("what (counted over the whole run)", "count"))
     st = snap["states"]
-    print(f"\nguest memory at the end: {int((st['private'] == 1).sum())} private pages "
+    print(f"guest memory before shutdown: {int((st['private'] == 1).sum())} private pages "
           f"({int((st['rmp'] == 2).sum())} validated), {int((st['private'] == 0).sum())} shared; "
-          f"ran in {elapsed:.2f} s; host.check() passed")
+          f"ran in {run.seconds:.2f} s; host.check() passed")
     if not args.no_plot:
         plots.memory_map(st, args.out, "SEV-SNP guest memory before shutdown (gmem demo)")
-        note = "" if plots.have_matplotlib() else " (bare image: pip install 'kvm-gmem[plot]' for labels)"
-        print(f"wrote {args.out}{note}")
+        print(f"wrote {args.out}")
     return 0
+
+
+def results_flat(run):
+    from gmem import results
+    return results.flat(run.counters())
 
 
 # ------------------------------------------------------------------- run
 
 def cmd_run(args):
-    from gmem import scenario
+    from gmem import _console, results, scenario
     spec = scenario.get(args.scenario)
     options = _parse_policy(",".join(args.set or []))
+    trace_filter = _trace_filter(args)
     if args.trace:
         _check_writable(args.trace)
-    t = time.perf_counter()
-    r = scenario.run(spec, options, trace=bool(args.trace))
-    elapsed = time.perf_counter() - t
+    if args.timeline:
+        _check_writable(args.timeline, picture=True)
+    if args.output:
+        _check_writable(args.output)
+    with _console.Bar(quiet=args.quiet, unit="faults") as bar:
+        on_step, progress = _run_progress(bar, spec)
+        r = scenario.run(spec, options, on_step=on_step, trace=bool(args.trace or args.timeline), name=args.scenario,
+                         progress=progress, keep_partial=True)
+    extra = {}
     if args.trace:
+        extra["trace"] = _write_trace(args, r.host.trace, trace_filter)
+    if args.timeline:
+        from gmem import plots, tracing
         recs = r.host.trace.to_numpy()
-        if args.trace.endswith(".npy"):
-            np.save(args.trace, recs)
-        else:
-            with open(args.trace, "w") as f:
-                f.write(r.host.trace.report() + "\n")
-        lost = f" ({r.host.trace.lost} lost)" if r.host.trace.lost else ""
-        print(f"wrote {len(recs)} trace records to {args.trace}{lost}")
-    counters = r.counters()
-    if args.json:
-        print(json.dumps(dict(counters=counters, events=r.events, seconds=elapsed), indent=1))
-        return 0
-    print(f"scenario {args.scenario}: {len(spec.get('steps', []))} steps in {elapsed:.3f} s")
-    for e in r.events:
-        print(f"  - {e}")
-    print(_table([(k, str(v)) for k, v in counters.items() if v or args.all], ("counter", "value")))
-    return 0
+        plots.trace_timeline(recs[tracing.where(recs, **trace_filter)] if args.trace_gpa or args.trace_event
+                             else recs, args.timeline, f"{args.scenario}: trace timeline")
+        _note(args, f"wrote {args.timeline}")
+    rec = r.result(**extra)
+    doc = results.document("run", [rec], scenario=_scenario_record(args.scenario, spec))
+    if not args.json:
+        print(f"scenario {args.scenario}: {len(spec.get('steps', []))} steps in {r.seconds:.3f} s")
+        for e in r.events:
+            print(f"  - {e}")
+        flat = results.flat(rec["counters"], vcpus=args.all)
+        _console.print_table([(k, str(v)) for k, v in flat.items() if v or args.all], ("counter", "value"),
+                             title=f"counters {rec['counters']['moment']['label']}" + _closed_note(rec))
+    return _emit(doc, args)
+
+
+def _closed_note(rec):
+    closed = rec["counters"]["closed_vms"]
+    return "".join(f"; {n}'s just before its close (step {s})" for n, s in closed.items())
+
+
+def _trace_filter(args):
+    from gmem import tracing
+    from gmem._core import TRACE_EVENTS
+    for e in args.trace_event or []:
+        if e not in TRACE_EVENTS:
+            raise CliError(f"unknown trace event {e!r} (one of {', '.join(TRACE_EVENTS)})")
+    gpa = None
+    if args.trace_gpa:
+        try:
+            gpa = tracing.parse_gpa_range(args.trace_gpa)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    return {"events": args.trace_event or None, "gpa": gpa}
+
+
+def _write_trace(args, trace, flt):
+    """The trace into args.trace: .npy (TRACE_DTYPE records), .json (Chrome trace format, for
+    Perfetto), else text in the style of trace-cmd report."""
+    from gmem import tracing
+    recs = trace.to_numpy()
+    keep = tracing.where(recs, **flt)
+    if args.trace.endswith(".npy"):
+        np.save(args.trace, recs[keep])
+    elif args.trace.endswith(".json"):
+        with open(args.trace, "w") as f:
+            json.dump(tracing.chrome_trace(recs, where=keep), f)
+    else:
+        with open(args.trace, "w") as f:
+            f.write(tracing.report(recs, where=keep) + "\n")
+    n = int(keep.sum())
+    lost = f" ({trace.lost} lost)" if trace.lost else ""
+    print(f"wrote {n} trace records to {args.trace}{lost}", file=sys.stderr)
+    return {"records": n, "lost": int(trace.lost), "path": args.trace}
 
 
 # --------------------------------------------------------------- compare
 
-COMPARE_KEYS = ("gmem_prepare", "rmp.rmpupdate", "rmp.psmash", "host.folio_splits", "host.gmem_invalidate",
-                "zapped_sptes", "pf_fixed", "pf_spurious", "memory_fault_exits", "pages_4k", "pages_2m",
-                "rmp.leaked_pages")
+COMMON_KEYS = ("vm.pf_fixed", "vm.pf_spurious", "vm.memory_fault_exits", "vm.pages_4k", "vm.pages_2m",
+               "vm.zapped_sptes", "vm.gmem_prepare", "host.folio_splits", "host.gmem_invalidate")
+SNP_KEYS = ("rmp.rmpupdate", "rmp.psmash", "rmp.pvalidate", "rmp.leaked_pages")
+TDX_KEYS = ("tdx.aug", "tdx.page_add", "tdx.block", "tdx.remove", "tdx.accept")
 
 
-def _pick(counters, key):
-    if key in counters:
-        return counters[key]
-    return sum(v for k, v in counters.items() if k.endswith("." + key) and k.count(".") == 1
-               and not k.startswith(("host.", "rmp.")))
+def compare_keys(runs):
+    """The counters worth comparing for the VM types in these runs: SNP's RMP counters when a
+    run has an RMP in use, TDX's S-EPT operations when one has a TD."""
+    keys = list(COMMON_KEYS)
+    if any(r["counters"]["rmp"] and r["counters"]["rmp"].get("rmpupdate") for r in runs):
+        keys += SNP_KEYS
+    if any(r["counters"]["tdx"] for r in runs):
+        keys += TDX_KEYS
+    return keys
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gmem import plots, scenario
+    from gmem import _console, plots, results, scenario
     spec = scenario.get(args.scenario)
     sets = args.policy or DEFAULT_POLICY_SETS
     parsed = [_parse_policy(p) for p in sets]
     if args.chart:
-        _check_writable(args.chart)
-    results = []
-    for p in parsed:
-        snap: dict[str, dict[str, Any]] = {}
-
-        def on_step(i, step, run, snap=snap):
-            if step["op"] != "close":
-                snap["c"] = run.counters()
-        try:
-            scenario.run(spec, p, on_step=on_step)
-            results.append(snap.get("c", {}))
-        except Exception as e:       # an invariant broken under this policy is a finding, not a crash
-            results.append({"error": f"{type(e).__name__}: {e}"})
-    if all("error" in c for c in results):
-        # nothing to compare: the scenario cannot run under any policy set (bad input, most likely)
-        raise CliError(f"{args.scenario} fails under every policy set: {results[0]['error']}")
+        _check_writable(args.chart, picture=True)
+    if args.output:
+        _check_writable(args.output)
     names = [",".join(f"{k}={v}" for k, v in p.items()) or "defaults" for p in parsed]
-    rows = [(k, *[str(_pick(c, k)) if "error" not in c else "-" for c in results]) for k in COMPARE_KEYS]
-    print(f"scenario {args.scenario} under {len(sets)} policy sets:")
-    for i, n in enumerate(names):
-        print(f"  [{i}] {n}" + (f"  -> {results[i]['error']}" if "error" in results[i] else ""))
-    print(_table(rows, ("counter", *[f"[{i}]" for i in range(len(names))])))
+    runs = []
+    with _console.Bar(quiet=args.quiet, unit="faults") as bar:
+        for n, p in zip(names, parsed):
+            bar.update("sets", len(runs), len(parsed), f"policy set {len(runs) + 1}/{len(parsed)}")
+            try:
+                r = scenario.run(spec, p, name=args.scenario, keep_partial=True,
+                                 progress=lambda i, op, d, t: bar.update("faults", d, t, f"steps[{i}] {op}"))
+                runs.append(r.result(label=n))
+            except (scenario.ScenarioError, OSError) as e:   # refused under this policy: a finding
+                runs.append(_failed_run(n, p, e))
+            if runs[-1]["status"] == "interrupted":
+                break
+    if all(r["status"] == "error" for r in runs):
+        # nothing to compare: the scenario cannot run under any policy set (bad input, most likely)
+        e = runs[0]["error"]
+        raise CliError(f"{args.scenario} fails under every policy set: {e['type']}: {e['message']}")
+    doc = results.document("compare", runs, scenario=_scenario_record(args.scenario, spec))
+    keys = compare_keys([r for r in runs if r["status"] != "error"])
+    tot = [results.totals(r["counters"]) for r in runs]
+    if not args.json:
+        print(f"scenario {args.scenario} under {len(runs)} policy sets "
+              f"(counters after the last step; VMs closed earlier: just before their close):")
+        for i, r in enumerate(runs):
+            print(f"  {i + 1}: {r['label']}  [{r['status']}]" + (f"  {_status_line(r)}" if r["error"] else ""))
+        rows = [(k, *[str(t.get(k, 0)) if r["status"] != "error" else "-" for t, r in zip(tot, runs)]) for k in keys]
+        _console.print_table(rows, ("counter", *[f"{i + 1}: {r['label']}" for i, r in enumerate(runs)]))
     if args.chart:
-        ok = [(n, {k: _pick(c, k) for k in COMPARE_KEYS}) for n, c in zip(names, results) if "error" not in c]
-        if plots.compare_chart([n for n, _ in ok], [c for _, c in ok], list(COMPARE_KEYS), args.chart,
-                               f"{args.scenario}: policies compared"):
-            print(f"wrote {args.chart}")
-        else:
-            print("matplotlib is not installed: no chart (pip install 'kvm-gmem[plot]')")
-    return 0
+        ok = [(r["label"], t) for r, t in zip(runs, tot) if r["status"] != "error"]
+        plots.compare_chart([n for n, _ in ok], [t for _, t in ok], keys, args.chart,
+                            f"{args.scenario}: policies compared")
+        _note(args, f"wrote {args.chart}")
+    return _emit(doc, args)
+
+
+def _failed_run(label, options, exc):
+    from gmem import results
+    host = {"kernel": results.DEFAULT_KERNEL, "platform": "none", "memory": 0, "sw_protected": True,
+            "memory_attributes": True, "options": dict(options)}
+    empty = {"moment": {"after_step": None, "op": None, "label": "not run"}, "host": {}, "rmp": None, "vm": {},
+             "vcpu": {}, "tdx": {}, "closed_vms": {}}
+    return results.run_record(label, host, empty, status="error", error=results.error_record(exc))
 
 
 # ---------------------------------------------------------------- replay
 
+STREAM_FIELDS = ("vcpu", "gpa", "error_code")
+
+
+def _u64_column(values, path, name):
+    """A column of a fault stream as uint64: integers in [0, 2**64) only."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        raise CliError(f"{path}: {name} must be a column of integers, not {a.dtype} of shape {a.shape}")
+    if a.size and int(a.min()) < 0:
+        raise CliError(f"{path}: {name} has values outside [0, 2**64)")
+    return a.astype(np.uint64)
+
+
+def _load_npy(path):
+    a = np.load(path, allow_pickle=False)
+    if a.ndim != 1 or a.dtype.names is None or not {"gpa", "error_code"} <= set(a.dtype.names):
+        raise CliError(f"{path}: need a 1-D structured array with fields vcpu, gpa, error_code "
+                       f"(got shape {a.shape}, fields {a.dtype.names})")
+    vcpu = a["vcpu"] if "vcpu" in a.dtype.names else np.zeros(len(a), np.uint64)
+    return tuple(_u64_column(c, path, n) for c, n in zip((vcpu, a["gpa"], a["error_code"]), STREAM_FIELDS))
+
+
+def _load_csv(path):
+    """A CSV fault stream, read by its header's column names (any order; vcpu optional)."""
+    import csv
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        header = [h.strip() for h in next(rows, [])]
+        if not header:
+            raise CliError(f"{path}: empty fault stream")
+        unknown = set(header) - set(STREAM_FIELDS)
+        if unknown or not {"gpa", "error_code"} <= set(header) or len(set(header)) != len(header):
+            raise CliError(f"{path}: the first line must be a header naming the columns gpa, error_code and "
+                           f"optionally vcpu (got {','.join(header)!r})")
+        cols: dict[str, list[int]] = {h: [] for h in header}
+        for lineno, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise CliError(f"{path}:{lineno}: {len(row)} fields, the header has {len(header)}")
+            for h, v in zip(header, row):
+                try:
+                    x = int(v.strip(), 0)
+                except ValueError:
+                    raise CliError(f"{path}:{lineno}: {h}: {v.strip()!r} is not an integer") from None
+                if not 0 <= x < 1 << 64:
+                    raise CliError(f"{path}:{lineno}: {h}: {x} is outside [0, 2**64)")
+                cols[h].append(x)
+    n = len(cols["gpa"])
+    return tuple(np.array(cols.get(h, [0] * n), dtype=np.uint64) for h in STREAM_FIELDS)
+
+
 def load_stream(path):
-    """A fault stream: structured .npy with vcpu, gpa, error_code, or CSV with that header."""
+    """(vcpu, gpa, error_code) uint64 arrays from a structured .npy (fields vcpu, gpa,
+    error_code) or a CSV whose header names its columns."""
     if not os.path.exists(path):
         raise CliError(f"no such file: {path}")
     try:
-        if path.endswith(".npy"):
-            a = np.load(path, allow_pickle=False)
-            if a.dtype.names is None or not {"gpa", "error_code"} <= set(a.dtype.names):
-                raise CliError(f"{path}: need a structured array with fields vcpu, gpa, error_code")
-            vcpu = a["vcpu"] if "vcpu" in a.dtype.names else np.zeros(len(a), np.uint64)
-            return (np.asarray(vcpu, np.uint64), np.asarray(a["gpa"], np.uint64),
-                    np.asarray(a["error_code"], np.uint64))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # numpy's "input contained no data": reported below
-            data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.uint64,
-                              converters=lambda s: int(s, 0), ndmin=2)
-        if data.size == 0:
-            raise CliError(f"{path}: empty fault stream")
-        if data.shape[1] != 3:
-            raise CliError(f"{path}: CSV needs three columns vcpu,gpa,error_code")
-        return data[:, 0].copy(), data[:, 1].copy(), data[:, 2].copy()
+        stream = _load_npy(path) if path.endswith(".npy") else _load_csv(path)
     except CliError:
         raise
     except Exception as e:
         raise CliError(f"{path}: cannot read the fault stream: {e}") from None
+    if len(stream[1]) == 0:
+        raise CliError(f"{path}: empty fault stream")
+    if int(stream[0].max()) > 1023:
+        raise CliError(f"{path}: vcpu {int(stream[0].max())} is out of range (0..1023)")
+    return stream
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     import gmem
-    from gmem import plots, scenario, uapi
+    from gmem import _console, results, scenario, uapi
     vcpu, gpa, ec = load_stream(args.file)
     if args.plot:
-        _check_writable(args.plot)
-    if len(gpa) == 0:
-        raise CliError(f"{args.file}: empty fault stream")
+        _check_writable(args.plot, picture=True)
+    if args.output:
+        _check_writable(args.output)
     vm_type = scenario.VM_TYPES.get(args.vm_type)
     if vm_type is None:
-        raise CliError(f"unknown vm type {args.vm_type!r}")
+        raise CliError(f"unknown vm type {args.vm_type!r} (one of {', '.join(scenario.VM_TYPES)})")
+    if args.chunk <= 0:
+        raise CliError("--chunk must be > 0")
     platform: Literal["amd", "intel"] = "intel" if vm_type == uapi.KVM_X86_TDX_VM else "amd"
-    host = gmem.Host(memory=scenario.parse_size(args.memory), platform=platform, huge_folios=args.huge_folios)
+    try:
+        memory = scenario.parse_size(args.memory, "--memory")
+        host = gmem.Host(memory=memory, platform=platform, huge_folios=args.huge_folios)
+    except ValueError as e:
+        raise CliError(f"--memory: {e}") from None
     vm = host.create_vm(vm_type)
-    top = int((gpa & ~np.uint64(vm.shared_gpa_bit or 0)).max()) + 4096
+    gfn_bits = gpa & ~np.uint64(vm.shared_gpa_bit or 0)
+    top = int(gfn_bits.max()) + 4096
+    if top > 1 << 52:
+        raise CliError(f"{args.file}: gpa {int(gfn_bits.max()):#x} is beyond 2**52 (MAXPHYADDR)")
     size = (top + (2 << 20) - 1) & ~((2 << 20) - 1)
-    f = vm.create_guest_memfd(size)
-    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, size, scenario.HVA_BASE, f, 0)
+    try:
+        f = vm.create_guest_memfd(size)
+        vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, size, scenario.HVA_BASE, f, 0)
+    except OSError as e:
+        raise CliError(f"{args.file}: guest memory of {size >> 20} MiB does not fit --memory {args.memory}: "
+                       f"{e.strerror}") from None
     if args.private and vm.has_private_mem:
         vm.set_memory_attributes(0, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    for v in np.unique(vcpu):
-        vm.create_vcpu(int(v))
-    n, chunk = len(gpa), max(1, args.chunk)
-    tty = sys.stderr.isatty() and not args.quiet
-    sizes, secs, done = [], [], 0
+    vcpus = [vm.create_vcpu(int(v)) for v in np.unique(vcpu)]
+    n, chunk = len(gpa), args.chunk
+    chunks, done, status, error, elapsed = [], 0, "ok", None, 0.0
+    exits = 0
     t0 = time.perf_counter()
-    while done < n:
-        end = min(n, done + chunk)
-        t = time.perf_counter()
-        vm.page_fault_batch(gpa[done:end], ec[done:end], vcpu_id=vcpu[done:end])
-        secs.append(time.perf_counter() - t)
-        sizes.append(end - done)
-        done = end
-        if tty:
-            w = 40
-            fill = int(w * done / n)
-            sys.stderr.write(f"\r[{'#' * fill}{'.' * (w - fill)}] {done}/{n} faults "
-                             f"{done / (time.perf_counter() - t0) / 1e6:.1f} M/s")
-            sys.stderr.flush()
-    elapsed = time.perf_counter() - t0
-    if tty:
-        sys.stderr.write("\n")
-    host.check()
-    print(f"replayed {n} faults in {elapsed:.3f} s: {n / elapsed / 1e6:.2f} million faults/s "
-          f"({1e9 * elapsed / n:.0f} ns/fault)")
-    print(_table([(k, str(v)) for k, v in vm.stats.items()], ("counter", "value")))
-    if args.plot:
-        if plots.replay_chart(sizes, secs, args.plot, f"replay of {os.path.basename(args.file)}"):
-            print(f"wrote {args.plot}")
-        else:
-            print("matplotlib is not installed: no chart (pip install 'kvm-gmem[plot]')")
+    try:
+        with _console.Bar(quiet=args.quiet, unit="faults") as bar:
+            while done < n:
+                end = min(n, done + chunk)
+                t = time.perf_counter()
+                out = vm.page_fault_batch(gpa[done:end], ec[done:end], vcpu_id=vcpu[done:end])
+                chunks.append((end - done, time.perf_counter() - t))
+                exits += int((out["exit_reason"] == uapi.KVM_EXIT_MEMORY_FAULT).sum())
+                done = end
+                bar.update("faults", done, n, "replay")
+        elapsed = time.perf_counter() - t0          # the faults only, not the check below
+        host.check()
+    except KeyboardInterrupt:
+        status, error = "interrupted", {"type": "KeyboardInterrupt", "message": f"interrupted after {done} faults",
+                                        "step": None, "op": None}
+    except gmem.InvariantError as e:
+        status, error = "violation", results.error_record(e)
+    if status == "interrupted":
+        elapsed = time.perf_counter() - t0
+    hints = _replay_hints(vm, ec[:done], exits, done)
+    counters = results.snapshot(host, {"replay": vm}, {"replay": vcpus}, (f"after {done} faults", None, None))
+    stream = {"path": args.file, "faults": int(done), "vm_type": args.vm_type,
+              "faults_per_second": done / elapsed if elapsed else 0.0,
+              "chunks": [[int(a), float(b)] for a, b in chunks], "hints": hints}
+    rec = results.run_record(f"replay of {os.path.basename(args.file)}", host, counters, status=status, error=error,
+                             seconds=elapsed, stream=stream)
+    doc = results.document("replay", [rec])
+    if not args.json:
+        print(f"replayed {done} faults in {elapsed:.3f} s: {done / max(elapsed, 1e-9) / 1e6:.2f} million faults/s "
+              f"({1e9 * elapsed / max(done, 1):.0f} ns/fault)")
+        _console.print_table([(k, str(v)) for k, v in vm.stats.items()], ("counter", "value"))
+        for h in hints:
+            print(f"hint: {h}")
+    if args.plot and chunks:
+        from gmem import plots
+        plots.replay_chart([a for a, _ in chunks], [b for _, b in chunks], args.plot,
+                           f"replay of {os.path.basename(args.file)}")
+        _note(args, f"wrote {args.plot}")
+    return _emit(doc, args)
+
+
+def _replay_hints(vm, ec, exits, n):
+    """What a surprising replay most likely means."""
+    from gmem import uapi
+    hints = []
+    if n and exits == n and vm.vm_type == uapi.KVM_X86_SNP_VM and not (ec & np.uint64(uapi.PFERR_GUEST_ENC_MASK)).any():
+        hints.append("every fault exited to userspace and no error code has bit 34 (PFERR_GUEST_ENC_MASK): on an "
+                     "SNP VM a fault is private only with that bit, so these shared faults hit private memory "
+                     "(--private) or no shared backing; set bit 34 for private accesses")
+    elif n and exits == n:
+        hints.append("every fault exited to userspace (KVM_EXIT_MEMORY_FAULT): the accesses and the memory "
+                     "attributes disagree (try --private, or mark the faults' private bit)")
+    return hints
+
+
+# ----------------------------------------------------------------- sweep
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gmem import sweep
+    try:
+        return sweep.main(args)
+    except sweep.SweepError as e:
+        raise CliError(str(e)) from None
+
+
+# ---------------------------------------------------------------- report
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gmem import report
+    out = args.out or os.path.splitext(os.path.basename(args.result.rstrip("/")))[0] + ".html"
+    _check_writable(out)
+    try:
+        report.write(args.result, out)
+    except report.ReportError as e:
+        raise CliError(str(e)) from None
+    print(f"wrote {out}")
     return 0
 
 
@@ -294,40 +519,69 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ main
 
+def _result_options(p, what="the result"):
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON document (stdout), nothing else")
+    p.add_argument("-o", "--output", metavar="FILE", help=f"also write {what} document to FILE (for gmem report)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="gmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="the default scenario: an SNP guest's life, a table and a PNG")
-    d.add_argument("--no-plot", action="store_true", help="do not write the memory-map PNG")
-    d.add_argument("--out", default="gmem-demo.png", help="where to write the PNG (default: %(default)s)")
+    d = sub.add_parser("demo", help="the default scenario: an SNP guest's life, a table and a picture")
+    d.add_argument("--no-plot", action="store_true", help="do not draw the memory map")
+    d.add_argument("--out", default="gmem-demo.png", help="the memory map: .png, .svg or .pdf (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="run a built-in scenario or a TOML file and print its counters")
     r.add_argument("scenario", help="a built-in name (snp-life, sw-conversions, tdx-life) or a .toml file")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="a policy option, e.g. prepare=alloc")
-    r.add_argument("--trace", metavar="FILE", help="record every tracepoint: .npy (structured) or text")
-    r.add_argument("--json", action="store_true", help="print the counters as JSON")
-    r.add_argument("--all", action="store_true", help="also print counters that are zero")
+    r.add_argument("--trace", metavar="FILE", help="record the tracepoints: .npy (records), .json (Chrome trace "
+                                                    "format: Perfetto) or text (trace-cmd report style)")
+    r.add_argument("--trace-event", action="append", metavar="EVENT", help="keep only this event (repeat)")
+    r.add_argument("--trace-gpa", metavar="START-END", help="keep only records touching these guest addresses "
+                                                            "(START-END or START+SIZE, e.g. 1G+2M)")
+    r.add_argument("--timeline", metavar="PNG", help="draw the trace: faults and their outcome, zaps, "
+                                                     "preparations, invalidations, memory mapped per level")
+    r.add_argument("--all", action="store_true", help="also print counters that are zero, and per vCPU")
+    _result_options(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="one scenario under several policy sets, side by side")
     c.add_argument("scenario", nargs="?", default="snp-life")
     c.add_argument("--policy", action="append", metavar="K=V,K=V",
                    help="a policy set (repeat); default: 6.18, the RFC, and post-6.18")
-    c.add_argument("--chart", metavar="PNG", help="write a bar chart")
+    c.add_argument("--chart", metavar="PNG", help="write a chart (.png, .svg or .pdf)")
+    _result_options(c)
     c.set_defaults(func=cmd_compare)
 
     rp = sub.add_parser("replay", help="replay a fault stream through the batch path")
-    rp.add_argument("file", help=".npy structured array (vcpu, gpa, error_code) or CSV with that header")
+    rp.add_argument("file", help=".npy structured array (vcpu, gpa, error_code) or CSV with a header naming them")
     rp.add_argument("--vm-type", default="sw_protected", help="default, sw_protected, snp or tdx")
     rp.add_argument("--private", action="store_true", help="make all guest memory private first")
     rp.add_argument("--huge-folios", action="store_true", help="2M guest_memfd folios")
     rp.add_argument("--memory", default="16G", help="host memory (default: %(default)s)")
-    rp.add_argument("--chunk", type=int, default=1 << 20, help="faults per progress step")
+    rp.add_argument("--chunk", type=int, default=1 << 16, help="faults per batch call (default: %(default)s)")
     rp.add_argument("--plot", metavar="PNG", help="write a throughput chart")
-    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _result_options(rp)
     rp.set_defaults(func=cmd_replay)
+
+    sw = sub.add_parser("sweep", help="a grid of runs on Dask, into one Parquet table and charts")
+    sw.add_argument("spec", help="a sweep spec (.toml; gmem/schemas/sweep-1.schema.json)")
+    sw.add_argument("--out", metavar="DIR", help="output directory (default: the spec's name next to it); "
+                                                 "rerunning into it skips the cells already done")
+    sw.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (tcp://host:8786)")
+    sw.add_argument("--workers", type=int, help="local workers (default: the number of CPUs)")
+    sw.add_argument("--processes", action="store_true", help="local worker processes instead of threads")
+    sw.add_argument("--serial", action="store_true", help="no Dask: run the cells one after another here")
+    _result_options(sw, "the sweep's")
+    sw.set_defaults(func=cmd_sweep)
+
+    rep = sub.add_parser("report", help="an HTML page of a result document (run, compare, replay, sweep)")
+    rep.add_argument("result", help="a result JSON (gmem run ... -o r.json) or a sweep's output directory")
+    rep.add_argument("--out", metavar="HTML", help="where to write it (default: RESULT's name with .html)")
+    rep.set_defaults(func=cmd_report)
 
     sk = sub.add_parser("soak", help="random operations over SNP, TDX and SW_PROTECTED guests, checked")
     sk.add_argument("--ops", type=int, default=10**6, help="operations (default: %(default)s)")
@@ -336,17 +590,37 @@ def build_parser():
     sk.add_argument("--json", action="store_true", help="print the figures as JSON")
     sk.add_argument("--quiet", action="store_true", help="no progress line")
     sk.set_defaults(func=cmd_soak)
+
+    from gmem._exec import add_parsers      # gmem exec, gmem shim-path (gmem/_exec)
+    add_parsers(sub)
     return p
 
 
+def _missing_extra():
+    """The name of a command-line dependency that is not installed, or None."""
+    import importlib.util
+    for mod in ("rich", "jsonschema"):
+        if importlib.util.find_spec(mod) is None:
+            return mod
+    return None
+
+
 def main(argv=None):
-    from gmem.scenario import ScenarioError
     args = build_parser().parse_args(argv)
+    missing = _missing_extra()
+    if missing:
+        print(f"gmem {args.command}: error: the command line needs {missing}: {CLI_EXTRA_HINT}", file=sys.stderr)
+        return 2
+    from gmem import plots, schema
+    from gmem.scenario import ScenarioError
     try:
         return args.func(args) or 0
-    except (CliError, ScenarioError) as e:
+    except (CliError, ScenarioError, schema.SchemaError, plots.PlotError) as e:
         print(f"gmem {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gmem {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader went away (gmem ... | head): not an error of ours; keep the exit quiet
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

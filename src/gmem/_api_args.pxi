@@ -113,9 +113,15 @@ cdef int _vm_type_arg(object t) except -1:
 
 
 cdef object _u64_array(object a, str what):
-    arr = np.asarray(a)
+    try:
+        arr = np.asarray(a)
+    except OverflowError:
+        # numpy converts an int subclass through its __index__, which may say 2**70
+        raise ValueError(f"{what} holds a number outside 64 bits") from None
     if arr.ndim != 1:
         raise ValueError(f"{what} must be 1-D, not {arr.ndim}-D")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.uint64)         # [] is float64 to numpy: nothing to check
     if arr.dtype.kind not in "ui":
         raise TypeError(f"{what} must hold integers, not {arr.dtype}")
     if arr.dtype.kind == "i" and arr.size and arr.min() < 0:

@@ -27,11 +27,26 @@ cdef class GuestMemfd:
 
     def __dealloc__(self):
         if self.f != NULL:
-            kvm_gmem_put_file(self.f)     # a process exiting closes its fds
+            _teardown_put_file(self.f)    # a process exiting closes its fds
 
     @property
     def closed(self):
         return self.f == NULL
+
+    @property
+    def memfd(self):
+        """Host(content_memfd=True): the memfd holding this inode's contents (owned by the
+        inode: dup it to keep it), else -1 (also once this fd is closed)."""
+        return gmem_contents_memfd(self.f) if self.f != NULL else -1
+
+    def sync_memfd(self):
+        """Host(content_memfd=True): fault in, as kvm_gmem_fault_user_mapping() would have,
+        every page another process wrote through its own mapping of the memfd; the number."""
+        held = _host_enter(self.vm.host)
+        cdef int64_t n = gmem_contents_sync(self._open("sync_memfd").inode)
+        if n < 0:
+            raise MemoryError("out of memory faulting in guest_memfd pages (VM_FAULT_OOM)")
+        return n
 
     cdef gmem_file *_open(self, str what) except NULL:
         if self.f == NULL:
@@ -141,7 +156,7 @@ cdef class Mapping:
 
     def __dealloc__(self):
         if self.f != NULL:
-            kvm_gmem_put_file(self.f)
+            _teardown_put_file(self.f)
 
     @property
     def closed(self):

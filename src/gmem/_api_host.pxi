@@ -21,6 +21,18 @@ _POLICIES = {
                    "invalidate_folio": GMEM_INVALIDATE_INVALIDATE_FOLIO},
 }
 _PLATFORMS = {"amd": GMEM_PLATFORM_AMD, "intel": GMEM_PLATFORM_INTEL, "none": GMEM_PLATFORM_NONE}
+KERNELS = {"rfc-2023": GMEM_KERNEL_RFC_2023, "6.18": GMEM_KERNEL_6_18, "7.2": GMEM_KERNEL_7_2,
+           "next": GMEM_KERNEL_NEXT}
+
+
+def default_kernel():
+    """The version a Host models when none is named: $GMEM_KERNEL, else "7.2" (the latest
+    stable). Setting GMEM_KERNEL runs a whole scenario or test suite under another version."""
+    import os
+    k = os.environ.get("GMEM_KERNEL") or "7.2"
+    if k not in KERNELS:
+        raise ValueError(f"GMEM_KERNEL={k!r}: kernel must be one of {', '.join(KERNELS)}")
+    return k
 
 
 # ------------------------------------------------------------ the host lock
@@ -125,10 +137,33 @@ cdef void _hook_set(kvm_x86_hooks *dst, int i, const kvm_x86_hooks *src) noexcep
         dst.private_max_mapping_level = src.private_max_mapping_level
 
 
+cdef void _hook_failed(gmem_host *h, BaseException e):
+    """A Python hook raised, or returned what its contract does not allow: the operation that
+    called it fails (-EIO, the VM's KVM_BUG_ON), and its caller raises e."""
+    if h.py_host != NULL and (<Host>h.py_host)._hook_exc is None:
+        (<Host>h.py_host)._hook_exc = e
+    h.hook_error = 1
+    h.stats[HOST_STAT_HOOK_ERRORS] += 1
+
+
+cdef object _hook_result(gmem_host *h, str name, object r, object lo, object hi, object default):
+    """A hook's integer result in [lo, hi] (None: default); anything else fails the call."""
+    if r is None:
+        return default
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)):
+        _hook_failed(h, TypeError(f"hook {name} returned {type(r).__name__} {r!r}, not an int"))
+        return None
+    if not lo <= r <= hi:
+        _hook_failed(h, ValueError(f"hook {name} returned {r}, outside [{lo}, {hi}]"))
+        return None
+    return int(r)
+
+
 cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object default):
     cdef Host host
-    # a host whose handle is gone (a C-level user, or the handle collected first) has no hooks
-    if h.py_host == NULL:
+    # a host whose handle is gone (a C-level user, or the handle collected first) has no hooks,
+    # nor has one whose handles are being collected (_teardown)
+    if h.py_host == NULL or h.in_teardown:
         return default
     host = <Host>h.py_host
     # looked up, not borrowed: the cyclic GC may have cleared host._hook_fns (the callable
@@ -141,13 +176,22 @@ cdef object _call_hook(gmem_host *h, int vm_type, int which, tuple args, object 
     try:
         return fn(*args)
     except BaseException as e:
-        host._hook_exc = e
-        h.hook_error = 1
-        h.stats[HOST_STAT_HOOK_ERRORS] += 1
+        _hook_failed(h, e)
         return default
     finally:
         _host_unpark(host)
         host._hook_depth -= 1
+
+
+cdef inline void _teardown_put_file(gmem_file *f) noexcept:
+    """A handle collected without close(): its reference goes as a process exit's close would,
+    but Python hooks do not run (the garbage collector may be clearing them, or the objects
+    they use, in the same pass)."""
+    cdef gmem_host *h = f.inode.host
+    h.in_teardown += 1
+    kvm_gmem_put_file(f)
+    h.in_teardown -= 1
+    h.hook_error = 0
 
 
 cdef void _refuse_in_hook(Host host, str what) except *:
@@ -167,35 +211,41 @@ cdef object _vm_object(kvm *kvm):
     return <object>kvm.py_vm
 
 
+# Each trampoline checks what the hook returned against its documented type and range before
+# the C path uses it: anything else fails the operation (-EIO) and is raised to its caller.
+
 cdef int _py_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexcept nogil:
+    """is_private_fault(vm, gpa, error_code) -> bool"""
     with gil:
         r = _call_hook(kvm.host, kvm.vm_type, 0, (_vm_object(kvm), gpa, error_code), False)
-        return 1 if r else 0
+        if isinstance(r, (bool, np.bool_)) or (isinstance(r, (int, np.integer)) and r in (0, 1)):
+            return 1 if r else 0
+        _hook_failed(kvm.host, TypeError(f"hook is_private_fault returned {type(r).__name__} {r!r}, "
+                                         "not a bool"))
+        return 0
 
 
 cdef int _py_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
+    """gmem_prepare(vm, gfn, pfn, order) -> 0 or -errno (None: 0)"""
     with gil:
         r = _call_hook(kvm.host, kvm.vm_type, 1, (_vm_object(kvm), gfn, pfn, order), -EIO)
-        try:
-            return int(r or 0)
-        except Exception:
-            return -EIO
+        r = _hook_result(kvm.host, "gmem_prepare", r, -4095, 0, 0)
+        return -EIO if r is None else r
 
 
 cdef void _py_gmem_invalidate(gmem_host *h, uint64_t start, uint64_t end) noexcept nogil:
+    """gmem_invalidate(host, start_pfn, end_pfn): what it returns is not read"""
     with gil:
         _call_hook(h, h.invalidate_vm_type, 2, (<object>h.py_host if h.py_host != NULL else None,
                                                 start, end), None)
 
 
 cdef int _py_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
+    """private_max_mapping_level(vm, pfn) -> 0 (no limit) or a PG_LEVEL_*"""
     with gil:
         r = _call_hook(kvm.host, kvm.vm_type, 3, (_vm_object(kvm), pfn), 0)
-        try:
-            r = int(r or 0)
-        except Exception:
-            return 0
-        return r if 0 <= r <= 3 else 0
+        r = _hook_result(kvm.host, "private_max_mapping_level", r, 0, KVM_MAX_HUGEPAGE_LEVEL, 0)
+        return PG_LEVEL_4K if r is None else r
 
 
 _PY_HOOKS.is_private_fault = _py_is_private_fault
@@ -206,16 +256,26 @@ _PY_HOOKS.private_max_mapping_level = _py_private_max_mapping_level
 
 # -------------------------------------------------------------------- Host
 
+cdef void _user_access_ok(uint64_t hva, uint64_t n) except *:
+    """access_ok(hva, n) before copy_{from,to}_user moves a byte: the whole range below
+    TASK_SIZE_MAX (7.2: USER_PTR_MAX), no wrap."""
+    if not host_user_access_ok(hva, n):
+        raise _err(EFAULT, f"[{hva:#x}, +{n:#x}) is not user memory (access_ok: it wraps or reaches "
+                   "TASK_SIZE_MAX)")
+
+
 @cython.final
 cdef class Host:
     """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
 
-    Keyword options model kernel builds and the policies argued in the RFC:
-    prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
+    kernel="rfc-2023"|"6.18"|"7.2"|"next" names the version whose rules apply (default
+    $GMEM_KERNEL, else "7.2"). Keyword options model kernel builds (sw_protected,
+    memory_attributes, tdp) and the policies argued in the RFC, which override the version's
+    own: prepare="fault"|"alloc", prepared_tracking="gmem"|"arch",
     invalidate="free_folio"|"invalidate_folio" (with reattach_private, the re-attach scan
     after a split that the RFC cover letter suggests), huge_folios (2M gmem folios,
     proposed upstream), scramble_on_conversion (SW_PROTECTED: converted gmem pages read back
-    as garbage). Defaults follow Linux 6.18.
+    as garbage).
     """
     cdef gmem_host *h
     cdef readonly str platform
@@ -236,10 +296,10 @@ cdef class Host:
     cdef bint _initialized
     cdef object __weakref__
 
-    def __cinit__(self, memory=64 << 30, platform="amd", *, sw_protected=True,
-                  memory_attributes=True, prepare="fault", prepared_tracking="gmem",
-                  invalidate="free_folio", huge_folios=False, reattach_private=False,
-                  scramble_on_conversion=False):
+    def __cinit__(self, memory=64 << 30, platform="amd", *, kernel=None, sw_protected=True,
+                  memory_attributes=True, tdp=True, prepare=None, prepared_tracking=None,
+                  invalidate=None, huge_folios=False, reattach_private=False,
+                  scramble_on_conversion=False, content_memfd=False):
         cdef gmem_host_config cfg
         cdef const char *why = NULL
         cdef int r
@@ -247,19 +307,29 @@ cdef class Host:
         cfg.memory = _u64(memory, "memory")
         if platform not in _PLATFORMS:
             raise ValueError(f"platform must be one of {sorted(_PLATFORMS)}, not {platform!r}")
+        kernel = default_kernel() if kernel is None else kernel
+        if not isinstance(kernel, str) or kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
+        cfg.kernel = KERNELS[kernel]
+        gmem_host_config_kernel(&cfg)               # the version's policies ...
         for name, value in (("prepare", prepare), ("prepared_tracking", prepared_tracking),
                             ("invalidate", invalidate)):
-            if not isinstance(value, str) or value not in _POLICIES[name]:
+            if value is not None and (not isinstance(value, str) or value not in _POLICIES[name]):
                 raise ValueError(f"{name} must be one of {sorted(_POLICIES[name])}, not {value!r}")
         cfg.platform = _PLATFORMS[platform]
+        cfg.tdp = bool(tdp)
         cfg.sw_protected = bool(sw_protected)
         cfg.memory_attributes = bool(memory_attributes)
-        cfg.prepare_policy = _POLICIES["prepare"][prepare]
-        cfg.prepared_tracking = _POLICIES["prepared_tracking"][prepared_tracking]
-        cfg.invalidate_policy = _POLICIES["invalidate"][invalidate]
+        if prepare is not None:                     # ... which the named options override
+            cfg.prepare_policy = _POLICIES["prepare"][prepare]
+        if prepared_tracking is not None:
+            cfg.prepared_tracking = _POLICIES["prepared_tracking"][prepared_tracking]
+        if invalidate is not None:
+            cfg.invalidate_policy = _POLICIES["invalidate"][invalidate]
         cfg.huge_folios = bool(huge_folios)
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
+        cfg.content_memfd = bool(content_memfd)     # gmem exec (_contents_memfd.pxi)
         self._lock = PyThread_allocate_lock()
         if self._lock == NULL:
             raise MemoryError("host lock")
@@ -282,7 +352,7 @@ cdef class Host:
     def __init__(self, *args, **kwargs):
         """(__cinit__ built the host; a second __init__ on a live host is refused)"""
         if self._initialized:
-            raise RuntimeError("Host.__init__ called again on a live host: make a new Host")
+            raise TypeError("Host.__init__ called again on a live host: make a new Host")
         self._initialized = True
 
     def __dealloc__(self):
@@ -293,15 +363,26 @@ cdef class Host:
             PyThread_free_lock(self._lock)
 
     @property
+    def kernel(self):
+        """The kernel version whose rules apply ("rfc-2023", "6.18", "7.2" or "next")."""
+        return {v: k for k, v in KERNELS.items()}[self.h.kernel]
+
+    @property
+    def tdp(self):
+        """tdp_enabled: the host has two-dimensional paging (KVM_PRE_FAULT_MEMORY needs it)."""
+        return bool(self.h.tdp)
+
+    @property
     def options(self):
-        """The policy options in force, by name."""
+        """The policy options in force, by name (the version's, unless overridden)."""
         return dict(
             prepare=[k for k, v in _POLICIES["prepare"].items() if v == self.h.prepare_policy][0],
             prepared_tracking=[k for k, v in _POLICIES["prepared_tracking"].items()
                                if v == self.h.prepared_tracking][0],
             invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
             huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private),
-            scramble_on_conversion=bool(self.h.scramble_on_conversion))
+            scramble_on_conversion=bool(self.h.scramble_on_conversion),
+            content_memfd=bool(self.h.content_memfd))
 
     # ------------------------------------------------------------- fds
     cdef int _install_fd(self, obj) except -1:
@@ -404,8 +485,8 @@ cdef class Host:
         cdef uint64_t pfn
         cdef unsigned char *p
         if hva_to_pfn(self.h, hva, &pfn) < 0:
-            raise _err(EFAULT, f"hva {hva:#x} is not mapped in the VMM")
-        if write and self.h.rmp.enabled and snp_user_write_fault(self.h, pfn):
+            raise _err(EFAULT, f"hva {hva:#x} is not mapped in the VMM (host.mmap_user, or a memslot)")
+        if write and self.h.platform == GMEM_PLATFORM_AMD and snp_user_write_fault(self.h, pfn):
             # a user-mode RMP #PF: "Unexpected RMP page fault for user address" -> SIGBUS
             raise _SigBus(f"SIGBUS: VMM write at hva {hva:#x} hits pfn {pfn:#x}, assigned in the "
                           f"RMP ({_rmp_entry(self.h, pfn)})", hva)
@@ -414,12 +495,31 @@ cdef class Host:
             raise MemoryError("out of memory for page contents")
         return p if p != NULL else <unsigned char *>_ZERO_PAGE
 
+    def mmap_user(self, addr, size):
+        """The VMM maps anonymous memory at [addr, addr + size) (page aligned, below
+        TASK_SIZE_MAX): its pages read as zeros until written. A memslot's userspace range is
+        mapped when the memslot is created (the VMM mapped guest RAM first)."""
+        held = _host_enter(self)
+        cdef uint64_t a = _u64(addr, "addr"), n = _u64(size, "size")
+        r = host_mmap_user(self.h, a, n)
+        if r == -EINVAL:
+            raise _err(EINVAL, f"mmap: [{a:#x}, +{n:#x}) is not page-aligned user memory")
+        if r < 0:
+            raise MemoryError("mmap: out of memory")
+
+    def munmap_user(self, addr, size):
+        """munmap(2) of the VMM's memory: each VM's mmu notifier zaps the gfns of the memslots
+        it backs (kvm_mmu_notifier_invalidate_range_start), then the pages go; a guest fault
+        there is -EFAULT from then on, with no memory-fault exit (kvm_handle_error_pfn)."""
+        held = _host_enter(self)
+        _refuse_in_hook(self, "munmap")
+        self._check(gmem_munmap_user(self.h, _u64(addr, "addr"), _u64(size, "size")), "munmap")
+
     def read_user(self, hva, n):
         """Read the VMM's own memory (the shared backing of memslots) at hva."""
         held = _host_enter(self)
         cdef uint64_t a = _u64(hva, "hva"), ln = _buffer_len(n, "n"), pos = 0, k
-        if a + ln < a:
-            raise _err(EFAULT, f"hva {a:#x} + {ln} wraps around the address space")
+        _user_access_ok(a, ln)
         out = bytearray(ln)
         cdef unsigned char[::1] o = out if ln else None
         while pos < ln:
@@ -435,8 +535,7 @@ cdef class Host:
         b = _bytes_arg(data, "data")
         cdef uint64_t ln = len(b)
         cdef const unsigned char[::1] d = b if ln else None
-        if a + ln < a:
-            raise _err(EFAULT, f"hva {a:#x} + {ln} wraps around the address space")
+        _user_access_ok(a, ln)
         while pos < ln:
             k = min(ln - pos, 4096 - ((a + pos) & 4095))
             memcpy(self._user_page(a + pos, True) + ((a + pos) & 4095), &d[pos], k)
@@ -445,7 +544,7 @@ cdef class Host:
     @property
     def rmp(self):
         """The SNP RMP (gmem.Rmp) on platform "amd", else None."""
-        return Rmp(self) if self.h.rmp.enabled else None
+        return Rmp(self) if self.h.platform == GMEM_PLATFORM_AMD else None
 
     def touch(self, pfn, write=True):
         """A host CPU access to pfn through the direct map. On "amd" a write to an RMP-assigned
@@ -478,7 +577,7 @@ cdef class Host:
         cdef uint64_t na = _u64(alloc_failures, "alloc_failures")
         cdef uint64_t npf = _u64(prepare_failures, "prepare_failures")
         cdef uint64_t nr = _u64(rmpupdate_failures, "rmpupdate_failures")
-        if nr and not self.h.rmp.enabled:
+        if nr and not self.h.platform == GMEM_PLATFORM_AMD:
             raise ValueError("RMPUPDATE failures need platform='amd'")
         if isinstance(prepare_errno, bool) or not isinstance(prepare_errno, (int, np.integer)) \
                 or not 0 < prepare_errno < 4096:

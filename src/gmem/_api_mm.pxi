@@ -104,8 +104,20 @@ cdef class XArray:
         return xa_get_order(&self.xa, _u64(index, "index"))
 
     def split(self, index, order):
-        """xas_split: the entry covering index becomes entries of order, same value and marks."""
-        cdef int r = xa_split(&self.xa, _u64(index, "index"), _order_arg(order, XA_MAX_ORDER))
+        """xas_split: the entry covering index becomes entries of order, same value and marks.
+        MemoryError, before anything is allocated, for a split whose new nodes need more memory
+        than the machine has (an order-63 entry into pages: 2**57 nodes)."""
+        cdef uint64_t i = _u64(index, "index")
+        cdef int o = _order_arg(order, XA_MAX_ORDER), k = xa_get_order(&self.xa, i)
+        cdef int leaf = o - o % XA_CHUNK_SHIFT        # the shift of the nodes that hold order o
+        if k >= leaf + XA_CHUNK_SHIFT and o < k:
+            # 2 ** (k - leaf - 6) full nodes, plus at most as many above them
+            need = (2 << <object>(k - leaf - XA_CHUNK_SHIFT)) * sizeof(xa_node)
+            import os
+            if need > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+                raise MemoryError(f"xa_split: splitting an order-{k} entry into order {o} needs "
+                                  f"{need} bytes of nodes, more than this machine's memory")
+        cdef int r = xa_split(&self.xa, i, o)
         if r == -ENOENT:
             raise ValueError(f"no entry at index {index:#x} to split")
         if r == -EINVAL:
@@ -301,13 +313,24 @@ cdef class PhysMem:
         return out
 
     def free_many(self, pfns, order=0):
-        """Free blocks from alloc_many (no per-block double-free check: benchmarks only)."""
+        """Free blocks from alloc_many. Every block is checked first, as free() checks one (in
+        host memory, aligned, allocated, holding no folio), and given at most once: a refused
+        call frees nothing."""
         cdef const uint64_t[::1] p = _u64_array(pfns, "pfns")
-        cdef int o = _order_arg(order, MAX_PAGE_ORDER)
-        cdef Py_ssize_t i
-        for i in range(p.shape[0]):
-            if p[i] < self.pm.start_pfn or p[i] >= self.pm.watermark or p[i] & ((((<uint64_t>1) << o)) - 1):
-                raise OSError(EINVAL, f"pfn {p[i]:#x} was not allocated at order {o}")
+        cdef int o = _order_arg(order, MAX_PAGE_ORDER), k
+        cdef Py_ssize_t i, bad = -1
+        cdef uint64_t first, v
+        if p.shape[0] > 1 and np.unique(np.asarray(p)).shape[0] != p.shape[0]:
+            raise OSError(EINVAL, "a block is given twice (double free)")
+        with nogil:
+            for i in range(p.shape[0]):
+                if phys_check_allocated(&self.pm, p[i], o) < 0 or xa_find_entry(
+                        &self.pm.memmap, p[i], p[i] + (((<uint64_t>1) << o)) - 1, XA_NO_MARK, &first, &k, &v):
+                    bad = i
+                    break
+        if bad >= 0:
+            raise OSError(EINVAL, f"block {p[bad]:#x} order {o} is not allocated (double free?) "
+                          "or holds a folio")
         with nogil:
             for i in range(p.shape[0]):
                 phys_free(&self.pm, p[i], o)

@@ -75,14 +75,12 @@ cdef class Rmp:
     def view(self, start, stop):
         """Entries for pfns [start, stop) as an RMP_DTYPE array."""
         held = _host_enter(self.host)
-        cdef uint64_t a = self._pfn(start), b = _u64(stop, "stop"), i
-        cdef rmp_entry_info e
+        cdef uint64_t a = self._pfn(start), b = _u64(stop, "stop")
         if b < a or b - a > (1 << 24):
             raise ValueError("need start <= stop and at most 2**24 pfns")
-        out = np.zeros(b - a, dtype=RMP_DTYPE)
-        for i in range(a, b):
-            e = snp_rmpentry_info(self.host.h, i)
-            out[i - a] = (i, e.assigned, e.pagesize, e.immutable, e.validated, e.vmsa, e.asid, e.gpa)
+        out = np.empty(b - a, dtype=RMP_DTYPE)
+        if b > a:
+            snp_rmp_view(self.host.h, a, b, <rmp_view_rec *>cnp.PyArray_DATA(out))
         return out
 
     def assigned(self):
@@ -97,12 +95,16 @@ cdef class Rmp:
     @property
     def leaked(self):
         held = _host_enter(self.host)
-        return [first for first, order, v in _xa_entries(&self.host.h.rmp.leaked)]
+        cdef uint64_t start = 0, pfn
+        out = []
+        while snp_next_leaked(self.host.h, &start, &pfn):
+            out.append(pfn)
+        return out
 
     @property
     def stats(self):
         held = _host_enter(self.host)
-        return {name: self.host.h.rmp.stats[i] for i, name in enumerate(SNP_STATS)}
+        return {name: snp_stat(self.host.h, i) for i, name in enumerate(SNP_STATS)}
 
     def inject_rmpupdate_failures(self, n, code=RMPUPDATE_FAIL_INUSE):
         """Fault injection: the next n RMPUPDATEs return code (FAIL_OVERLAP is retried, as rmpupdate() does)."""
@@ -111,5 +113,4 @@ cdef class Rmp:
         if isinstance(code, bool) or not isinstance(code, (int, np.integer)) or \
                 not snp_rmpupdate_failure_code(code if 0 <= code < 256 else 0):
             raise ValueError(f"not an RMPUPDATE failure code: {code}")
-        self.host.h.rmp.fail_rmpupdate = count
-        self.host.h.rmp.fail_rmpupdate_code = code
+        snp_inject_rmpupdate_failures(self.host.h, count, code)

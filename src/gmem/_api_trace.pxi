@@ -69,16 +69,18 @@ cdef class Trace:
         return h.trace_seq - h.trace_cap if h.trace_cap and h.trace_seq > h.trace_cap else 0
 
     def to_numpy(self):
-        """The records still in the ring, oldest first, as a TRACE_DTYPE array (a copy)."""
+        """The records still in the ring, oldest first, as a TRACE_DTYPE array: one copy (the
+        ring is reused as tracing goes on, so a view would change under its reader)."""
         held = _host_enter(self.host)
         cdef gmem_host *h = self.host.h
+        cdef uint64_t n, start
         if h.trace_buf == NULL or h.trace_seq == 0:
             return np.zeros(0, dtype=TRACE_DTYPE)
         n = min(h.trace_seq, h.trace_cap)
-        raw = np.asarray(<char[:h.trace_cap * sizeof(gmem_trace_rec)]><char *>h.trace_buf)
-        ring = np.frombuffer(raw.tobytes(), dtype=TRACE_DTYPE)
+        out = np.empty(n, dtype=TRACE_DTYPE)
         start = h.trace_seq % h.trace_cap if h.trace_seq > h.trace_cap else 0
-        return np.concatenate([ring[start:n], ring[:start]]) if start else ring[:n].copy()
+        gmem_trace_copy(h, start, n, <gmem_trace_rec *>cnp.PyArray_DATA(out))
+        return out
 
     def report(self, limit=None):
         """Lines in the style of trace-cmd report."""

@@ -236,13 +236,14 @@ cdef class Vcpu:
         """KVM_TDX_INIT_MEM_REGION: copy nr_pages from the VMM's memory at source_addr into the
         TD's private memory at gpa (premap, then TDH.MEM.PAGE.ADD), one page at a time.
         Returns the pages added; on an error after some pages, raises with partial progress kept.
-        measure: KVM_TDX_MEASURE_MEMORY_REGION (TDH.MR.EXTEND); the model keeps no measurement."""
+        measure: KVM_TDX_MEASURE_MEMORY_REGION, each page extended into the TD's measurement
+        (TDH.MR.EXTEND per 256 bytes, counted in vm.tdx_stats["mr_extend"])."""
         held = _host_enter(self.vm.host)
         cdef uint64_t src = _u64(source_addr, "source_addr"), g = _u64(gpa, "gpa")
         cdef uint64_t n = _u64(nr_pages, "nr_pages"), done = 0
         what = "KVM_TDX_INIT_MEM_REGION"
         self.vm._tdx(what)
-        r = tdx_vcpu_init_mem_region(self.v, src, g, n, &done)
+        r = tdx_vcpu_init_mem_region(self.v, src, g, n, bool(measure), &done)
         self.vm.host._raise_hook_exc()
         if r < 0:
             raise _err(-r, f"{what}: page {done} of {n}: {_reason(self.vm.host.h)} ({done} added)")

@@ -4,9 +4,8 @@
 
 VM_STATS = ("remote_tlb_flush", "zapped_sptes", "mmu_invalidations", "gmem_prepare",
             "gmem_prepare_failed")
-TDX_STATS = ("aug", "page_add", "block", "track", "remove", "accept")
-TDX_SEPT_STATES = {TDX_SEPT_PREMAPPED: "premapped", TDX_SEPT_PENDING: "pending",
-                   TDX_SEPT_ACCEPTED: "accepted"}
+TDX_STATS = ("aug", "page_add", "block", "track", "remove", "accept", "mr_extend")
+TDX_SEPT_STATES = {s: (<bytes>tdx_sept_state_name(s)).decode() for s in range(16) if tdx_sept_state_name(s)}
 
 cdef object _HANDLE = object()          # only the core makes handles around existing C objects
 
@@ -38,7 +37,7 @@ cdef class Vm:
 
     def __init__(self, Host host not None, vm_type, _wrap=None):
         if self._initialized:
-            raise RuntimeError("Vm.__init__ called again on a live VM: use host.create_vm()")
+            raise TypeError("Vm.__init__ called again on a live VM: use host.create_vm()")
         self._initialized = True
 
     cdef void _attach(self, kvm *k):
@@ -61,7 +60,9 @@ cdef class Vm:
         if self.k.py_vm == <void *>self:
             self.k.py_vm = NULL
         if not self.closed:
+            self.k.host.in_teardown += 1
             kvm_put_kvm(self.k)     # the fd's reference (a process exiting closes it)
+            self.k.host.in_teardown -= 1
         kvm_handle_put(self.k)
 
     @property
@@ -70,7 +71,7 @@ cdef class Vm:
 
     @property
     def asid(self):
-        return self.k.sev.asid
+        return sev_asid(self.k)
 
     @property
     def has_private_mem(self):
@@ -105,6 +106,7 @@ cdef class Vm:
         """The minimal launch for the VM type, for scenarios that do not model it: SNP
         LAUNCH_START + LAUNCH_FINISH, TDX INIT_VM + FINALIZE_VM; nothing for the others."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "launch")
         self.host._check(kvm_launch(self._open("launch")), "launch")
 
     # ------------------------------------------------------------ vCPUs
@@ -197,15 +199,14 @@ cdef class Vm:
         """The memslots as dicts (slot, flags, guest_phys_addr, memory_size, userspace_addr,
         guest_memfd_offset, bound)."""
         held = _host_enter(self.host)
-        cdef uint32_t i
-        cdef kvm_memory_slot *s
+        cdef uint32_t i = 0
+        cdef kvm_userspace_memory_region2 m
+        cdef bint bound
         out = []
-        for i in range(self.k.nr_memslots):
-            s = &self.k.memslots[i]
-            if s.used:
-                out.append(dict(slot=s.id, flags=s.flags & 0xFFFF, guest_phys_addr=s.base_gfn << 12,
-                                memory_size=s.npages << 12, userspace_addr=s.userspace_addr,
-                                guest_memfd_offset=s.gmem_pgoff << 12, bound=s.gmem_file != NULL))
+        while kvm_next_memslot(self.k, &i, &m, &bound):
+            out.append(dict(slot=m.slot, flags=m.flags, guest_phys_addr=m.guest_phys_addr,
+                            memory_size=m.memory_size, userspace_addr=m.userspace_addr,
+                            guest_memfd_offset=m.guest_memfd_offset, bound=bool(bound)))
         return sorted(out, key=lambda d: d["slot"])
 
     # ----------------------------------------------------------- attributes
@@ -235,14 +236,16 @@ cdef class Vm:
     def snp_launch_start(self, policy=0x30000):
         """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
         held = _host_enter(self.host)
-        _u64_wrap(policy, "policy")
-        self.host._check(sev_snp_launch_start(self._open("KVM_SEV_SNP_LAUNCH_START")), "KVM_SEV_SNP_LAUNCH_START")
+        _refuse_in_hook(self.host, "KVM_SEV_SNP_LAUNCH_START")
+        cdef uint64_t p = _u64_wrap(policy, "policy")
+        self.host._check(sev_snp_launch_start(self._open("KVM_SEV_SNP_LAUNCH_START"), p), "KVM_SEV_SNP_LAUNCH_START")
         self.launch_digest = b""
 
     def snp_launch_update(self, gfn_start, uaddr, length, page_type, flags=0):
         """KVM_SEV_SNP_LAUNCH_UPDATE through kvm_gmem_populate: the pages must be PRIVATE in the
         attributes and not yet prepared (EEXIST). Returns the updated (gfn_start, uaddr, len)."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_SEV_SNP_LAUNCH_UPDATE")
         cdef uint64_t gfn = _u64(gfn_start, "gfn_start"), src = _u64(uaddr, "uaddr"), ln = _u64(length, "len")
         cdef int ptype = _int_arg(page_type, "page_type", 0, 256), err = 0
         cdef uint64_t fl = _u64(flags, "flags")
@@ -264,12 +267,17 @@ cdef class Vm:
         """KVM_SEV_SNP_LAUNCH_FINISH: each vCPU's VMSA becomes a private, immutable page; the
         guest runs and pre-faulting is allowed."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_SEV_SNP_LAUNCH_FINISH")
         self.host._check(sev_snp_launch_finish(self._open("KVM_SEV_SNP_LAUNCH_FINISH")), "KVM_SEV_SNP_LAUNCH_FINISH")
 
     @property
     def vmsa_pfns(self):
         held = _host_enter(self.host)
-        return [] if self.k.dead else [f for f, k, v in _xa_entries(&self.k.sev.vmsa_pfns)]
+        cdef uint64_t start = 0, pfn
+        out = []
+        while sev_next_vmsa(self.k, &start, &pfn):
+            out.append(pfn)
+        return out
 
     # ---------------------------------------------------------------- TDX
     cdef kvm *_tdx(self, str what) except NULL:
@@ -281,24 +289,26 @@ cdef class Vm:
     def tdx_init_vm(self, gpaw=52):
         """KVM_TDX_INIT_VM: GPAW 52 (shared bit 51) or 48 (shared bit 47); the TD is being built."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_TDX_INIT_VM")
         cdef kvm *k = self._tdx("KVM_TDX_INIT_VM")
         self.host._check(tdx_td_init(k, _int_arg(gpaw, "gpaw", 0, 256)), "KVM_TDX_INIT_VM")
 
     def tdx_finalize_vm(self):
         """KVM_TDX_FINALIZE_VM: refused (EINVAL) while a premapped page was never added."""
         held = _host_enter(self.host)
+        _refuse_in_hook(self.host, "KVM_TDX_FINALIZE_VM")
         self.host._check(tdx_td_finalize(self._tdx("KVM_TDX_FINALIZE_VM")), "KVM_TDX_FINALIZE_VM")
 
     @property
     def td_state(self):
         held = _host_enter(self.host)
-        return ("uninitialized", "initialized", "runnable")[self.k.tdx.state] \
+        return ("uninitialized", "initialized", "runnable")[tdx_td_state(self.k)] \
             if self.k.vm_type == KVM_X86_TDX_VM else None
 
     @property
     def nr_premapped(self):
         held = _host_enter(self.host)
-        return self.k.tdx.nr_premapped
+        return tdx_nr_premapped(self.k)
 
     @property
     def shared_gpa_bit(self):
@@ -321,7 +331,7 @@ cdef class Vm:
     @property
     def tdx_stats(self):
         held = _host_enter(self.host)
-        return {name: self.k.tdx.stats[i] for i, name in enumerate(TDX_STATS)}
+        return {name: tdx_stat(self.k, i) for i, name in enumerate(TDX_STATS)}
 
     # ------------------------------------------------------------- faults
     def page_fault_batch(self, gpas, error_codes, vcpu_id=0, out=None):
@@ -354,7 +364,7 @@ cdef class Vm:
             g, e = np.array(g, copy=True), np.array(e, copy=True)
             res = np.empty(n, dtype=FAULT_DTYPE)
         cdef unsigned char[::1] o = res.view(np.uint8) if n else None
-        if np.ndim(vcpu_id) == 0:
+        if isinstance(vcpu_id, (int, np.integer)) or np.ndim(vcpu_id) == 0:
             vid = _u64(vcpu_id, "vcpu_id")
             self._vcpu(vid)
             one = k.vcpus[vid]
@@ -366,8 +376,8 @@ cdef class Vm:
             if ids.shape[0] != n:
                 raise ValueError(f"vcpu_id ({ids.shape[0]}) and gpas ({n}) differ in length")
             idv = np.unique(np.asarray(ids)) if n else ()
-            if n and idv[-1] >= KVM_MAX_VCPU_IDS:
-                raise _err(EINVAL, f"KVM_CREATE_VCPU: id {idv[-1]} >= KVM_MAX_VCPU_IDS")
+            if n and idv.max() >= KVM_MAX_VCPU_IDS:
+                raise _err(EINVAL, f"KVM_CREATE_VCPU: id {idv.max()} >= KVM_MAX_VCPU_IDS")
             for v in idv:
                 self._vcpu(int(v))
             _fault_batch(self.host, k.vcpus, &ids[0] if n else NULL, g, e, o, n)

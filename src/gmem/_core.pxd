@@ -20,7 +20,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 # ======================================================================================
 
 cdef enum:
-    GMEM_CAPI_VERSION = 3
+    GMEM_CAPI_VERSION = 4
 
 # Opaque to stable users: reach them only through the calls below.
 ctypedef struct gmem_host
@@ -89,6 +89,12 @@ cdef enum:
     GMEM_PLATFORM_NONE = 0
     GMEM_PLATFORM_AMD = 1          # DEFAULT, SEV, SEV_ES, SNP VM types; an RMP
     GMEM_PLATFORM_INTEL = 2        # DEFAULT, TDX VM types
+    # kernel versions a host models (gmem.Host(kernel=...)): each a bundle of the rules that
+    # differ, named in comments where they are applied
+    GMEM_KERNEL_RFC_2023 = 0        # "KVM: gmem hooks/changes needed for x86" (Oct 2023)
+    GMEM_KERNEL_6_18 = 1
+    GMEM_KERNEL_7_2 = 2             # the latest stable (the default)
+    GMEM_KERNEL_NEXT = 3            # kvm-x86 as of late 2026: hook renames, in-place conversion
     # policies (gmem.Host options)
     GMEM_PREPARE_FAULT = 0          # Linux 6.12+: prepare at the first kvm_gmem_get_pfn
     GMEM_PREPARE_ALLOC = 1          # the RFC: prepare whenever a folio is obtained
@@ -163,6 +169,9 @@ cdef enum:
 ctypedef struct gmem_host_config:
     uint64_t memory                 # bytes of host physical memory (a multiple of 4096)
     int platform                    # GMEM_PLATFORM_*
+    int kernel                      # GMEM_KERNEL_*: set it, then gmem_host_config_kernel()
+                                    # gives the policies below that version's defaults
+    int tdp                         # two-dimensional paging (tdp_enabled)
     int sw_protected                # KVM_X86_SW_PROTECTED_VM available
     int memory_attributes           # KVM_SET_MEMORY_ATTRIBUTES exists
     int prepare_policy              # GMEM_PREPARE_*
@@ -171,6 +180,8 @@ ctypedef struct gmem_host_config:
     int huge_folios                 # 2M guest_memfd folios (proposed upstream)
     int reattach_private            # invalidate_folio: re-attach folio->private after a split
     int scramble_on_conversion      # SW_PROTECTED: a converted page reads back as garbage
+    int content_memfd               # gmem exec: each inode's contents in a memfd another
+                                    # process can map (_contents_memfd.pxi)
 
 # struct kvm_userspace_memory_region2 (guest_memfd is resolved by the caller: see
 # kvm_set_memory_region)
@@ -207,6 +218,8 @@ ctypedef struct kvm_fault_out:
 
 # ---- the simulated machine
 cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil
+# The policies of cfg.kernel's bundle (prepare, prepared_tracking, invalidate, huge_folios).
+cdef void gmem_host_config_kernel(gmem_host_config *cfg) noexcept nogil
 # 0 with *out (one reference, the caller's), or -EINVAL (reason set in *why) / -ENOMEM.
 cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const char **why) noexcept nogil
 cdef void gmem_host_put(gmem_host *h) noexcept nogil
@@ -560,7 +573,11 @@ ctypedef struct gmem_host:
     physmem pm
     xarray page_data            # pfn -> malloc'd 4 KiB of contents (absent: zeros)
     xarray user_pages           # VMM userspace memory: hva >> 12 -> folio id
+    xarray user_mapped          # hva >> 12 -> 1 where the VMM has memory mapped (mmap_user,
+                                # and the userspace range of every memslot it created)
     int platform                # GMEM_PLATFORM_*
+    int kernel                  # GMEM_KERNEL_*: the version whose rules apply
+    uint8_t tdp                 # tdp_enabled
     uint32_t vm_types           # KVM_CAP_VM_TYPES
     uint8_t memory_attributes   # CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES
     uint8_t prepare_policy
@@ -581,12 +598,16 @@ ctypedef struct gmem_host:
     int fail_prepare_errno      # ... with -errno
     int invalidate_vm_type      # whose gmem_invalidate is running (it gets no kvm)
     int hook_error              # a Python hook raised: stop and re-raise at the boundary
+    int in_teardown             # a handle's deallocation is closing what it held: no Python
+                                # hook runs (the collector may have torn them down already)
     uint64_t stats[HOST_NR_STATS]
     gmem_trace_rec *trace_buf   # ring of trace_cap records; trace_seq counts all written
     uint64_t trace_cap
     uint64_t trace_seq
     uint32_t trace_mask         # enabled events (1 << TRACE_*)
     snp_rmp rmp
+    uint8_t content_memfd       # gmem exec: inode contents in memfds (_contents_memfd.pxi)
+    xarray content_inodes       # ... ino -> gmem_inode * of those inodes
     gmem_page_pool pt_pool      # the VMs' page tables
     uint64_t inode_gen          # bumped when an inode is freed (a batch's ring knows its own)
 
@@ -599,6 +620,8 @@ ctypedef struct gmem_inode:
     xarray filemap              # page index -> folio id
     gmem_file *files            # the files on this inode (6.18: exactly one)
     gmem_inode *next            # host.inodes
+    int memfd                   # content_memfd: the memfd holding the contents, else -1
+    unsigned char *contents     # ... mapped here (NULL: contents in the host's page_data)
 
 ctypedef struct gmem_file:
     gmem_inode *inode
@@ -623,11 +646,12 @@ ctypedef struct kvm_memory_slot:
 ctypedef struct kvm_sev_info:
     uint32_t asid
     int launch_started          # KVM_SEV_SNP_LAUNCH_START done, LAUNCH_FINISH not yet
+    uint64_t policy             # the guest policy LAUNCH_START was given
     xarray vmsa_pfns            # pfn -> 1: the vCPUs' VMSA pages (snp_launch_finish)
 
 # arch/x86/kvm/vmx/tdx.h struct kvm_tdx, the parts gmem models
 cdef enum:
-    TDX_NR_STATS = 6
+    TDX_NR_STATS = 7
 ctypedef struct kvm_tdx:
     int state                   # enum kvm_tdx_state (TD_STATE_*)
     xarray sept                 # mirror S-EPT leaves: gfn -> pfn << 4 | TDX_SEPT_* state

@@ -20,6 +20,7 @@ from typing_extensions import Required, Self, TypeAlias, disjoint_base
 _Int: TypeAlias = int | np.integer[Any]
 _Bytes: TypeAlias = ReadableBuffer | Iterable[SupportsIndex]
 _Platform: TypeAlias = Literal["amd", "intel", "none"]
+_Kernel: TypeAlias = Literal["rfc-2023", "6.18", "7.2", "next"]
 _TraceEvent: TypeAlias = Literal["kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit",
                                  "gmem_prepare", "gmem_invalidate"]
 _HookName: TypeAlias = Literal["is_private_fault", "gmem_prepare", "gmem_invalidate",
@@ -43,6 +44,7 @@ class _HostOptions(TypedDict):
     huge_folios: bool
     reattach_private: bool
     scramble_on_conversion: bool
+    content_memfd: bool
 
 class _Memslot(TypedDict):
     slot: int
@@ -85,6 +87,10 @@ SNP_STATS: Final[tuple[str, ...]]
 TDX_STATS: Final[tuple[str, ...]]
 HOOK_NAMES: Final[tuple[_HookName, ...]]
 TDX_SEPT_STATES: Final[dict[int, str]]
+# the kernel versions a Host can model, and the one it models when none is named
+KERNELS: Final[dict[str, int]]
+def default_kernel() -> _Kernel:
+    """$GMEM_KERNEL, else "7.2"."""
 # the kernel's constants as the core's C code defines them (gmem.uapi mirrors them)
 C_CONSTANTS: Final[dict[str, int]]
 
@@ -137,9 +143,9 @@ class XArray:
         """xa_find_after: (index, value) of the first entry after the one covering index, or None."""
     def items(self, first: _Int = 0, last: _Int = ..., mark: int | None = None) -> Iterator[tuple[int, int, int]]:
         """Yield (first_index, order, value) for each entry overlapping [first, last]."""
-    def set_mark(self, index: _Int, mark: int | None) -> None: ...
-    def clear_mark(self, index: _Int, mark: int | None) -> None: ...
-    def get_mark(self, index: _Int, mark: int | None) -> bool: ...
+    def set_mark(self, index: _Int, mark: int) -> None: ...
+    def clear_mark(self, index: _Int, mark: int) -> None: ...
+    def get_mark(self, index: _Int, mark: int) -> bool: ...
     def __len__(self) -> int: ...
     @property
     def nr_indices(self) -> int:
@@ -239,15 +245,24 @@ class Host:
         memory: _Int = 68719476736,
         platform: _Platform = "amd",
         *,
+        kernel: _Kernel | None = None,
         sw_protected: bool = True,
         memory_attributes: bool = True,
-        prepare: Literal["fault", "alloc"] = "fault",
-        prepared_tracking: Literal["gmem", "arch"] = "gmem",
-        invalidate: Literal["free_folio", "invalidate_folio"] = "free_folio",
+        tdp: bool = True,
+        prepare: Literal["fault", "alloc"] | None = None,
+        prepared_tracking: Literal["gmem", "arch"] | None = None,
+        invalidate: Literal["free_folio", "invalidate_folio"] | None = None,
         huge_folios: bool = False,
         reattach_private: bool = False,
         scramble_on_conversion: bool = False,
+        content_memfd: bool = False,
     ) -> None: ...
+    @property
+    def kernel(self) -> _Kernel:
+        """The kernel version whose rules apply."""
+    @property
+    def tdp(self) -> bool:
+        """tdp_enabled: the host has two-dimensional paging."""
     @property
     def platform(self) -> _Platform: ...
     @property
@@ -291,6 +306,10 @@ class Host:
         """C memory used by the model's own bookkeeping of host memory."""
     def folio(self, pfn: _Int) -> _Folio | None:
         """The folio containing pfn, or None."""
+    def mmap_user(self, addr: _Int, size: _Int) -> None:
+        """The VMM maps anonymous memory at [addr, addr + size) (memslots map their own range)."""
+    def munmap_user(self, addr: _Int, size: _Int) -> None:
+        """munmap(2) of the VMM's memory: the mmu notifiers zap what it backed; faults there: -EFAULT."""
     def read_user(self, hva: _Int, n: _Int) -> bytes:
         """Read the VMM's own memory (the shared backing of memslots) at hva."""
     def write_user(self, hva: _Int, data: _Bytes) -> None:
@@ -530,6 +549,11 @@ class GuestMemfd:
     def vm(self) -> Vm: ...
     @property
     def ino(self) -> int: ...
+    @property
+    def memfd(self) -> int:
+        """Host(content_memfd=True): the memfd holding the inode's contents (owned by the inode), else -1."""
+    def sync_memfd(self) -> int:
+        """Host(content_memfd=True): fault in the pages another process wrote through its own mapping."""
     def close(self) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...

@@ -24,6 +24,7 @@ include "_trace.pxi"         # include/trace/events/kvm.h: tracepoints into a ri
 include "_host.pxi"          # the simulated machine: page contents, the VMM's memory, the platform
 include "_kvm_main.pxi"      # virt/kvm/kvm_main.c: VMs, vCPUs, memslots, attributes, invalidation
 include "_guest_memfd.pxi"   # virt/kvm/guest_memfd.c: inodes, files, bindings, fallocate, get_pfn
+include "_contents_memfd.pxi"  # gmem exec: guest_memfd contents in memfds (Host(content_memfd=True))
 include "_attributes.pxi"    # kvm_vm_set_mem_attributes with x86's pre/post hooks (lpage mixed)
 include "_x86.pxi"           # arch/x86/kvm/x86.c: arch VM init, caps, enable_cap, the hook table
 include "_tdp_mmu.pxi"       # arch/x86/kvm/mmu/tdp_mmu.c, spte.h: SPTEs in page tables, map, zap

@@ -349,6 +349,7 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
     cdef gmem_host *h = kvm.host
     cdef gmem_inode *inode
     cdef gmem_inode **pp
+    cdef int r
     if flags & ~kvm_gmem_get_supported_flags(kvm):
         return _refuse(h, -EINVAL, "flags outside kvm_gmem_get_supported_flags()")
     if <int64_t>size <= 0 or size & 4095:
@@ -357,6 +358,7 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
     if inode == NULL:
         return _refuse(h, -ENOMEM, "out of memory")
     xa_init(&inode.filemap)
+    inode.memfd = -1
     inode.host = h
     inode.size = size
     inode.flags = flags
@@ -367,6 +369,10 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
     while pp[0] != NULL:
         pp = &pp[0].next
     pp[0] = inode
+    r = gmem_contents_init(inode)              # gmem exec (content_memfd): a memfd of i_size
+    if r < 0:
+        kvm_gmem_evict_inode(inode)
+        return _refuse(h, r, "no memfd for the contents (content_memfd)")
     if __kvm_gmem_create_file(kvm, inode, out) < 0:
         kvm_gmem_evict_inode(inode)
         return _refuse(h, -ENOMEM, "out of memory")
@@ -394,6 +400,9 @@ cdef int kvm_gmem_link(kvm *kvm, gmem_file *src, gmem_file **out) noexcept nogil
     migration (KVM_LINK_GUEST_MEMFD, proposed uAPI, not merged)."""
     if src.kvm.vm_type != kvm.vm_type:
         return _refuse(kvm.host, -EINVAL, "the VM types differ")
+    if kvm_arch_has_bound_private_mem(kvm):
+        return _refuse(kvm.host, -EINVAL, "the pages are encrypted for the source's ASID/HKID: they "
+                       "move only with its encryption context (KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM)")
     if __kvm_gmem_create_file(kvm, src.inode, out) < 0:
         return _refuse(kvm.host, -ENOMEM, "out of memory")
     return 0
@@ -450,6 +459,7 @@ cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
     cdef gmem_inode **pp = &inode.host.inodes
     inode.host.inode_gen += 1           # a batch's ring stops reading its filemap
     kvm_gmem_truncate(inode, 0, <uint64_t>0xFFFFFFFFFFFFFFFF)
+    gmem_contents_release(inode)
     xa_destroy(&inode.filemap)
     while pp[0] != NULL:
         if pp[0] == inode:

@@ -12,8 +12,10 @@ cdef enum:
 cdef extern from *:
     """
     #define GMEM_MMAP_MIN_ADDR (65536ULL)
+    #define GMEM_TASK_SIZE_MAX (0x7FFFFFFFF000ULL)
     """
     const uint64_t MMAP_MIN_ADDR "GMEM_MMAP_MIN_ADDR"
+    const uint64_t TASK_SIZE_MAX "GMEM_TASK_SIZE_MAX"  # the end of user memory (4-level paging)
 
 
 # ------------------------------------------------------ the model's own pages
@@ -133,12 +135,27 @@ cdef void gmem_page_pool_destroy(gmem_page_pool *pool) noexcept nogil:
 
 
 cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil:
-    """The defaults of gmem.Host(): 64 GiB, "amd", Linux 6.18's policies."""
+    """The defaults of gmem.Host(): 64 GiB, "amd", Linux 7.2 and its policies."""
     memset(cfg, 0, sizeof(gmem_host_config))
     cfg.memory = (<uint64_t>64) << 30
     cfg.platform = GMEM_PLATFORM_AMD
+    cfg.kernel = GMEM_KERNEL_7_2
+    cfg.tdp = 1
     cfg.sw_protected = 1
     cfg.memory_attributes = 1
+    gmem_host_config_kernel(cfg)
+
+
+cdef void gmem_host_config_kernel(gmem_host_config *cfg) noexcept nogil:
+    """The policies each version has (DESIGN.md "Policies and kernel versions are data"):
+    - rfc-2023: prepare whenever a folio is obtained, "prepared" left to the arch (the RFC's
+      kvm_gmem_get_folio calls kvm_arch_gmem_prepare for every binding, tracking nothing);
+    - 6.18: prepare at the first kvm_gmem_get_pfn, "prepared" is the folio's uptodate flag;
+    - 7.2 and next: zero once (uptodate) but prepare on every kvm_gmem_get_pfn, SNP tracking
+      preparedness in the RMP (7.0, "Remove kvm_gmem_populate()'s preparation tracking")."""
+    cfg.prepare_policy = GMEM_PREPARE_ALLOC if cfg.kernel == GMEM_KERNEL_RFC_2023 else GMEM_PREPARE_FAULT
+    cfg.prepared_tracking = GMEM_TRACK_GMEM if cfg.kernel == GMEM_KERNEL_6_18 else GMEM_TRACK_ARCH
+    cfg.invalidate_policy = GMEM_INVALIDATE_FREE_FOLIO
 
 
 cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const char **why) noexcept nogil:
@@ -161,6 +178,9 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
             and 0 <= cfg.invalidate_policy <= 1):
         why[0] = "unknown policy"
         return -EINVAL
+    if not GMEM_KERNEL_RFC_2023 <= cfg.kernel <= GMEM_KERNEL_NEXT:
+        why[0] = "unknown kernel version"
+        return -EINVAL
     h = <gmem_host *>_calloc(1, sizeof(gmem_host))
     if h == NULL:
         why[0] = "out of memory"
@@ -170,11 +190,18 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
     h.pm.pcp_enabled = 1
     xa_init(&h.page_data)
     xa_init(&h.user_pages)
+    xa_init(&h.user_mapped)
     h.platform = cfg.platform
+    h.kernel = cfg.kernel
+    h.tdp = cfg.tdp != 0
     h.vm_types = (_PLATFORM_TYPES_AMD if cfg.platform == GMEM_PLATFORM_AMD else
                   _PLATFORM_TYPES_INTEL if cfg.platform == GMEM_PLATFORM_INTEL else _PLATFORM_TYPES_NONE)
     if cfg.sw_protected:
         h.vm_types |= 1 << KVM_X86_SW_PROTECTED_VM
+    if not cfg.tdp:
+        # without TDP: no SW_PROTECTED (needs the TDP MMU), no SEV (sev_hardware_setup needs
+        # NPT), no TDX (tdx_bringup needs EPT)
+        h.vm_types = 1 << KVM_X86_DEFAULT_VM
     h.memory_attributes = cfg.memory_attributes != 0
     h.prepare_policy = cfg.prepare_policy
     h.prepared_tracking = cfg.prepared_tracking
@@ -182,6 +209,8 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
     h.huge_folios = cfg.huge_folios != 0
     h.reattach_private = cfg.reattach_private != 0
     h.scramble_on_conversion = cfg.scramble_on_conversion != 0
+    h.content_memfd = cfg.content_memfd != 0
+    xa_init(&h.content_inodes)
     h.next_ino = 1
     h.next_asid = 1
     for t in range(KVM_MAX_VM_TYPES):
@@ -203,7 +232,9 @@ cdef void gmem_host_put(gmem_host *h) noexcept nogil:
         free(<void *><size_t>v)
         start = first + 1
     xa_destroy(&h.page_data)
+    xa_destroy(&h.content_inodes)
     xa_destroy(&h.user_pages)
+    xa_destroy(&h.user_mapped)
     snp_rmptable_destroy(h)
     phys_destroy(&h.pm)
     gmem_page_pool_destroy(&h.pt_pool)
@@ -229,6 +260,8 @@ cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nog
     """Forget the contents of [pfn, pfn + n): they read as zeros again."""
     cdef uint64_t first, v, start = pfn
     cdef int order
+    if host.content_inodes.nr_entries and gmem_contents_drop(host, pfn, n) == n:
+        return                          # gmem exec: the contents live in memfds
     if host.page_data.nr_entries == 0:
         return
     while xa_find_entry(&host.page_data, start, pfn + n - 1, XA_NO_MARK, &first, &order, &v):
@@ -242,6 +275,11 @@ cdef unsigned char *page_data_get(gmem_host *host, uint64_t pfn, bint create) no
     memory)."""
     cdef uint64_t v, old
     cdef void *p
+    cdef unsigned char *c
+    if host.content_inodes.nr_entries:
+        c = gmem_contents_page(host, pfn)   # gmem exec: the contents live in memfds
+        if c != NULL:
+            return c
     if xa_load(&host.page_data, pfn, &v):
         return <unsigned char *><size_t>v
     if not create:
@@ -287,12 +325,39 @@ cdef int host_copy_page(gmem_host *host, uint64_t dst, uint64_t src) noexcept no
 
 # ------------------------------------------------------- the VMM's own memory
 
+cdef inline bint host_user_access_ok(uint64_t hva, uint64_t n) noexcept nogil:
+    """access_ok(): [hva, hva + n) lies below TASK_SIZE_MAX and does not wrap."""
+    return hva + n >= hva and hva + n <= TASK_SIZE_MAX
+
+
+cdef int host_mmap_user(gmem_host *h, uint64_t addr, uint64_t size) noexcept nogil:
+    """The VMM maps [addr, addr + size) (anonymous memory, its pages zero until written):
+    0, or -EINVAL outside user memory, -ENOMEM."""
+    if size == 0 or addr & 4095 or size & 4095 or addr < MMAP_MIN_ADDR or not host_user_access_ok(addr, size):
+        return -EINVAL
+    return xa_store_range(&h.user_mapped, addr >> 12, ((addr + size) >> 12) - 1, 1)
+
+
+cdef void host_munmap_user(gmem_host *h, uint64_t addr, uint64_t size) noexcept nogil:
+    """The VMM unmaps [addr, addr + size): its pages go back to the host (the caller ran the
+    mmu notifiers first)."""
+    cdef uint64_t start = addr >> 12, last = ((addr + size) >> 12) - 1, first, v
+    cdef int order
+    while xa_find_entry(&h.user_pages, start, last, XA_NO_MARK, &first, &order, &v):
+        page_data_drop(h, folio_get(&h.pm, <uint32_t>v).pfn, 1)
+        folio_free(&h.pm, <uint32_t>v)
+        xa_erase(&h.user_pages, first, &v)
+        start = first + 1
+    xa_assign_range(&h.user_mapped, addr >> 12, last, 0, True)
+
+
 cdef int hva_to_pfn(gmem_host *host, uint64_t hva, uint64_t *pfn) noexcept nogil:
-    """get_user_pages of the VMM's memory behind an hva: a 4K page allocated at first touch."""
+    """get_user_pages of the VMM's memory behind an hva: a 4K page allocated at first touch
+    where the VMM has memory mapped, else -EFAULT."""
     cdef uint64_t v, old
     cdef uint32_t id
-    if hva < MMAP_MIN_ADDR or hva >> 63:
-        return -EFAULT              # below mmap_min_addr, or the kernel's half
+    if hva < MMAP_MIN_ADDR or hva >= TASK_SIZE_MAX or not xa_load(&host.user_mapped, hva >> 12, &v):
+        return -EFAULT              # below mmap_min_addr, not user memory, or nothing mapped
     if xa_load(&host.user_pages, hva >> 12, &v):
         pfn[0] = folio_get(&host.pm, <uint32_t>v).pfn
         return 0
@@ -315,8 +380,7 @@ cdef void gmem_inject(gmem_host *h, uint64_t alloc_failures, uint64_t prepare_fa
     h.pm.fail_alloc = alloc_failures
     h.fail_prepare = prepare_failures
     h.fail_prepare_errno = prepare_errno
-    h.rmp.fail_rmpupdate = rmpupdate_failures
-    h.rmp.fail_rmpupdate_code = rmpupdate_code
+    snp_inject_rmpupdate_failures(h, rmpupdate_failures, rmpupdate_code)
 
 
 cdef size_t gmem_host_memory_bytes(const gmem_host *h) noexcept nogil:

@@ -6,6 +6,31 @@
 from libc.stdlib cimport calloc as _calloc
 
 cdef enum:
+    # capabilities the generic part answers (include/uapi/linux/kvm.h)
+    KVM_CAP_USER_MEMORY = 3
+    KVM_CAP_SYNC_MMU = 16
+    KVM_CAP_DESTROY_MEMORY_REGION_WORKS = 21
+    KVM_CAP_JOIN_MEMORY_REGIONS_WORKS = 30
+    KVM_CAP_INTERNAL_ERROR_DATA = 40
+    KVM_CAP_IRQFD = 32
+    KVM_CAP_SIGNAL_MSI = 77
+    KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+    KVM_CAP_CHECK_EXTENSION_VM = 105
+    KVM_CAP_ENABLE_CAP_VM = 98
+    KVM_CAP_HALT_POLL = 182
+    KVM_CAP_BINARY_STATS_FD = 203
+    KVM_CAP_SYSTEM_EVENT_DATA = 215
+    KVM_CAP_DEVICE_CTRL = 89
+    KVM_CAP_COALESCED_PIO = 162
+    KVM_CAP_COALESCED_MMIO = 15
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+    KVM_CAP_IRQ_ROUTING = 25
+    KVM_CAP_DIRTY_LOG_RING = 192
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
+    KVM_COALESCED_MMIO_PAGE_OFFSET = 2
+    KVM_DIRTY_LOG_MANUAL_CAPS = 3
+    KVM_MAX_IRQ_ROUTES = 4096
+    KVM_DIRTY_RING_MAX_BYTES = 65536 * 16       # KVM_DIRTY_RING_MAX_ENTRIES * sizeof(kvm_dirty_gfn)
     KVM_MEMSLOT_GMEM_ONLY = 1 << 17     # internal (bits 16-31 are never userspace's)
     KVM_MR_CREATE = 0
     KVM_MR_DELETE = 1
@@ -19,10 +44,8 @@ cdef extern from *:
     # constants, not module variables
     """
     #define GMEM_INVALID_GFN (0xFFFFFFFFFFFFFFFFULL)
-    #define GMEM_TASK_SIZE_MAX (0x7FFFFFFFF000ULL)
     """
     const uint64_t INVALID_GFN "GMEM_INVALID_GFN"
-    const uint64_t TASK_SIZE_MAX "GMEM_TASK_SIZE_MAX"
 
 
 cdef inline uint64_t _mask(int order) noexcept nogil:
@@ -38,34 +61,6 @@ cdef inline int _refuse(gmem_host *h, int err, const char *why) noexcept nogil:
     """A rule refuses: err (a -errno) comes back, why is kept for gmem_reason()."""
     h.reason = why
     return err
-
-
-cdef int xa_split_at(xarray *xa, uint64_t index) noexcept nogil:
-    """Split entries until none covers both index - 1 and index (0 or -ENOMEM)."""
-    cdef uint64_t v, first
-    cdef int order, r
-    if index == 0:
-        return 0
-    while xa_lookup(xa, index, &v, &first, &order) and first < index:
-        r = xa_split(xa, first, order - 1)
-        if r < 0:
-            return r
-    return 0
-
-
-cdef int xa_assign_range(xarray *xa, uint64_t first, uint64_t last, uint64_t value,
-                         bint erase) noexcept nogil:
-    """Give exactly the indices [first, last] value (or erase them), leaving the rest alone:
-    per-index semantics (xa_store() of each index) on top of multi-index entries."""
-    cdef int r = xa_split_at(xa, first)
-    if r == 0 and last != <uint64_t>0xFFFFFFFFFFFFFFFF:
-        r = xa_split_at(xa, last + 1)
-    if r < 0:
-        return r
-    if erase:
-        xa_erase_range(xa, first, last)
-        return 0
-    return xa_store_range(xa, first, last, value)
 
 
 # ----------------------------------------------------------------------- VMs
@@ -194,8 +189,7 @@ cdef int kvm_vm_ioctl_create_vcpu(kvm *kvm, uint64_t id, kvm_vcpu **out) noexcep
         return _refuse(kvm.host, -ENOMEM, "KVM_CREATE_VCPU: out of memory")
     v.kvm = kvm
     v.vcpu_id = <uint32_t>id
-    tdp_cursor_init(&v.tdp_cursor[TDP_ROOT_DIRECT])
-    tdp_cursor_init(&v.tdp_cursor[TDP_ROOT_MIRROR])
+    kvm_mmu_create(v)
     kvm.vcpus[id] = v
     kvm.created_vcpus += 1
     out[0] = v
@@ -356,6 +350,23 @@ cdef int kvm_set_memory_region(kvm *kvm, const kvm_userspace_memory_region2 *mem
     return r
 
 
+cdef bint kvm_next_memslot(kvm *kvm, uint32_t *i, kvm_userspace_memory_region2 *mem, bint *bound) noexcept nogil:
+    """The next memslot in kvm's array from *i on, as userspace set it (and whether its
+    guest_memfd binding is live); *i past it."""
+    cdef kvm_memory_slot *s
+    while i[0] < kvm.nr_memslots:
+        s = &kvm.memslots[i[0]]
+        i[0] += 1
+        if s.used:
+            mem.slot, mem.flags = s.id, s.flags & 0xFFFF
+            mem.guest_phys_addr, mem.memory_size = s.base_gfn << 12, s.npages << 12
+            mem.userspace_addr, mem.guest_memfd_offset = s.userspace_addr, s.gmem_pgoff << 12
+            mem.guest_memfd = 0
+            bound[0] = s.gmem_file != NULL
+            return 1
+    return 0
+
+
 cdef bint kvm_check_memslot_overlap(kvm *kvm, kvm_memory_slot *old, uint64_t base_gfn,
                                     uint64_t npages) noexcept nogil:
     cdef uint64_t f, v
@@ -402,7 +413,8 @@ cdef int kvm_alloc_memslot_metadata(kvm *kvm, kvm_memory_slot *s) noexcept nogil
             info[level - 2][0] = 1
         if (s.base_gfn + s.npages) & _mask(o):
             info[level - 2][n - 1] = 1
-        if (s.base_gfn ^ ugfn) & _mask(o) and not (s.flags & KVM_MEM_GUEST_MEMFD):
+        # every slot, guest_memfd ones included (kvm_alloc_memslot_metadata, all versions)
+        if (s.base_gfn ^ ugfn) & _mask(o):
             for j in range(n):
                 info[level - 2][j] = 1
     kvm_mmu_init_memslot_memory_attributes(kvm, s)
@@ -428,6 +440,9 @@ cdef int kvm_create_memslot(kvm *kvm, const kvm_userspace_memory_region2 *mem, u
         mem.flags, mem.slot
     if kvm_alloc_memslot_metadata(kvm, s) < 0:
         return -ENOMEM
+    # the VMM mapped the memslot's memory before it created the slot
+    if mem.userspace_addr >= MMAP_MIN_ADDR:
+        host_mmap_user(kvm.host, mem.userspace_addr, npages << 12)
     if (xa_store_range(&kvm.gfn_to_slot, base_gfn, base_gfn + npages - 1, i) < 0
             or xa_assign_range(&kvm.slot_index, s.id, s.id, i, False) < 0
             or (file != NULL and kvm_gmem_bind(kvm, s, file, pgoff) < 0)):
@@ -553,11 +568,15 @@ cdef int kvm_vcpu_pre_fault_memory(kvm_vcpu *vcpu, kvm_pre_fault_memory *range) 
     cdef gmem_host *h = vcpu.kvm.host
     cdef uint64_t full_size = range.size
     cdef int64_t r
+    if h.kernel == GMEM_KERNEL_RFC_2023:
+        # (6.11) an unknown vCPU ioctl: kvm_arch_vcpu_ioctl's default
+        return _refuse(h, -EINVAL, "no KVM_PRE_FAULT_MEMORY before Linux 6.11")
     if range.flags:
         return _refuse(h, -EINVAL, "flags must be 0")
     if range.gpa & 4095 or range.size & 4095 or range.gpa + range.size <= range.gpa:
         return _refuse(h, -EINVAL, "gpa and size must be page aligned, size non-zero, and gpa + "
                        "size must not wrap")
+    h.reason = NULL
     while True:
         r = kvm_arch_vcpu_pre_fault_memory(vcpu, range.gpa, range.size)
         if r <= 0:
@@ -568,6 +587,8 @@ cdef int kvm_vcpu_pre_fault_memory(kvm_vcpu *vcpu, kvm_pre_fault_memory *range) 
             break
     if full_size != range.size:
         return 0
+    if h.reason != NULL:
+        return <int>r               # the rule that refused named itself
     return _refuse(h, <int>r, kvm_pre_fault_reason(<int>r))
 
 
@@ -588,13 +609,28 @@ cdef const char *kvm_pre_fault_reason(int r) noexcept nogil:
 # ---------------------------------------------------------- KVM_CHECK_EXTENSION
 
 cdef int64_t kvm_check_extension(gmem_host *h, kvm *kvm, uint64_t cap) noexcept nogil:
-    """kvm_vm_ioctl_check_extension_generic, then the arch's (kvm NULL: on /dev/kvm)."""
-    if cap == KVM_CAP_USER_MEMORY2 or cap == KVM_CAP_MEMORY_FAULT_INFO or cap == KVM_CAP_GUEST_MEMFD:
+    """kvm_vm_ioctl_check_extension_generic, then the arch's (kvm NULL: on /dev/kvm): what a
+    7.2 x86-64 host with TDP answers (kvm_main.c:4886), the same in 6.18."""
+    if cap in (KVM_CAP_USER_MEMORY, KVM_CAP_SYNC_MMU, KVM_CAP_DESTROY_MEMORY_REGION_WORKS,
+             KVM_CAP_JOIN_MEMORY_REGIONS_WORKS, KVM_CAP_INTERNAL_ERROR_DATA, KVM_CAP_IRQFD,
+             KVM_CAP_SIGNAL_MSI, KVM_CAP_IOEVENTFD_ANY_LENGTH, KVM_CAP_CHECK_EXTENSION_VM,
+             KVM_CAP_ENABLE_CAP_VM, KVM_CAP_HALT_POLL, KVM_CAP_BINARY_STATS_FD,
+             KVM_CAP_SYSTEM_EVENT_DATA, KVM_CAP_DEVICE_CTRL, KVM_CAP_COALESCED_PIO,
+             KVM_CAP_USER_MEMORY2, KVM_CAP_MEMORY_FAULT_INFO, KVM_CAP_GUEST_MEMFD):
         return 1
+    if cap == KVM_CAP_COALESCED_MMIO:
+        return KVM_COALESCED_MMIO_PAGE_OFFSET
+    if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+        return KVM_DIRTY_LOG_MANUAL_CAPS
+    if cap == KVM_CAP_IRQ_ROUTING:
+        return KVM_MAX_IRQ_ROUTES
+    if cap == KVM_CAP_DIRTY_LOG_RING or cap == KVM_CAP_DIRTY_LOG_RING_ACQ_REL:
+        return KVM_DIRTY_RING_MAX_BYTES
     if cap == KVM_CAP_MEMORY_ATTRIBUTES:
         return kvm_supported_mem_attributes(kvm) if h.memory_attributes else 0
     if cap == KVM_CAP_GUEST_MEMFD_FLAGS:
-        return kvm_gmem_get_supported_flags(kvm)
+        # 6.18 (the flags and the capability came together)
+        return kvm_gmem_get_supported_flags(kvm) if h.kernel >= GMEM_KERNEL_6_18 else 0
     if cap == KVM_CAP_NR_MEMSLOTS:
         return KVM_USER_MEM_SLOTS
     if cap == KVM_CAP_MULTI_ADDRESS_SPACE:
@@ -602,6 +638,48 @@ cdef int64_t kvm_check_extension(gmem_host *h, kvm *kvm, uint64_t cap) noexcept 
         # case out of kvm_vm_ioctl_check_extension_generic, so the answer is 0 (observed on 6.18.44)
         return 0
     return kvm_vm_ioctl_check_extension(h, kvm, cap)
+
+
+# ------------------------------------------------------------ mmu notifiers
+
+cdef void kvm_mmu_notifier_invalidate_range(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
+    """kvm_mmu_notifier_invalidate_range_start/end for the hvas [start, end): the gfns of every
+    memslot whose userspace range overlaps are zapped (kvm_handle_hva_range, KVM_FILTER_SHARED:
+    the direct root, which on a non-TDX VM is the only one)."""
+    cdef uint32_t i
+    cdef kvm_memory_slot *s
+    cdef uint64_t lo, hi
+    cdef bint begun = False
+    for i in range(kvm.nr_memslots):
+        s = &kvm.memslots[i]
+        if not s.used or kvm_memslot_is_gmem_only(s):
+            continue
+        lo = start if start > s.userspace_addr else s.userspace_addr
+        hi = end if end < s.userspace_addr + (s.npages << 12) else s.userspace_addr + (s.npages << 12)
+        if lo >= hi:
+            continue
+        if not begun:
+            begun = True
+            kvm_mmu_invalidate_begin(kvm)
+        lo = s.base_gfn + ((lo - s.userspace_addr) >> 12)
+        hi = s.base_gfn + ((hi - s.userspace_addr + 4095) >> 12)
+        kvm_mmu_invalidate_range_add(kvm, lo, hi)
+        kvm_unmap_gfn_range(kvm, lo, hi, KVM_FILTER_SHARED)
+    if begun:
+        kvm_mmu_invalidate_end(kvm)
+
+
+cdef int gmem_munmap_user(gmem_host *h, uint64_t addr, uint64_t size) noexcept nogil:
+    """munmap(2) of the VMM's memory: every VM's mmu notifier, then the pages go (faults on
+    them from now on: -EFAULT, kvm_handle_error_pfn)."""
+    cdef kvm *k = h.vms
+    if size == 0 or addr & 4095 or size & 4095 or not host_user_access_ok(addr, size):
+        return _refuse(h, -EINVAL, "munmap: addr and length must be page aligned user memory")
+    while k != NULL:
+        kvm_mmu_notifier_invalidate_range(k, addr, addr + size)
+        k = k.next
+    host_munmap_user(h, addr, size)
+    return 0
 
 
 # ------------------------------------------------------ invalidation and zap

@@ -5,12 +5,6 @@
 # Vendors' rules come in through the hook table (_x86.pxi): nothing here names SNP's or
 # TDX's internals.
 
-cdef inline bint kvm_has_mirrored_tdp(const kvm *kvm) noexcept nogil:
-    """Private leaves live in a mirror root forwarded to external page tables, and the vendor
-    handles the fault's exit itself (mmu.h: the VM type says so, as in the kernel)."""
-    return kvm.vm_type == KVM_X86_TDX_VM
-
-
 cdef inline bint kvm_is_addr_direct(const kvm *kvm, uint64_t gpa) noexcept nogil:
     """mmu.h: gpa is mapped by the direct root (the VM has no direct bits, or gpa has them)."""
     return kvm.gfn_direct_bits == 0 or ((gpa >> 12) & kvm.gfn_direct_bits) != 0
@@ -123,8 +117,9 @@ cdef int kvm_mmu_faultin_pfn(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_ou
             return RET_PF_EMULATE
         r = hva_to_pfn(kvm.host, slot.userspace_addr + ((fault.gfn - slot.base_gfn) << 12), &fault.pfn)
         if r:
-            # kvm_handle_error_pfn: an unresolvable hva is a memory-fault exit
-            return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -EFAULT)
+            # kvm_handle_error_pfn: an hva nothing is mapped at is -EFAULT from KVM_RUN, with
+            # no KVM_EXIT_MEMORY_FAULT (a memory-fault exit for it was proposed, never merged)
+            return -EFAULT
         fault.map_writable = not (slot.flags & KVM_MEM_READONLY)
         fault.max_level = PG_LEVEL_4K      # the VMM's memory is in 4K pages
     if mmu_invalidate_retry_gfn(kvm, fault.mmu_seq, fault.gfn):
@@ -438,6 +433,9 @@ cdef inline void kvm_mmu_hand_leaves(kvm_vcpu *vcpu, const kvm_fault_leaves *lv)
 
 
 cdef enum:
+    # not the kernel's: retries of one fault after which the model stands in for a pending
+    # signal (only a Python hook that invalidates on every attempt gets near it)
+    KVM_FAULT_RETRIES_BEFORE_SIGNAL = 1024
     PREFETCH_AHEAD = 8       # faults between the two prefetch stages
     PREFETCH_RING = 32       # the leaves of faults i .. i + 2 * AHEAD (a power of two, <= 32)
 
@@ -501,7 +499,10 @@ cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int
     prefetch, again while RET_PF_RETRY; 0 with *level the mapping's, or -errno. No pf_*
     stat moves: kvm_mmu_page_fault counts those, kvm_mmu_do_page_fault does not (6.11)."""
     cdef kvm_fault_out out
-    cdef int r
+    cdef int r, tries = 0
+    if not vcpu.kvm.host.tdp:
+        return _refuse(vcpu.kvm.host, -EOPNOTSUPP, "the host has no TDP (mmu->page_fault is not "
+                       "kvm_tdp_page_fault)")
     memset(&out, 0, sizeof(out))
     while True:
         # kvm_check_request(KVM_REQ_VM_DEAD): a hook raised
@@ -510,9 +511,11 @@ cdef int kvm_tdp_map_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code, int
         r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, &out)
         if r != RET_PF_RETRY:
             break
-        if vcpu.kvm.mmu_invalidate_in_progress:
-            # signal_pending: the one retry that never ends here is an invalidation only our
-            # caller (a Python hook inside it) could finish; the kernel's task gets a signal
+        tries += 1
+        if vcpu.kvm.mmu_invalidate_in_progress or tries >= KVM_FAULT_RETRIES_BEFORE_SIGNAL:
+            # signal_pending: a retry that never ends here is an invalidation only our caller
+            # (a Python hook inside it) could finish, or one a hook starts on every attempt;
+            # the kernel's task would get a signal
             return -EINTR
     if r < 0:
         return r

@@ -505,10 +505,29 @@ cdef enum:
     KVM_SEV_SNP_PAGE_TYPE_CPUID = 6
 
 
-cdef int sev_snp_launch_start(kvm *kvm) noexcept nogil:
-    """KVM_SEV_SNP_LAUNCH_START: the guest is being built; pre-faulting is refused until finish."""
+cdef enum:
+    # include/linux/psp-sev.h
+    SNP_POLICY_MASK_SMT = 1 << 16
+    SNP_POLICY_MASK_RSVD_MBO = 1 << 17
+    SNP_POLICY_MASK_DEBUG = 1 << 19
+    SNP_POLICY_MASK_SINGLE_SOCKET = 1 << 20
+    # snp_supported_policy_bits: the minimum firmware's bits (SNP_POLICY_MASK_BASE) that
+    # KVM_SNP_POLICY_MASK_VALID allows: API version, SMT, MBO, DEBUG, SINGLE_SOCKET
+    SNP_SUPPORTED_POLICY_BITS = 0xFFFF | SNP_POLICY_MASK_SMT | SNP_POLICY_MASK_RSVD_MBO | \
+        SNP_POLICY_MASK_DEBUG | SNP_POLICY_MASK_SINGLE_SOCKET
+
+
+cdef int sev_snp_launch_start(kvm *kvm, uint64_t policy) noexcept nogil:
+    """KVM_SEV_SNP_LAUNCH_START (snp_launch_start): the guest is being built; pre-faulting is
+    refused until finish. The policy may hold only the supported bits and must hold the
+    reserved must-be-one bit 17."""
     if kvm.vm_type != KVM_X86_SNP_VM or kvm.sev.launch_started:
         return _refuse(kvm.host, -EINVAL, "not an SNP VM, or launch already started")
+    if policy & ~(<uint64_t>SNP_SUPPORTED_POLICY_BITS):
+        return _refuse(kvm.host, -EINVAL, "policy bits outside snp_supported_policy_bits")
+    if not policy & SNP_POLICY_MASK_RSVD_MBO:
+        return _refuse(kvm.host, -EINVAL, "policy without SNP_POLICY_MASK_RSVD_MBO (bit 17)")
+    kvm.sev.policy = policy
     kvm.sev.launch_started = 1
     kvm.pre_fault_allowed = 0
     return 0
@@ -595,7 +614,7 @@ cdef int sev_snp_launch_finish(kvm *kvm) noexcept nogil:
 
 cdef int snp_launch_minimal(kvm *kvm) noexcept nogil:
     """vm.launch() for SNP: LAUNCH_START, then LAUNCH_FINISH with nothing measured."""
-    cdef int r = sev_snp_launch_start(kvm)
+    cdef int r = sev_snp_launch_start(kvm, SNP_POLICY_MASK_SMT | SNP_POLICY_MASK_RSVD_MBO)
     return r if r else sev_snp_launch_finish(kvm)
 
 
@@ -758,3 +777,62 @@ cdef void rmp_entry_repr(const rmp_entry_info *e, char *out, size_t len) noexcep
              "vmsa=%s)", "True" if e.assigned else "False", e.pagesize, "True" if e.immutable else "False",
              "True" if e.validated else "False", e.asid, <unsigned long long>e.gpa,
              "True" if e.vmsa else "False")
+
+
+cdef uint64_t snp_stat(const gmem_host *h, int which) noexcept nogil:
+    return h.rmp.stats[which] if 0 <= which < SNP_NR_STATS else 0
+
+
+cdef void snp_inject_rmpupdate_failures(gmem_host *h, uint64_t n, int code) noexcept nogil:
+    """Fault injection: the next n RMPUPDATEs return code."""
+    h.rmp.fail_rmpupdate = n
+    h.rmp.fail_rmpupdate_code = code
+
+
+cdef bint snp_next_leaked(gmem_host *h, uint64_t *start, uint64_t *pfn) noexcept nogil:
+    """The next page snp_leak_pages took out of use, at or after *start."""
+    cdef uint64_t v
+    cdef int order
+    if start[0] == INVALID_GFN or not xa_find_entry(&h.rmp.leaked, start[0], INVALID_GFN, XA_NO_MARK,
+                                                    pfn, &order, &v):
+        return 0
+    start[0] = pfn[0] + 1
+    return 1
+
+
+cdef bint sev_next_vmsa(kvm *kvm, uint64_t *start, uint64_t *pfn) noexcept nogil:
+    """The next VMSA page of kvm's vCPUs, at or after *start."""
+    cdef uint64_t v
+    cdef int order
+    if kvm.dead or start[0] == INVALID_GFN or not xa_find_entry(&kvm.sev.vmsa_pfns, start[0], INVALID_GFN,
+                                                                XA_NO_MARK, pfn, &order, &v):
+        return 0
+    start[0] = pfn[0] + 1
+    return 1
+
+
+cdef uint32_t sev_asid(const kvm *kvm) noexcept nogil:
+    return kvm.sev.asid
+
+
+ctypedef packed struct rmp_view_rec:
+    # laid out as gmem.RMP_DTYPE
+    uint64_t pfn
+    uint8_t assigned
+    uint8_t pagesize
+    uint8_t immutable
+    uint8_t validated
+    uint8_t vmsa
+    uint16_t asid
+    uint64_t gpa
+
+
+cdef void snp_rmp_view(gmem_host *h, uint64_t start, uint64_t stop, rmp_view_rec *out) noexcept nogil:
+    """The entries of pfns [start, stop) as hardware reads them (host.rmp.view)."""
+    cdef uint64_t pfn
+    cdef rmp_entry_info e
+    for pfn in range(start, stop):
+        e = snp_rmpentry_info(h, pfn)
+        out.pfn, out.assigned, out.pagesize, out.immutable = pfn, e.assigned, e.pagesize, e.immutable
+        out.validated, out.vmsa, out.asid, out.gpa = e.validated, e.vmsa, e.asid, e.gpa
+        out += 1

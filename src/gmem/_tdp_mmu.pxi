@@ -13,6 +13,14 @@
 
 from libc.stdio cimport snprintf
 
+# ------------------------------------------------------------------- mmu.h
+
+cdef inline bint kvm_has_mirrored_tdp(const kvm *kvm) noexcept nogil:
+    """Private leaves live in a mirror root forwarded to external page tables, and the vendor
+    handles the fault's exit itself (mmu.h: the VM type says so, as in the kernel)."""
+    return kvm.vm_type == KVM_X86_TDX_VM
+
+
 # ------------------------------------------------------------------ spte.h
 
 cdef enum:
@@ -86,6 +94,13 @@ cdef inline int spte_index(uint64_t gfn, int level) noexcept nogil:
 
 cdef inline void tdp_cursor_init(tdp_cursor *c) noexcept nogil:
     c.gen = TDP_GEN_NOWHERE
+
+
+cdef void kvm_mmu_create(kvm_vcpu *vcpu) noexcept nogil:
+    """kvm_mmu_create (kvm_arch_vcpu_create): the vCPU's MMU state, here its cursors, one per
+    root, standing nowhere."""
+    tdp_cursor_init(&vcpu.tdp_cursor[TDP_ROOT_DIRECT])
+    tdp_cursor_init(&vcpu.tdp_cursor[TDP_ROOT_MIRROR])
 
 
 cdef inline void tdp_cursor_stand(tdp_cursor *c, const kvm *kvm, uint64_t *pt, int level,

@@ -21,6 +21,8 @@ cdef enum:
     TDX_STAT_TRACK = 3
     TDX_STAT_REMOVE = 4
     TDX_STAT_ACCEPT = 5
+    TDX_STAT_MR_EXTEND = 6
+    TDX_MR_EXTEND_GRANULARITY = 256     # TDH.MR.EXTEND measures 256 bytes
     KVM_EXIT_HYPERCALL_LONG_MODE = 1
 
 cdef extern from *:
@@ -43,6 +45,17 @@ cdef extern from *:
     const uint64_t TDVMCALL_STATUS_ALIGN_ERROR "GMEM_TDVMCALL_STATUS_ALIGN_ERROR"
     const uint64_t TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED "GMEM_TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED"
     const uint64_t TDX_MAP_GPA_MAX_LEN "GMEM_TDX_MAP_GPA_MAX_LEN"
+
+
+cdef const char *tdx_sept_state_name(int state) noexcept nogil:
+    """An S-EPT leaf state's name (vm.sept()), or NULL for a value that is not one."""
+    if state == TDX_SEPT_PREMAPPED:
+        return "premapped"
+    if state == TDX_SEPT_PENDING:
+        return "pending"
+    if state == TDX_SEPT_ACCEPTED:
+        return "accepted"
+    return NULL
 
 
 cdef inline uint64_t tdx_sept_entry(uint64_t pfn, int state) noexcept nogil:
@@ -160,7 +173,7 @@ cdef int tdx_handle_ept_violation(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_c
     """tdx_handle_ept_violation: a private access is always a write; a fetch from shared
     memory is a bug; private faults retry inside KVM (local_retry), not re-entering the TD."""
     cdef kvm *kvm = vcpu.kvm
-    cdef int r
+    cdef int r, tries = 0
     if error_code & PFERR_PRIVATE_ACCESS:
         error_code = (error_code & (PFERR_GUEST_FINAL_MASK | PFERR_GUEST_PAGE_MASK)) | \
             PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS
@@ -176,7 +189,9 @@ cdef int tdx_handle_ept_violation(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_c
     if error_code & PFERR_PRIVATE_ACCESS:
         # (an invalidation still in progress can only be a Python hook's caller: the vCPU goes
         # back to the guest, as it would on a pending signal)
-        while r == RET_PF_RETRY and not kvm.host.hook_error and not kvm.mmu_invalidate_in_progress:
+        while r == RET_PF_RETRY and not kvm.host.hook_error and not kvm.mmu_invalidate_in_progress \
+                and tries < KVM_FAULT_RETRIES_BEFORE_SIGNAL:
+            tries += 1
             vcpu.stats[VCPU_STAT_PF_RETRY] += 1
             vcpu.stats[VCPU_STAT_PF_TAKEN] += 1
             r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, out)
@@ -185,9 +200,15 @@ cdef int tdx_handle_ept_violation(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_c
 
 # ---------------------------------------------------------- initial memory
 
+ctypedef struct tdx_gmem_post_populate_arg:
+    kvm_vcpu *vcpu
+    bint measure                # KVM_TDX_MEASURE_MEMORY_REGION
+
+
 cdef int tdx_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t src, int order,
                                 void *opaque) noexcept nogil:
-    cdef kvm_vcpu *vcpu = <kvm_vcpu *>opaque
+    cdef tdx_gmem_post_populate_arg *arg = <tdx_gmem_post_populate_arg *>opaque
+    cdef kvm_vcpu *vcpu = arg.vcpu
     cdef uint64_t spfn, v, old
     cdef int level, r
     # build the mirror leaf (premapped: the TD is not runnable yet)
@@ -204,16 +225,20 @@ cdef int tdx_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t s
         kvm.tdx.nr_premapped -= 1
     xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_ACCEPTED), &old)
     kvm.tdx.stats[TDX_STAT_PAGE_ADD] += 1
+    if arg.measure:
+        kvm.tdx.stats[TDX_STAT_MR_EXTEND] += 4096 // TDX_MR_EXTEND_GRANULARITY    # TDH.MR.EXTEND
     return 0
 
 
 cdef int tdx_vcpu_init_mem_region(kvm_vcpu *vcpu, uint64_t src, uint64_t gpa, uint64_t nr_pages,
-                                  uint64_t *done) noexcept nogil:
+                                  bint measure, uint64_t *done) noexcept nogil:
     """KVM_TDX_INIT_MEM_REGION: copy nr_pages from the VMM's memory at src into the TD's private
     memory at gpa (premap, then TDH.MEM.PAGE.ADD), a page at a time: 0, or -errno with *done
     the pages added before the failure (they stay)."""
     cdef kvm *kvm = vcpu.kvm
     cdef int64_t r
+    cdef tdx_gmem_post_populate_arg arg
+    arg.vcpu, arg.measure = vcpu, measure
     done[0] = 0
     if kvm.tdx.state != TD_STATE_INITIALIZED:
         return _refuse(kvm.host, -EINVAL, "the TD is not being built (initial memory is fixed)")
@@ -223,7 +248,7 @@ cdef int tdx_vcpu_init_mem_region(kvm_vcpu *vcpu, uint64_t src, uint64_t gpa, ui
         return _refuse(kvm.host, -EINVAL, "unaligned, empty, wrapping or shared range")
     while done[0] < nr_pages:
         r = kvm_gmem_populate(kvm, (gpa >> 12) + done[0], src + (done[0] << 12), 1,
-                              tdx_gmem_post_populate, vcpu)
+                              tdx_gmem_post_populate, &arg)
         if kvm.host.hook_error:
             return -EIO
         if r != 1:
@@ -329,3 +354,15 @@ cdef bint tdx_sept_next(kvm *kvm, uint64_t *start, uint64_t *pfn, int *state) no
     pfn[0], state[0] = tdx_sept_pfn(v), tdx_sept_state(v)
     start[0] = first + 1
     return 1
+
+
+cdef int tdx_td_state(const kvm *kvm) noexcept nogil:
+    return kvm.tdx.state
+
+
+cdef int64_t tdx_nr_premapped(const kvm *kvm) noexcept nogil:
+    return kvm.tdx.nr_premapped
+
+
+cdef uint64_t tdx_stat(const kvm *kvm, int which) noexcept nogil:
+    return kvm.tdx.stats[which] if 0 <= which < TDX_NR_STATS else 0

@@ -14,3 +14,10 @@ cdef inline void gmem_trace(gmem_host *host, uint32_t event, uint32_t vcpu, uint
     r.c = c
     r.d = d
     host.trace_seq += 1
+
+
+cdef void gmem_trace_copy(const gmem_host *host, uint64_t start, uint64_t n, gmem_trace_rec *out) noexcept nogil:
+    """The n records of the ring from slot start on (wrapping), oldest first, into out."""
+    cdef uint64_t first = n if start + n <= host.trace_cap else host.trace_cap - start
+    memcpy(out, &host.trace_buf[start], first * sizeof(gmem_trace_rec))
+    memcpy(&out[first], host.trace_buf, (n - first) * sizeof(gmem_trace_rec))

@@ -910,3 +910,31 @@ cdef int xa_check(const xarray *xa) noexcept nogil:
         if by_order[k] != xa.nr_by_order[k]:
             return -10
     return 0
+
+
+cdef int xa_split_at(xarray *xa, uint64_t index) noexcept nogil:
+    """Split entries until none covers both index - 1 and index (0 or -ENOMEM)."""
+    cdef uint64_t v, first
+    cdef int order, r
+    if index == 0:
+        return 0
+    while xa_lookup(xa, index, &v, &first, &order) and first < index:
+        r = xa_split(xa, first, order - 1)
+        if r < 0:
+            return r
+    return 0
+
+
+cdef int xa_assign_range(xarray *xa, uint64_t first, uint64_t last, uint64_t value,
+                         bint erase) noexcept nogil:
+    """Give exactly the indices [first, last] value (or erase them), leaving the rest alone:
+    per-index semantics (xa_store() of each index) on top of multi-index entries."""
+    cdef int r = xa_split_at(xa, first)
+    if r == 0 and last != <uint64_t>0xFFFFFFFFFFFFFFFF:
+        r = xa_split_at(xa, last + 1)
+    if r < 0:
+        return r
+    if erase:
+        xa_erase_range(xa, first, last)
+        return 0
+    return xa_store_range(xa, first, last, value)

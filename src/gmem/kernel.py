@@ -1,6 +1,6 @@
 """The gmem uAPI on the real kernel: ``Host``/``Vm``/``GuestMemfd``/``Mapping`` over ``/dev/kvm``.
 
-This is the oracle for the model. A scenario written against the ``gmem`` API (``/work/shared/API.md``)
+This is the oracle for the model. A scenario written against the ``gmem`` API (the README's tour)
 runs unchanged on ``gmem.kernel.Host()``: every call here is the kernel's own syscall or ioctl
 (``fcntl.ioctl``, ``os.*``, and libc through ``ctypes``) and every refusal is the kernel's
 ``OSError(errno)``, passed through untouched. Comparing the two runs checks the model against
@@ -126,13 +126,23 @@ def _check_open(obj, what):
 
 
 def available():
-    """True if /dev/kvm opens and ``KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD)`` is non-zero."""
+    """True if /dev/kvm opens and ``KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD)`` is non-zero;
+    ``unavailable_reason()`` says why not."""
+    return unavailable_reason() is None
+
+
+def unavailable_reason():
+    """None if this backend can run here, else why not, in one line (no /dev/kvm, no
+    permission, a kernel without guest_memfd)."""
     try:
         fd = os.open(_DEV_KVM, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
+    except OSError as e:
+        return f"cannot open {_DEV_KVM}: {e.strerror}"
     try:
-        return _libc.ioctl(fd, uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_GUEST_MEMFD) > 0
+        if _libc.ioctl(fd, uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_GUEST_MEMFD) <= 0:
+            return (f"{_DEV_KVM}: this kernel has no guest_memfd (KVM_CHECK_EXTENSION(KVM_CAP_GUEST_MEMFD) is 0: "
+                    "Linux before 6.8, or built without CONFIG_KVM_GUEST_MEMFD)")
+        return None
     finally:
         os.close(fd)
 

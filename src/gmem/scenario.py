@@ -3,26 +3,41 @@ run through the public API; built-in ones by name (`gmem run NAME`).
 
 A scenario has `[host]` (Host keywords; sizes may be strings like "64M"), `[[vms]]` (name,
 type, vcpus, `[[vms.gmem]]` files and `[[vms.memslots]]`) and `[[steps]]`, each with an `op`
-from OPS. See README.md, "Scenario files".
+from OPS. Its format is the JSON Schema gmem/schemas/scenario-1.schema.json (see
+`gmem.schema`); `validate()` checks a scenario against it and checks its cross-references
+(memslot -> gmem, step -> vm, vcpu index) before anything runs.
+
+`run()` returns a `Run` whose `status` says how it ended: "ok", "violation" (a step found a
+broken invariant: host.check() or an RMP violation, the finding a security researcher is after),
+or "interrupted" (Ctrl-C with keep_partial=True); `Run.result()` is its result record
+(gmem.results).
 """
 import copy
+import hashlib
+import json
 import time
 from typing import Any
 
 import numpy as np
 
-from gmem import uapi
-from gmem._core import GuestExit, HypercallExit, Host
+from gmem import results, schema, uapi
+from gmem._core import FAULT_DTYPE, GuestExit, HypercallExit, Host
+from gmem.errors import InvariantError, RmpViolation
 
 VM_TYPES = {"default": uapi.KVM_X86_DEFAULT_VM, "sw_protected": uapi.KVM_X86_SW_PROTECTED_VM,
             "sev": uapi.KVM_X86_SEV_VM, "sev_es": uapi.KVM_X86_SEV_ES_VM, "snp": uapi.KVM_X86_SNP_VM,
             "tdx": uapi.KVM_X86_TDX_VM}
-HOST_KEYS = {"memory", "platform", "sw_protected", "memory_attributes", "prepare", "prepared_tracking",
-             "invalidate", "huge_folios", "reattach_private", "scramble_on_conversion"}
+HOST_KEYS = {"memory", "platform", "kernel", "sw_protected", "memory_attributes", "tdp", "prepare",
+             "prepared_tracking", "invalidate", "huge_folios", "reattach_private", "scramble_on_conversion"}
 POLICY_KEYS = ("prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private",
                "scramble_on_conversion")
 HVA_BASE = 0x7F0000000000
 ENC = uapi.PFERR_GUEST_ENC_MASK
+
+
+MAX_SIZE = 1 << 52          # MAXPHYADDR: no size or guest address reaches past it
+MAX_FAULT_PAGES = 1 << 28   # pages in one faults step (1 TiB; a random order is an array of them)
+FAULT_CHUNK = 1 << 16       # faults per batch call: progress and Ctrl-C between chunks
 
 
 class ScenarioError(ValueError):
@@ -30,48 +45,55 @@ class ScenarioError(ValueError):
 
 
 def parse_size(v, what="size"):
-    """An int, or a string with a K/M/G/T suffix (powers of 1024)."""
-    if isinstance(v, bool):
-        raise ScenarioError(f"{what}: {v!r} is not a size")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str):
+    """An int, or a string with a K/M/G/T suffix (powers of 1024), in [0, 2**52]."""
+    n = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str):
         s = v.strip().upper().removesuffix("B").removesuffix("I")
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
         try:
-            return int(s[:-1] if mult > 1 else s, 0) * mult
+            n = int(s[:-1] if mult > 1 else s, 0) * mult
         except ValueError:
             pass
-    raise ScenarioError(f"{what}: {v!r} is not a size (use an int or e.g. \"64M\")")
+    if n is None:
+        raise ScenarioError(f"{what}: {v!r} is not a size (use an int or e.g. \"64M\")")
+    if not 0 <= n <= MAX_SIZE:
+        raise ScenarioError(f"{what}: {v!r} is out of range (0 to 2**52 bytes)")
+    return n
 
 
 class Run:
-    """A scenario being run: the host, VMs by name, gmem files by (vm, name)."""
+    """A scenario being run: the host, VMs by name, gmem files by (vm, name), how it ended
+    (status, error), what it did (events, timings) and its counters (counters())."""
 
-    def __init__(self, spec, options=None):
-        self.spec = spec
+    def __init__(self, spec, options=None, name="scenario"):
+        self.spec, self.name = spec, name
         host_kw = dict(spec.get("host", {}))
         host_kw.update(options or {})
         unknown = set(host_kw) - HOST_KEYS
         if unknown:
-            raise ScenarioError(f"[host]: unknown key(s) {', '.join(sorted(unknown))}")
+            raise ScenarioError(f"host: unknown key(s) {', '.join(sorted(unknown))}")
         if "memory" in host_kw:
             host_kw["memory"] = parse_size(host_kw["memory"], "host.memory")
         try:
             self.host = Host(**host_kw)
-        except ValueError as e:
-            raise ScenarioError(f"[host]: {e}") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise ScenarioError(f"host: {e}") from None
         self.vms, self.files, self.vcpus, self.slots = {}, {}, {}, {}
-        self.events = []
-        for vm_spec in spec.get("vms", []):
-            self._make_vm(vm_spec)
+        self.closed = {}             # name -> (step, vm stats, [vcpu stats], tdx stats) at close
+        self.events, self.timings = [], []
+        self.status, self.error, self.last_step, self.current_step, self.seconds = "ok", None, None, 0, 0.0
+        self.progress = None         # progress(step, op, done, total) inside long steps
+        for i, vm_spec in enumerate(spec.get("vms", [])):
+            try:
+                self._make_vm(vm_spec)
+            except OSError as e:
+                raise ScenarioError(f"vms[{i}]: {e}") from None
 
     def _make_vm(self, s):
         name = s.get("name", f"vm{len(self.vms)}")
-        t = s.get("type", "default")
-        vm_type = VM_TYPES.get(t, t)
-        if not isinstance(vm_type, int):
-            raise ScenarioError(f"vm {name}: unknown type {t!r} (one of {', '.join(VM_TYPES)})")
+        vm_type = VM_TYPES[s.get("type", "default")]
         vm = self.host.create_vm(vm_type)
         self.vms[name] = vm
         self.vcpus[name] = [vm.create_vcpu(i) for i in range(int(s.get("vcpus", 1)))]
@@ -82,21 +104,22 @@ class Run:
                 parse_size(g["size"], "gmem.size"), int(g.get("flags", 0)))
         for i, m in enumerate(s.get("memslots", [])):
             f = self.files.get((name, m.get("gmem"))) if m.get("gmem") else None
-            if m.get("gmem") and f is None:
-                raise ScenarioError(f"vm {name}: memslot uses unknown gmem {m.get('gmem')!r}")
             gpa, size = parse_size(m.get("gpa", 0), "gpa"), parse_size(m["size"], "memslot.size")
+            off = parse_size(m.get("offset", 0), "offset")
+            hva = int(m.get("hva", HVA_BASE + gpa))
             vm.set_user_memory_region2(int(m.get("slot", i)), uapi.KVM_MEM_GUEST_MEMFD if f else 0, gpa, size,
-                                       int(m.get("hva", HVA_BASE + gpa)), f if f else -1,
-                                       parse_size(m.get("offset", 0), "offset"))
-            self.slots.setdefault(name, []).append((gpa, size, f, parse_size(m.get("offset", 0), "offset"),
-                                                    int(m.get("hva", HVA_BASE + gpa))))
+                                       hva, f if f else -1, off)
+            self.slots.setdefault(name, []).append((gpa, size, f, off, hva))
 
     # ------------------------------------------------------------ helpers
     def vm(self, step):
         name = step.get("vm", next(iter(self.vms), None))
         if name not in self.vms:
-            raise ScenarioError(f"step {step.get('op')}: unknown vm {name!r}")
+            raise ScenarioError(f"unknown vm {name!r}")
         return name, self.vms[name]
+
+    def vcpu(self, name, step):
+        return self.vcpus[name][int(step.get("vcpu", 0))]
 
     def gmem_range(self, name, gpa, size):
         """(file, offset) pieces backing [gpa, gpa + size) through the memslots."""
@@ -105,18 +128,28 @@ class Run:
             if f is not None and lo < hi:
                 yield f, off + lo - sgpa, hi - lo
 
+    def close_vm(self, name):
+        """Keep the VM's counters as they are just before its close (a destroyed VM has none)."""
+        vm = self.vms[name]
+        tdx = dict(vm.tdx_stats) if vm.vm_type == uapi.KVM_X86_TDX_VM else None
+        self.closed[name] = (self.current_step, dict(vm.stats),
+                             [dict(v.stats) for v in self.vcpus[name]], tdx)
+
     def counters(self):
-        out = {f"host.{k}": v for k, v in self.host.stats.items()}
-        if self.host.rmp is not None:
-            out.update({f"rmp.{k}": v for k, v in self.host.rmp.stats.items()})
-            out["rmp.assigned_pages"] = len(self.host.rmp.assigned())
-        for name, vm in self.vms.items():
-            if vm.destroyed:
-                continue
-            out.update({f"{name}.{k}": v for k, v in vm.stats.items()})
-            if vm.vm_type == uapi.KVM_X86_TDX_VM:
-                out.update({f"{name}.tdx.{k}": v for k, v in vm.tdx_stats.items()})
-        return out
+        """Counters grouped by owner (gmem.results.snapshot), taken now: after the last step
+        that ran; a VM closed by a step has those taken just before its close."""
+        if self.last_step is None:
+            moment = ("before the first step", None, None)
+        else:
+            op = self.spec["steps"][self.last_step]["op"]
+            moment = (f"after step {self.last_step} ({op})", self.last_step, op)
+        return results.snapshot(self.host, self.vms, self.vcpus, moment, self.closed)
+
+    def result(self, label=None, **extra):
+        """This run as a result record (gmem.results.run_record)."""
+        return results.run_record(label or self.name, self.host, self.counters(), status=self.status,
+                                  error=self.error, events=self.events, timings=self.timings,
+                                  seconds=self.seconds, **extra)
 
 
 # -------------------------------------------------------------------- ops
@@ -154,26 +187,37 @@ def op_faults(run, step):
     the batch path; private = true makes them private accesses (SNP C-bit, TDX no shared bit)."""
     name, vm = run.vm(step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
+    npages = (gpa + size) // 4096 - gpa // 4096
+    if npages > MAX_FAULT_PAGES:
+        raise ScenarioError(f"size: {npages} pages in one faults step (at most {MAX_FAULT_PAGES})")
     pages = np.arange(gpa >> 12, (gpa + size) >> 12, dtype=np.uint64)
     if step.get("pattern", "seq") == "random":
         pages = np.random.default_rng(int(step.get("seed", 0))).permutation(pages)
-    pages = np.tile(pages, int(step.get("repeat", 1)))
-    gpas = pages << np.uint64(12)
     private = step.get("private", vm.has_private_mem)
-    if vm.vm_type == uapi.KVM_X86_TDX_VM and not private:
-        gpas |= np.uint64(vm.shared_gpa_bit)
-    ecs = np.full(len(gpas), _error_code(vm, private, step.get("write", True)), dtype=np.uint64)
-    out = vm.page_fault_batch(gpas, ecs, vcpu_id=int(step.get("vcpu", 0)))
-    exits = int((out["exit_reason"] == uapi.KVM_EXIT_MEMORY_FAULT).sum())
-    run.events.append(f"faults on {len(gpas)} pages of {name}: {exits} memory-fault exits")
-    return out
+    high = np.uint64(vm.shared_gpa_bit if vm.vm_type == uapi.KVM_X86_TDX_VM and not private else 0)
+    ec = _error_code(vm, private, step.get("write", True))
+    vcpu_id = int(step.get("vcpu", 0))
+    repeat = int(step.get("repeat", 1))
+    total, done, exits = len(pages) * repeat, 0, 0
+    res = np.empty(min(FAULT_CHUNK, max(1, len(pages))), FAULT_DTYPE)
+    ecs = np.full(len(res), ec, dtype=np.uint64)
+    for _ in range(repeat):
+        # in chunks, so that progress shows and Ctrl-C stops a long step within milliseconds
+        for lo in range(0, len(pages), FAULT_CHUNK):
+            gpas = (pages[lo:lo + FAULT_CHUNK] << np.uint64(12)) | high
+            out = vm.page_fault_batch(gpas, ecs[:len(gpas)], vcpu_id=vcpu_id, out=res[:len(gpas)])
+            exits += int((out["exit_reason"] == uapi.KVM_EXIT_MEMORY_FAULT).sum())
+            done += len(gpas)
+            if run.progress:
+                run.progress(run.current_step, "faults", done, total)
+    run.events.append(f"faults on {total} pages of {name}: {exits} memory-fault exits")
 
 
 def op_pvalidate(run, step):
     """SNP guest: PVALIDATE [gpa, gpa + size) at 2M where possible (falling back to 4K), or at
     pagesize = 0|1 as given."""
     name, vm = run.vm(step)
-    vcpu = run.vcpus[name][int(step.get("vcpu", 0))]
+    vcpu = run.vcpu(name, step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
     want = step.get("pagesize")
     end = gpa + size
@@ -203,7 +247,7 @@ def op_convert(run, step):
     SNP page-state change (PSC buffer, 2M entries where aligned), TDX MapGPA, otherwise the
     VMM sets the attributes itself. The VMM punches pages that become shared."""
     name, vm = run.vm(step)
-    vcpu = run.vcpus[name][int(step.get("vcpu", 0))]
+    vcpu = run.vcpu(name, step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
     private = step.get("to", "shared") == "private"
     nexits = 0
@@ -239,7 +283,8 @@ def op_launch(run, step):
     TDX INIT_VM/INIT_MEM_REGION/FINALIZE (the pages are set private first)."""
     name, vm = run.vm(step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
-    hva = HVA_BASE + (1 << 40)
+    hva = HVA_BASE - (1 << 40)          # the VMM's launch image, below its guest RAM
+    run.host.mmap_user(hva, (size + 4095) & ~4095)
     run.host.write_user(hva, bytes(range(256)) * (size // 256))
     if vm.vm_type == uapi.KVM_X86_SNP_VM:
         vm.snp_launch_start()
@@ -254,14 +299,14 @@ def op_launch(run, step):
         run.vcpus[name][0].tdx_init_mem_region(hva, gpa, size >> 12)
         vm.tdx_finalize_vm()
     else:
-        raise ScenarioError(f"launch: vm {name} is neither SNP nor TDX")
+        raise ScenarioError(f"vm {name} is neither SNP nor TDX")
     run.events.append(f"{name}: launched with a {size >> 10} KiB initial image")
 
 
 def op_accept(run, step):
     """TDX guest: TDG.MEM.PAGE.ACCEPT every page of [gpa, gpa + size)."""
     name, vm = run.vm(step)
-    vcpu = run.vcpus[name][int(step.get("vcpu", 0))]
+    vcpu = run.vcpu(name, step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
     for g in range(gpa, gpa + size, 4096):
         vcpu.tdx_accept(g)
@@ -272,8 +317,8 @@ def op_split(run, step):
     #NPF makes KVM PSMASH the 2M RMP entry and map 4K."""
     name, vm = run.vm(step)
     if vm.vm_type != uapi.KVM_X86_SNP_VM or run.host.rmp is None:
-        raise ScenarioError(f"split: vm {name} is not an SNP guest")
-    vcpu = run.vcpus[name][int(step.get("vcpu", 0))]
+        raise ScenarioError(f"vm {name} is not an SNP guest")
+    vcpu = run.vcpu(name, step)
     gpa = parse_size(step.get("gpa", 0), "gpa")
     before = run.host.rmp.stats["psmash"]
     vcpu.pvalidate(gpa, 0, False)
@@ -289,6 +334,7 @@ def op_check(run, step):
 def op_close(run, step):
     """Close a VM's gmem files and its fd: the VM is destroyed (shutdown)."""
     name, vm = run.vm(step)
+    run.close_vm(name)
     for (vname, _), f in list(run.files.items()):
         if vname == name:
             f.close()
@@ -301,80 +347,119 @@ OPS = {"attributes": op_attributes, "allocate": op_allocate, "punch": op_punch, 
        "split": op_split, "check": op_check, "close": op_close}
 
 
-SPEC_KEYS = ("description", "host", "vms", "steps")
+def validate(spec):
+    """ScenarioError naming the path of the first problem, unless spec follows the scenario
+    schema and its names resolve (memslot gmem, step vm, vcpu index, unique VM names)."""
+    try:
+        schema.validate(spec, "scenario")
+    except schema.SchemaError as e:
+        raise ScenarioError(str(e)) from None
+    vms = {}
+    for i, v in enumerate(spec.get("vms", [])):
+        name = v.get("name", f"vm{i}")
+        if name in vms:
+            raise ScenarioError(f"vms[{i}].name: a second VM named {name!r}")
+        vms[name] = v
+        files = [g.get("name", "ram") for g in v.get("gmem", [])]
+        for j, m in enumerate(v.get("memslots", [])):
+            if "gmem" in m and m["gmem"] not in files:
+                raise ScenarioError(f"vms[{i}].memslots[{j}].gmem: unknown gmem {m['gmem']!r} "
+                                    f"(this VM has {', '.join(map(repr, files)) or 'none'})")
+    for i, st in enumerate(spec.get("steps", [])):
+        name = st.get("vm", next(iter(vms), None))
+        if name not in vms:
+            where = f"steps[{i}].vm" if "vm" in st else f"steps[{i}]"
+            raise ScenarioError(f"{where}: unknown vm {name!r} (vms: {', '.join(vms) or 'none'})")
+        if st.get("vcpu", 0) >= vms[name].get("vcpus", 1):
+            raise ScenarioError(f"steps[{i}].vcpu: {st['vcpu']} but vm {name!r} has "
+                                f"{vms[name].get('vcpus', 1)} vCPU(s)")
+    return spec
 
 
-def check_shape(spec):
-    """ScenarioError unless spec has the shape of a scenario: tables and lists of tables where
-    the format has them (the values are checked when they are used)."""
-    if not isinstance(spec, dict):
-        raise ScenarioError("a scenario is a table (dict)")
-    unknown = set(spec) - set(SPEC_KEYS)
-    if unknown:
-        raise ScenarioError(f"unknown key(s) {', '.join(sorted(unknown))} (one of {', '.join(SPEC_KEYS)})")
-    if not isinstance(spec.get("host", {}), dict):
-        raise ScenarioError("[host] must be a table")
-    for key in ("vms", "steps"):
-        items = spec.get(key, [])
-        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-            raise ScenarioError(f"{key} must be an array of tables ([[{key}]])")
-    for v in spec.get("vms", []):
-        for key in ("gmem", "memslots"):
-            items = v.get(key, [])
-            if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-                raise ScenarioError(f"vm {v.get('name', '?')}: {key} must be an array of tables")
+def run(spec, options=None, on_step=None, trace=False, *, name="scenario", progress=None, keep_partial=False):
+    """Run a scenario dict; returns the Run (host, VMs, status, counters(), events, timings).
+
+    options: Host keywords over the scenario's [host]; trace=True records every tracepoint
+    from the first step on (r.host.trace); on_step(i, step, run) after each step;
+    progress(step, op, done, total) inside long steps. A step that finds a broken invariant
+    (InvariantError, RmpViolation) ends the run with status "violation" and the error kept.
+    With keep_partial, Ctrl-C (KeyboardInterrupt) ends it with status "interrupted" instead
+    of propagating. A scenario that cannot be run as written raises ScenarioError; the
+    kernel's refusals raise OSError as the API does."""
+    spec = validate(copy.deepcopy(spec))
+    try:
+        r = Run(spec, options, name)
+    except ScenarioError:
+        raise
+    except _MALFORMED as e:
+        raise _malformed("vms", e) from None
+    r.progress = progress
+    if trace:
+        r.host.trace.enable(capacity=1 << 22)
+    t0 = time.perf_counter()
+    try:
+        for i, step in enumerate(spec.get("steps", [])):
+            _run_step(r, i, step)
+            if on_step:
+                on_step(i, step, r)
+    except (InvariantError, RmpViolation) as e:
+        r.status, r.error = "violation", results.error_record(e, r.current_step, spec["steps"][r.current_step]["op"])
+    except KeyboardInterrupt as e:
+        if not keep_partial:
+            raise
+        r.status = "interrupted"
+        r.error = results.error_record(e, r.current_step, spec["steps"][r.current_step]["op"])
+        r.error["message"] = "interrupted (Ctrl-C)"
+    finally:
+        r.seconds = time.perf_counter() - t0
+    return r
+
+
+def _run_step(r, i, step):
+    op = step["op"]
+    r.current_step = i
+    t = time.perf_counter()
+    try:
+        OPS[op](r, step)
+    except GuestExit as e:
+        raise ScenarioError(f"steps[{i}] ({op}): the guest exited to userspace: {e.result}") from None
+    except ScenarioError as e:
+        raise ScenarioError(f"steps[{i}] ({op}): {e}") from None
+    except OSError as e:
+        raise type(e)(e.errno, f"steps[{i}] ({op}): {e.strerror}") from None
+    except _MALFORMED as e:
+        raise _malformed(f"steps[{i}] ({op})", e) from None
+    r.timings.append((i, op, time.perf_counter() - t))
+    r.last_step = i
 
 
 def _malformed(where, e):
-    """The ScenarioError for what a badly written scenario raises (a missing key, a value of
-    the wrong type or range, a vCPU index past vcpus)."""
+    """The ScenarioError for what a badly written scenario raises (a value the schema lets
+    through but the model refuses)."""
     if isinstance(e, KeyError):
         return ScenarioError(f"{where}: missing key {e}")
     return ScenarioError(f"{where}: {e}")
 
 
-_MALFORMED = (KeyError, IndexError, TypeError, ValueError)
-
-
-def run(spec, options=None, on_step=None, trace=False):
-    """Run a scenario dict; returns the Run (host, VMs, counters(), events, timings).
-    trace=True records every tracepoint from the first step on (r.host.trace).
-    A scenario that cannot be run as written raises ScenarioError; the kernel's refusals
-    raise OSError as the API does."""
-    spec = copy.deepcopy(spec)
-    check_shape(spec)
-    try:
-        r = Run(spec, options)
-    except ScenarioError:
-        raise
-    except _MALFORMED as e:
-        raise _malformed("[[vms]]", e) from None
-    if trace:
-        r.host.trace.enable(capacity=1 << 22)
-    r.timings = []
-    for i, step in enumerate(spec.get("steps", [])):
-        op = step.get("op")
-        if op not in OPS:
-            raise ScenarioError(f"step {i}: unknown op {op!r} (one of {', '.join(OPS)})")
-        t = time.perf_counter()
-        try:
-            OPS[op](r, step)
-        except GuestExit as e:
-            raise ScenarioError(f"step {i} ({op}): the guest exited to userspace: {e.result}") from None
-        except ScenarioError:
-            raise
-        except _MALFORMED as e:
-            raise _malformed(f"step {i} ({op})", e) from None
-        r.timings.append((op, time.perf_counter() - t))
-        if on_step:
-            on_step(i, step, r)
-    return r
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, OverflowError)
 
 
 def load_toml(path):
-    import tomllib
+    """A TOML file as a dict (tomllib; tomli on Python 3.10)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:       # Python 3.10: the same parser, as a package
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ScenarioError("reading TOML on Python 3.10 needs tomli: pip install 'kvm-gmem[cli]'") from None
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+def fingerprint(spec):
+    """A short hash of a scenario's content (sweep cells are keyed by it)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------- built-ins
@@ -442,14 +527,19 @@ BUILTIN["snp-life"]["steps"] = BUILTIN["snp-life"]["steps"] + [{"op": "close", "
 
 
 def get(name_or_path):
-    """A built-in scenario by name, or a TOML file."""
+    """A built-in scenario by name, or a TOML file, validated (ScenarioError otherwise)."""
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path]
     if name_or_path.endswith(".toml"):
         try:
-            return load_toml(name_or_path)
+            spec = load_toml(name_or_path)
+        except ScenarioError:
+            raise
         except FileNotFoundError:
             raise ScenarioError(f"no such file: {name_or_path}") from None
+        except OSError as e:
+            raise ScenarioError(f"{name_or_path}: cannot read: {e.strerror}") from None
         except Exception as e:          # tomllib.TOMLDecodeError and friends
             raise ScenarioError(f"{name_or_path}: malformed TOML: {e}") from None
+        return validate(spec)
     raise ScenarioError(f"unknown scenario {name_or_path!r}: a TOML file or one of {', '.join(BUILTIN)}")

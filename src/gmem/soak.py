@@ -1,4 +1,4 @@
-"""A soak (issue 7): random operations over several VMs on an SEV-SNP, a TDX and a
+"""A soak: random operations over several VMs on an SEV-SNP, a TDX and a
 SW_PROTECTED host, host.check() every check_every operations, with throughput and memory.
 
     from gmem import soak
@@ -138,8 +138,9 @@ class _Soak:
     def make_hosts(self):
         for name, kw, vm_type, nvms in HOSTS:
             h = self.hosts[name] = gmem.Host(memory=HOST_MEMORY, **kw)
-            # the VMM's guest RAM window, faulted in up front (as with -mem-prealloc): every
-            # VM of this host maps it at its memslots' userspace_addr
+            # the VMM's guest RAM window, mapped and faulted in up front (as with
+            # -mem-prealloc): every VM of this host maps it at its memslots' userspace_addr
+            h.mmap_user(HVA, GMEM_SIZE)
             for off in range(0, GMEM_SIZE, MB):
                 h.read_user(HVA + off, MB)
 
