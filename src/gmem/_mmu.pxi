@@ -205,18 +205,18 @@ cdef int kvm_tdp_mmu_map_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_
     return r
 
 
-cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, const kvm_page_fault *fault,
-                                       kvm_fault_out *out) noexcept nogil:
-    cdef kvm_page_fault slow
-    cdef int r
-    if page_fault_can_be_fast(vcpu.kvm, fault):
-        r = fast_page_fault(vcpu, fault, out)
-        if r != RET_PF_INVALID:
-            vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
-            return r
-    # the slow path gets a copy: the fast path's struct never escapes, so it lives in registers
-    slow = fault[0]
-    return kvm_tdp_mmu_map_fault(vcpu, &slow, out)
+cdef int kvm_tdp_mmu_page_fault_slow(kvm_vcpu *vcpu, const kvm_page_fault *fault,
+                                     kvm_fault_out *out) noexcept nogil:
+    """kvm_tdp_mmu_page_fault past fast_page_fault, and kvm_mmu_do_page_fault's check of its
+    outcome (only this path emulates). Out of line, so the fast path stays small enough to
+    inline into the batch loop; it gets a copy: the fast path's struct never escapes, so it
+    lives in registers."""
+    cdef kvm_page_fault slow = fault[0]
+    cdef int r = kvm_tdp_mmu_map_fault(vcpu, &slow, out)
+    if r == RET_PF_EMULATE and slow.is_private:
+        # KVM cannot emulate an access to private memory
+        return kvm_mmu_prepare_memory_fault_exit(vcpu, &slow, out, -EFAULT)
+    return r
 
 
 cdef inline int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
@@ -230,11 +230,13 @@ cdef inline int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t err
     # memslots do not know the TDX shared bit; the slot is looked up past the fast path,
     # which does not use it (the kernel's lookup only updates last_used_slot)
     fault.gfn = (gpa >> 12) & ~vcpu.kvm.gfn_direct_bits
-    r = kvm_tdp_mmu_page_fault(vcpu, &fault, out)
-    if r == RET_PF_EMULATE and fault.is_private:
-        # KVM cannot emulate an access to private memory
-        return kvm_mmu_prepare_memory_fault_exit(vcpu, &fault, out, -EFAULT)
-    return r
+    # kvm_tdp_mmu_page_fault: fast_page_fault first
+    if page_fault_can_be_fast(vcpu.kvm, &fault):
+        r = fast_page_fault(vcpu, &fault, out)
+        if r != RET_PF_INVALID:
+            vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
+            return r
+    return kvm_tdp_mmu_page_fault_slow(vcpu, &fault, out)
 
 
 cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
