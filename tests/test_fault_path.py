@@ -1169,3 +1169,21 @@ def test_batch_td_state_does_not_change_under_a_fault():
     host.check()
     r = vcpu.page_fault(s51 | page, PRESENT | WRITE)
     assert r.ret == SPURIOUS
+
+
+def test_batch_cursor_reused_for_the_other_root():
+    """The leaf stage's cursors are reused around a ring for later faults. A TD's shared fault
+    leaves one on a table of the direct root; when the same cursor is walked for a private
+    fault under the same 2 MiB, it must not be trusted for the mirror root: the private leaf
+    goes into the mirror root's table, never the direct root's."""
+    host, vm, f, vcpu = make_vm(TDX, gmem_size=2 * M, memory=64 * M)
+    vm.set_memory_attributes(M, M, PRIVATE)                  # gfns 256-511 private
+    assert vcpu.page_fault(TDX_SHARED | 0, WRITE).ret == FIXED       # direct root: gfns 0-511
+    assert vcpu.page_fault(300 * PAGE, WRITE).ret == FIXED           # mirror root: the same
+    gpas = np.full(64, TDX_SHARED | 0x80000, np.uint64)
+    gpas[16] = TDX_SHARED | PAGE                             # ring entry 16: the direct root
+    gpas[48] = 301 * PAGE                                    # ring entry 16 again: the mirror root
+    out = vm.page_fault_batch(gpas, np.full(64, WRITE, np.uint64))
+    assert (out["ret"] >= 0).all()
+    host.check()
+    assert sptes(vm)[301][3] is True and sptes(vm)[1][3] is False

@@ -456,7 +456,7 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
     cdef kvm_fault_leaves ring[PREFETCH_RING]
     cdef uint32_t filled = 0        # bit r: the leaf stage filled ring[r] (else it went nowhere)
     cdef uint64_t key, last = <uint64_t>-1
-    cdef int r, walked
+    cdef int r, walked, root
     if n == 0:
         return 0                # (with ids, the vCPU table has no entry to read)
     v = vcpus[ids[0]] if ids != NULL else vcpus[0]
@@ -464,6 +464,7 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
     host = k.host
     for r in range(PREFETCH_RING):
         tdp_cursor_init(&ring[r].spte)
+        ring[r].root = TDP_ROOT_DIRECT
         xas_init(&ring[r].filemap, NULL, 0)
     for i in range(n):
         j = i + 2 * PREFETCH_AHEAD
@@ -471,7 +472,11 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
             r = j & (PREFETCH_RING - 1)
             key = gpas[j] >> 18
             if key != last:
-                ring[r].root = kvm_fault_root(k, gpas[j])
+                root = kvm_fault_root(k, gpas[j])
+                if root != ring[r].root:
+                    # a cursor serves one root: its tables are no other root's
+                    tdp_cursor_init(&ring[r].spte)
+                    ring[r].root = root
                 walked = kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r].spte, &ring[r].filemap)
                 ring[r].filemap_walked = walked != 0
                 ring[r].filemap_leaf = walked == 2
