@@ -742,16 +742,20 @@ cdef enum:
     TDP_ROOT_DIRECT = 0
     TDP_ROOT_MIRROR = 1
     TDP_NR_ROOTS = 2
+    # kvm_mmu_max_gfn() is 2^40 - 1 (52-bit guest physical addresses: _x86.pxi), beyond a
+    # 4-level root's 2^36 gfns (kvm_mmu_get_tdp_level: 5 levels past MAXPHYADDR 48)
+    TDP_ROOT_LEVEL = 5          # PT64_ROOT_5LEVEL
 
 # Not the kernel's (its walks start at the root): where a vCPU's last walk of one root
-# ended, the page table pt of that level, reached for gfn while the VM's tdp_mmu_gen was gen
-# (_tdp_mmu.pxi).
+# ended, the page table pt of that level, reached for gfn while the VM's tdp_mmu_gen was gen,
+# and the tables above it on gfn's path, as tdp_iter's pt_path keeps them (_tdp_mmu.pxi).
 ctypedef struct tdp_cursor:
     uint64_t *pt
     uint64_t gfn
     uint64_t gen                # TDP_GEN_NOWHERE: it stands nowhere
     uint8_t level
     uint8_t shift               # gfn shift of pt's entries: 9 * (level - 1)
+    uint64_t *pt_path[TDP_ROOT_LEVEL]   # [l - 1]: the table of level l, for l >= level
 
 # A stream's cursors into one guest_memfd (not the kernel's: kvm_gmem_get_pfn walks from the
 # top each time): a vCPU's faults, a loop over a range.

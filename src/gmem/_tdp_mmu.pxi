@@ -26,10 +26,7 @@ cdef inline bint kvm_has_mirrored_tdp(const kvm *kvm) noexcept nogil:
 cdef enum:
     SPTE_LEVEL_BITS = 9
     SPTE_ENT_PER_PAGE = 512
-    PT64_ROOT_5LEVEL = 5
-    # kvm_mmu_max_gfn() is 2^40 - 1 (52-bit guest physical addresses: _x86.pxi), beyond a
-    # 4-level root's 2^36 gfns (kvm_mmu_get_tdp_level: 5 levels past MAXPHYADDR 48)
-    TDP_ROOT_LEVEL = PT64_ROOT_5LEVEL
+    # (TDP_ROOT_LEVEL, 5: _core.pxd, the cursors' pt_path holds a table per level)
     TDP_ROOT_GFN_BITS = 45      # what a root of TDP_ROOT_LEVEL reaches
 
 cdef extern from *:
@@ -116,28 +113,47 @@ cdef inline bint tdp_cursor_trusted(const tdp_cursor *c, const kvm *kvm, uint64_
     return c.gen == kvm.tdp_mmu_gen and ((gfn ^ c.gfn) >> c.shift) < SPTE_ENT_PER_PAGE
 
 
+cdef inline uint64_t *tdp_cursor_climb(const tdp_cursor *c, const kvm *kvm, uint64_t gfn, int min_level,
+                                       int *level) noexcept nogil:
+    """The deepest table on the cursor's path, of min_level or above, whose range holds gfn
+    (*level its level): where a walk for gfn can start. NULL if the cursor is not trusted or
+    only the root holds gfn (the walk starts at the root)."""
+    cdef uint64_t x = gfn ^ c.gfn
+    cdef int lvl = c.level
+    if c.gen != kvm.tdp_mmu_gen:
+        return NULL
+    while lvl < min_level or x >> (spte_shift(lvl) + SPTE_LEVEL_BITS):
+        lvl += 1
+        if lvl == TDP_ROOT_LEVEL:
+            return NULL
+    level[0] = lvl
+    return c.pt_path[lvl - 1]
+
+
 cdef uint64_t *_tdp_mmu_walk(kvm *kvm, int root, uint64_t gfn, tdp_cursor *c, int *level,
                              int to_table) noexcept nogil:
-    """Down from the cursor's table if gfn is under it, else from the root, to the last SPTE
-    on gfn's path (a leaf, not present, or at level 1): its address, with *level; the cursor
-    stands on its table. NULL if the root does not reach gfn. to_table (a level, or 0): stop
-    at the table of that level without reading its SPTE (a batch prefetches it)."""
+    """Down from the deepest table on the cursor's path that holds gfn (else from the root) to
+    the last SPTE on gfn's path (a leaf, not present, or at level 1): its address, with
+    *level; the cursor stands on its table. NULL if the root does not reach gfn. to_table (a
+    level, or 0): stop at the table of that level without reading its SPTE (a batch
+    prefetches it)."""
     cdef uint64_t *pt
     cdef uint64_t spte
     cdef int lvl
-    if tdp_cursor_trusted(c, kvm, gfn):
-        pt, lvl = c.pt, c.level
-    else:
+    pt = tdp_cursor_climb(c, kvm, gfn, 1, &lvl)
+    if pt == NULL:
         pt, lvl = kvm.tdp_root[root], TDP_ROOT_LEVEL
         if pt == NULL or gfn >> TDP_ROOT_GFN_BITS:
             c.gen = TDP_GEN_NOWHERE
             return NULL
+        c.pt_path[TDP_ROOT_LEVEL - 1] = pt
     while lvl > to_table:
         spte = pt[spte_index(gfn, lvl)]
         if not is_shadow_present_pte(spte) or is_last_spte(spte, lvl):
             break
         pt = spte_to_child_pt(spte)
         lvl -= 1
+        c.pt_path[lvl - 1] = pt
     tdp_cursor_stand(c, kvm, pt, lvl, gfn)
     level[0] = lvl
     return &pt[spte_index(gfn, lvl)]
@@ -270,9 +286,8 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     cdef uint64_t *child
     cdef uint64_t *sptep
     new = make_spte(fault.pfn, goal, fault.map_writable, fault.is_private)
-    if tdp_cursor_trusted(c, kvm, fault.gfn) and c.level >= goal:
-        pt, level = c.pt, c.level
-    else:
+    pt = tdp_cursor_climb(c, kvm, fault.gfn, goal, &level)
+    if pt == NULL:
         pt, level = kvm.tdp_root[root], TDP_ROOT_LEVEL
         if fault.gfn >> TDP_ROOT_GFN_BITS:
             return -EFAULT              # beyond kvm_mmu_max_gfn(): no memslot maps it
@@ -280,12 +295,17 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
             pt = kvm.tdp_root[root] = tdp_mmu_alloc_sp(kvm)     # kvm_tdp_mmu_alloc_root
             if pt == NULL:
                 return -ENOMEM
+        c.pt_path[TDP_ROOT_LEVEL - 1] = pt
+    # the path below is rewritten for fault.gfn: the cursor stands nowhere until it stands
+    # on the goal's table (a failure on the way leaves it so)
+    c.gen = TDP_GEN_NOWHERE
     while level > goal:
         sptep = &pt[spte_index(fault.gfn, level)]
         spte = sptep[0]
         if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
             pt = spte_to_child_pt(spte)
             level -= 1
+            c.pt_path[level - 1] = pt
             continue
         child = tdp_mmu_alloc_sp(kvm)
         if child == NULL:
@@ -298,6 +318,7 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
         sptep[0] = make_nonleaf_spte(child)     # tdp_mmu_link_sp
         pt = child
         level -= 1
+        c.pt_path[level - 1] = pt
     tdp_cursor_stand(c, kvm, pt, level, fault.gfn)
     sptep = &pt[spte_index(fault.gfn, level)]
     spte = sptep[0]
