@@ -256,8 +256,14 @@ cdef uint64_t gmem_host_free_pages(const gmem_host *h) noexcept nogil:
 
 # ------------------------------------------------------------- page contents
 
-cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
+cdef inline void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
     """Forget the contents of [pfn, pfn + n): they read as zeros again."""
+    # inline: while no page has contents (every cold fault of a fresh guest) nothing is called
+    if host.content_inodes.nr_entries or host.page_data.nr_entries:
+        _page_data_drop(host, pfn, n)
+
+
+cdef void _page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
     cdef uint64_t first, v, start = pfn
     cdef int order
     if host.content_inodes.nr_entries and gmem_contents_drop(host, pfn, n) == n:
