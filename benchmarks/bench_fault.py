@@ -254,7 +254,7 @@ def test_reference_cold_4k(benchmark, record, order):
 
 
 @pytest.mark.benchmark(group="fault reference")
-@pytest.mark.parametrize("order", sorted(STREAMS))
+@pytest.mark.parametrize("order", sorted(REF_STREAMS))
 @pytest.mark.parametrize("ec", ["present_write", "not_present_write"])
 def test_reference_warm(benchmark, record, ec, order):
     gpas = REF_STREAMS[order]
