@@ -655,6 +655,7 @@ cdef enum:
 ctypedef struct kvm_tdx:
     int state                   # enum kvm_tdx_state (TD_STATE_*)
     xarray sept                 # mirror S-EPT leaves: gfn -> pfn << 4 | TDX_SEPT_* state
+    xa_state sept_xas           # ... the cursor of its stores (AUG in fault order: one leaf per 64)
     int64_t nr_premapped        # leaves mapped before FINALIZE_VM, not yet PAGE.ADDed
     uint64_t stats[TDX_NR_STATS]
 

@@ -89,6 +89,7 @@ cdef int tdx_vm_init(kvm *kvm) noexcept nogil:
     kvm.gfn_direct_bits = (<uint64_t>1) << (51 - 12)     # GPAW 52: shared bit 51
     kvm.tdx.state = TD_STATE_RUNNABLE       # a TD can fault at once; tdx_init_vm models the build
     xa_init(&kvm.tdx.sept)
+    xas_init(&kvm.tdx.sept_xas, &kvm.tdx.sept, 0)
     return 0
 
 
@@ -136,11 +137,12 @@ cdef int tdx_sept_set_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t p
     cdef uint64_t old
     if level != PG_LEVEL_4K:
         return -EINVAL                        # KVM_BUG_ON: private mappings are 4K
+    xas_set(&kvm.tdx.sept_xas, gfn)
     if kvm.tdx.state == TD_STATE_RUNNABLE:
         kvm.tdx.stats[TDX_STAT_AUG] += 1      # TDH.MEM.PAGE.AUG: pending until the guest accepts
-        return xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
+        return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
     kvm.tdx.nr_premapped += 1                 # before finalize: no SEAMCALL yet
-    return xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_PREMAPPED), &old)
+    return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PREMAPPED), &old)
 
 
 cdef void tdx_sept_remove_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil:
