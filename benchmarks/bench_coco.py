@@ -15,6 +15,8 @@
   is_private_fault hook (called once per fault, taking the GIL) against the native
   hook; the difference per fault is the cost of one Python hook call.
 """
+import gc
+
 import numpy as np
 import pytest
 
@@ -74,6 +76,7 @@ def test_cold_batch_fault(benchmark, record, kind):
 
     def setup():
         held.clear()                                  # drop the previous round's VM
+        gc.collect()                                  # ... and what it left in cycles, untimed
         held.append(make(huge))
         return (), {}
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import gmem
 from gmem import uapi as U
@@ -785,7 +786,8 @@ class Twin:
     reference. Results and counters of the two hosts must be identical; both must agree with
     the reference, pfns up to renaming."""
 
-    def __init__(self, vm_type, huge_folios, chunk, nr_vcpus=2):
+    def __init__(self, vm_type, huge_folios, chunk, nr_vcpus=2, layout=None, file_sizes=None):
+        layout, self.file_sizes = layout or LAYOUT, file_sizes or FILE_SIZES
         self.vm_type, self.chunk = vm_type, chunk
         self.hosts = [gmem.Host(memory=128 * M, platform=PLATFORM[vm_type], huge_folios=huge_folios)
                       for _ in range(2)]
@@ -796,12 +798,12 @@ class Twin:
         self.ref_host = RefHost(huge_folios)
         self.ref = self.ref_host.create_vm(vm_type)
         self.files = {name: ([vm.create_guest_memfd(size) for vm in self.vms],
-                             self.ref.create_guest_memfd(size)) for name, size in FILE_SIZES.items()}
+                             self.ref.create_guest_memfd(size)) for name, size in self.file_sizes.items()}
         self.names = Renaming()
         self.levels = Counter()     # mapping levels seen, for the tests' own coverage checks
         self.pending = []           # (vcpu id, gpa, error code, scalar result) for the batch host
         # KVM_MEM_READONLY needs !has_protected_state (kvm_arch_has_readonly_mem)
-        self.layout = {k: v for k, v in LAYOUT.items()
+        self.layout = {k: v for k, v in layout.items()
                        if not (v[2] & U.KVM_MEM_READONLY and vm_type in (SNP, TDX))}
         for slot in self.layout:
             self.toggle_slot(slot)
@@ -858,7 +860,7 @@ class Twin:
 
     def allocate(self, name, index, npages):
         real, ref = self.files[name]
-        npages = min(npages, FILE_SIZES[name] // PAGE - index)
+        npages = min(npages, self.file_sizes[name] // PAGE - index)
         if ref.closed or npages <= 0:
             return
         self.both(lambda i: real[i].allocate(index * PAGE, npages * PAGE))
@@ -1005,6 +1007,87 @@ def test_scalar_batch_and_reference_agree(stream):
     run()
 
 
+# ------------------------------- the page tables' SPTEs against the reference's SPTE map
+
+G = 1 << 30
+# memslots across the page tables' boundaries: a level-3 table's (1 GiB, gfn 2^18), a
+# level-4 table's (512 GiB, gfn 2^27), a level-2 table's inside one 1 GiB, and a 2M-misaligned
+# gmem offset; every one bound to a guest_memfd
+PT_FILE_SIZES = {"A": 8 * M, "B": 8 * M}
+PT_LAYOUT = {
+    0: (G - 2 * M, 4 * M, GMEM, 0x100000000, "A", 0),
+    1: (512 * G - 2 * M, 4 * M, GMEM, 0x200000000, "B", 0),
+    2: (5 * G + 2 * M, 2 * M, GMEM, 0x300000000, "A", 4 * M),
+    3: (7 * G, 2 * M, GMEM, 0x400000000, "B", 4 * M + PAGE),
+}
+
+
+def _pt_gfns():
+    """A gfn in a memslot of PT_LAYOUT, mostly near the table boundaries."""
+    edges = []
+    for gpa, size, *_ in PT_LAYOUT.values():
+        b, n = gpa // PAGE, size // PAGE
+        edges += [b, b + 1, b + n // 2 - 1, b + n // 2, b + n - 1]
+    slot = st.sampled_from(sorted(PT_LAYOUT)).flatmap(
+        lambda s: st.integers(PT_LAYOUT[s][0] // PAGE, (PT_LAYOUT[s][0] + PT_LAYOUT[s][1]) // PAGE - 1))
+    return st.one_of(st.sampled_from(edges), slot)
+
+
+def tdp_machine(vm_type, huge):
+    """Faults (batched and scalar), conversions, hole punches, memslot deletions (their zaps)
+    and invalidations racing a fault, on two hosts and the reference (Twin): after every step
+    the page tables' leaves are the reference's SPTE map, level, pfn, writable and private,
+    and host.check() walks every table."""
+
+    class TdpMachine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.twin = Twin(vm_type, huge, 5, layout=PT_LAYOUT, file_sizes=PT_FILE_SIZES)
+
+        @initialize(private=st.booleans())
+        def attributes(self, private):
+            if private:
+                for gpa, size, *_ in PT_LAYOUT.values():
+                    self.twin.set_attributes(gpa // PAGE, size // PAGE, True)
+
+        @rule(faults=st.lists(st.tuples(st.integers(0, 1), _pt_gfns(), st.booleans(), st.sampled_from(
+            [WRITE, 0, PRESENT | WRITE, WRITE | ENC, PRESENT | WRITE | ENC])), min_size=1, max_size=16))
+        def fault(self, faults):
+            for vcpu, gfn, shared, ec in faults:
+                self.twin.fault(vcpu, gfn * PAGE | (TDX_SHARED if shared and vm_type == TDX else 0), ec)
+
+        @rule(gfn=_pt_gfns(), npages=st.sampled_from([1, 2, 511, 512, 1024]), private=st.booleans(),
+              align=st.booleans())
+        def convert(self, gfn, npages, private, align):
+            self.twin.set_attributes(gfn & ~511 if align else gfn, npages, private)
+
+        @rule(name=st.sampled_from("AB"), index=st.sampled_from([0, 1, 511, 512, 1023, 1024, 1536]),
+              npages=st.sampled_from([1, 3, 512, 1024]))
+        def punch(self, name, index, npages):
+            self.twin.punch(name, index, npages)
+
+        @rule(slot=st.sampled_from(sorted(PT_LAYOUT)))
+        def toggle_slot(self, slot):
+            self.twin.toggle_slot(slot)
+
+        @rule(gfn=_pt_gfns(), npages=st.sampled_from([1, 512]))
+        def inject(self, gfn, npages):
+            self.twin.inject(gfn, npages)
+
+        @invariant()
+        def agree(self):
+            self.twin.check()
+
+    return TdpMachine
+
+
+for _name, (_vm_type, _huge) in {"SwProtected2M": (SW, True), "Snp": (SNP, False), "Tdx2M": (TDX, True)}.items():
+    _case = tdp_machine(_vm_type, _huge).TestCase
+    _case.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    globals()[f"TestTdpPageTables{_name}"] = _case
+
+
 @pytest.mark.parametrize("stream", sorted(STREAMS))
 def test_long_random_stream(stream):
     """A longer seeded stream per configuration: thousands of faults batched 64 at a time,
@@ -1071,6 +1154,33 @@ def test_empty_batch_with_a_vcpu_id_array():
     host.check()
 
 
+# ----------------------------------------- the fault path's cursors, and leaves freed
+
+def test_vcpu_cursors_outlive_a_closed_guest_memfd():
+    """A vCPU's cursors into a guest_memfd's bindings and page cache stay behind when the file
+    is closed and its inode freed. A new guest_memfd bound in its place (its structs often at
+    the freed one's addresses) is never read through them: each fault gets the new file's own
+    page, scalar and batched."""
+    host, vm, f, vcpu = make_vm(gmem_size=2 * M)
+    vm.set_memory_attributes(0, 2 * M, PRIVATE)
+    gpas = np.arange(0, 2 * M, 5 * PAGE, dtype=np.uint64)
+    for round in range(20):
+        if round % 2:
+            out = vm.page_fault_batch(gpas, np.full(len(gpas), WRITE, np.uint64))
+            assert (out["ret"] == FIXED).all()
+            pfns = {int(g): int(p) for g, p in zip(gpas, out["pfn"])}
+        else:
+            pfns = {int(g): vcpu.page_fault(int(g), WRITE).pfn for g in gpas}
+        assert sptes(vm) == {g >> 12: (1, pfns[g], True, True) for g in pfns}
+        host.check()
+        vm.set_user_memory_region2(0, GMEM, 0, 0)
+        f.close()                              # the inode goes: every page freed
+        assert vm.sptes() == [] and host.stats["folios_freed"] == (round + 1) * len(gpas)
+        f = vm.create_guest_memfd(2 * M)
+        vm.set_user_memory_region2(0, GMEM, 0, 2 * M, userspace_addr=HVA, guest_memfd=f)
+    host.check()
+
+
 # ------------------------------------------------- batch leaves freed mid-batch
 
 def _zapping_guest(batch):
@@ -1108,10 +1218,10 @@ def _zapping_guest(batch):
     return recs, vm.stats, vcpu.stats, len(calls)
 
 
-def test_batch_leaves_freed_under_it_are_not_hinted():
-    """The batch hints each fault's SPTE and filemap leaves, found eight faults ahead. A hook
-    zapping every SPTE in between frees those leaves (their array's node_gen moves), so they
-    are not hinted: the batch still answers fault for fault as the scalar path does."""
+def test_batch_leaves_freed_under_it_are_not_trusted():
+    """The batch hands each fault cursors on its SPTE and filemap leaves, found ahead. A hook
+    zapping every SPTE in between frees those leaves (their array's node_gen moves), so the
+    cursors are not trusted: the batch still answers fault for fault as the scalar path does."""
     batch, scalar = _zapping_guest(True), _zapping_guest(False)
     assert batch[3] == scalar[3] == 2048 and batch[0] == scalar[0]
     assert batch[1] == scalar[1] and batch[2] == scalar[2]
@@ -1146,3 +1256,21 @@ def test_batch_td_state_does_not_change_under_a_fault():
     host.check()
     r = vcpu.page_fault(s51 | page, PRESENT | WRITE)
     assert r.ret == SPURIOUS
+
+
+def test_batch_cursor_reused_for_the_other_root():
+    """The leaf stage's cursors are reused around a ring for later faults. A TD's shared fault
+    leaves one on a table of the direct root; when the same cursor is walked for a private
+    fault under the same 2 MiB, it must not be trusted for the mirror root: the private leaf
+    goes into the mirror root's table, never the direct root's."""
+    host, vm, f, vcpu = make_vm(TDX, gmem_size=2 * M, memory=64 * M)
+    vm.set_memory_attributes(M, M, PRIVATE)                  # gfns 256-511 private
+    assert vcpu.page_fault(TDX_SHARED | 0, WRITE).ret == FIXED       # direct root: gfns 0-511
+    assert vcpu.page_fault(300 * PAGE, WRITE).ret == FIXED           # mirror root: the same
+    gpas = np.full(64, TDX_SHARED | 0x80000, np.uint64)
+    gpas[16] = TDX_SHARED | PAGE                             # ring entry 16: the direct root
+    gpas[48] = 301 * PAGE                                    # ring entry 16 again: the mirror root
+    out = vm.page_fault_batch(gpas, np.full(64, WRITE, np.uint64))
+    assert (out["ret"] >= 0).all()
+    host.check()
+    assert sptes(vm)[301][3] is True and sptes(vm)[1][3] is False

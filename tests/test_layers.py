@@ -114,6 +114,9 @@ UPCALLS = {
     ("_kvm_main", "_x86"): {"kvm_arch_destroy_vm", "kvm_arch_init_vm", "kvm_arch_prepare_memory_region",
                             "kvm_vm_ioctl_check_extension"},
     ("_kvm_main", "_mmu"): {"kvm_arch_vcpu_pre_fault_memory", "kvm_unmap_gfn_range"},
+    # the MMU state x86 keeps per vCPU and per VM: kvm_arch_vcpu_create's kvm_mmu_create,
+    # kvm_arch_destroy_vm's kvm_mmu_uninit_vm (the roots' page tables)
+    ("_kvm_main", "_tdp_mmu"): {"kvm_mmu_create", "kvm_mmu_uninit_tdp_mmu"},
     ("_guest_memfd", "_mmu"): {"kvm_unmap_gfn_range"},
     ("_guest_memfd", "_x86"): {"kvm_arch_has_bound_private_mem"},
     ("_attributes", "_mmu"): {"kvm_unmap_gfn_range"},

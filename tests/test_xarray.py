@@ -693,15 +693,16 @@ def test_check_xa_err_items_at_call():
         XArray().items(first=-1)
 
 
-# ------------------------------------------------------------- the leaf hint
+# ------------------------------------------------------------------ the cursor
 
-def test_leaf_hint_follows_the_tree():
-    """Loads and stores remember the last leaf they walked to (gmem's, not the kernel's):
-    a leaf freed, replaced by a larger entry, split or re-made elsewhere must never answer."""
+def test_cursor_follows_the_tree():
+    """load() and store() walk a cursor kept in the handle, which stays on the last node it
+    walked to: a leaf freed, replaced by a larger entry, split or re-made elsewhere must
+    never answer."""
     x = XArray()
     for i in range(64, 128):
         x.store(i, i)
-    assert x.load(70) == 70                    # the hint is now the leaf of [64, 128)
+    assert x.load(70) == 70                    # the cursor is now on the leaf of [64, 128)
     x.store(0, 9, order=9)                     # a 2M entry frees that leaf
     assert [x.load(i) for i in (70, 0, 511)] == [9, 9, 9] and x.load(512) is None
     x.check()
@@ -722,9 +723,9 @@ def test_leaf_hint_follows_the_tree():
 @given(st.lists(st.tuples(st.sampled_from(["store", "erase", "big"]),
                           st.integers(0, 1023)), max_size=200))
 @settings(max_examples=200, deadline=None)
-def test_leaf_hint_against_a_dict(ops):
-    """Sequential-ish streams (where the hint hits) of stores, erases and 64-index entries
-    answer every load as a dict of indices does; xa_check also verifies the hint."""
+def test_cursor_against_a_dict(ops):
+    """Sequential-ish streams (where the cursor stays in its leaf) of stores, erases and
+    64-index entries answer every load as a dict of indices does."""
     x, ref = XArray(), {}
     for n, (op, i) in enumerate(ops):
         if op == "store":
@@ -750,15 +751,18 @@ def test_leaf_hint_against_a_dict(ops):
 
 
 def test_node_gen_moves_on_every_node_freed():
-    """node_gen (the batch's test that a leaf it found earlier is still its index's leaf)
-    stays while nodes are only added, and moves by one per node freed."""
+    """node_gen (a cursor's test that the node it stands on is still on its index's path)
+    stays while nodes are only added, and moves by one per node freed; each array starts
+    from its own value, so a cursor kept from a freed array never trusts another's nodes."""
     x = XArray()
+    gen = x.node_gen
+    assert gen != XArray().node_gen
     for i in range(0, 4096, 7):
         x.store(i, i)
-    assert x.node_gen == 0 and x.nr_nodes > 64
+    assert x.node_gen == gen and x.nr_nodes > 64
     nodes = x.nr_nodes
     x.erase_range(0, 63)                       # the first leaf empties and goes
-    assert x.node_gen == 1 and x.nr_nodes == nodes - 1
+    assert x.node_gen == gen + 1 and x.nr_nodes == nodes - 1
     x.store(0, 1, order=12)                    # one entry over everything: every node goes
-    assert x.node_gen == nodes and x.load(4095) == 1
+    assert x.node_gen == gen + nodes and x.load(4095) == 1
     x.check()

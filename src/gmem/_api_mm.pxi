@@ -43,9 +43,11 @@ cdef class XArray:
     erasing any index erases all of it; marks apply to the whole entry.
     """
     cdef xarray xa
+    cdef xa_state xas           # load() and store() walk from where the last one ended
 
     def __cinit__(self):
         xa_init(&self.xa)
+        xas_init(&self.xas, &self.xa, 0)
 
     def __dealloc__(self):
         xa_destroy(&self.xa)
@@ -53,7 +55,8 @@ cdef class XArray:
     def load(self, index):
         """xa_load: the value at index, or None."""
         cdef uint64_t v
-        if xa_load(&self.xa, _u64(index, "index"), &v):
+        xas_set(&self.xas, _u64(index, "index"))
+        if xas_load(&self.xas, &v):
             return v
         return None
 
@@ -66,7 +69,8 @@ cdef class XArray:
             raise ValueError(f"value {value} does not fit in 63 bits (xa_mk_value)")
         if i & ((((<uint64_t>1) << o)) - 1):
             raise ValueError(f"index {index:#x} is not aligned to order {o}")
-        r = xa_store_order(&self.xa, i, o, v, &old)
+        xas_set(&self.xas, i)
+        r = xas_store(&self.xas, o, v, &old)
         if r < 0:
             raise MemoryError("xa_store: out of memory")
         return old if r else None
@@ -174,7 +178,8 @@ cdef class XArray:
 
     @property
     def node_gen(self):
-        """Nodes freed so far: a leaf found earlier is still its index's leaf while this holds."""
+        """Moves by one per node freed (from a value unique to this array): a node a cursor
+        found earlier is still on its index's path while this holds."""
         return self.xa.node_gen
 
     @property
@@ -196,9 +201,12 @@ cdef class XArray:
         present = np.zeros(n, dtype=np.bool_)
         cdef uint64_t[::1] o = out
         cdef cnp.npy_bool[::1] p = present
+        cdef xa_state xas               # this call's own: parallel readers each walk theirs
+        xas_init(&xas, &self.xa, 0)
         with nogil:
             for i in range(n):
-                p[i] = xa_load(&self.xa, idx[i], &o[i])
+                xas_set(&xas, idx[i])
+                p[i] = xas_load(&xas, &o[i])
         return out, present
 
     def store_many(self, indices, values, order=0):
@@ -208,6 +216,8 @@ cdef class XArray:
         cdef int o = _order_arg(order, XA_MAX_ORDER), r = 0
         cdef Py_ssize_t n = idx.shape[0], i
         cdef uint64_t old, mask = (((<uint64_t>1) << o)) - 1
+        cdef xa_state xas
+        xas_init(&xas, &self.xa, 0)
         if val.shape[0] != n:
             raise ValueError("indices and values differ in length")
         arr = np.asarray(val)
@@ -215,7 +225,8 @@ cdef class XArray:
             raise ValueError("a value does not fit in 63 bits or an index is not aligned to the order")
         with nogil:
             for i in range(n):
-                r = xa_store_order(&self.xa, idx[i], o, val[i], &old)
+                xas_set(&xas, idx[i])
+                r = xas_store(&xas, o, val[i], &old)
                 if r < 0:
                     break
         if r < 0:

@@ -235,8 +235,7 @@ cdef int vm_check(kvm *kvm, char *buf, size_t len) noexcept nogil:
     cdef uint32_t i
     cdef int lvl
     cdef char name[64]
-    snprintf(name, sizeof(name), "VM %u (type %d) sptes", kvm.id, kvm.vm_type)
-    if _xa_check_named(&kvm.sptes, name, buf, len):
+    if tdp_mmu_check(kvm, buf, len):
         return -1
     snprintf(name, sizeof(name), "VM %u (type %d) memory attributes", kvm.id, kvm.vm_type)
     if _xa_check_named(&kvm.mem_attr_array, name, buf, len):

@@ -120,8 +120,10 @@ cdef int64_t gmem_contents_sync(gmem_inode *inode) noexcept nogil:
     cdef uint64_t idx, v
     cdef uint32_t id
     cdef int64_t n = 0
+    cdef xa_state xas
     if inode.memfd < 0:
         return 0
+    xas_init(&xas, &inode.filemap, 0)
     while <uint64_t>pos < inode.size:
         pos = lseek(inode.memfd, pos, SEEK_DATA)
         if pos < 0:
@@ -132,7 +134,7 @@ cdef int64_t gmem_contents_sync(gmem_inode *inode) noexcept nogil:
         for idx in range(<uint64_t>pos >> 12, (<uint64_t>end + 4095) >> 12):
             if xa_load(&inode.filemap, idx, &v):
                 continue
-            if kvm_gmem_get_folio(inode, idx, &id) < 0:
+            if kvm_gmem_get_folio(inode, &xas, idx, &id) < 0:
                 return -ENOMEM
             folio_get(&inode.host.pm, id).flags |= PG_uptodate
             n += 1

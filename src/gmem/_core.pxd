@@ -352,12 +352,24 @@ ctypedef struct xarray:
     uint64_t nr_entries
     uint64_t nr_nodes
     xa_node *node_cache         # up to XA_NODE_CACHE freed nodes kept for reuse (not counted)
-    xa_node *hint               # a leaf (shift 0) node a sequential stream is in, or NULL
-    uint64_t hint_index         # the first index it covers (no node header to read)
-    uint64_t node_gen           # bumped when a node is freed: a leaf found earlier (xa_leaf)
-                                # is still its index's leaf while node_gen is unchanged
+    uint64_t node_gen           # bumped when a node is freed (from a value unique to this
+                                # array, taken by xa_init): a node a cursor found earlier is
+                                # still on its index's path while node_gen is unchanged
     uint32_t nr_cached
     uint64_t nr_by_order[64]   # entries of each order (nr_indices = sum n << order)
+
+# struct xa_state: a caller's cursor (see _xarray.pxi). It stands on the node its last walk
+# ended in, reached for xa_node_index; the next walk starts there for any index in that
+# node's range while the array's node_gen is still xa_gen (XA_GEN_NOWHERE: it stands
+# nowhere).
+ctypedef struct xa_state:
+    xarray *xa
+    uint64_t xa_index
+    uint64_t xa_gen
+    uint64_t xa_node_index
+    xa_node *xa_node
+    uint8_t xa_shift            # xa_node's shift (carried: its header is not read)
+    uint8_t xa_offset           # the canonical slot of xa_index's entry in xa_node
 
 cdef void xa_init(xarray *xa) noexcept nogil
 cdef void xa_destroy(xarray *xa) noexcept nogil
@@ -369,8 +381,6 @@ cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
 cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil
 # The address of index's slot in its leaf node (not read), or NULL: for prefetching.
 cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil
-# The leaf node (shift 0) covering index, or NULL; for xa_hint_leaf while node_gen holds.
-cdef xa_node *xa_leaf(const xarray *xa, uint64_t index) noexcept nogil
 # Store value over the naturally aligned range of 1 << order indices at index
 # (index must be aligned).  A store into part of a larger entry stores at every
 # index of that entry; smaller entries inside the range are replaced by one entry.
@@ -449,6 +459,7 @@ ctypedef struct physmem:
     xarray memmap                # pfn -> folio id (multi-index: the folio's order)
     uint32_t nr_nodes            # NUMA nodes: node n is [node_end[n - 1] (or start_pfn), node_end[n]);
     uint64_t node_end[8]         # no free block crosses a node's end
+    xa_state memmap_xas          # folio_alloc's cursor in it
 
 cdef int phys_init(physmem *pm, uint64_t start_pfn, uint64_t nr_pages) noexcept nogil
 cdef void phys_destroy(physmem *pm) noexcept nogil
@@ -549,9 +560,11 @@ ctypedef struct snp_rmp:
     int enabled                 # the platform has SNP (an RMP covering all memory)
     xarray entries              # pfn -> raw low qword (struct rmpentry_raw); absent = 0.
                                 # A 2M entry is stored at its head only.
+    xa_state cursor             # reads and writes of entries: they follow the allocator's pfns
     uint64_t nr_2m              # 2M entries among them (none: a lookup reads no head)
     xarray perms                # pfn -> VMPL1..3 permission bytes (RMPADJUST), absent = none
     xarray direct_map_4k        # 2M region (pfn >> 9) -> 1 where the host direct map was split
+    xa_state direct_map_cursor  # its reads and writes (they follow the allocator too)
     xarray leaked               # pfn -> 1: snp_leak_pages
     uint64_t fail_rmpupdate     # fault injection: fail this many RMPUPDATEs ...
     uint32_t fail_rmpupdate_code  # ... with this code
@@ -603,6 +616,16 @@ ctypedef struct gmem_pin:
     uint64_t npages
     uint32_t *ids               # the folio of each page (a punched one lives on, off the page cache)
     int longterm                # FOLL_PIN (GUP_PIN_COUNTING_BIAS) or FOLL_GET (1)
+# The model's own 4 KiB pages (the TDP MMU's page tables), carved from 2 MiB chunks on
+# transparent huge pages; a free page is all zero but for its link (_host.pxi)
+ctypedef struct gmem_page_pool:
+    uint64_t *free_list         # freed pages: word 0 links the next
+    char *next                  # the newest chunk's pages not handed out yet
+    char *end
+    void **chunks
+    uint32_t nr_chunks
+    uint32_t cap_chunks
+    uint64_t nr_pages           # handed out and not freed
 
 ctypedef struct gmem_host:
     int refcount                # the creator's reference and one per VM
@@ -650,6 +673,8 @@ ctypedef struct gmem_host:
     snp_rmp rmp
     uint8_t content_memfd       # gmem exec: inode contents in memfds (_contents_memfd.pxi)
     xarray content_inodes       # ... ino -> gmem_inode * of those inodes
+    gmem_page_pool pt_pool      # the VMs' page tables
+    uint64_t inode_gen          # bumped when an inode is freed (a batch's ring knows its own)
 
 ctypedef struct gmem_inode:
     gmem_host *host
@@ -698,6 +723,7 @@ cdef enum:
 ctypedef struct kvm_tdx:
     int state                   # enum kvm_tdx_state (TD_STATE_*)
     xarray sept                 # mirror S-EPT leaves: gfn -> pfn << 4 | TDX_SEPT_* state
+    xa_state sept_xas           # ... the cursor of its stores (AUG in fault order: one leaf per 64)
     int64_t nr_premapped        # leaves mapped before FINALIZE_VM, not yet PAGE.ADDed
     uint64_t stats[TDX_NR_STATS]
 
@@ -729,7 +755,12 @@ ctypedef struct kvm:
     uint64_t attr_memo_val
     int attr_memo_valid
     xarray mem_attr_array       # gfn -> memory attributes
-    xarray sptes                # gfn -> spte (multi-index for huge mappings)
+    uint64_t *tdp_root[2]       # the TDP MMU's roots, 512-entry page tables (NULL until the
+                                # first map): TDP_ROOT_DIRECT, TDP_ROOT_MIRROR (TDX's private
+                                # SPTEs, forwarded to the S-EPT)
+    uint64_t tdp_mmu_gen        # bumped whenever a page table is freed (tdp_cursor)
+    uint64_t tdp_mmu_pages      # page tables in use, roots included (kvm->arch.tdp_mmu_pages)
+    uint64_t tdp_pages[3]       # leaf SPTEs by level (kvm->stat.pages: pages_4k, _2m, _1g)
     xarray mmio_sptes           # gfn -> the memslot generation it was made in
     uint64_t memslots_generation  # bumped by every memslot change (kvm_memslots.generation)
     uint64_t mmu_invalidate_seq
@@ -779,9 +810,36 @@ ctypedef struct guest_fault:
     uint64_t pfn                 # the host page involved, if any
     const char *why
 
+cdef enum:
+    TDP_ROOT_DIRECT = 0
+    TDP_ROOT_MIRROR = 1
+    TDP_NR_ROOTS = 2
+    # kvm_mmu_max_gfn() is 2^40 - 1 (52-bit guest physical addresses: _x86.pxi), beyond a
+    # 4-level root's 2^36 gfns (kvm_mmu_get_tdp_level: 5 levels past MAXPHYADDR 48)
+    TDP_ROOT_LEVEL = 5          # PT64_ROOT_5LEVEL
+
+# Not the kernel's (its walks start at the root): where a vCPU's last walk of one root
+# ended, the page table pt of that level, reached for gfn while the VM's tdp_mmu_gen was gen,
+# and the tables above it on gfn's path, as tdp_iter's pt_path keeps them (_tdp_mmu.pxi).
+ctypedef struct tdp_cursor:
+    uint64_t *pt
+    uint64_t gfn
+    uint64_t gen                # TDP_GEN_NOWHERE: it stands nowhere
+    uint8_t level
+    uint8_t shift               # gfn shift of pt's entries: 9 * (level - 1)
+    uint64_t *pt_path[TDP_ROOT_LEVEL]   # [l - 1]: the table of level l, for l >= level
+
+# A stream's cursors into one guest_memfd (not the kernel's: kvm_gmem_get_pfn walks from the
+# top each time): a vCPU's faults, a loop over a range.
+ctypedef struct kvm_gmem_cursor:
+    xa_state bindings           # in gmem_file.bindings
+    xa_state filemap            # in gmem_inode.filemap
+
 ctypedef struct kvm_vcpu:
     kvm *kvm
     uint32_t vcpu_id
+    kvm_gmem_cursor gmem_cursor # the fault path's, handed the batch's leaves
+    tdp_cursor tdp_cursor[2]    # the fault path's, in each root
     uint64_t stats[VCPU_NR_STATS]
     complete_userspace_io_t complete_userspace_io   # NULL: no userspace exit pending
     kvm_run_hypercall hypercall # the exit's fields, as userspace sees them

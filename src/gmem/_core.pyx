@@ -29,7 +29,8 @@ include "_guest_memfd.pxi"   # virt/kvm/guest_memfd.c: inodes, files, bindings, 
 include "_contents_memfd.pxi"  # gmem exec: guest_memfd contents in memfds (Host(content_memfd=True))
 include "_attributes.pxi"    # kvm_vm_set_mem_attributes with x86's pre/post hooks (lpage mixed)
 include "_x86.pxi"           # arch/x86/kvm/x86.c: arch VM init, caps, enable_cap, the hook table
-include "_mmu.pxi"           # arch/x86/kvm/mmu/: the fault path, SPTEs, zaps, the batch, pre-fault
+include "_tdp_mmu.pxi"       # arch/x86/kvm/mmu/tdp_mmu.c, spte.h: SPTEs in page tables, map, zap
+include "_mmu.pxi"           # arch/x86/kvm/mmu/mmu.c: the fault path, unmap, the batch, pre-fault
 include "_sev.pxi"           # arch/x86/{virt,kvm}/svm/sev.c: RMP, its instructions, SNP's KVM side
 include "_tdx.pxi"           # arch/x86/kvm/vmx/tdx.c: the TD's life, S-EPT, EPT violations, TDCALLs
 include "_guest.pxi"         # the guest CPU: accesses through the NPT, PVALIDATE/RMPADJUST walks

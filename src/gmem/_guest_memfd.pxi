@@ -64,15 +64,18 @@ cdef uint64_t kvm_gmem_get_policy(gmem_inode *inode, uint64_t index) noexcept no
     return mt_load(&inode.policy, index, &first, &last)
 
 
-cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
+cdef inline int kvm_gmem_get_folio(gmem_inode *inode, xa_state *xas, uint64_t index,
+                                   uint32_t *id) noexcept nogil:
     """filemap_grab_folio: the folio at index, allocated if absent (2M when
-    huge_folios allows: an aligned, empty 2M range inside i_size)."""
+    huge_folios allows: an aligned, empty 2M range inside i_size). xas: the caller's
+    cursor, on the filemap or elsewhere."""
     cdef uint64_t v, first, old, base
     cdef int order = 0, k
     cdef gmem_host *host = inode.host
     cdef uint32_t i
     cdef folio *f
-    if xa_load_follow(&inode.filemap, index, &v):
+    xas_set_xa(xas, &inode.filemap, index)
+    if xas_load(xas, &v):
         id[0] = <uint32_t>v
         return 0
     if host.huge_folios:
@@ -89,7 +92,8 @@ cdef inline int kvm_gmem_get_folio(gmem_inode *inode, uint64_t index, uint32_t *
         order = 0
     f.mapping = inode.ino
     f.index = index & ~_mask(order)
-    if xa_store_follow(&inode.filemap, f.index, order, i, &old) < 0:
+    xas_set(xas, f.index)
+    if xas_store(xas, order, i, &old) < 0:
         folio_free(&host.pm, i)
         host.stats[HOST_STAT_ALLOC_FAILURES] += 1
         return -ENOMEM
@@ -356,9 +360,11 @@ cdef int kvm_gmem_allocate(gmem_inode *inode, uint64_t start, uint64_t end) noex
     cdef uint64_t index = start
     cdef uint32_t id
     cdef folio *f
+    cdef xa_state xas
     cdef int r
+    xas_init(&xas, &inode.filemap, start)
     while index < end:
-        r = kvm_gmem_get_folio(inode, index, &id)
+        r = kvm_gmem_get_folio(inode, &xas, index, &id)
         if r:
             return r
         if inode.host.prepare_policy == GMEM_PREPARE_ALLOC:
@@ -374,6 +380,16 @@ cdef int kvm_gmem_allocate(gmem_inode *inode, uint64_t start, uint64_t end) noex
 
 cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_t *pfn,
                           int *max_order) noexcept nogil:
+    cdef kvm_gmem_cursor cur
+    xas_init(&cur.bindings, NULL, 0)
+    xas_init(&cur.filemap, NULL, 0)
+    return __kvm_gmem_get_pfn(kvm, slot, gfn, pfn, max_order, &cur)
+
+
+cdef inline int __kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_t *pfn,
+                                   int *max_order, kvm_gmem_cursor *cur) noexcept nogil:
+    """kvm_gmem_get_pfn with the caller's cursors (a vCPU's: its stream of faults mostly
+    stays in one leaf of the bindings and of the page cache)."""
     cdef gmem_file *file = slot.gmem_file
     cdef uint64_t index, v
     cdef uint32_t id
@@ -382,9 +398,10 @@ cdef int kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn, uint64_
     if file == NULL:
         return -EFAULT
     index = gfn - slot.base_gfn + slot.gmem_pgoff
-    if not xa_load_follow(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
+    xas_set_xa(&cur.bindings, &file.bindings, index)
+    if not xas_load(&cur.bindings, &v) or &kvm.memslots[v] != slot:
         return -EIO
-    r = kvm_gmem_get_folio(file.inode, index, &id)
+    r = kvm_gmem_get_folio(file.inode, &cur.filemap, index, &id)
     if r == 0:
         r = kvm_gmem_fit_folio(file.inode, slot, index, &id)
     if r:
@@ -541,6 +558,7 @@ cdef void kvm_gmem_release(gmem_file *file) noexcept nogil:
 cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
     """The last file is gone: truncate everything, unlist and free the inode."""
     cdef gmem_inode **pp = &inode.host.inodes
+    inode.host.inode_gen += 1           # a batch's ring stops reading its filemap
     kvm_gmem_truncate(inode, 0, <uint64_t>0xFFFFFFFFFFFFFFFF)
     gmem_contents_release(inode)
     xa_destroy(&inode.filemap)
@@ -697,10 +715,12 @@ cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write
     cdef gmem_inode *inode = file.inode
     cdef uint32_t id
     cdef folio *f
+    cdef xa_state xas
     cdef int r = kvm_gmem_fault_refused(inode, pgoff)
     if r:
         return r
-    if kvm_gmem_get_folio(inode, pgoff, &id) < 0:
+    xas_init(&xas, &inode.filemap, pgoff)
+    if kvm_gmem_get_folio(inode, &xas, pgoff, &id) < 0:
         return _refuse(inode.host, -ENOMEM, "out of memory faulting a guest_memfd page (VM_FAULT_OOM)")
     f = folio_get(&inode.host.pm, id)
     if not f.flags & PG_uptodate:
@@ -748,6 +768,7 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
     cdef int ret = 0
     cdef uint32_t id
     cdef folio *f
+    cdef xa_state bindings, filemap
     if npages <= 0:
         return -EINVAL
     if not kvm_slot_has_gmem(slot):
@@ -757,13 +778,16 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
         return -EFAULT
     if npages > <int64_t>(slot.npages - (start_gfn - slot.base_gfn)):
         npages = slot.npages - (start_gfn - slot.base_gfn)
+    xas_init(&bindings, &file.bindings, 0)
+    xas_init(&filemap, &file.inode.filemap, 0)
     while i < npages:
         gfn = start_gfn + i
         index = gfn - slot.base_gfn + slot.gmem_pgoff
-        if not xa_load_follow(&file.bindings, index, &v) or &kvm.memslots[v] != slot:
+        xas_set(&bindings, index)
+        if not xas_load(&bindings, &v) or &kvm.memslots[v] != slot:
             ret = -EIO
             break
-        ret = kvm_gmem_get_folio(file.inode, index, &id)       # no prepare
+        ret = kvm_gmem_get_folio(file.inode, &filemap, index, &id)       # no prepare
         if ret:
             break
         f = folio_get(&kvm.host.pm, id)
@@ -920,7 +944,7 @@ cdef int kvm_gmem_pin(gmem_vma *vma, uint64_t pgoff, uint64_t npages, int longte
             pin.npages = i
             kvm_gmem_unpin(pin, False)
             return r
-        xa_load_follow(&inode.filemap, pgoff + i, &v)
+        xa_load(&inode.filemap, pgoff + i, &v)
         pin.ids[i] = <uint32_t>v
         folio_get(&inode.host.pm, pin.ids[i]).refcount += GUP_PIN_COUNTING_BIAS if longterm else 1
     pin.npages = npages

@@ -1,6 +1,7 @@
 # The simulated machine (mm/ and the platform at boot): host physical memory, the contents
 # of pages, the VMM's own memory behind its virtual addresses (get_user_pages), host CPU
-# writes through the direct map, and the platform set up at boot (SNP's RMP on "amd").
+# writes through the direct map, and the platform set up at boot (SNP's RMP on "amd"); and
+# the model's own pages for page tables (gmem_page_pool).
 
 cdef enum:
     _PLATFORM_TYPES_AMD = (1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_SEV_VM) | \
@@ -15,6 +16,122 @@ cdef extern from *:
     """
     const uint64_t MMAP_MIN_ADDR "GMEM_MMAP_MIN_ADDR"
     const uint64_t TASK_SIZE_MAX "GMEM_TASK_SIZE_MAX"  # the end of user memory (4-level paging)
+
+
+# ------------------------------------------------------ the model's own pages
+# Page tables are the model's memory, not the simulated host's (they take no simulated pfn,
+# as xarray nodes take none): 4 KiB pages carved from 2 MiB chunks that the OS backs with
+# transparent huge pages, so 4 GiB of 4K mappings (8 MiB of tables) need four TLB entries.
+# A page comes zeroed: a fresh chunk is zero (the OS zeroes it on first touch), and a page
+# is zeroed by whoever frees it (the TDP MMU's teardown walk reads every entry anyway), so
+# nothing memsets 4 KiB that a sparse table touches one line of. A freed host's chunks are
+# kept, zeroed, for the next host (process-wide, up to 32): a new guest does not pay the
+# OS's page faults again.
+
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #include <pthread.h>
+    #define GMEM_POOL_CHUNK (2UL << 20)
+    #define GMEM_POOL_CACHED 32
+    static pthread_mutex_t gmem_pool_lock = PTHREAD_MUTEX_INITIALIZER;
+    static void *gmem_pool_cached[GMEM_POOL_CACHED];
+    static int gmem_pool_nr_cached;
+
+    /* A zeroed, 2 MiB-aligned chunk: a cached one, or 4 MiB from mmap trimmed to one. */
+    static void *gmem_pool_chunk_get(void) {
+        void *p = NULL;
+        char *m, *a;
+        pthread_mutex_lock(&gmem_pool_lock);
+        if (gmem_pool_nr_cached)
+            p = gmem_pool_cached[--gmem_pool_nr_cached];
+        pthread_mutex_unlock(&gmem_pool_lock);
+        if (p)
+            return p;
+        m = mmap(NULL, 2 * GMEM_POOL_CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            return NULL;
+        a = (char *)(((uintptr_t)m + GMEM_POOL_CHUNK - 1) & ~(uintptr_t)(GMEM_POOL_CHUNK - 1));
+        if (a > m)
+            munmap(m, a - m);
+        if (a + GMEM_POOL_CHUNK < m + 2 * GMEM_POOL_CHUNK)
+            munmap(a + GMEM_POOL_CHUNK, m + 2 * GMEM_POOL_CHUNK - (a + GMEM_POOL_CHUNK));
+        madvise(a, GMEM_POOL_CHUNK, MADV_HUGEPAGE);
+        return a;
+    }
+
+    /* A chunk whose every byte is zero again. */
+    static void gmem_pool_chunk_put(void *p) {
+        pthread_mutex_lock(&gmem_pool_lock);
+        if (gmem_pool_nr_cached < GMEM_POOL_CACHED) {
+            gmem_pool_cached[gmem_pool_nr_cached++] = p;
+            p = NULL;
+        }
+        pthread_mutex_unlock(&gmem_pool_lock);
+        if (p)
+            munmap(p, GMEM_POOL_CHUNK);
+    }
+    """
+    void *gmem_pool_chunk_get() noexcept nogil
+    void gmem_pool_chunk_put(void *p) noexcept nogil
+    const size_t GMEM_POOL_CHUNK
+
+
+cdef uint64_t *gmem_page_alloc_chunk(gmem_page_pool *pool) noexcept nogil:
+    cdef void **grown
+    cdef char *c
+    if pool.nr_chunks == pool.cap_chunks:
+        grown = <void **>realloc(pool.chunks, (pool.cap_chunks + 16) * sizeof(void *))
+        if grown == NULL:
+            return NULL
+        pool.chunks = grown
+        pool.cap_chunks += 16
+    c = <char *>gmem_pool_chunk_get()
+    if c == NULL:
+        return NULL
+    pool.chunks[pool.nr_chunks] = c
+    pool.nr_chunks += 1
+    pool.next = c + 4096
+    pool.end = c + GMEM_POOL_CHUNK
+    pool.nr_pages += 1
+    return <uint64_t *>c
+
+
+cdef inline uint64_t *gmem_page_alloc(gmem_page_pool *pool) noexcept nogil:
+    """A zeroed 4 KiB page, or NULL (out of memory)."""
+    cdef uint64_t *p = pool.free_list
+    if p != NULL:
+        pool.free_list = <uint64_t *><size_t>p[0]
+        p[0] = 0
+    elif pool.next != pool.end:
+        p = <uint64_t *>pool.next
+        pool.next += 4096
+    else:
+        return gmem_page_alloc_chunk(pool)
+    pool.nr_pages += 1
+    return p
+
+
+cdef inline void gmem_page_free(gmem_page_pool *pool, uint64_t *p) noexcept nogil:
+    """Give back a page the caller has zeroed."""
+    p[0] = <uint64_t><size_t>pool.free_list
+    pool.free_list = p
+    pool.nr_pages -= 1
+
+
+cdef void gmem_page_pool_destroy(gmem_page_pool *pool) noexcept nogil:
+    """Every page is back (zeroed): the chunks go to the process-wide cache."""
+    cdef uint64_t *p = pool.free_list
+    cdef uint64_t *nxt
+    cdef uint32_t i
+    while p != NULL:
+        nxt = <uint64_t *><size_t>p[0]
+        p[0] = 0
+        p = nxt
+    for i in range(pool.nr_chunks):
+        gmem_pool_chunk_put(pool.chunks[i])
+    free(pool.chunks)
+    memset(pool, 0, sizeof(gmem_page_pool))
 
 
 cdef void gmem_host_config_init(gmem_host_config *cfg) noexcept nogil:
@@ -130,6 +247,7 @@ cdef void gmem_host_put(gmem_host *h) noexcept nogil:
     xa_destroy(&h.user_mapped)
     snp_rmptable_destroy(h)
     phys_destroy(&h.pm)
+    gmem_page_pool_destroy(&h.pt_pool)
     free(h.trace_buf)
     free(h)
 
@@ -154,8 +272,14 @@ cdef uint64_t gmem_host_free_pages(const gmem_host *h) noexcept nogil:
 
 # ------------------------------------------------------------- page contents
 
-cdef void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
+cdef inline void page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
     """Forget the contents of [pfn, pfn + n): they read as zeros again."""
+    # inline: while no page has contents (every cold fault of a fresh guest) nothing is called
+    if host.content_inodes.nr_entries or host.page_data.nr_entries:
+        _page_data_drop(host, pfn, n)
+
+
+cdef void _page_data_drop(gmem_host *host, uint64_t pfn, uint64_t n) noexcept nogil:
     cdef uint64_t first, v, start = pfn
     cdef int order
     if host.content_inodes.nr_entries and gmem_contents_drop(host, pfn, n) == n:

@@ -80,8 +80,8 @@ cdef int kvm_create_vm(gmem_host *h, uint64_t vm_type, kvm **out) noexcept nogil
     xa_init(&k.slot_index)
     xa_init(&k.gfn_to_slot)
     xa_init(&k.mem_attr_array)
-    xa_init(&k.sptes)
     xa_init(&k.mmio_sptes)
+    k.tdp_mmu_gen = 1                   # (a cursor of zeroes trusts nothing)
     r = kvm_arch_init_vm(k)
     if r < 0:
         free(k.vcpus)
@@ -133,7 +133,7 @@ cdef void kvm_destroy_vm(kvm *kvm) noexcept nogil:
     xa_destroy(&kvm.slot_index)
     xa_destroy(&kvm.gfn_to_slot)
     xa_destroy(&kvm.mem_attr_array)
-    xa_destroy(&kvm.sptes)
+    kvm_mmu_uninit_tdp_mmu(kvm)
     xa_destroy(&kvm.mmio_sptes)
     _kvm_unlist(kvm.host, kvm)
     kvm.dead = 1
@@ -189,6 +189,7 @@ cdef int kvm_vm_ioctl_create_vcpu(kvm *kvm, uint64_t id, kvm_vcpu **out) noexcep
     if r:
         free(v)
         return r
+    kvm_mmu_create(v)
     kvm.vcpus[id] = v
     kvm.created_vcpus += 1
     out[0] = v
@@ -223,12 +224,6 @@ cdef uint64_t kvm_vm_stat(const kvm *kvm, int which) noexcept nogil:
 
 cdef uint64_t kvm_vcpu_stat(const kvm_vcpu *vcpu, int which) noexcept nogil:
     return vcpu.stats[which] if 0 <= which < VCPU_NR_STATS else 0
-
-
-cdef uint64_t kvm_vm_pages(const kvm *kvm, int level) noexcept nogil:
-    if not PG_LEVEL_4K <= level <= PG_LEVEL_1G or kvm.dead:
-        return 0
-    return kvm.sptes.nr_by_order[_level_order(level)]
 
 
 # ------------------------------------------------------------------ memslots

@@ -1,82 +1,29 @@
-# arch/x86/kvm/mmu/mmu.c + tdp_mmu.c: the TDP page-fault path with the 64-bit error code,
-# from kvm_mmu_page_fault down to the SPTE; the SPTE encoding and zaps; the batch of faults
-# (kvm_mmu_page_fault_batch, with its prefetching pipeline); KVM_PRE_FAULT_MEMORY's
-# kvm_tdp_map_page; SW_PROTECTED's private-fault rule.  Vendors' rules come in through the
-# hook table (_x86.pxi): nothing here names SNP's or TDX's internals.
+# arch/x86/kvm/mmu/mmu.c: the TDP page-fault path with the 64-bit error code, from
+# kvm_mmu_page_fault down to kvm_tdp_mmu_map (the page tables are _tdp_mmu.pxi's); unmapping
+# a gfn range; the batch of faults (kvm_mmu_page_fault_batch, with its prefetching
+# pipeline); KVM_PRE_FAULT_MEMORY's kvm_tdp_map_page; SW_PROTECTED's private-fault rule.
+# Vendors' rules come in through the hook table (_x86.pxi): nothing here names SNP's or
+# TDX's internals.
 
-# SPTE encoding in the sptes xarray: pfn << 8 | private << 3 | writable << 2 | level
-cdef enum:
-    SPTE_LEVEL_MASK = 3
-    SPTE_WRITABLE = 1 << 2
-    SPTE_PRIVATE = 1 << 3
-    SPTE_PFN_SHIFT = 8
-
-
-cdef inline uint64_t make_spte(uint64_t pfn, int level, bint writable, bint private) noexcept nogil:
-    return (pfn << SPTE_PFN_SHIFT) | (SPTE_PRIVATE if private else 0) | \
-           (SPTE_WRITABLE if writable else 0) | level
-
-
-cdef inline bint kvm_has_mirrored_tdp(const kvm *kvm) noexcept nogil:
-    """Private leaves live in a mirror root forwarded to external page tables, and the vendor
-    handles the fault's exit itself (mmu.h: the VM type says so, as in the kernel)."""
-    return kvm.vm_type == KVM_X86_TDX_VM
-
-
-cdef bint kvm_mmu_spte_lookup(kvm *kvm, uint64_t gfn, uint64_t *pfn, int *level, bint *private) noexcept nogil:
-    """The leaf SPTE mapping gfn: 1 with the pfn it maps gfn to, its level and whether it is
-    private, or 0 if gfn is not mapped."""
-    cdef uint64_t v, first
-    cdef int order
-    if kvm.dead or not xa_lookup(&kvm.sptes, gfn, &v, &first, &order):
-        return 0
-    pfn[0] = (v >> SPTE_PFN_SHIFT) + (gfn - first)
-    level[0] = v & SPTE_LEVEL_MASK
-    private[0] = (v & SPTE_PRIVATE) != 0
-    return 1
-
-
-ctypedef struct kvm_spte_info:
-    uint64_t gfn                # the first gfn it maps
-    uint64_t pfn
-    int level
-    bint writable
-    bint private
-
-
-cdef bint kvm_mmu_next_spte(kvm *kvm, uint64_t *start, kvm_spte_info *info) noexcept nogil:
-    """The next leaf SPTE at or after *start, advancing *start past it (vm.sptes(), check())."""
-    cdef uint64_t first, v
-    cdef int order
-    if kvm.dead or start[0] == INVALID_GFN or not xa_find_entry(&kvm.sptes, start[0], INVALID_GFN,
-                                                                  XA_NO_MARK, &first, &order, &v):
-        return 0
-    info.gfn, info.pfn, info.level = first, v >> SPTE_PFN_SHIFT, v & SPTE_LEVEL_MASK
-    info.writable, info.private = (v & SPTE_WRITABLE) != 0, (v & SPTE_PRIVATE) != 0
-    start[0] = first + _mask(order) + 1 if first + _mask(order) != INVALID_GFN else INVALID_GFN
-    return 1
+cdef inline bint kvm_is_addr_direct(const kvm *kvm, uint64_t gpa) noexcept nogil:
+    """mmu.h: gpa is mapped by the direct root (the VM has no direct bits, or gpa has them)."""
+    return kvm.gfn_direct_bits == 0 or ((gpa >> 12) & kvm.gfn_direct_bits) != 0
 
 
 cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int filter) noexcept nogil:
-    """Zap the SPTEs overlapping [start, end) that pass filter (0: all): huge ones whole."""
-    cdef uint64_t index = start, first, v, zapped = 0
-    cdef int order
-    cdef remove_external_spte_t remove_external = kvm.host.hooks[kvm.vm_type].remove_external_spte
+    """Zap the SPTEs overlapping [start, end) in the roots filter names (0: all), huge ones
+    whole (kvm_tdp_mmu_unmap_gfn_range: the filter only picks the mirror or the direct root,
+    kvm_gfn_range_filter_to_root_types; a VM without mirrored TDP has one root)."""
+    cdef uint64_t zapped = 0
     if end <= start:
         return 0
     if not kvm_has_mirrored_tdp(kvm):
-        filter = 0          # one (direct) root: the filter only picks the mirror or the direct root
-    while xa_find_entry(&kvm.sptes, index, end - 1, XA_NO_MARK, &first, &order, &v):
-        if (filter == 0 or (filter == KVM_FILTER_PRIVATE and (v & SPTE_PRIVATE))
-                or (filter == KVM_FILTER_SHARED and not (v & SPTE_PRIVATE))):
-            xa_erase(&kvm.sptes, first, &v)
-            if v & SPTE_PRIVATE and remove_external != NULL:
-                remove_external(kvm, first, v & SPTE_LEVEL_MASK, v >> SPTE_PFN_SHIFT)
-            gmem_trace(kvm.host, TRACE_SPTE_ZAP, 0, first, v >> SPTE_PFN_SHIFT, v & SPTE_LEVEL_MASK, 0)
-            zapped += 1
-        if first + _mask(order) >= end - 1:
-            break
-        index = first + _mask(order) + 1
+        filter = 0
+    # the roots in the order the kernel lists them (the direct root was added last)
+    if filter != KVM_FILTER_PRIVATE:
+        zapped += tdp_mmu_zap_leafs(kvm, TDP_ROOT_DIRECT, start, end)
+    if filter != KVM_FILTER_SHARED:
+        zapped += tdp_mmu_zap_leafs(kvm, TDP_ROOT_MIRROR, start, end)
     if filter != KVM_FILTER_PRIVATE:
         xa_erase_range(&kvm.mmio_sptes, start, end - 1)
     if zapped:
@@ -91,12 +38,14 @@ ctypedef struct kvm_page_fault:
     uint64_t pfn
     uint64_t mmu_seq
     kvm_memory_slot *slot
-    int is_private
-    int write
-    int present
+    # the kernel's bools, one byte each: gcc stores a flag with setne to memory, and a wider
+    # load of it stalls on store-to-load forwarding (measured: +4 ns a fault)
+    uint8_t is_private
+    uint8_t write
+    uint8_t present
+    uint8_t map_writable
     int max_level
     int goal_level
-    int map_writable
 
 
 cdef inline int _min(int a, int b) noexcept nogil:
@@ -128,7 +77,7 @@ cdef int kvm_mmu_faultin_pfn_gmem(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fau
     cdef int r, max_order = 0
     if not kvm_slot_has_gmem(fault.slot):
         return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, -EFAULT)
-    r = kvm_gmem_get_pfn(vcpu.kvm, fault.slot, fault.gfn, &fault.pfn, &max_order)
+    r = __kvm_gmem_get_pfn(vcpu.kvm, fault.slot, fault.gfn, &fault.pfn, &max_order, &vcpu.gmem_cursor)
     if r:
         return kvm_mmu_prepare_memory_fault_exit(vcpu, fault, out, r)
     fault.map_writable = not (fault.slot.flags & KVM_MEM_READONLY)
@@ -199,32 +148,6 @@ cdef void kvm_mmu_hugepage_adjust(kvm *kvm, kvm_page_fault *fault) noexcept nogi
     fault.pfn &= ~_mask(_level_order(level))
 
 
-cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
-    cdef kvm *kvm = vcpu.kvm
-    cdef int order = _level_order(fault.goal_level), k
-    cdef uint64_t base = fault.gfn & ~_mask(order), old, first
-    cdef uint64_t spte = make_spte(fault.pfn, fault.goal_level, fault.map_writable, fault.is_private)
-    if xa_lookup_follow(&kvm.sptes, fault.gfn, &old, &first, &k):
-        if k == order and old == spte:
-            return RET_PF_SPURIOUS
-        if k > order:
-            # a huge SPTE where a smaller one goes: zap it first
-            xa_erase(&kvm.sptes, first, &old)
-            gmem_trace(kvm.host, TRACE_SPTE_ZAP, vcpu.vcpu_id, first, old >> SPTE_PFN_SHIFT,
-                       old & SPTE_LEVEL_MASK, 0)
-            kvm.stats[VM_STAT_ZAPPED_SPTES] += 1
-            kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
-    if fault.is_private and kvm.host.hooks[kvm.vm_type].set_external_spte != NULL:
-        # TDX: the mirror leaf is forwarded to the S-EPT before it becomes visible
-        if kvm.host.hooks[kvm.vm_type].set_external_spte(kvm, base, fault.goal_level, fault.pfn):
-            return -EIO
-    if xa_store_follow(&kvm.sptes, base, order, spte, &old) < 0:
-        return -ENOMEM
-    gmem_trace(kvm.host, TRACE_SPTE_INSTALL, vcpu.vcpu_id, base, fault.pfn, fault.goal_level,
-               fault.is_private)
-    return RET_PF_FIXED
-
-
 cdef inline int page_fault_can_be_fast(kvm *kvm, const kvm_page_fault *fault) noexcept nogil:
     if fault.error_code & PFERR_RSVD_MASK:
         return 0
@@ -235,15 +158,21 @@ cdef inline int page_fault_can_be_fast(kvm *kvm, const kvm_page_fault *fault) no
     return fault.write
 
 
-cdef inline int fast_page_fault(kvm *kvm, const kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+cdef inline int fast_page_fault(kvm_vcpu *vcpu, const kvm_page_fault *fault, kvm_fault_out *out) noexcept nogil:
+    cdef tdp_cursor *c = &vcpu.tdp_cursor[TDP_ROOT_DIRECT]
+    cdef uint64_t *sptep
     cdef uint64_t spte
-    if fault.is_private and kvm_has_mirrored_tdp(kvm):
+    if fault.is_private and kvm_has_mirrored_tdp(vcpu.kvm):
         return RET_PF_INVALID    # fast pf is not supported for mirrored roots
-    if not xa_load_follow(&kvm.sptes, fault.gfn, &spte):
+    sptep = tdp_mmu_last_sptep(vcpu.kvm, TDP_ROOT_DIRECT, fault.gfn, c)
+    if sptep == NULL:
         return RET_PF_INVALID
-    if (spte & SPTE_WRITABLE) or not fault.write:
-        out.level = spte & SPTE_LEVEL_MASK
-        out.pfn = spte >> SPTE_PFN_SHIFT
+    spte = sptep[0]
+    if not is_shadow_present_pte(spte):
+        return RET_PF_INVALID
+    if (spte & PT_WRITABLE_MASK) or not fault.write:
+        out.level = c.level
+        out.pfn = spte_to_pfn(spte)
         return RET_PF_SPURIOUS
     return RET_PF_INVALID
 
@@ -276,18 +205,18 @@ cdef int kvm_tdp_mmu_map_fault(kvm_vcpu *vcpu, kvm_page_fault *fault, kvm_fault_
     return r
 
 
-cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu *vcpu, const kvm_page_fault *fault,
-                                       kvm_fault_out *out) noexcept nogil:
-    cdef kvm_page_fault slow
-    cdef int r
-    if page_fault_can_be_fast(vcpu.kvm, fault):
-        r = fast_page_fault(vcpu.kvm, fault, out)
-        if r != RET_PF_INVALID:
-            vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
-            return r
-    # the slow path gets a copy: the fast path's struct never escapes, so it lives in registers
-    slow = fault[0]
-    return kvm_tdp_mmu_map_fault(vcpu, &slow, out)
+cdef int kvm_tdp_mmu_page_fault_slow(kvm_vcpu *vcpu, const kvm_page_fault *fault,
+                                     kvm_fault_out *out) noexcept nogil:
+    """kvm_tdp_mmu_page_fault past fast_page_fault, and kvm_mmu_do_page_fault's check of its
+    outcome (only this path emulates). Out of line, so the fast path stays small enough to
+    inline into the batch loop; it gets a copy: the fast path's struct never escapes, so it
+    lives in registers."""
+    cdef kvm_page_fault slow = fault[0]
+    cdef int r = kvm_tdp_mmu_map_fault(vcpu, &slow, out)
+    if r == RET_PF_EMULATE and slow.is_private:
+        # KVM cannot emulate an access to private memory
+        return kvm_mmu_prepare_memory_fault_exit(vcpu, &slow, out, -EFAULT)
+    return r
 
 
 cdef inline int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
@@ -301,11 +230,13 @@ cdef inline int kvm_mmu_do_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t err
     # memslots do not know the TDX shared bit; the slot is looked up past the fast path,
     # which does not use it (the kernel's lookup only updates last_used_slot)
     fault.gfn = (gpa >> 12) & ~vcpu.kvm.gfn_direct_bits
-    r = kvm_tdp_mmu_page_fault(vcpu, &fault, out)
-    if r == RET_PF_EMULATE and fault.is_private:
-        # KVM cannot emulate an access to private memory
-        return kvm_mmu_prepare_memory_fault_exit(vcpu, &fault, out, -EFAULT)
-    return r
+    # kvm_tdp_mmu_page_fault: fast_page_fault first
+    if page_fault_can_be_fast(vcpu.kvm, &fault):
+        r = fast_page_fault(vcpu, &fault, out)
+        if r != RET_PF_INVALID:
+            vcpu.stats[VCPU_STAT_PF_FAST] += 1      # fast_page_fault: fixed without mmu_lock
+            return r
+    return kvm_tdp_mmu_page_fault_slow(vcpu, &fault, out)
 
 
 cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
@@ -323,11 +254,11 @@ cdef int handle_mmio_page_fault(kvm *kvm, uint64_t gpa) noexcept nogil:
 cdef int kvm_mmu_page_fault(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
                             kvm_fault_out *out) noexcept nogil:
     """One #NPF / EPT violation with its 64-bit error code; the outcome in *out."""
-    cdef kvm_fault_leaves lv
     # not the kernel's: the fault's SPTE and filemap leaves are found and prefetched first,
-    # then hinted, so their cache misses overlap rather than follow one another
-    kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code, &lv)
-    kvm_mmu_hint_leaves(vcpu.kvm, &lv)
+    # the vCPU's cursors left on them, so their cache misses overlap rather than follow one
+    # another
+    kvm_mmu_prefetch_leaves(vcpu.kvm, gpa, error_code,
+                            &vcpu.tdp_cursor[kvm_fault_root(vcpu.kvm, gpa)], &vcpu.gmem_cursor.filemap)
     return __kvm_mmu_page_fault(vcpu, gpa, error_code, out)
 
 
@@ -428,84 +359,99 @@ cdef inline int kvm_mmu_page_fault_done(kvm_vcpu *vcpu, uint64_t gpa, uint64_t e
 
 
 # --------------------------------------------------------- batch prefetch
-# Not the kernel's: a batch knows its next faults, so while one fault runs it pulls
-# into the cache what a later one will read, in two stages, the second needing the
-# first one's lines: the SPTE and gmem filemap leaves, then the folio named by that
-# filemap slot. The leaves found become the arrays' hints when that fault comes, so its
-# lookups walk nothing (a leaf is still its index's leaf while no node of its array was
-# freed: node_gen). Nothing else changes state. The scalar kvm_mmu_page_fault does the
-# leaf stage for its own fault, just before it.
+# Not the kernel's: a batch knows its next faults, so while one fault runs it pulls into
+# the cache what later ones will touch, in two stages, each using what the one before
+# found. The leaf stage, 2 * PREFETCH_AHEAD faults ahead, walks cursors of its own (in a
+# ring) to the fault's last-level page table and its guest_memfd filemap leaf, and
+# prefetches the SPTE and the filemap slot. The folio stage, PREFETCH_AHEAD faults ahead,
+# reads that slot through the leaf found (if no node of the filemap was freed and no inode
+# since): the folio it names is prefetched, both of its cache lines (a struct folio
+# straddles two half the time); an empty slot means a cold fault, which will store into the
+# leaf and count it, so the leaf's header is prefetched for writing. When the fault comes,
+# the cursors become its vCPU's, so its own lookups walk nothing (a cursor is trusted only
+# while its tables or nodes are). Nothing else changes state. The scalar kvm_mmu_page_fault
+# does the leaf stage on its vCPU's cursors, just before the fault.
 
 ctypedef struct kvm_fault_leaves:
-    # what the leaf stage found for a later fault (NULL: nothing, or not looked up)
-    xa_node *spte
-    xa_node *filemap
-    uint64_t spte_index         # the gfn spte was found for: gfn_direct_bits may change
-                                # before the fault comes (a hook's tdx_init_vm)
-    xarray *filemap_xa          # the gmem file's page cache, kept alive by its memslot
-    uint64_t filemap_index
-    uint64_t spte_gen
-    uint64_t filemap_gen
+    # the leaf stage's cursors for a later fault
+    tdp_cursor spte
+    xa_state filemap            # stands on the filemap leaf (xa_node), if there is one
+    uint64_t inode_gen          # host.inode_gen when the filemap was walked
+    int root                    # the root spte walked (kvm_fault_root)
+    bint filemap_walked         # the filemap cursor was walked for this fault
+    bint filemap_leaf           # ... and stands on the index's leaf
 
 
-cdef void kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code,
-                                  kvm_fault_leaves *lv) noexcept nogil:
-    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
+cdef inline int kvm_fault_root(const kvm *kvm, uint64_t gpa) noexcept nogil:
+    """The root a fault at gpa most likely maps in (tdp_mmu_get_root_for_fault)."""
+    return TDP_ROOT_MIRROR if kvm_has_mirrored_tdp(kvm) and not kvm_is_addr_direct(kvm, gpa) else TDP_ROOT_DIRECT
+
+
+cdef int kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code, tdp_cursor *spte,
+                                 xa_state *filemap) noexcept nogil:
+    """The leaf stage: walk the cursors to the fault's last-level page table and (for a fault
+    that is not present) its filemap leaf, prefetching the slots. 0: the filemap cursor was
+    not walked; 1: it was, and found no leaf; 2: it stands on the index's leaf."""
+    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, index
     cdef kvm_memory_slot *s
-    lv.spte_index = gfn
-    lv.spte = xa_leaf(&kvm.sptes, gfn)
-    lv.spte_gen = kvm.sptes.node_gen
-    if lv.spte != NULL:
-        gmem_prefetch(&lv.spte.slots[gfn & XA_CHUNK_MASK])
-    lv.filemap = NULL
+    cdef uint64_t *pt = tdp_mmu_pt_at(kvm, kvm_fault_root(kvm, gpa), gfn, spte, PG_LEVEL_4K)
+    cdef xa_node *leaf
+    if pt != NULL:
+        gmem_prefetch(&pt[gfn & (SPTE_ENT_PER_PAGE - 1)])
     if error_code & PFERR_PRESENT_MASK:
-        return          # most likely fast_page_fault, which reads only the SPTE
+        return 0        # most likely fast_page_fault, which reads only the SPTE
     s = __gfn_to_memslot(kvm, gfn, False)
     if s == NULL or s.gmem_file == NULL:
-        return
-    lv.filemap_xa = &s.gmem_file.inode.filemap
-    lv.filemap_index = gfn - s.base_gfn + s.gmem_pgoff
-    lv.filemap = xa_leaf(lv.filemap_xa, lv.filemap_index)
-    lv.filemap_gen = lv.filemap_xa.node_gen
-    if lv.filemap != NULL:
-        gmem_prefetch(&lv.filemap.slots[lv.filemap_index & XA_CHUNK_MASK])
-
-
-cdef inline bint _leaf_valid(const xarray *xa, const xa_node *leaf, uint64_t gen) noexcept nogil:
-    return leaf != NULL and xa.node_gen == gen
+        return 0
+    index = gfn - s.base_gfn + s.gmem_pgoff
+    xas_set_xa(filemap, &s.gmem_file.inode.filemap, index)
+    leaf = xas_leaf(filemap)
+    if leaf == NULL:
+        return 1
+    gmem_prefetch(&leaf.slots[index & XA_CHUNK_MASK])
+    return 2
 
 
 cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
-    # walked again rather than read through lv.filemap: measured faster (the walk's
-    # dependent loads give the leaf stage's prefetch of the slot time to land)
-    cdef const uint64_t *p = xa_leaf_slot(lv.filemap_xa, lv.filemap_index)
-    if p != NULL and _xa_is_value(p[0]):
-        gmem_prefetch(folio_get(&kvm.host.pm, <uint32_t>(p[0] >> 1)))
+    """The folio stage: the slot the leaf stage prefetched, read through its leaf."""
+    cdef const xa_node *leaf = lv.filemap.xa_node
+    cdef uint64_t e
+    cdef const char *f
+    if kvm.host.inode_gen != lv.inode_gen or lv.filemap.xa.node_gen != lv.filemap.xa_gen:
+        return          # the leaf may be gone (a Python hook changed things mid-batch)
+    e = leaf.slots[lv.filemap.xa_index & XA_CHUNK_MASK]
+    if _xa_is_sibling(e):
+        e = leaf.slots[_xa_sibling_off(e)]
+    if _xa_is_value(e):
+        f = <const char *>folio_get(&kvm.host.pm, <uint32_t>(e >> 1))
+        gmem_prefetch(f)
+        gmem_prefetch(f + sizeof(folio) - 1)
+    elif e == 0:
+        gmem_prefetchw(leaf)        # its header: count += 1 when the fault stores
 
 
-cdef inline void kvm_mmu_hint_leaves(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
-    if _leaf_valid(&kvm.sptes, lv.spte, lv.spte_gen):
-        # the index the leaf was found for, not gpa's gfn now: a leaf hinted for another
-        # index's range would answer that range's lookups from the wrong SPTEs
-        xa_hint_leaf(&kvm.sptes, lv.spte, lv.spte_index)
-    if _leaf_valid(lv.filemap_xa, lv.filemap, lv.filemap_gen):
-        xa_hint_leaf(lv.filemap_xa, lv.filemap, lv.filemap_index)
+cdef inline void kvm_mmu_hand_leaves(kvm_vcpu *vcpu, const kvm_fault_leaves *lv) noexcept nogil:
+    """The fault's vCPU takes the cursors the leaf stage left on its leaves."""
+    vcpu.tdp_cursor[lv.root] = lv.spte
+    if lv.filemap_walked:
+        vcpu.gmem_cursor.filemap = lv.filemap
 
 
 cdef enum:
     # not the kernel's: retries of one fault after which the model stands in for a pending
     # signal (only a Python hook that invalidates on every attempt gets near it)
     KVM_FAULT_RETRIES_BEFORE_SIGNAL = 1024
-    PREFETCH_AHEAD = 4       # faults between the two prefetch stages (measured: 4 beats 2-24)
-    PREFETCH_RING = 16       # the leaves of faults i .. i + 2 * AHEAD (a power of two)
+    PREFETCH_AHEAD = 8       # faults between the two prefetch stages
+    PREFETCH_RING = 32       # the leaves of faults i .. i + 2 * AHEAD (a power of two, <= 32)
 
 
 cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, const uint64_t *gpas,
                                      const uint64_t *ecs, kvm_fault_out *out, size_t n) noexcept nogil:
     """kvm_mmu_page_fault per record, in order. Without ids, every fault is taken by vcpus[0].
     Fault i + 2 * AHEAD gets its leaves prefetched (unless they are the ones the stage went to
-    last: a sequential stream needs none), fault i + AHEAD its folio, and fault i its leaves as
-    hints. Returns the faults done (fewer than n only when a Python hook raised)."""
+    last: a sequential stream needs none), fault i + AHEAD its folio, and fault i's vCPU takes
+    the cursors left on its leaves. Returns the faults done (fewer than n only when a Python
+    hook raised)."""
     cdef size_t i, j
     cdef kvm_vcpu *v
     cdef kvm *k
@@ -513,31 +459,43 @@ cdef size_t kvm_mmu_page_fault_batch(kvm_vcpu **vcpus, const uint64_t *ids, cons
     cdef kvm_fault_leaves ring[PREFETCH_RING]
     cdef uint32_t filled = 0        # bit r: the leaf stage filled ring[r] (else it went nowhere)
     cdef uint64_t key, last = <uint64_t>-1
-    cdef int r
+    cdef int r, walked, root
     if n == 0:
         return 0                # (with ids, the vCPU table has no entry to read)
     v = vcpus[ids[0]] if ids != NULL else vcpus[0]
     k = v.kvm
     host = k.host
+    for r in range(PREFETCH_RING):
+        tdp_cursor_init(&ring[r].spte)
+        ring[r].root = TDP_ROOT_DIRECT
+        xas_init(&ring[r].filemap, NULL, 0)
     for i in range(n):
         j = i + 2 * PREFETCH_AHEAD
         if j < n:
             r = j & (PREFETCH_RING - 1)
             key = gpas[j] >> 18
             if key != last:
-                kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r])
+                root = kvm_fault_root(k, gpas[j])
+                if root != ring[r].root:
+                    # a cursor serves one root: its tables are no other root's
+                    tdp_cursor_init(&ring[r].spte)
+                    ring[r].root = root
+                walked = kvm_mmu_prefetch_leaves(k, gpas[j], ecs[j], &ring[r].spte, &ring[r].filemap)
+                ring[r].filemap_walked = walked != 0
+                ring[r].filemap_leaf = walked == 2
+                ring[r].inode_gen = host.inode_gen
                 filled |= 1u << r
             else:
                 filled &= ~(1u << r)
             last = key
         r = (i + PREFETCH_AHEAD) & (PREFETCH_RING - 1)
-        if (filled >> r) & 1 and ring[r].filemap != NULL and i + PREFETCH_AHEAD < n:
+        if (filled >> r) & 1 and ring[r].filemap_leaf and i + PREFETCH_AHEAD < n:
             kvm_mmu_prefetch_folio(k, &ring[r])
-        r = i & (PREFETCH_RING - 1)
-        if (filled >> r) & 1:
-            kvm_mmu_hint_leaves(k, &ring[r])
         if ids != NULL:
             v = vcpus[ids[i]]
+        r = i & (PREFETCH_RING - 1)
+        if (filled >> r) & 1:
+            kvm_mmu_hand_leaves(v, &ring[r])
         __kvm_mmu_page_fault(v, gpas[i], ecs[i], &out[i])
         if host.hook_error:
             return i + 1

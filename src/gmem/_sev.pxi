@@ -64,7 +64,8 @@ cdef inline uint64_t _rmp_raw_in(gmem_host *h, uint64_t pfn, bint *in_2m) noexce
     cdef uint64_t v, head = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
     # pfn's own slot first: no 4K entry lies under a 2M one (rmpupdate_insn), so an entry
     # there is the answer, and a 2M head is read only when the RMP holds one
-    if xa_load(&h.rmp.entries, pfn, &v):
+    xas_set(&h.rmp.cursor, pfn)
+    if xas_load(&h.rmp.cursor, &v):
         in_2m[0] = pfn == head and (v & RMP_PAGESIZE) != 0
         return v
     in_2m[0] = (h.rmp.nr_2m != 0 and pfn != head and xa_load(&h.rmp.entries, head, &v)
@@ -99,7 +100,8 @@ cdef inline int _rmp_store(gmem_host *h, uint64_t pfn, uint64_t raw) noexcept no
     if raw == 0:
         r = xa_erase(&h.rmp.entries, pfn, &old)
     else:
-        r = xa_store_order(&h.rmp.entries, pfn, 0, raw, &old)
+        xas_set(&h.rmp.cursor, pfn)
+        r = xas_store(&h.rmp.cursor, 0, raw, &old)
         if r < 0:
             return r
     h.rmp.nr_2m += ((raw & RMP_PAGESIZE) != 0) - (r == 1 and (old & RMP_PAGESIZE) != 0)
@@ -109,8 +111,8 @@ cdef inline int _rmp_store(gmem_host *h, uint64_t pfn, uint64_t raw) noexcept no
 cdef void _adjust_direct_map(gmem_host *h, uint64_t pfn, int rmp_level) noexcept nogil:
     """adjust_direct_map: a 4K RMP update splits the host's 2M direct mapping around it."""
     cdef uint64_t old
-    if rmp_level == PG_LEVEL_4K and not xa_load(&h.rmp.direct_map_4k, pfn >> 9, &old):
-        xa_store_order(&h.rmp.direct_map_4k, pfn >> 9, 0, 1, &old)
+    if rmp_level == PG_LEVEL_4K and not snp_direct_map_is_4k(h, pfn):
+        xas_store(&h.rmp.direct_map_cursor, 0, 1, &old)
         h.rmp.stats[SNP_STAT_DIRECT_MAP_SPLITS] += 1
 
 
@@ -277,15 +279,18 @@ cdef int snp_user_write_fault(gmem_host *h, uint64_t pfn) noexcept nogil:
 cdef bint snp_direct_map_is_4k(gmem_host *h, uint64_t pfn) noexcept nogil:
     """The host's direct map around pfn was split to 4K (adjust_direct_map)."""
     cdef uint64_t v
-    return xa_load(&h.rmp.direct_map_4k, pfn >> 9, &v)
+    xas_set(&h.rmp.direct_map_cursor, pfn >> 9)
+    return xas_load(&h.rmp.direct_map_cursor, &v)
 
 
 cdef void snp_rmptable_init(gmem_host *h) noexcept nogil:
     """snp_rmptable_init at boot: an RMP covering all memory, checked on every host write."""
     h.rmp.enabled = 1
     xa_init(&h.rmp.entries)
+    xas_init(&h.rmp.cursor, &h.rmp.entries, 0)
     xa_init(&h.rmp.perms)
     xa_init(&h.rmp.direct_map_4k)
+    xas_init(&h.rmp.direct_map_cursor, &h.rmp.direct_map_4k, 0)
     xa_init(&h.rmp.leaked)
 
 

@@ -92,6 +92,7 @@ cdef int tdx_vm_init(kvm *kvm) noexcept nogil:
     kvm.gfn_direct_bits = 0                 # KVM_TDX_INIT_VM chooses the shared bit
     kvm.tdx.state = TD_STATE_UNINITIALIZED
     xa_init(&kvm.tdx.sept)
+    xas_init(&kvm.tdx.sept_xas, &kvm.tdx.sept, 0)
     return 0
 
 
@@ -173,11 +174,12 @@ cdef int tdx_sept_set_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t p
     cdef uint64_t old
     if level != PG_LEVEL_4K:
         return -EINVAL                        # KVM_BUG_ON: private mappings are 4K
+    xas_set(&kvm.tdx.sept_xas, gfn)
     if kvm.tdx.state == TD_STATE_RUNNABLE:
         kvm.tdx.stats[TDX_STAT_AUG] += 1      # TDH.MEM.PAGE.AUG: pending until the guest accepts
-        return xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
+        return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
     kvm.tdx.nr_premapped += 1                 # before finalize: no SEAMCALL yet
-    return xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_PREMAPPED), &old)
+    return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PREMAPPED), &old)
 
 
 cdef void tdx_sept_remove_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil:

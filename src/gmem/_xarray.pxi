@@ -6,7 +6,8 @@
 # Marks are per slot; a slot pointing at a child is marked when any entry
 # below it is.  As in the kernel: a store into any index of a multi-index
 # entry stores at every index of it, erasing any index erases all of it, and
-# marks apply to every index of an entry.
+# marks apply to every index of an entry.  A position in the tree is the caller's
+# (struct xa_state, the cursor): the array keeps none.
 
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
@@ -14,10 +15,27 @@ from libc.string cimport memset
 cdef extern from *:
     """
     static inline int gmem_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
+    /* asm volatile, not __builtin_prefetch: gcc may delete a prefetch, or a whole inlined
+       function of loads and prefetches, as having no effect */
+    #if defined(__x86_64__)
+    #define gmem_prefetch(p) __asm__ __volatile__("prefetcht0 (%0)" : : "r"((const void *)(p)))
+    #define gmem_prefetchw(p) __asm__ __volatile__("prefetchw (%0)" : : "r"((const void *)(p)))
+    #else
     #define gmem_prefetch(p) __builtin_prefetch((const void *)(p))
+    #define gmem_prefetchw(p) __builtin_prefetch((const void *)(p), 1)
+    #endif
+    /* node_gen values are unique to an array (xa_init): 2^32 arrays of 2^32 frees each */
+    static unsigned long long gmem_xa_gen_next;
+    static inline unsigned long long gmem_xa_new_gen(void) {
+        return __atomic_add_fetch(&gmem_xa_gen_next, 1ULL << 32, __ATOMIC_RELAXED);
+    }
     """
     int gmem_ctz64(unsigned long long x) noexcept nogil
     void gmem_prefetch(const void *p) noexcept nogil
+    void gmem_prefetchw(const void *p) noexcept nogil
+    uint64_t gmem_xa_new_gen() noexcept nogil
+    # a cursor's xa_gen when it stands nowhere: no array's node_gen gets there
+    const uint64_t XA_GEN_NOWHERE "(~0ULL)"
 
 cdef inline bint _xa_is_value(uint64_t e) noexcept nogil:
     return e & 1
@@ -83,8 +101,6 @@ cdef xa_node *_xa_node_alloc(xarray *xa, int shift, xa_node *parent, int offset)
 cdef void _xa_node_free(xarray *xa, xa_node *n) noexcept nogil:
     xa.nr_nodes -= 1
     xa.node_gen += 1
-    if xa.hint == n:
-        xa.hint = NULL
     if xa.nr_cached < XA_NODE_CACHE:
         n.parent = xa.node_cache
         xa.node_cache = n
@@ -197,342 +213,268 @@ cdef int _xa_expand(xarray *xa, uint64_t index, int min_shift) noexcept nogil:
     return 0
 
 
-cdef xa_node *_xa_walk_shift(xarray *xa, uint64_t index, int *off, int *shift,
-                             bint follow) noexcept nogil:
-    """The node holding the entry covering index, with its canonical offset and the node's
-    shift; or NULL. The shift is carried down: no node header is read (see _xa_load_from).
-    follow: the caller owns xa (a store follows), so the walk may move the leaf hint."""
-    cdef xa_node *node = _xa_hint(xa, index)
-    cdef uint64_t e
-    cdef int o, sh = 0
-    if node == NULL:
-        node = xa.head
-        if node == NULL or not _xa_covers(node.shift, index):
-            return NULL
-        sh = node.shift
-    while True:
-        o = (index >> sh) & XA_CHUNK_MASK
-        e = node.slots[o]
-        if _xa_is_sibling(e):
-            o = _xa_sibling_off(e)
-            e = node.slots[o]
-        if _xa_is_value(e):
-            if sh == 0 and follow:
-                _xa_follow(xa, node, index)
-            off[0] = o
-            shift[0] = sh
-            return node
-        if e == 0:
-            if sh == 0 and follow:
-                _xa_set_hint(xa, node, index)   # a miss in a leaf: the owner's store follows
-            return NULL
-        node = _xa_to_node(e)
-        sh -= XA_CHUNK_SHIFT
-
-
-cdef inline xa_node *_xa_walk(const xarray *xa, uint64_t index, int *off) noexcept nogil:
-    """The node holding the entry covering index, with its canonical offset; or NULL."""
-    cdef int shift
-    return _xa_walk_shift(<xarray *>xa, index, off, &shift, False)
-
-
 cdef void xa_init(xarray *xa) noexcept nogil:
     memset(xa, 0, sizeof(xarray))
+    # a node_gen no other array has had: a cursor kept from an array freed since, whose
+    # address this one took, cannot take this array's nodes for its own (xas_set_xa)
+    xa.node_gen = gmem_xa_new_gen()
 
 
 cdef void xa_destroy(xarray *xa) noexcept nogil:
     cdef xa_node *n
-    cdef uint64_t gen
     if xa.head != NULL:
         _xa_free_subtree(xa, xa.head)
     while xa.node_cache != NULL:
         n = xa.node_cache
         xa.node_cache = n.parent
         free(n)
-    gen = xa.node_gen
-    xa_init(xa)
-    xa.node_gen = gen + 1           # no leaf found before stays valid
+    xa_init(xa)                     # (a new node_gen: no cursor's node stays valid)
 
 
-cdef inline int _xa_load_from(const xa_node *node, uint64_t index, uint64_t *value) noexcept nogil:
-    """Load index starting at a node whose range covers it."""
-    cdef uint64_t e
-    cdef int o
-    # The shift is carried down rather than read from each node: a child's
-    # header is on another cache line than the slot we want (half the misses
-    # of a random load in a large array).
-    cdef int shift = node.shift
-    while True:
-        o = (index >> shift) & XA_CHUNK_MASK
-        e = node.slots[o]
-        if _xa_is_value(e):
-            value[0] = e >> 1
-            return 1
-        if _xa_is_sibling(e):
-            value[0] = node.slots[_xa_sibling_off(e)] >> 1
-            return 1
-        if e == 0:
-            return 0
+# --------------------------------------------------------------------- the cursor
+# struct xa_state: the caller's position in one array (XA_STATE, xas_set, xas_load,
+# xas_store, as in lib/xarray.c). A walk leaves the cursor on the node it ended in, with
+# the range of indices that node covers and the array's node_gen. The next walk from the
+# same cursor starts there (xas_start trusting a cursor already on the path) if the node
+# covers the new index and no node of the array was freed since: a stream that stays in
+# one leaf, or under one multi-index entry, reads one slot. The array keeps no position of
+# its own: a load writes only its caller's cursor, and any number of readers may walk one
+# array at once. Whole-array calls (xa_load, xa_store_order, ...) are a cursor on the stack.
+
+cdef inline void xas_init(xa_state *xas, xarray *xa, uint64_t index) noexcept nogil:
+    """XA_STATE(xas, xa, index): a cursor that stands nowhere yet."""
+    xas.xa = xa
+    xas.xa_index = index
+    xas.xa_gen = XA_GEN_NOWHERE
+
+
+cdef inline void xas_set(xa_state *xas, uint64_t index) noexcept nogil:
+    """Point the cursor at index. Unlike the kernel's xas_set(), which restarts the walk,
+    the node the cursor stands on is kept: the next walk starts there if it covers index."""
+    xas.xa_index = index
+
+
+cdef inline void xas_set_xa(xa_state *xas, xarray *xa, uint64_t index) noexcept nogil:
+    """xas_set() for a cursor kept between calls (a vCPU's), on the array the caller names
+    now: a cursor that last walked another array starts from its head. One that walked an
+    array since freed, whose address this one took, is told apart by node_gen (xa_init)."""
+    if xas.xa != xa:
+        xas.xa = xa
+        xas.xa_gen = XA_GEN_NOWHERE
+    xas.xa_index = index
+
+
+cdef inline void xas_stand(xa_state *xas, xa_node *node, int shift) noexcept nogil:
+    """The cursor stands on node (of this shift), which is on xa_index's path now."""
+    xas.xa_node = node
+    xas.xa_shift = shift
+    xas.xa_node_index = xas.xa_index
+    xas.xa_gen = xas.xa.node_gen
+
+
+cdef inline bint xas_trusted(const xa_state *xas) noexcept nogil:
+    """xas_start()'s test: the node the cursor stands on is on xa_index's path, as no node
+    was freed since the cursor got there (a node that is not freed never moves) and the
+    index shares the node's range with the one it was reached for."""
+    return xas.xa_gen == xas.xa.node_gen and \
+        ((xas.xa_index ^ xas.xa_node_index) >> xas.xa_shift) < XA_CHUNK_SIZE
+
+
+cdef inline uint64_t xas_descend(const xa_state *xas, const xa_node *node, int shift) noexcept nogil:
+    """One level down (lib/xarray.c xas_descend): the slot of xa_index in node, whose slots
+    cover 1 << shift indices each. The shift is carried down rather than read from the
+    node: its header is on another cache line than the slot."""
+    return node.slots[(xas.xa_index >> shift) & XA_CHUNK_MASK]
+
+
+cdef inline uint64_t xas_settle(xa_state *xas, const xa_node *node, int shift, uint64_t e) noexcept nogil:
+    """The walk ends in node with slot e: a sibling resolves to its canonical slot, which
+    becomes xa_offset; the entry (a value, or 0)."""
+    cdef int off = (xas.xa_index >> shift) & XA_CHUNK_MASK
+    if _xa_is_sibling(e):
+        off = _xa_sibling_off(e)
+        e = node.slots[off]
+    xas.xa_offset = off
+    return e
+
+
+cdef inline uint64_t _xas_walk_from(xa_state *xas, xa_node *node, int shift) noexcept nogil:
+    """From node (on xa_index's path) down to the lowest node on it: the entry there (a
+    value, or 0), with the cursor standing on that node."""
+    cdef uint64_t e = xas_descend(xas, node, shift)
+    while _xa_is_node(e):
         node = _xa_to_node(e)
         shift -= XA_CHUNK_SHIFT
+        e = xas_descend(xas, node, shift)
+    xas_stand(xas, node, shift)
+    return xas_settle(xas, node, shift, e)
 
 
-cdef inline xa_node *_xa_hint(const xarray *xa, uint64_t index) noexcept nogil:
-    """The hinted leaf if it covers index (a sequential stream stays in one leaf for 64
-    indices: one compare instead of a walk from the head)."""
-    if xa.hint_index == (index & ~(<uint64_t>XA_CHUNK_MASK)):
-        return xa.hint
-    return NULL
+cdef inline uint64_t _xas_walk_head(xa_state *xas) noexcept nogil:
+    """xas_walk() from the head."""
+    cdef xa_node *node = xas.xa.head
+    if node == NULL or not _xa_covers(node.shift, xas.xa_index):
+        xas.xa_gen = XA_GEN_NOWHERE
+        return 0
+    return _xas_walk_from(xas, node, node.shift)
 
 
-cdef inline void _xa_set_hint(xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
-    # two words: only the array's owner writes them (stores, and the owner's *_follow
-    # lookups); plain loads and lookups only read them, so readers may run in parallel
-    xa.hint = leaf
-    xa.hint_index = index & ~(<uint64_t>XA_CHUNK_MASK)
+cdef uint64_t _xas_walk(xa_state *xas) noexcept nogil:
+    """xas_walk() past its inline case: from the cursor's node if it is on the path, else
+    from the head."""
+    if xas_trusted(xas):
+        return _xas_walk_from(xas, xas.xa_node, xas.xa_shift)
+    return _xas_walk_head(xas)
 
 
-cdef inline void _xa_follow(xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
-    """After a walk to leaf: hint it if a stream is entering it at its first index or moving
-    on from the hinted leaf to the next. Random hits mostly leave the hint alone: writing
-    it on every walk slows them (each walk would wait on the last one's store). A miss in
-    a leaf always hints it (the walks call _xa_set_hint): the owner's store comes next."""
-    if (index & XA_CHUNK_MASK) == 0 or (index >> XA_CHUNK_SHIFT) - (xa.hint_index >> XA_CHUNK_SHIFT) == 1:
-        _xa_set_hint(xa, leaf, index)
+cdef inline uint64_t xas_walk(xa_state *xas) noexcept nogil:
+    """xas_start() then descend: the entry covering xa_index (a value, siblings resolved) or 0,
+    the cursor left on the node holding its slot (XA_GEN_NOWHERE: the tree does not reach
+    xa_index). A cursor already on the node holding the entry reads one slot, inline."""
+    cdef uint64_t e
+    if xas_trusted(xas):
+        e = xas_descend(xas, xas.xa_node, xas.xa_shift)
+        if not _xa_is_node(e):
+            return xas_settle(xas, xas.xa_node, xas.xa_shift, e)
+    return _xas_walk(xas)
 
 
-cdef inline int _xa_slot_get(const xa_node *node, int o, uint64_t *value) noexcept nogil:
-    """Slot o of a node at the end of a walk: a value, a sibling of one, or nothing (in a
-    leaf, no larger entry can cover an index)."""
-    cdef uint64_t e = node.slots[o]
-    if _xa_is_sibling(e):
-        e = node.slots[_xa_sibling_off(e)]
+cdef inline int xas_load(xa_state *xas, uint64_t *value) noexcept nogil:
+    """1 and *value if an entry covers xa_index, else 0."""
+    cdef uint64_t e = xas_walk(xas)
     if _xa_is_value(e):
         value[0] = e >> 1
         return 1
     return 0
 
 
-cdef inline int _xa_load(const xarray *xa, uint64_t index, uint64_t *value, bint follow) noexcept nogil:
-    cdef xa_node *node = _xa_hint(xa, index)
-    cdef uint64_t e
-    cdef int shift
-    if node != NULL:
-        return _xa_slot_get(node, index & XA_CHUNK_MASK, value)
-    node = xa.head
-    if node == NULL or not _xa_covers(node.shift, index):
+cdef inline int xas_lookup(xa_state *xas, uint64_t *value, uint64_t *first, int *order) noexcept nogil:
+    """xas_load() with the entry's first index and order."""
+    cdef uint64_t e = xas_walk(xas)
+    cdef int k
+    if not _xa_is_value(e):
         return 0
-    shift = node.shift          # carried down: see _xa_load_from
-    while shift:
-        e = node.slots[(index >> shift) & XA_CHUNK_MASK]
-        if not _xa_is_node(e):
-            return _xa_slot_get(node, (index >> shift) & XA_CHUNK_MASK, value)
-        node = _xa_to_node(e)
-        shift -= XA_CHUNK_SHIFT
-    if not follow:
-        return _xa_slot_get(node, index & XA_CHUNK_MASK, value)
-    if _xa_slot_get(node, index & XA_CHUNK_MASK, value):
-        _xa_follow(<xarray *>xa, node, index)
-        return 1
-    _xa_set_hint(<xarray *>xa, node, index)     # a miss in a leaf: the owner's store follows
-    return 0
-
-
-cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
-    """Writes nothing, so any number of threads may load from one array at once."""
-    return _xa_load(xa, index, value, False)
-
-
-cdef inline int xa_load_follow(xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
-    """xa_load for the array's owner (the fault path, under the host lock): a sequential
-    stream moves the leaf hint along; the hint check is inlined into the caller."""
-    cdef xa_node *leaf = _xa_hint(xa, index)
-    if leaf != NULL:
-        return _xa_slot_get(leaf, index & XA_CHUNK_MASK, value)
-    return _xa_load(xa, index, value, True)
-
-
-cdef xa_node *_xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
-    """The shift-0 node covering index, walked from the head; NULL if there is none."""
-    cdef xa_node *node = xa.head
-    cdef uint64_t e
-    cdef int shift
-    if node == NULL or not _xa_covers(node.shift, index):
-        return NULL
-    shift = node.shift
-    while shift:
-        e = node.slots[(index >> shift) & XA_CHUNK_MASK]
-        if not _xa_is_node(e):
-            return NULL
-        node = _xa_to_node(e)
-        shift -= XA_CHUNK_SHIFT
-    return node
-
-
-cdef xa_node *xa_leaf(const xarray *xa, uint64_t index) noexcept nogil:
-    """index's leaf, hinted or walked, or NULL if it has none. Leaves the hint alone."""
-    cdef xa_node *node = _xa_hint(xa, index)
-    return node if node != NULL else _xa_leaf(xa, index)
-
-
-cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil:
-    """Where index's slot is in its leaf, found without reading the leaf itself, or NULL if
-    index has no leaf: a batch prefetches it for a later lookup. Leaves the hint alone."""
-    cdef xa_node *node = xa_leaf(xa, index)
-    return &node.slots[index & XA_CHUNK_MASK] if node != NULL else NULL
-
-
-cdef inline void xa_hint_leaf(xarray *xa, xa_node *leaf, uint64_t index) noexcept nogil:
-    """The owner hints leaf, which xa_leaf found for index with no node freed since (the
-    array's node_gen unchanged): lookups at index then walk nothing."""
-    _xa_set_hint(xa, leaf, index)
-
-
-cdef inline int _xa_lookup(xarray *xa, uint64_t index, uint64_t *value, uint64_t *first,
-                           int *order, bint follow) noexcept nogil:
-    cdef int off, k, shift = 0
-    cdef uint64_t e
-    cdef xa_node *node = _xa_hint(xa, index)
-    if node != NULL:                # the hinted leaf, inline: no walk, no call
-        off = index & XA_CHUNK_MASK
-        e = node.slots[off]
-        if _xa_is_sibling(e):
-            off = _xa_sibling_off(e)
-            e = node.slots[off]
-        if not _xa_is_value(e):
-            return 0
-    else:
-        node = _xa_walk_shift(xa, index, &off, &shift, follow)
-        if node == NULL:
-            return 0
-    k = _xa_entry_order_at(node, shift, off)
-    value[0] = node.slots[off] >> 1
+    k = _xa_entry_order_at(xas.xa_node, xas.xa_shift, xas.xa_offset)
+    value[0] = e >> 1
     order[0] = k
-    first[0] = index & ~((((<uint64_t>1) << k) - 1))
+    first[0] = xas.xa_index & ~((((<uint64_t>1) << k) - 1))
     return 1
 
 
-cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
-                   uint64_t *first, int *order) noexcept nogil:
-    return _xa_lookup(<xarray *>xa, index, value, first, order, False)
+cdef xa_node *xas_walk_to(xa_state *xas, int shift_to) noexcept nogil:
+    """The node of shift shift_to on xa_index's path (or one below it, where the cursor
+    already stands), the cursor standing on it, without reading the slot of xa_index in it
+    (a batch finds it to prefetch that slot); NULL if the path ends above that shift."""
+    cdef xa_node *node
+    cdef int shift
+    cdef uint64_t e
+    if xas_trusted(xas):
+        node, shift = xas.xa_node, xas.xa_shift
+    else:
+        node = xas.xa.head
+        if node == NULL or not _xa_covers(node.shift, xas.xa_index):
+            xas.xa_gen = XA_GEN_NOWHERE
+            return NULL
+        shift = node.shift
+    while shift > shift_to:
+        e = xas_descend(xas, node, shift)
+        if not _xa_is_node(e):
+            break
+        node = _xa_to_node(e)
+        shift -= XA_CHUNK_SHIFT
+    xas_stand(xas, node, shift)
+    return node if shift <= shift_to else NULL
 
 
-cdef int xa_lookup_follow(xarray *xa, uint64_t index, uint64_t *value,
-                          uint64_t *first, int *order) noexcept nogil:
-    """xa_lookup for the array's owner, about to store at index: the walk may move the hint."""
-    return _xa_lookup(xa, index, value, first, order, True)
+cdef inline xa_node *xas_leaf(xa_state *xas) noexcept nogil:
+    """The leaf (shift 0) covering xa_index, the cursor standing on it, without reading its
+    slot (a batch finds it to prefetch the slot); NULL if there is none."""
+    if xas_trusted(xas) and xas.xa_shift == 0:
+        return xas.xa_node
+    return xas_walk_to(xas, 0)
 
 
-cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil:
-    cdef int off
-    cdef xa_node *node = _xa_walk(xa, index, &off)
-    if node == NULL:
-        return 0
-    return _xa_entry_order(node, off)
-
-
-cdef inline int _xa_store_in_leaf(xarray *xa, xa_node *leaf, uint64_t index, uint64_t value,
-                                  uint64_t *old) noexcept nogil:
-    """An order-0 store at index in its leaf: onto the whole entry there (1, *old set), or
-    into an empty slot (0; no marks to inherit or propagate)."""
-    cdef int off = index & XA_CHUNK_MASK
-    cdef uint64_t e = leaf.slots[off]
-    if _xa_is_sibling(e):
-        off = _xa_sibling_off(e)
-        e = leaf.slots[off]
-    leaf.slots[off] = _xa_mk_value(value)
+cdef inline int _xas_store_here(xa_state *xas, uint64_t e, uint64_t value, uint64_t *old) noexcept nogil:
+    """An order-0 store where the walk ended, whose slot held e: onto the whole entry there
+    (1), or into an empty slot of a leaf (0; no marks to inherit or propagate)."""
+    cdef xa_node *node = xas.xa_node
+    node.slots[xas.xa_offset] = _xa_mk_value(value)
     if e:
         old[0] = e >> 1
         return 1
-    leaf.count += 1
-    xa.nr_entries += 1
-    xa.nr_by_order[0] += 1
+    node.count += 1
+    xas.xa.nr_entries += 1
+    xas.xa.nr_by_order[0] += 1
     return 0
 
 
-cdef inline int xa_store_follow(xarray *xa, uint64_t index, int order, uint64_t value,
-                                uint64_t *old) noexcept nogil:
-    """xa_store_order where the owner expects index's leaf to be hinted (its *_follow lookup
-    of index just missed there, or a sequential stream is filling it): an order-0 store
-    into the hinted leaf is inlined into the caller."""
-    cdef xa_node *leaf = _xa_hint(xa, index)
-    if order == 0 and leaf != NULL:
-        return _xa_store_in_leaf(xa, leaf, index, value, old)
-    return xa_store_order(xa, index, order, value, old)
-
-
-cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
-                        uint64_t *old) noexcept nogil:
-    # Fast path: a store of order 0 onto an existing entry lands on that whole entry,
-    # whatever its order, wherever it is found on the way down; in a leaf it may also
-    # fill an empty slot.
-    cdef xa_node *node
-    cdef int shift, off
+cdef inline int xas_store(xa_state *xas, int order, uint64_t value, uint64_t *old) noexcept nogil:
+    """Store value over the aligned 1 << order indices at xa_index (xas_set_order and
+    xas_store in one): 1 (*old the value it replaced at xa_index), 0, or -ENOMEM. A store
+    of order 0 onto an entry lands on that whole entry; one on the node the cursor stands
+    on (a stream filling a leaf) is inline."""
     cdef uint64_t e
-    if order != 0:
-        return _xa_store_slow(xa, index, order, value, old)
-    node = _xa_hint(xa, index)
-    if node != NULL:
-        return _xa_store_in_leaf(xa, node, index, value, old)
-    node = xa.head
-    if node == NULL or not _xa_covers(node.shift, index):
-        return _xa_store_slow(xa, index, order, value, old)
-    shift = node.shift
-    while shift:
-        off = (index >> shift) & XA_CHUNK_MASK
-        e = node.slots[off]
-        if _xa_is_sibling(e):
-            off = _xa_sibling_off(e)
-            e = node.slots[off]
-        if _xa_is_value(e):
-            old[0] = e >> 1
-            node.slots[off] = _xa_mk_value(value)
-            return 1
-        if e == 0:
-            return _xa_store_slow(xa, index, order, value, old)
-        node = _xa_to_node(e)
-        shift -= XA_CHUNK_SHIFT
-    _xa_follow(xa, node, index)
-    return _xa_store_in_leaf(xa, node, index, value, old)
+    if order == 0 and xas_trusted(xas):
+        e = xas_settle(xas, xas.xa_node, xas.xa_shift, xas_descend(xas, xas.xa_node, xas.xa_shift))
+        if _xa_is_value(e) or (e == 0 and xas.xa_shift == 0):
+            return _xas_store_here(xas, e, value, old)
+    return _xas_store(xas, order, value, old)
 
 
-cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
-                        uint64_t *old) noexcept nogil:
+cdef int _xas_store(xa_state *xas, int order, uint64_t value, uint64_t *old) noexcept nogil:
+    cdef uint64_t e
+    if order == 0:
+        e = _xas_walk(xas)
+        if _xa_is_value(e) or (e == 0 and xas.xa_gen != XA_GEN_NOWHERE and xas.xa_shift == 0):
+            return _xas_store_here(xas, e, value, old)
+    return _xas_store_slow(xas, order, value, old)
+
+
+cdef int _xas_store_slow(xa_state *xas, int order, uint64_t value, uint64_t *old) noexcept nogil:
+    """xas_create() then the store: the nodes down to the entry's level are made as needed
+    (from the cursor's node if it is on the path above that level, else from the head)."""
+    cdef xarray *xa = xas.xa
+    cdef uint64_t index = xas.xa_index
     cdef int target = order - order % XA_CHUNK_SHIFT
     cdef int off, i, m, n, r, shift, had = 0
     cdef uint64_t e
     cdef uint64_t marks[3]
     cdef xa_node *node
     cdef xa_node *child
+    cdef xa_state below
     r = _xa_expand(xa, index, target)
     if r < 0:
         _xa_shrink(xa)
+        xas.xa_gen = XA_GEN_NOWHERE
         return r
-    node = xa.head
-    shift = node.shift              # carried down, as in _xa_load_from
+    if xas_trusted(xas) and xas.xa_shift >= target:
+        node, shift = xas.xa_node, xas.xa_shift
+    else:
+        node, shift = xa.head, xa.head.shift
     while True:
-        off = (index >> shift) & XA_CHUNK_MASK
-        e = node.slots[off]
+        e = xas_settle(xas, node, shift, xas_descend(xas, node, shift))
         if shift == target:
             break
-        shift -= XA_CHUNK_SHIFT
         if e == 0:
-            child = _xa_node_alloc(xa, shift, node, off)
+            child = _xa_node_alloc(xa, shift - XA_CHUNK_SHIFT, node, xas.xa_offset)
             if child == NULL:
                 _xa_delete_empty(xa, node)
+                xas.xa_gen = XA_GEN_NOWHERE
                 return -ENOMEM
-            node.slots[off] = _xa_mk_node(child)
+            node.slots[xas.xa_offset] = _xa_mk_node(child)
             node.count += 1
             node = child
         elif _xa_is_node(e):
             node = _xa_to_node(e)
         else:
             # A larger entry covers the range: the store lands on all of it.
-            if _xa_is_sibling(e):
-                off = _xa_sibling_off(e)
-            old[0] = node.slots[off] >> 1
-            node.slots[off] = _xa_mk_value(value)
+            old[0] = e >> 1
+            node.slots[xas.xa_offset] = _xa_mk_value(value)
+            xas_stand(xas, node, shift)
             return 1
+        shift -= XA_CHUNK_SHIFT
+    off = xas.xa_offset
+    xas_stand(xas, node, shift)
     if order == 0 and e == 0:
         # a new 4K entry in an empty leaf slot (maybe in a leaf made just now): nothing to
         # replace, no marks to inherit or to summarise upwards, nothing to shrink
@@ -540,14 +482,11 @@ cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
         node.count += 1
         xa.nr_entries += 1
         xa.nr_by_order[0] += 1
-        _xa_follow(xa, node, index)
         return 0
-    # An entry whose canonical slot is in this node has an order of at least
-    # target, so when order == target there is no need to measure it.
-    if _xa_is_sibling(e) or (_xa_is_value(e) and (order == target or _xa_entry_order(node, off) >= order)):
-        if _xa_is_sibling(e):
-            off = _xa_sibling_off(e)
-        old[0] = node.slots[off] >> 1
+    # An entry whose canonical slot is in this node (a sibling was resolved to it) has an
+    # order of at least target, so when order == target there is no need to measure it.
+    if _xa_is_value(e) and (order == target or _xa_entry_order_at(node, shift, off) >= order):
+        old[0] = e >> 1
         node.slots[off] = _xa_mk_value(value)
         return 1
     # Replace whatever lies in [off, off + n): the new entry inherits their marks.
@@ -557,7 +496,11 @@ cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
         had = 1
     elif _xa_is_node(e):
         # the entry at index (if any) is in the subtree being replaced
-        had = _xa_load_from(_xa_to_node(e), index, old)
+        xas_init(&below, xa, index)
+        e = _xas_walk_from(&below, _xa_to_node(e), shift - XA_CHUNK_SHIFT)
+        if _xa_is_value(e):
+            old[0] = e >> 1
+            had = 1
     for m in range(XA_MAX_MARKS):
         marks[m] = node.marks[m] & _xa_range_bits(off, n)
         node.marks[m] &= ~_xa_range_bits(off, n)
@@ -582,8 +525,74 @@ cdef int _xa_store_slow(xarray *xa, uint64_t index, int order, uint64_t value,
     xa.nr_entries += 1
     xa.nr_by_order[order] += 1
     _xa_update_marks_up(node)
-    _xa_shrink(xa)
+    _xa_shrink(xa)                  # (frees nodes only by moving node_gen: the cursor knows)
     return had
+
+
+# ------------------------------------------------------------- whole-array calls
+
+cdef inline xa_node *_xa_walk(const xarray *xa, uint64_t index, int *off) noexcept nogil:
+    """The node holding the entry covering index, with its canonical offset; or NULL."""
+    cdef xa_state xas
+    xas_init(&xas, <xarray *>xa, index)
+    if not _xa_is_value(_xas_walk_head(&xas)):
+        return NULL
+    off[0] = xas.xa_offset
+    return xas.xa_node
+
+
+cdef int xa_load(const xarray *xa, uint64_t index, uint64_t *value) noexcept nogil:
+    """Writes nothing, so any number of threads may load from one array at once."""
+    cdef xa_state xas
+    cdef uint64_t e
+    xas_init(&xas, <xarray *>xa, index)
+    e = _xas_walk_head(&xas)
+    if _xa_is_value(e):
+        value[0] = e >> 1
+        return 1
+    return 0
+
+
+cdef int xa_lookup(const xarray *xa, uint64_t index, uint64_t *value,
+                   uint64_t *first, int *order) noexcept nogil:
+    cdef xa_state xas
+    cdef uint64_t e
+    cdef int k
+    xas_init(&xas, <xarray *>xa, index)
+    e = _xas_walk_head(&xas)
+    if not _xa_is_value(e):
+        return 0
+    k = _xa_entry_order_at(xas.xa_node, xas.xa_shift, xas.xa_offset)
+    value[0] = e >> 1
+    order[0] = k
+    first[0] = index & ~((((<uint64_t>1) << k) - 1))
+    return 1
+
+
+cdef const uint64_t *xa_leaf_slot(const xarray *xa, uint64_t index) noexcept nogil:
+    """Where index's slot is in its leaf, found without reading the leaf itself, or NULL if
+    index has no leaf: a batch prefetches it for a later lookup."""
+    cdef xa_state xas
+    cdef xa_node *leaf
+    xas_init(&xas, <xarray *>xa, index)
+    leaf = xas_leaf(&xas)
+    return &leaf.slots[index & XA_CHUNK_MASK] if leaf != NULL else NULL
+
+
+cdef int xa_get_order(const xarray *xa, uint64_t index) noexcept nogil:
+    cdef int off
+    cdef xa_node *node = _xa_walk(xa, index, &off)
+    if node == NULL:
+        return 0
+    return _xa_entry_order(node, off)
+
+
+cdef int xa_store_order(xarray *xa, uint64_t index, int order, uint64_t value,
+                        uint64_t *old) noexcept nogil:
+    cdef xa_state xas
+    xas_init(&xas, xa, index)
+    return _xas_store(&xas, order, value, old)
+
 
 
 cdef int xa_store_range(xarray *xa, uint64_t first, uint64_t last, uint64_t value) noexcept nogil:
@@ -900,8 +909,6 @@ cdef int xa_check(const xarray *xa) noexcept nogil:
     for k in range(64):
         if by_order[k] != xa.nr_by_order[k]:
             return -10
-    if xa.hint != NULL and _xa_leaf(xa, xa.hint_index) != xa.hint:
-        return -11                     # the lookup hint is not the leaf of its index
     return 0
 
 
