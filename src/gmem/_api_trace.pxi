@@ -7,10 +7,19 @@ TRACE_DTYPE = np.dtype({
     "itemsize": sizeof(gmem_trace_rec),
 })
 TRACE_EVENTS = ("kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit",
-                "gmem_prepare", "gmem_invalidate")
+                "gmem_prepare", "gmem_invalidate", "rmpupdate", "psmash", "pvalidate",
+                "kvm_set_memory_attributes", "gmem_fallocate", "folio_split", "memory_failure",
+                "tdx_page_aug", "tdx_page_add", "tdx_range_block", "tdx_track", "tdx_page_remove",
+                "tdx_accept")
 _TRACE_FIELDS = (("gpa", "error_code", None, None), ("gfn", "pfn", "level", "private"),
                  ("gfn", "pfn", "level", None), ("gpa", "flags", "errno", None),
-                 ("gfn", "pfn", "order", "errno"), ("start_pfn", "end_pfn", None, None))
+                 ("gfn", "pfn", "order", "errno"), ("start_pfn", "end_pfn", None, None),
+                 ("pfn", "gpa", "state", "code"), ("pfn", None, None, "code"),
+                 ("gpa", "pfn", "size_validate", "code"), ("gfn", "end_gfn", "attributes", "errno"),
+                 ("ino", "offset", "length", "mode_errno"), ("pfn", "old_order", "new_order", None),
+                 ("pfn", None, None, "handled"), ("gfn", "pfn", "level", None), ("gfn", "pfn", "level", None),
+                 ("gfn", None, "level", None), (None, None, None, None), ("gfn", "pfn", "level", None),
+                 ("gpa", "pfn", "level", "status"))
 
 
 @cython.final

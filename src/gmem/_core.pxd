@@ -499,6 +499,19 @@ cdef enum:
     TRACE_MEMORY_FAULT_EXIT     # a = gpa, b = flags, c = -ret
     TRACE_GMEM_PREPARE          # a = gfn, b = pfn, c = order, d = -ret
     TRACE_GMEM_INVALIDATE       # a = start pfn, b = end pfn
+    TRACE_RMPUPDATE             # a = pfn, b = gpa, c = assigned | pagesize << 1 | asid << 32, d = code
+    TRACE_PSMASH                # a = 2M head pfn, d = code
+    TRACE_PVALIDATE             # a = gpa, b = pfn, c = pagesize | validate << 1, d = code (a vCPU's)
+    TRACE_SET_MEMORY_ATTRIBUTES # a = start gfn, b = end gfn, c = attributes, d = -ret
+    TRACE_GMEM_FALLOCATE        # a = inode number, b = offset, c = length, d = mode | -ret << 32
+    TRACE_FOLIO_SPLIT           # a = head pfn, b = old order, c = new order
+    TRACE_MEMORY_FAILURE        # a = pfn, d = handled (a guest_memfd folio)
+    TRACE_TDX_PAGE_AUG          # a = gfn, b = pfn, c = level
+    TRACE_TDX_PAGE_ADD          # a = gfn, b = pfn, c = level
+    TRACE_TDX_RANGE_BLOCK       # a = gfn, c = level
+    TRACE_TDX_TRACK             # (once per removal while the TD runs)
+    TRACE_TDX_PAGE_REMOVE       # a = gfn, b = pfn, c = level
+    TRACE_TDX_ACCEPT            # a = gpa, b = pfn, d = TDX status (a vCPU's)
     TRACE_NR_EVENTS
 
 ctypedef struct gmem_trace_rec:

@@ -156,6 +156,7 @@ cdef int snp_guest_pvalidate(kvm_vcpu *vcpu, uint64_t gpa, int pagesize, bint va
     if r or code[0]:
         return r
     code[0] = pvalidate_insn(vcpu.kvm.host, target, validate)
+    gmem_trace(vcpu.kvm.host, TRACE_PVALIDATE, vcpu.vcpu_id, gpa, target, pagesize | (validate << 1), code[0])
     return GUEST_ACCESS_OK
 
 

@@ -159,6 +159,7 @@ cdef int kvm_gmem_split_folio(gmem_inode *inode, uint64_t first, uint32_t id) no
             # the scan the RFC cover letter suggests: every tail gets the head's private data back
             folio_get(&inode.host.pm, pfn_folio(&inode.host.pm, f.pfn + k)).flags |= PG_private
     inode.host.stats[HOST_STAT_FOLIO_SPLITS] += 1
+    gmem_trace(inode.host, TRACE_FOLIO_SPLIT, TRACE_NO_VCPU, f.pfn, HPAGE_ORDER, 0, 0)
     return 0
 
 
@@ -639,6 +640,13 @@ cdef int vfs_fallocate_check(gmem_host *h, uint64_t mode, uint64_t offset, uint6
 
 
 cdef int kvm_gmem_fallocate(gmem_file *file, uint64_t mode, uint64_t offset, uint64_t len) noexcept nogil:
+    cdef int r = _kvm_gmem_fallocate(file, mode, offset, len)
+    gmem_trace(file.inode.host, TRACE_GMEM_FALLOCATE, TRACE_NO_VCPU, file.inode.ino, offset, len,
+               (mode & <uint64_t>0xFFFFFFFF) | ((<uint64_t>(-r)) << 32))
+    return r
+
+
+cdef int _kvm_gmem_fallocate(gmem_file *file, uint64_t mode, uint64_t offset, uint64_t len) noexcept nogil:
     cdef gmem_inode *inode = file.inode
     cdef gmem_host *h = inode.host
     cdef int r = vfs_fallocate_check(h, mode, offset, len)
@@ -840,9 +848,11 @@ cdef int gmem_memory_failure(gmem_host *h, uint64_t pfn) noexcept nogil:
     while inode != NULL:
         if inode.ino == folio_get(&h.pm, id).mapping:
             kvm_gmem_error_folio(inode, id)
+            gmem_trace(h, TRACE_MEMORY_FAILURE, TRACE_NO_VCPU, pfn, 0, 0, 1)
             return 1
         inode = inode.next
     folio_get(&h.pm, id).flags |= PG_hwpoison
+    gmem_trace(h, TRACE_MEMORY_FAILURE, TRACE_NO_VCPU, pfn, 0, 0, 0)
     return 0
 
 

@@ -586,6 +586,8 @@ cdef int kvm_vm_ioctl_set_mem_attributes(kvm *kvm, const kvm_memory_attributes *
     if a.address & 4095 or a.size & 4095:
         return _refuse(h, -EINVAL, "address and size must be page aligned")
     r = kvm_vm_set_mem_attributes(kvm, a.address >> 12, (a.address + a.size) >> 12, a.attributes)
+    gmem_trace(h, TRACE_SET_MEMORY_ATTRIBUTES, TRACE_NO_VCPU, a.address >> 12, (a.address + a.size) >> 12,
+               a.attributes, <uint64_t>(-r))
     if r < 0:
         return _refuse(h, r, "out of memory")
     return 0

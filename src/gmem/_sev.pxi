@@ -184,6 +184,9 @@ cdef int rmpupdate(gmem_host *h, uint64_t pfn, uint64_t state) noexcept nogil:
     ret = rmpupdate_insn(h, pfn, state)
     while ret == RMPUPDATE_FAIL_OVERLAP:
         ret = rmpupdate_insn(h, pfn, state)
+    gmem_trace(h, TRACE_RMPUPDATE, TRACE_NO_VCPU, pfn, state & RMP_GPA_MASK,
+               (1 if state & RMP_ASSIGNED else 0) | (2 if state & RMP_PAGESIZE else 0) |
+               (((state & RMP_ASID_MASK) >> RMP_ASID_SHIFT) << 32), ret)
     return -EFAULT if ret else 0
 
 
@@ -228,6 +231,7 @@ cdef int snp_rmptable_psmash(gmem_host *h, uint64_t pfn) noexcept nogil:
     ret = psmash_insn(h, pfn)
     while ret == PSMASH_FAIL_INUSE:
         ret = psmash_insn(h, pfn)
+    gmem_trace(h, TRACE_PSMASH, TRACE_NO_VCPU, pfn, 0, 0, ret)
     return ret
 
 

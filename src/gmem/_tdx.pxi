@@ -177,6 +177,7 @@ cdef int tdx_sept_set_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t p
     xas_set(&kvm.tdx.sept_xas, gfn)
     if kvm.tdx.state == TD_STATE_RUNNABLE:
         kvm.tdx.stats[TDX_STAT_AUG] += 1      # TDH.MEM.PAGE.AUG: pending until the guest accepts
+        gmem_trace(kvm.host, TRACE_TDX_PAGE_AUG, TRACE_NO_VCPU, gfn, pfn, level, 0)
         return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
     kvm.tdx.nr_premapped += 1                 # before finalize: no SEAMCALL yet
     return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PREMAPPED), &old)
@@ -192,9 +193,12 @@ cdef void tdx_sept_remove_private_spte(kvm *kvm, uint64_t gfn, int level, uint64
     # BLOCK, TRACK (tdx_track: only once the TD runs), REMOVE, WBINVD, then tdx_clear_page
     # (MOVDIR64B) before the page goes back
     kvm.tdx.stats[TDX_STAT_BLOCK] += 1
+    gmem_trace(kvm.host, TRACE_TDX_RANGE_BLOCK, TRACE_NO_VCPU, gfn, 0, level, 0)
     if kvm.tdx.state == TD_STATE_RUNNABLE:
         kvm.tdx.stats[TDX_STAT_TRACK] += 1
+        gmem_trace(kvm.host, TRACE_TDX_TRACK, TRACE_NO_VCPU, 0, 0, 0, 0)
     kvm.tdx.stats[TDX_STAT_REMOVE] += 1
+    gmem_trace(kvm.host, TRACE_TDX_PAGE_REMOVE, TRACE_NO_VCPU, gfn, pfn, level, 0)
     page_data_drop(kvm.host, pfn, 1)
 
 
@@ -277,6 +281,7 @@ cdef int tdx_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t s
         kvm.tdx.nr_premapped -= 1
     xa_store_order(&kvm.tdx.sept, gfn, 0, tdx_sept_entry(pfn, TDX_SEPT_ACCEPTED), &old)
     kvm.tdx.stats[TDX_STAT_PAGE_ADD] += 1
+    gmem_trace(kvm.host, TRACE_TDX_PAGE_ADD, TRACE_NO_VCPU, gfn, pfn, PG_LEVEL_4K, 0)
     if arg.measure:
         kvm.tdx.stats[TDX_STAT_MR_EXTEND] += 4096 // TDX_MR_EXTEND_GRANULARITY    # TDH.MR.EXTEND
     return 0
@@ -339,6 +344,7 @@ cdef int tdx_accept_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t *status, kvm_fau
     xa_store_order(&kvm.tdx.sept, gpa >> 12, 0, tdx_sept_entry(tdx_sept_pfn(v), TDX_SEPT_ACCEPTED), &old)
     kvm.tdx.stats[TDX_STAT_ACCEPT] += 1
     status[0] = TDX_SUCCESS
+    gmem_trace(kvm.host, TRACE_TDX_ACCEPT, vcpu.vcpu_id, gpa, tdx_sept_pfn(v), PG_LEVEL_4K, TDX_SUCCESS)
     return 0
 
 

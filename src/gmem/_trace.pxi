@@ -1,5 +1,9 @@
 # Tracepoints: a bounded ring of fixed-size records (include/trace/events/kvm.h).
 
+cdef enum:
+    TRACE_NO_VCPU = 0xFFFFFFFF      # a record no vCPU made (an ioctl, a VM-wide operation)
+
+
 cdef inline void gmem_trace(gmem_host *host, uint32_t event, uint32_t vcpu, uint64_t a,
                             uint64_t b, uint64_t c, uint64_t d) noexcept nogil:
     cdef gmem_trace_rec *r
