@@ -142,3 +142,24 @@ def test_tdx_init_mem_region_per_version(kernel):
     assert errno_of(v.tdx_init_mem_region, SRC, 0x10000, 1) == (errno.EIO if kernel == "7.2" else errno.EEXIST)
     vm.tdx_finalize_vm()                    # nothing premapped was left behind
     h.check()
+
+
+@pytest.mark.parametrize("kernel", ["6.18", "7.2"])
+def test_map_gpa_range_ret(kernel):
+    """hypercall.ret after a KVM_HC_MAP_GPA_RANGE exit: since 7.1 only 0, EINVAL and EAGAIN
+    (kvm_is_valid_map_gpa_range_ret); anything else is KVM_RUN -EINVAL with the exit still
+    pending. TDX answers EAGAIN with TDVMCALL_STATUS_RETRY (tdx_complete_vmcall_map_gpa);
+    6.18 took any non-zero as the guest's INVALID_OPERAND."""
+    h = gmem.Host(memory=64 << 20, platform="intel", kernel=kernel)
+    vm = h.create_vm(u.KVM_X86_TDX_VM)
+    vm.launch()
+    vm.enable_cap(u.KVM_CAP_EXIT_HYPERCALL, 1 << u.KVM_HC_MAP_GPA_RANGE)
+    v = vm.create_vcpu(0)
+    assert isinstance(v.tdx_map_gpa(vm.shared_gpa_bit, PS), gmem.HypercallExit)
+    if kernel == "7.2":
+        assert errno_of(v.complete_hypercall, 5) == errno.EINVAL
+        assert v.complete_hypercall(errno.EAGAIN) == u.TDVMCALL_STATUS_RETRY
+    else:
+        assert v.complete_hypercall(5) == u.TDVMCALL_STATUS_INVALID_OPERAND
+    with pytest.raises(OSError, match="no hypercall exit is pending"):
+        v.complete_hypercall(0)

@@ -693,7 +693,7 @@ class TestPageStateChange:
         assert v.complete_hypercall(0) == u.GHCB_MSR_PSC_RESP
         ex = v.psc_msr(0x4000, u.SNP_PAGE_STATE_PRIVATE)
         assert ex.args == (0x4000, 1, u.KVM_MAP_GPA_RANGE_ENCRYPTED | u.KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
-        assert v.complete_hypercall(-errno.EINVAL) == u.GHCB_MSR_PSC_RESP_ERROR
+        assert v.complete_hypercall(errno.EINVAL) == u.GHCB_MSR_PSC_RESP_ERROR
         assert v.psc_msr(0x4000, 3) == u.GHCB_MSR_PSC_RESP_ERROR                       # not 1 or 2
         with pytest.raises(OSError) as e:
             v.complete_hypercall(0)                      # nothing pending
@@ -757,7 +757,7 @@ class TestPageStateChange:
         vm.enable_cap(u.KVM_CAP_EXIT_HYPERCALL, 1 << u.KVM_HC_MAP_GPA_RANGE)
         ents = [dict(gfn=0x10, operation=2), dict(gfn=0x11, operation=2)]
         assert v.page_state_change(ents).args[1] == 2
-        assert v.complete_hypercall(5) == u.VMGEXIT_PSC_ERROR_GENERIC
+        assert v.complete_hypercall(errno.EINVAL) == u.VMGEXIT_PSC_ERROR_GENERIC
         assert [e["cur_page"] for e in ents] == [0, 0]
         assert v.page_state_change([dict(gfn=0x201, operation=2, pagesize=1)]) == \
             u.VMGEXIT_PSC_ERROR_INVALID_ENTRY

@@ -317,7 +317,7 @@ class TestRuntime:
         assert v.tdx_map_gpa(0x1000, 0) == u.TDVMCALL_STATUS_INVALID_OPERAND
         ex = v.tdx_map_gpa(sb, 4 << 20)
         assert ex.args[1] == 512
-        assert v.complete_hypercall(-errno.EINVAL) == u.TDVMCALL_STATUS_INVALID_OPERAND
+        assert v.complete_hypercall(errno.EINVAL) == u.TDVMCALL_STATUS_INVALID_OPERAND
         with pytest.raises(OSError):
             v.complete_hypercall(0)
         h.check()

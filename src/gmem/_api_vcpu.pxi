@@ -270,14 +270,11 @@ cdef class Vcpu:
         """Userspace's answer (hypercall.ret) to the last HypercallExit; returns the next exit,
         or the guest-visible result when the request is done."""
         held = _host_enter(self.vm.host)
-        cdef complete_userspace_io_t complete = self.v.complete_userspace_io
         cdef uint64_t result = 0, r64 = <uint64_t>(_int_arg(ret, "ret", -(1 << 63), 1 << 64) & 0xFFFFFFFFFFFFFFFF)
         self._run("complete_hypercall")
-        if complete == NULL:
-            raise _err(EINVAL, "no hypercall exit is pending on this vCPU")
-        self.v.complete_userspace_io = NULL
-        self.v.hypercall.ret = r64
-        r = complete(self.v, r64, &result)
+        r = kvm_complete_hypercall(self.v, r64, &result)
+        if r < 0:
+            self.vm.host._check(r, "complete_hypercall")
         self._psc_sync()
         return self._exit_or_result(r, result, "complete_hypercall")
 

@@ -384,6 +384,9 @@ cdef int tdx_map_gpa(kvm_vcpu *vcpu, uint64_t gpa, uint64_t size, uint64_t *stat
 
 cdef int tdx_complete_vmcall_map_gpa(kvm_vcpu *vcpu, uint64_t ret, uint64_t *status) noexcept nogil:
     cdef uint64_t next = vcpu.map_gpa_next + TDX_MAP_GPA_MAX_LEN
+    if ret == EAGAIN and vcpu.kvm.host.kernel >= GMEM_KERNEL_7_2:
+        status[0] = TDVMCALL_STATUS_RETRY       # the guest retries from the chunk (7.1+)
+        return 0
     if ret:
         status[0] = TDVMCALL_STATUS_INVALID_OPERAND
         return 0

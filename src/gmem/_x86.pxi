@@ -119,6 +119,22 @@ cdef int kvm_launch(kvm *kvm) noexcept nogil:
     return r
 
 
+cdef int kvm_complete_hypercall(kvm_vcpu *vcpu, uint64_t ret, uint64_t *result) noexcept nogil:
+    """KVM_RUN after a KVM_HC_MAP_GPA_RANGE exit: vcpu->arch.complete_userspace_io with the
+    hypercall.ret userspace wrote. Since 3e2dec1ede0a (7.1) only 0, EINVAL and EAGAIN are
+    valid (kvm_is_valid_map_gpa_range_ret): anything else is KVM_RUN -EINVAL, the guest not
+    resumed and the exit still pending; before, any non-zero was the guest's error."""
+    cdef complete_userspace_io_t complete = vcpu.complete_userspace_io
+    if complete == NULL:
+        return _refuse(vcpu.kvm.host, -EINVAL, "no hypercall exit is pending on this vCPU")
+    if vcpu.kvm.host.kernel >= GMEM_KERNEL_7_2 and ret != 0 and ret != EINVAL and ret != EAGAIN:
+        return _refuse(vcpu.kvm.host, -EINVAL, "hypercall.ret must be 0, EINVAL or EAGAIN "
+                       "(kvm_is_valid_map_gpa_range_ret, 7.1+)")
+    vcpu.complete_userspace_io = NULL
+    vcpu.hypercall.ret = ret
+    return complete(vcpu, ret, result)
+
+
 cdef int kvm_vcpu_pre_run(kvm_vcpu *vcpu) noexcept nogil:
     """vcpu_pre_run's refusals before the guest is entered: a dead VM (-EIO, KVM_REQ_VM_DEAD);
     svm_vcpu_pre_run / pre_sev_run: an SNP vCPU with no VMSA, i.e. before LAUNCH_FINISH
