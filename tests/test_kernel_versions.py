@@ -163,3 +163,24 @@ def test_map_gpa_range_ret(kernel):
         assert v.complete_hypercall(5) == u.TDVMCALL_STATUS_INVALID_OPERAND
     with pytest.raises(OSError, match="no hypercall exit is pending"):
         v.complete_hypercall(0)
+
+
+@pytest.mark.parametrize("kernel", ["rfc-2023", "6.18"])
+def test_create_flags(kernel):
+    """The RFC's base has one flag, KVM_GUEST_MEMFD_ALLOW_HUGEPAGE (bit 0: 2M THP folios, the
+    size a multiple of 2M) and no mmap; 6.18 reuses bit 0 for GUEST_MEMFD_FLAG_MMAP."""
+    h = gmem.Host(memory=64 << 20, platform="none", kernel=kernel)
+    vm = h.create_vm(u.KVM_X86_DEFAULT_VM)
+    if kernel == "rfc-2023":
+        assert errno_of(vm.create_guest_memfd, 3 << 20, u.KVM_GUEST_MEMFD_ALLOW_HUGEPAGE) == errno.EINVAL
+        assert errno_of(vm.create_guest_memfd, 4 << 20, 2) == errno.EINVAL
+        f = vm.create_guest_memfd(4 << 20, u.KVM_GUEST_MEMFD_ALLOW_HUGEPAGE)
+        f.allocate(0, PS)
+        orders = {d["order"] for p in range(h.nr_pages) if (d := h.folio(p)) and d["mapping"] == f.ino}
+        assert orders == {9} and errno_of(f.mmap, PS) == errno.ENODEV
+    else:
+        f = vm.create_guest_memfd(3 << 20, u.GUEST_MEMFD_FLAG_MMAP)
+        f.allocate(0, PS)
+        orders = {d["order"] for p in range(h.nr_pages) if (d := h.folio(p)) and d["mapping"] == f.ino}
+        assert orders == {0} and len(f.mmap(PS)) == PS
+    h.check()

@@ -60,6 +60,7 @@ cdef enum:
     KVM_MEM_READONLY = 1 << 1
     KVM_MEM_GUEST_MEMFD = 1 << 2
     GUEST_MEMFD_FLAG_MMAP = 1 << 0
+    KVM_GUEST_MEMFD_ALLOW_HUGEPAGE = 1 << 0   # the RFC's base (6.8-rc), dropped before 6.8
     GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
     # capabilities (KVM_CHECK_EXTENSION)
     KVM_CAP_NR_MEMSLOTS = 10
@@ -692,7 +693,9 @@ ctypedef struct gmem_host:
 ctypedef struct gmem_inode:
     gmem_host *host
     uint64_t size               # bytes (i_size)
-    uint64_t flags              # GUEST_MEMFD_FLAG_*
+    uint64_t flags              # GUEST_MEMFD_FLAG_* (the RFC: KVM_GUEST_MEMFD_ALLOW_HUGEPAGE)
+    uint64_t mmap_flags         # flags & GUEST_MEMFD_FLAG_MMAP where the kernel has it (6.18+)
+    uint8_t allow_hugepage      # the RFC's KVM_GUEST_MEMFD_ALLOW_HUGEPAGE: 2M THP folios
     uint32_t ino
     int vm_type                 # of the VM that created it: whose gmem_invalidate runs
     xarray filemap              # page index -> folio id

@@ -78,7 +78,7 @@ cdef inline int kvm_gmem_get_folio(gmem_inode *inode, xa_state *xas, uint64_t in
     if xas_load(xas, &v):
         id[0] = <uint32_t>v
         return 0
-    if host.huge_folios:
+    if host.huge_folios or inode.allow_hugepage:
         base = index & ~_mask(HPAGE_ORDER)
         if (base + _pages(HPAGE_ORDER) <= inode.size >> 12 and
                 not xa_find_entry(&inode.filemap, base, base + _mask(HPAGE_ORDER), XA_NO_MARK, &first, &k, &v)):
@@ -430,6 +430,8 @@ cdef uint64_t kvm_gmem_get_supported_flags(kvm *kvm) noexcept nogil:
     (kvm_arch_supports_gmem_init_shared).  kvm NULL: /dev/kvm answers as for a default VM."""
     # "next" (b5ed1ee2a7a0): kvm_arch_supports_gmem_init_shared() = gmem_in_place_conversion ||
     # !kvm_arch_has_private_mem() (body not read: inferred from its subject and v8's review)
+    if kvm != NULL and kvm.host.kernel == GMEM_KERNEL_RFC_2023:
+        return KVM_GUEST_MEMFD_ALLOW_HUGEPAGE   # the RFC's base (6.8-rc): THP only, no mmap
     if kvm != NULL and kvm.has_private_mem and not kvm.host.gmem_in_place_conversion:
         return GUEST_MEMFD_FLAG_MMAP
     return GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
@@ -445,6 +447,9 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
         return _refuse(h, -EINVAL, "flags outside kvm_gmem_get_supported_flags()")
     if <int64_t>size <= 0 or size & 4095:
         return _refuse(h, -EINVAL, "size is not a positive multiple of PAGE_SIZE")
+    if h.kernel == GMEM_KERNEL_RFC_2023 and flags & KVM_GUEST_MEMFD_ALLOW_HUGEPAGE and size & ((4096 << HPAGE_ORDER) - 1):
+        return _refuse(h, -EINVAL, "KVM_GUEST_MEMFD_ALLOW_HUGEPAGE needs a size that is a multiple of "
+                       "HPAGE_PMD_SIZE")
     inode = <gmem_inode *>_calloc(1, sizeof(gmem_inode))
     if inode == NULL:
         return _refuse(h, -ENOMEM, "out of memory")
@@ -453,6 +458,8 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
     inode.host = h
     inode.size = size
     inode.flags = flags
+    inode.allow_hugepage = h.kernel == GMEM_KERNEL_RFC_2023 and flags & KVM_GUEST_MEMFD_ALLOW_HUGEPAGE
+    inode.mmap_flags = 0 if h.kernel == GMEM_KERNEL_RFC_2023 else flags & GUEST_MEMFD_FLAG_MMAP
     inode.vm_type = kvm.vm_type             # indexes the host's hook table on free
     # "next": every index present, PRIVATE unless the file starts shared
     if mt_init(&inode.attributes, 0 if flags & GUEST_MEMFD_FLAG_INIT_SHARED
@@ -603,7 +610,7 @@ cdef int kvm_gmem_bind(kvm *kvm, kvm_memory_slot *slot, gmem_file *file, uint64_
     slot.gmem_file = file
     slot.gmem_pgoff = pgoff
     # "next" (2e646bcfcf90): with in-place conversion every gmem memslot is gmem-only
-    if file.inode.flags & GUEST_MEMFD_FLAG_MMAP or kvm.host.gmem_in_place_conversion:
+    if file.inode.mmap_flags or kvm.host.gmem_in_place_conversion:
         slot.flags |= KVM_MEMSLOT_GMEM_ONLY
     return 0
 
@@ -693,8 +700,9 @@ cdef int kvm_gmem_mmap(gmem_file *file, uint64_t len, uint64_t offset, uint64_t 
         return _refuse(h, -EOPNOTSUPP, "MAP_SHARED_VALIDATE with unknown flags")
     if prot & PROT_EXEC:
         return _refuse(h, -EPERM, "PROT_EXEC on a noexec (anon_inode) mount")
-    if not file.inode.flags & GUEST_MEMFD_FLAG_MMAP:
-        return _refuse(h, -ENODEV, "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
+    if not file.inode.mmap_flags:
+        return _refuse(h, -ENODEV, "guest_memfd created without GUEST_MEMFD_FLAG_MMAP (or before "
+                       "6.18: no mmap at all)")
     if map_type == MAP_PRIVATE:
         return _refuse(h, -EINVAL, "guest_memfd mappings must be MAP_SHARED")
     return 0

@@ -242,6 +242,7 @@ KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES = 250   # "next" (v8's number); attributes
 # guest_memfd creation flags (6.18; every flag bit was invalid in 6.8 ... 6.17)
 
 GUEST_MEMFD_FLAG_MMAP = BIT(0)
+KVM_GUEST_MEMFD_ALLOW_HUGEPAGE = BIT(0)     # the RFC's base (6.8-rc): 2M THP folios; no mmap then
 # include/uapi/linux/mempolicy.h: mbind() modes (a guest_memfd's NUMA policy, 6.19+)
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE, MPOL_LOCAL = 0, 1, 2, 3, 4
 MPOL_PREFERRED_MANY, MPOL_WEIGHTED_INTERLEAVE = 5, 6
