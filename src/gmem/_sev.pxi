@@ -364,9 +364,9 @@ cdef void sev_gmem_invalidate(gmem_host *h, uint64_t start, uint64_t end) noexce
             use_2m = (pfn & (PTRS_PER_PMD - 1)) == 0 and end >= pfn + PTRS_PER_PMD and rmp_level > PG_LEVEL_4K
             if not use_2m and rmp_level > PG_LEVEL_4K:
                 snp_rmptable_psmash(h, pfn)        # WARN_ONCE on failure, keep going
-            if rmp_make_shared(h, pfn, PG_LEVEL_2M if use_2m else PG_LEVEL_4K):
-                # the page cannot go back to the host: take it out of use for good
-                snp_leak_pages(h, pfn, PTRS_PER_PMD if use_2m else 1)
+            # a failed RMPUPDATE is only a WARN_ONCE: the folio is freed all the same, still
+            # assigned in the RMP (the hazard host.check() reports as a freed, assigned pfn)
+            rmp_make_shared(h, pfn, PG_LEVEL_2M if use_2m else PG_LEVEL_4K)
         pfn += PTRS_PER_PMD if use_2m else 1
 
 
