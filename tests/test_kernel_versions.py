@@ -23,8 +23,15 @@ def errno_of(fn, *args):
     return e.value.errno
 
 
-def test_the_default_is_the_latest_stable():
+def test_the_default_is_the_latest_stable(monkeypatch):
+    monkeypatch.delenv("GMEM_KERNEL", raising=False)
     assert gmem.Host(memory=64 << 20).kernel == "7.2"
+    monkeypatch.setenv("GMEM_KERNEL", "6.18")              # a whole run under another version
+    assert gmem.Host(memory=64 << 20).kernel == "6.18"
+    monkeypatch.setenv("GMEM_KERNEL", "6.1")
+    with pytest.raises(ValueError, match="GMEM_KERNEL"):
+        gmem.Host(memory=64 << 20)
+    monkeypatch.delenv("GMEM_KERNEL")
     for k in KERNELS:
         assert gmem.Host(memory=64 << 20, kernel=k).kernel == k
     with pytest.raises(ValueError, match="kernel must be one of"):
