@@ -513,6 +513,8 @@ cdef enum:
     TRACE_TDX_TRACK             # (once per removal while the TD runs)
     TRACE_TDX_PAGE_REMOVE       # a = gfn, b = pfn, c = level
     TRACE_TDX_ACCEPT            # a = gpa, b = pfn, d = TDX status (a vCPU's)
+    TRACE_MAP_GPA_RANGE         # a = gpa, b = npages, c = attributes, d = hypercall.ret (a vCPU's:
+                                # the KVM_HC_MAP_GPA_RANGE exit of a PSC or MapGPA, as answered)
     TRACE_NR_EVENTS
 
 ctypedef struct gmem_trace_rec:

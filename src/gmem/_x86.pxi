@@ -132,6 +132,8 @@ cdef int kvm_complete_hypercall(kvm_vcpu *vcpu, uint64_t ret, uint64_t *result) 
                        "(kvm_is_valid_map_gpa_range_ret, 7.1+)")
     vcpu.complete_userspace_io = NULL
     vcpu.hypercall.ret = ret
+    gmem_trace(vcpu.kvm.host, TRACE_MAP_GPA_RANGE, vcpu.vcpu_id, vcpu.hypercall.args[0],
+               vcpu.hypercall.args[1], vcpu.hypercall.args[2], ret)
     return complete(vcpu, ret, result)
 
 
