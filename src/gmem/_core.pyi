@@ -22,7 +22,10 @@ _Bytes: TypeAlias = ReadableBuffer | Iterable[SupportsIndex]
 _Platform: TypeAlias = Literal["amd", "intel", "none"]
 _Kernel: TypeAlias = Literal["rfc-2023", "6.18", "7.2", "next"]
 _TraceEvent: TypeAlias = Literal["kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit",
-                                 "gmem_prepare", "gmem_invalidate"]
+                                 "gmem_prepare", "gmem_invalidate", "rmpupdate", "psmash", "pvalidate",
+                                 "kvm_set_memory_attributes", "gmem_fallocate", "folio_split",
+                                 "memory_failure", "tdx_page_aug", "tdx_page_add", "tdx_range_block",
+                                 "tdx_track", "tdx_page_remove", "tdx_accept", "kvm_map_gpa_range"]
 _HookName: TypeAlias = Literal["is_private_fault", "gmem_prepare", "gmem_invalidate",
                                "private_max_mapping_level", "gmem_make_shared"]
 # a structured numpy array (FAULT_DTYPE, TRACE_DTYPE, RMP_DTYPE or PAGE_STATE_DTYPE)
