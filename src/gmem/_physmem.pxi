@@ -50,19 +50,16 @@ cdef int phys_set_nodes(physmem *pm, uint32_t n) noexcept nogil:
     return 0
 
 
-cdef inline uint64_t _node_end_of(const physmem *pm, uint64_t pfn) noexcept nogil:
-    cdef uint32_t i = 0
-    while i + 1 < pm.nr_nodes and pfn >= pm.node_end[i]:
-        i += 1
-    return pm.node_end[i]
-
-
 cdef int phys_pfn_to_nid(const physmem *pm, uint64_t pfn) noexcept nogil:
     """pfn_to_nid: the node holding pfn."""
     cdef int i = 0
     while i + 1 < <int>pm.nr_nodes and pfn >= pm.node_end[i]:
         i += 1
     return i
+
+
+cdef inline uint64_t _node_end_of(const physmem *pm, uint64_t pfn) noexcept nogil:
+    return pm.node_end[phys_pfn_to_nid(pm, pfn)]
 
 
 cdef void phys_destroy(physmem *pm) noexcept nogil:

@@ -261,10 +261,8 @@ cdef int tdx_gmem_post_populate(kvm *kvm, uint64_t gfn, uint64_t pfn, uint64_t s
     # (tdx_gmem_post_populate: -EOPNOTSUPP) unless the page is converted in place ("next")
     if src == 0 and kvm.host.kernel >= GMEM_KERNEL_7_2 and not kvm.host.gmem_in_place_conversion:
         return -EOPNOTSUPP
-    if src and hva_to_pfn(kvm.host, src, &spfn):
-        return -EFAULT
-    if src == 0 and kvm.host.kernel < GMEM_KERNEL_7_2:
-        return -EFAULT                          # get_user_pages_fast(0)
+    if (src or kvm.host.kernel < GMEM_KERNEL_7_2) and hva_to_pfn(kvm.host, src, &spfn):
+        return -EFAULT                          # (6.18: get_user_pages_fast(0) as well)
     # build the mirror leaf: 6.18 premaps it (the TD is not runnable yet), 7.2 maps and adds
     # in one step (kvm_tdp_mmu_map_private_pfn: anything but RET_PF_FIXED, e.g. a gfn mapped
     # already, is -EIO)
