@@ -96,6 +96,13 @@ def test_generic_file_names_no_vendor_internals(name):
 
 # The calls from a file to a later one: the kernel's own callbacks, each with its reason.
 UPCALLS = {
+    # folio_put of a pool folio ends in free_huge_folio (mm/hugetlb.c), not the buddy allocator
+    ("_physmem", "_hugetlb"): {"hugetlb_free_pages"},
+    # the huge-folio rules sit under guest_memfd.c and use its allocation and its user mappings
+    # (folio_mapped) as the restructuring code of the proposals does
+    ("_gmem_huge", "_guest_memfd"): {"kvm_gmem_alloc_folio", "kvm_gmem_folio_mapped"},
+    # a split first zaps the huge leaves over the folio (kvm_split_cross_boundary_leafs, zap)
+    ("_gmem_huge", "_mmu"): {"kvm_zap_huge_leafs"},
     # the machine at boot: the vendor ops table (kvm_x86_vendor_init) and the platform's
     # hardware, SNP's RMP (snp_rmptable_init), which also checks every host write
     ("_host", "_x86"): {"kvm_x86_hooks_init"},

@@ -149,6 +149,18 @@ cdef class GuestMemfd:
             e.error_offset = a.error_offset
             raise e
 
+    def folios(self):
+        """The file's folios in index order: (index, order, pfn) each (the page cache as
+        /proc/kpageflags would show it; huge folios and what restructuring made of them)."""
+        held = _host_enter(self.vm.host)
+        cdef gmem_file *f = self._open("folios")
+        cdef uint64_t start = 0, index, pfn
+        cdef int order
+        out = []
+        while kvm_gmem_next_folio(f.inode, &start, &index, &order, &pfn):
+            out.append((index, order, pfn))
+        return out
+
     def get_policy(self, offset):
         """The NUMA policy of the page at offset, as get_mempolicy(MPOL_F_ADDR) on a mapping of
         it reports: (mode, nodes), (MPOL_DEFAULT, ()) where mbind set none (6.19+; before,

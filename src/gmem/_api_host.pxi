@@ -12,7 +12,8 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThr
 cdef unsigned char _ZERO_PAGE[4096]
 
 HOST_STATS = ("folios_allocated", "folios_freed", "folio_splits", "gmem_invalidate",
-              "gmem_invalidate_pages", "alloc_failures", "hook_errors")
+              "gmem_invalidate_pages", "alloc_failures", "hook_errors", "folio_merges",
+              "huge_eagain")
 
 _POLICIES = {
     "prepare": {"fault": GMEM_PREPARE_FAULT, "alloc": GMEM_PREPARE_ALLOC},
@@ -303,6 +304,43 @@ cdef void _user_access_ok(uint64_t hva, uint64_t n) except *:
                    "TASK_SIZE_MAX)")
 
 
+_HUGE_POLICIES = {
+    "gmem_backing": {"buddy": GMEM_BACKING_BUDDY, "hugetlb": GMEM_BACKING_HUGETLB},
+    "huge_split": {"never": GMEM_HUGE_SPLIT_NEVER, "convert": GMEM_HUGE_SPLIT_CONVERT,
+                   "convert-2m": GMEM_HUGE_SPLIT_CONVERT_2M, "fresh": GMEM_HUGE_SPLIT_FRESH},
+    "huge_merge": {"never": GMEM_HUGE_MERGE_NEVER, "eager": GMEM_HUGE_MERGE_EAGER,
+                   "lazy": GMEM_HUGE_MERGE_LAZY},
+}
+
+
+def _name_of(table, value):
+    return [k for k, v in table.items() if v == value][0]
+
+
+cdef int _huge_config(gmem_host_config *cfg, backing, pages, split, merge) except -1:
+    """Host(gmem_backing=, hugetlb_pages=, huge_split=, huge_merge=) into cfg."""
+    for name, value in (("gmem_backing", backing), ("huge_split", split), ("huge_merge", merge)):
+        if value is not None and (not isinstance(value, str) or value not in _HUGE_POLICIES[name]):
+            raise ValueError(f"{name} must be one of {sorted(_HUGE_POLICIES[name])}, not {value!r}")
+    backing = backing or "buddy"
+    cfg.gmem_backing = _HUGE_POLICIES["gmem_backing"][backing]
+    hugetlb = backing == "hugetlb"
+    cfg.huge_split = _HUGE_POLICIES["huge_split"][split or ("fresh" if hugetlb else "never")]
+    cfg.huge_merge = _HUGE_POLICIES["huge_merge"][merge or ("eager" if hugetlb else "never")]
+    if pages is None:
+        pages = {}
+    if not isinstance(pages, dict):
+        raise TypeError(f"hugetlb_pages must be a dict like {{'1G': 2, '2M': 16}}, not {type(pages).__name__}")
+    for size, n in pages.items():
+        if size not in ("1G", "2M"):
+            raise ValueError(f"hugetlb_pages: sizes are '1G' and '2M', not {size!r}")
+        if size == "1G":
+            cfg.hugetlb_pages_1g = _int_arg(n, "hugetlb_pages['1G']", 0, 1 << 40)
+        else:
+            cfg.hugetlb_pages_2m = _int_arg(n, "hugetlb_pages['2M']", 0, 1 << 40)
+    return 0
+
+
 @cython.final
 cdef class Host:
     """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
@@ -318,6 +356,13 @@ cdef class Host:
     False as in a kernel built with CONFIG_KVM_VM_MEMORY_ATTRIBUTES; True: shared/private lives
     in the guest_memfd, KVM_SET_MEMORY_ATTRIBUTES2 on its fd) and
     content_modes (the RFC v4/v5 ZERO/PRESERVE flags of that ioctl, dropped from v7 on).
+
+    Huge pages (proposed upstream, in no kernel): gmem_backing="buddy" (2M folios from the
+    buddy allocator with huge_folios) or "hugetlb" (every guest_memfd from the pool);
+    hugetlb_pages={"1G": n, "2M": m} reserves the pool at boot (hugepages=), and lets files
+    ask for it with the proposed GUEST_MEMFD_FLAG_HUGETLB; huge_split="never"|"convert"|
+    "convert-2m"|"fresh" and huge_merge="never"|"eager"|"lazy" are the restructuring policies
+    (default: the HugeTLB WIP tree's "fresh"/"eager" for hugetlb, "never"/"never" for buddy).
     """
     cdef gmem_host *h
     cdef readonly str platform
@@ -342,7 +387,8 @@ cdef class Host:
                   memory_attributes=True, tdp=True, numa_nodes=1, prepare=None, prepared_tracking=None,
                   invalidate=None, huge_folios=False, reattach_private=False,
                   scramble_on_conversion=False, content_memfd=False, gmem_in_place_conversion=None,
-                  content_modes=False):
+                  content_modes=False, gmem_backing="buddy", hugetlb_pages=None, huge_split=None,
+                  huge_merge=None):
         cdef gmem_host_config cfg
         cdef const char *why = NULL
         cdef int r
@@ -374,6 +420,7 @@ cdef class Host:
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
         cfg.content_memfd = bool(content_memfd)     # gmem exec (_contents_memfd.pxi)
+        _huge_config(&cfg, gmem_backing, hugetlb_pages, huge_split, huge_merge)
         in_place = bool(gmem_in_place_conversion)
         modes = bool(content_modes)
         if in_place and kernel != "next":
@@ -463,7 +510,24 @@ cdef class Host:
             invalidate=[k for k, v in _POLICIES["invalidate"].items() if v == self.h.invalidate_policy][0],
             huge_folios=bool(self.h.huge_folios), reattach_private=bool(self.h.reattach_private),
             scramble_on_conversion=bool(self.h.scramble_on_conversion),
-            content_memfd=bool(self.h.content_memfd))
+            content_memfd=bool(self.h.content_memfd),
+            gmem_backing=_name_of(_HUGE_POLICIES["gmem_backing"], self.h.gmem_backing),
+            huge_split=_name_of(_HUGE_POLICIES["huge_split"], self.h.huge_split),
+            huge_merge=_name_of(_HUGE_POLICIES["huge_merge"], self.h.huge_merge))
+
+    @property
+    def hugetlb(self):
+        """The hugetlb pool by page size ("2M", "1G"): total, free and reserved huge pages
+        (HugePages_Total/Free/Rsvd), and the bytes freed inside split pool pages that cannot
+        go back until the rest of their page does (stranded_bytes)."""
+        held = _host_enter(self)
+        cdef hstate *hs
+        out = {}
+        for name, i in (("2M", HSTATE_2M), ("1G", HSTATE_1G)):
+            hs = &self.h.pm.hstates[i]
+            out[name] = dict(total=hs.nr_huge_pages, free=hs.free_huge_pages, reserved=hs.resv_huge_pages)
+        out["stranded_bytes"] = gmem_hugetlb_stranded_bytes(self.h)
+        return out
 
     # ------------------------------------------------------------- fds
     cdef int _install_fd(self, obj) except -1:

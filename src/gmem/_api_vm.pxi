@@ -139,12 +139,17 @@ cdef class Vm:
         return {i: self._vcpu_handle(i) for i in range(KVM_MAX_VCPU_IDS) if self.k.vcpus[i] != NULL}
 
     # --------------------------------------------------------- guest_memfd
-    def create_guest_memfd(self, size, flags=0):
-        """KVM_CREATE_GUEST_MEMFD: flags are checked before size (kvm_gmem_create)."""
+    def create_guest_memfd(self, size, flags=0, *, page_order=0):
+        """KVM_CREATE_GUEST_MEMFD: flags are checked before size (kvm_gmem_create).
+
+        Proposed uAPI (no kernel has it): flags=uapi.GUEST_MEMFD_FLAG_HUGETLB with log2 of the
+        page size in bits 58..63 (uapi.GUESTMEM_HUGETLB_FLAG_2MB / _1GB, RFC v2), or
+        page_order=9|18 (the WIP tree's struct field), takes the file from the hugetlb pool."""
         held = _host_enter(self.host)
         cdef gmem_file *f
         cdef uint64_t sz = _u64_wrap(size, "size"), fl = _u64_wrap(flags, "flags")
-        self.host._check(kvm_gmem_create(self._open("KVM_CREATE_GUEST_MEMFD"), sz, fl, &f),
+        cdef int order = _int_arg(page_order, "page_order", 0, 64)
+        self.host._check(kvm_gmem_create_order(self._open("KVM_CREATE_GUEST_MEMFD"), sz, fl, order, &f),
                          "KVM_CREATE_GUEST_MEMFD")
         return GuestMemfd._new(self, f)
 

@@ -146,7 +146,25 @@ cdef int kvm_vm_set_mem_attributes(kvm *kvm, uint64_t start, uint64_t end, uint6
         s = start if start > slot.base_gfn else slot.base_gfn
         e = end if end < slot.base_gfn + slot.npages else slot.base_gfn + slot.npages
         kvm_arch_post_set_memory_attributes(kvm, slot, s, e, attrs)
+        kvm_gmem_restructure_slot(slot, s, e, attrs)
         slot = _next_slot_in(kvm, &index, end)
     if found:
         kvm_mmu_invalidate_end(kvm)
     return r
+
+
+cdef void kvm_gmem_restructure_slot(kvm_memory_slot *slot, uint64_t s, uint64_t e, uint64_t attrs) noexcept nogil:
+    """Huge gmem folios follow a conversion of the VM's attributes as the proposals' in-place
+    conversion has them follow the file's (kvm_gmem_convert): split to shared, merge to
+    private. A split a reference forbids leaves the folio whole (counted: the VM ioctl has no
+    way to refuse), the 4K state is then the arch's, as with huge_split="never"."""
+    cdef gmem_inode *inode
+    if slot.gmem_file == NULL or slot.gmem_file.inode.page_order == 0:
+        return
+    inode = slot.gmem_file.inode
+    s = s - slot.base_gfn + slot.gmem_pgoff
+    e = e - slot.base_gfn + slot.gmem_pgoff
+    if attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+        kvm_gmem_merge_private(inode, s, e)
+    else:
+        kvm_gmem_split_for_shared(inode, s, e)

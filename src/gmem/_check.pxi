@@ -100,6 +100,41 @@ cdef int phys_check(const physmem *pm, char *buf, size_t len) noexcept nogil:
     if free_pages != pm.nr_free_pages:
         snprintf(buf, len, "nr_free_pages %llu != %llu free pages found", <ull>pm.nr_free_pages, <ull>free_pages)
         return -1
+    return hugetlb_check(pm, buf, len)
+
+
+cdef int hugetlb_check(const physmem *pm, char *buf, size_t len) noexcept nogil:
+    """The pool: a free huge page holds no folio, a page in use holds only its own (PG_hugetlb,
+    inside it); the counts match the marks; no more reserved than free."""
+    cdef uint64_t idx, v, nfree, first, at
+    cdef int hs, order, o
+    cdef folio *f
+    for hs in range(HUGE_MAX_HSTATE):
+        order = pm.hstates[hs].order
+        idx = 0
+        nfree = 0
+        while xa_find(&pm.hstates[hs].pages, &idx, INVALID_GFN, XA_NO_MARK, &v):
+            at = idx << order
+            if xa_get_mark(&pm.hstates[hs].pages, idx, HSTATE_FREE_MARK):
+                nfree += 1
+                if xa_find_entry(&pm.memmap, at, at + _mask(order), XA_NO_MARK, &first, &o, &v):
+                    snprintf(buf, len, "hugetlb: free huge page at pfn 0x%llx holds folio %llu", <ull>at, <ull>v)
+                    return -1
+            else:
+                first = at
+                while xa_find_entry(&pm.memmap, first, at + _mask(order), XA_NO_MARK, &first, &o, &v):
+                    f = folio_get(pm, <uint32_t>v)
+                    if not f.flags & PG_hugetlb or o > order:
+                        snprintf(buf, len, "hugetlb: huge page at pfn 0x%llx holds folio %llu that is not "
+                                 "one of its own", <ull>at, <ull>v)
+                        return -1
+                    first += _pages(o)
+            idx += 1
+        if nfree != pm.hstates[hs].free_huge_pages or pm.hstates[hs].resv_huge_pages > nfree:
+            snprintf(buf, len, "hugetlb: %llu free huge pages of order %d found, counted %llu, reserved %llu",
+                     <ull>nfree, order, <ull>pm.hstates[hs].free_huge_pages,
+                     <ull>pm.hstates[hs].resv_huge_pages)
+            return -1
     return 0
 
 
@@ -223,6 +258,10 @@ cdef int spte_check(kvm *kvm, const kvm_spte_info *s, char *buf, size_t len) noe
         if f.pfn + (idx - ffirst) != s.pfn:
             snprintf(buf, len, "%s: gmem index 0x%llx holds pfn 0x%llx%s", where, <ull>idx,
                      <ull>(f.pfn + idx - ffirst), gap)
+            return -1
+        if forder < order:
+            snprintf(buf, len, "%s: a huge SPTE maps across a split (the folio at gmem index 0x%llx "
+                     "is order %d)", where, <ull>idx, forder)
             return -1
     return 0
 
@@ -485,6 +524,9 @@ cdef int gmem_rmp_check(gmem_host *h, char *buf, size_t len) noexcept nogil:
 cdef int gmem_host_check(gmem_host *h, char *buf, size_t len) noexcept nogil:
     cdef kvm *k
     cdef gmem_inode *inode
+    cdef uint64_t resv[2]
+    cdef int hs
+    resv[0] = resv[1] = 0
     buf[0] = 0
     if phys_check(&h.pm, buf, len) or _xa_check_named(&h.page_data, "page contents", buf, len):
         return -1
@@ -492,7 +534,13 @@ cdef int gmem_host_check(gmem_host *h, char *buf, size_t len) noexcept nogil:
     while inode != NULL:
         if inode_check(inode, buf, len):
             return -1
+        resv[inode.hstate] += inode.hugetlb_resv if inode.hstate >= 0 else 0
         inode = inode.next
+    for hs in range(HUGE_MAX_HSTATE):
+        if resv[hs] != h.pm.hstates[hs].resv_huge_pages:
+            snprintf(buf, len, "hugetlb: the files hold %llu reservations of order %d, the pool counts %llu",
+                     <ull>resv[hs], h.pm.hstates[hs].order, <ull>h.pm.hstates[hs].resv_huge_pages)
+            return -1
     k = h.vms
     while k != NULL:
         if vm_check(k, buf, len):

@@ -13,14 +13,14 @@
 #                    each other through: they may change with any commit.
 # src/gmem/README.md says which .pxi file holds which kernel file's rules.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 
 # ======================================================================================
 #                                        STABLE
 # ======================================================================================
 
 cdef enum:
-    GMEM_CAPI_VERSION = 5
+    GMEM_CAPI_VERSION = 6
 
 # Opaque to stable users: reach them only through the calls below.
 ctypedef struct gmem_host
@@ -62,6 +62,12 @@ cdef enum:
     GUEST_MEMFD_FLAG_MMAP = 1 << 0
     KVM_GUEST_MEMFD_ALLOW_HUGEPAGE = 1 << 0   # the RFC's base (6.8-rc), dropped before 6.8
     GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+    # proposed uAPI, in no kernel: HugeTLB-backed guest_memfd (Ackerley Tng's "1G page support
+    # for guest_memfd" RFC v2, 2025-05): the flag, and log2 of the page size in bits 58..63
+    # (0: the default size), as MAP_HUGE_* encodes it
+    GUEST_MEMFD_FLAG_HUGETLB = 1 << 2
+    GUESTMEM_HUGETLB_FLAG_SHIFT = 58
+    GUESTMEM_HUGETLB_FLAG_MASK = 0x3f
     # capabilities (KVM_CHECK_EXTENSION)
     KVM_CAP_NR_MEMSLOTS = 10
     KVM_CAP_READONLY_MEM = 81
@@ -103,6 +109,17 @@ cdef enum:
     GMEM_TRACK_ARCH = 1             # gmem does not track; the arch hook must be idempotent
     GMEM_INVALIDATE_FREE_FOLIO = 0
     GMEM_INVALIDATE_INVALIDATE_FOLIO = 1
+    # huge pages (proposed upstream; gmem.Host(gmem_backing=, huge_split=, huge_merge=))
+    GMEM_BACKING_BUDDY = 0          # THP-like 2M folios from the buddy allocator (huge_folios)
+    GMEM_BACKING_HUGETLB = 1        # every guest_memfd from the hugetlb pool
+    GMEM_HUGE_SPLIT_NEVER = 0       # the folio stays whole; the arch tracks 4K state (RFC 2023)
+    GMEM_HUGE_SPLIT_CONVERT = 1     # to shared: the huge folio goes to order 0
+    GMEM_HUGE_SPLIT_CONVERT_2M = 2  # ... a 1G folio to 2M first, only the 2M parts touched to 0
+    GMEM_HUGE_SPLIT_FRESH = 3       # CONVERT, and a new folio goes to 0 at once unless its
+                                    # whole range is private (the HugeTLB WIP tree)
+    GMEM_HUGE_MERGE_NEVER = 0
+    GMEM_HUGE_MERGE_EAGER = 1       # at the conversion that makes the whole range private
+    GMEM_HUGE_MERGE_LAZY = 2        # at the next kvm_gmem_get_pfn in the range
 
 cdef extern from *:
     # arch/x86/include/asm/kvm_host.h: the 64-bit error code's bits (constants, so the compiler
@@ -164,6 +181,8 @@ cdef enum:
     HOST_STAT_GMEM_INVALIDATE_PAGES
     HOST_STAT_ALLOC_FAILURES
     HOST_STAT_HOOK_ERRORS
+    HOST_STAT_FOLIO_MERGES          # huge folios restructured back (huge_merge)
+    HOST_STAT_HUGE_EAGAIN           # punches and merges refused for a reference (-EAGAIN)
     HOST_NR_STATS
 
 # gmem.Host(...) as a C struct: gmem_host_config_init() fills in the defaults (Linux 6.18).
@@ -184,6 +203,11 @@ ctypedef struct gmem_host_config:
     int scramble_on_conversion      # SW_PROTECTED: a converted page reads back as garbage
     int content_memfd               # gmem exec: each inode's contents in a memfd another
                                     # process can map (_contents_memfd.pxi)
+    int gmem_backing                # GMEM_BACKING_*
+    uint64_t hugetlb_pages_2m       # the hugetlb pool reserved at boot (hugepages=)
+    uint64_t hugetlb_pages_1g
+    int huge_split                  # GMEM_HUGE_SPLIT_*
+    int huge_merge                  # GMEM_HUGE_MERGE_*
 
 # struct kvm_userspace_memory_region2 (guest_memfd is resolved by the caller: see
 # kvm_set_memory_region)
@@ -427,6 +451,11 @@ cdef enum:
     PG_private = 1 << 1          # folio->private holds data (invalidate_folio policy)
     PG_hwpoison = 1 << 2         # memory failure (kvm_gmem_error_folio)
     PG_leaked = 1 << 3           # snp_leak_pages: never given back to the allocator
+    PG_hugetlb = 1 << 4          # from the hugetlb pool: freed pages go back to their huge page
+    # mm/hugetlb.c: the pool's page sizes
+    HSTATE_2M = 0
+    HSTATE_1G = 1
+    HUGE_MAX_HSTATE = 2
 
 ctypedef struct folio:
     uint64_t pfn
@@ -436,6 +465,14 @@ ctypedef struct folio:
     int32_t refcount
     uint8_t order
     uint8_t flags
+
+# struct hstate: the pool of one huge page size, taken from the buddy allocator at boot
+ctypedef struct hstate:
+    uint8_t order
+    uint64_t nr_huge_pages      # HugePages_Total
+    uint64_t free_huge_pages    # HugePages_Free: no folio in them
+    uint64_t resv_huge_pages    # HugePages_Rsvd: promised to files, not yet in use
+    xarray pages                # head pfn >> order -> 1, marked (HSTATE_FREE_MARK) while free
 
 # Host physical memory: pfns [start_pfn, end_pfn).  Pfns at and above the
 # watermark have never been handed out and take no memory to describe, so a
@@ -461,6 +498,7 @@ ctypedef struct physmem:
     uint32_t nr_nodes            # NUMA nodes: node n is [node_end[n - 1] (or start_pfn), node_end[n]);
     uint64_t node_end[8]         # no free block crosses a node's end
     xa_state memmap_xas          # folio_alloc's cursor in it
+    hstate hstates[2]            # the hugetlb pool: HSTATE_2M, HSTATE_1G
 
 cdef int phys_init(physmem *pm, uint64_t start_pfn, uint64_t nr_pages) noexcept nogil
 cdef void phys_destroy(physmem *pm) noexcept nogil
@@ -477,8 +515,9 @@ cdef uint64_t phys_nr_free_blocks(const physmem *pm, int order) noexcept nogil
 cdef folio *folio_get(const physmem *pm, uint32_t id) noexcept nogil
 # 0 and *id, or -ENOMEM.  The folio starts with refcount 1, no mapping, no flags.
 cdef int folio_alloc(physmem *pm, int order, uint32_t *id) noexcept nogil
-# Drop the folio and give its pages back to the allocator.
-cdef void folio_free(physmem *pm, uint32_t id) noexcept nogil
+# Drop the folio and give its pages back to the allocator (or, from the hugetlb pool, to
+# their huge page: 1 when that made the huge page free).
+cdef int folio_free(physmem *pm, uint32_t id) noexcept nogil
 # Split into folios of new_order (head keeps id and private word; tails are new
 # ids with the same mapping, consecutive indices and flags).  0 or -ENOMEM.
 cdef int folio_split(physmem *pm, uint32_t id, int new_order) noexcept nogil
@@ -515,6 +554,7 @@ cdef enum:
     TRACE_TDX_ACCEPT            # a = gpa, b = pfn, d = TDX status (a vCPU's)
     TRACE_MAP_GPA_RANGE         # a = gpa, b = npages, c = attributes, d = hypercall.ret (a vCPU's:
                                 # the KVM_HC_MAP_GPA_RANGE exit of a PSC or MapGPA, as answered)
+    TRACE_FOLIO_MERGE           # a = head pfn, b = new order (huge_merge, or before a hugetlb free)
     TRACE_NR_EVENTS
 
 ctypedef struct gmem_trace_rec:
@@ -663,6 +703,9 @@ ctypedef struct gmem_host:
     uint8_t scramble_on_conversion  # SW_PROTECTED: a converted page's old contents are garbage
     uint8_t gmem_in_place_conversion  # "next": kvm.gmem_in_place_conversion (per-inode attributes)
     uint8_t content_modes       # "next" + RFC v4/v5: KVM_SET_MEMORY_ATTRIBUTES2 content modes
+    uint8_t gmem_backing        # GMEM_BACKING_*
+    uint8_t huge_split          # GMEM_HUGE_SPLIT_*
+    uint8_t huge_merge          # GMEM_HUGE_MERGE_*
     uint64_t gmem_conversions   # KVM_SET_MEMORY_ATTRIBUTES2 calls that changed attributes
     uint64_t gmem_make_shared_calls   # the arch's make_shared hook, and the pages it was given
     uint64_t gmem_make_shared_pages
@@ -698,6 +741,9 @@ ctypedef struct gmem_inode:
     uint64_t flags              # GUEST_MEMFD_FLAG_* (the RFC: KVM_GUEST_MEMFD_ALLOW_HUGEPAGE)
     uint64_t mmap_flags         # flags & GUEST_MEMFD_FLAG_MMAP where the kernel has it (6.18+)
     uint8_t allow_hugepage      # the RFC's KVM_GUEST_MEMFD_ALLOW_HUGEPAGE: 2M THP folios
+    uint8_t page_order          # order of the huge folios it gets (0: 4K only)
+    int8_t hstate               # HSTATE_* of a hugetlb inode, else -1
+    uint64_t hugetlb_resv       # pool pages reserved for it at create (subpool)
     uint32_t ino
     int vm_type                 # of the VM that created it: whose gmem_invalidate runs
     xarray filemap              # page index -> folio id

@@ -25,7 +25,8 @@ _TraceEvent: TypeAlias = Literal["kvm_page_fault", "spte_install", "spte_zap", "
                                  "gmem_prepare", "gmem_invalidate", "rmpupdate", "psmash", "pvalidate",
                                  "kvm_set_memory_attributes", "gmem_fallocate", "folio_split",
                                  "memory_failure", "tdx_page_aug", "tdx_page_add", "tdx_range_block",
-                                 "tdx_track", "tdx_page_remove", "tdx_accept", "kvm_map_gpa_range"]
+                                 "tdx_track", "tdx_page_remove", "tdx_accept", "kvm_map_gpa_range",
+                                 "folio_merge"]
 _HookName: TypeAlias = Literal["is_private_fault", "gmem_prepare", "gmem_invalidate",
                                "private_max_mapping_level", "gmem_make_shared"]
 # a structured numpy array (FAULT_DTYPE, TRACE_DTYPE, RMP_DTYPE or PAGE_STATE_DTYPE)
@@ -48,6 +49,9 @@ class _HostOptions(TypedDict):
     reattach_private: bool
     scramble_on_conversion: bool
     content_memfd: bool
+    gmem_backing: Literal["buddy", "hugetlb"]
+    huge_split: Literal["never", "convert", "convert-2m", "fresh"]
+    huge_merge: Literal["never", "eager", "lazy"]
 
 class _Memslot(TypedDict):
     slot: int
@@ -264,7 +268,14 @@ class Host:
         content_memfd: bool = False,
         gmem_in_place_conversion: bool | None = None,
         content_modes: bool = False,
+        gmem_backing: Literal["buddy", "hugetlb"] = "buddy",
+        hugetlb_pages: dict[str, int] | None = None,
+        huge_split: Literal["never", "convert", "convert-2m", "fresh"] | None = None,
+        huge_merge: Literal["never", "eager", "lazy"] | None = None,
     ) -> None: ...
+    @property
+    def hugetlb(self) -> dict[str, Any]:
+        """The hugetlb pool by size: total, free, reserved; and stranded_bytes."""
     @property
     def gmem_in_place_conversion(self) -> bool:
         """kvm.gmem_in_place_conversion ("next"): attributes live in the guest_memfd."""
@@ -455,7 +466,7 @@ class Vm:
         """KVM_CREATE_VCPU."""
     @property
     def vcpus(self) -> dict[int, Vcpu]: ...
-    def create_guest_memfd(self, size: _Int, flags: _Int = 0) -> GuestMemfd:
+    def create_guest_memfd(self, size: _Int, flags: _Int = 0, *, page_order: _Int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD."""
     def link_guest_memfd(self, src: GuestMemfd) -> GuestMemfd:
         """A new guest_memfd of this VM on the same inode as src (proposed KVM_LINK_GUEST_MEMFD)."""
@@ -604,6 +615,7 @@ class GuestMemfd:
         """mmap(2) of the file (needs GUEST_MEMFD_FLAG_MMAP)."""
     def set_memory_attributes(self, offset: _Int, size: _Int, attributes: _Int, flags: _Int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES2 on this fd ("next"); OSError carries .error_offset."""
+    def folios(self) -> list[tuple[int, int, int]]: ...
     def get_policy(self, offset: _Int) -> tuple[int, tuple[int, ...]]: ...
     def get_memory_attributes(self, offset: _Int) -> int:
         """The inode's attributes at offset (in-place conversion only; else ENOTTY)."""

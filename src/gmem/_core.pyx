@@ -21,10 +21,12 @@ cnp.import_array()
 include "_xarray.pxi"        # lib/xarray.c: the XArray
 include "_maple.pxi"         # lib/maple_tree.c: ranges of values (guest_memfd attributes, "next")
 include "_physmem.pxi"       # mm/page_alloc.c, struct folio: the buddy allocator and folio table
+include "_hugetlb.pxi"       # mm/hugetlb.c: the pool of 2M/1G pages, reservations, restructuring
 include "_trace.pxi"         # include/trace/events/kvm.h: tracepoints into a ring
 include "_host.pxi"          # the simulated machine: page contents, the VMM's memory, the platform
 include "_mempolicy.pxi"     # mm/mempolicy.c: NUMA policies of guest_memfd (mbind, 6.19+)
 include "_kvm_main.pxi"      # virt/kvm/kvm_main.c: VMs, vCPUs, memslots, attributes, invalidation
+include "_gmem_huge.pxi"     # guest_memfd's huge folios (proposed): pool files, split/merge policies
 include "_guest_memfd.pxi"   # virt/kvm/guest_memfd.c: inodes, files, bindings, fallocate, get_pfn
 include "_contents_memfd.pxi"  # gmem exec: guest_memfd contents in memfds (Host(content_memfd=True))
 include "_attributes.pxi"    # kvm_vm_set_mem_attributes with x86's pre/post hooks (lpage mixed)

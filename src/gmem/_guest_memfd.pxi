@@ -69,8 +69,8 @@ cdef inline int kvm_gmem_get_folio(gmem_inode *inode, xa_state *xas, uint64_t in
     """filemap_grab_folio: the folio at index, allocated if absent (2M when
     huge_folios allows: an aligned, empty 2M range inside i_size). xas: the caller's
     cursor, on the filemap or elsewhere."""
-    cdef uint64_t v, first, old, base
-    cdef int order = 0, k
+    cdef uint64_t v, old
+    cdef int order
     cdef gmem_host *host = inode.host
     cdef uint32_t i
     cdef folio *f
@@ -78,27 +78,27 @@ cdef inline int kvm_gmem_get_folio(gmem_inode *inode, xa_state *xas, uint64_t in
     if xas_load(xas, &v):
         id[0] = <uint32_t>v
         return 0
-    if host.huge_folios or inode.allow_hugepage:
-        base = index & ~_mask(HPAGE_ORDER)
-        if (base + _pages(HPAGE_ORDER) <= inode.size >> 12 and
-                not xa_find_entry(&inode.filemap, base, base + _mask(HPAGE_ORDER), XA_NO_MARK, &first, &k, &v)):
-            order = HPAGE_ORDER
-    if kvm_gmem_alloc_folio(inode, index, order, &i) < 0 and (order == 0 or
-                                                            kvm_gmem_alloc_folio(inode, index, 0, &i) < 0):
+    if kvm_gmem_alloc_huge(inode, index, &i) < 0:
         host.stats[HOST_STAT_ALLOC_FAILURES] += 1
         return -ENOMEM
     f = folio_get(&host.pm, i)
-    if f.order == 0:
-        order = 0
+    order = f.order
     f.mapping = inode.ino
     f.index = index & ~_mask(order)
     xas_set(xas, f.index)
     if xas_store(xas, order, i, &old) < 0:
-        folio_free(&host.pm, i)
+        kvm_gmem_free_huge(inode, folio_free(&host.pm, i))
         host.stats[HOST_STAT_ALLOC_FAILURES] += 1
         return -ENOMEM
     host.stats[HOST_STAT_FOLIOS_ALLOCATED] += 1
     id[0] = i
+    if order and host.huge_split == GMEM_HUGE_SPLIT_FRESH and not kvm_gmem_range_private(
+            inode, f.index, _pages(order)):
+        # __maybe_split_fresh_folio: huge only if every page of it is private
+        if kvm_gmem_split_to(inode, f.index, i, 0) == 0:
+            xa_load(&inode.filemap, index, &v)
+            id[0] = <uint32_t>v
+        xas_set_xa(xas, &inode.filemap, index)       # the split rebuilt the leaf
     return 0
 
 
@@ -130,37 +130,14 @@ cdef void kvm_gmem_free_folio(gmem_inode *inode, uint32_t id) noexcept nogil:
         # a poisoned page, or one the invalidate hook could not give back (snp_leak_pages),
         # never returns to the allocator
         f.mapping = 0
-        f.flags = (f.flags & PG_hwpoison) | PG_leaked
+        f.flags = (f.flags & (PG_hwpoison | PG_hugetlb)) | PG_leaked
         return
-    folio_free(&host.pm, id)
+    kvm_gmem_free_huge(inode, folio_free(&host.pm, id))
 
 
 cdef int kvm_gmem_split_folio(gmem_inode *inode, uint64_t first, uint32_t id) noexcept nogil:
     """Split a huge folio into 4K folios (truncate_inode_partial_folio -> split_folio)."""
-    cdef int r
-    cdef uint64_t k, old
-    cdef folio *f = folio_get(&inode.host.pm, id)
-    cdef int had_private
-    if f.refcount != 1:
-        return -EAGAIN          # can_split_folio(): a GUP pin or reference holds the folio whole
-    r = xa_split(&inode.filemap, first, 0)
-    if r < 0:
-        return r
-    r = folio_split(&inode.host.pm, id, 0)
-    if r < 0:
-        # undo the filemap split: one entry again
-        xa_store_order(&inode.filemap, first, HPAGE_ORDER, id, &old)
-        return r
-    f = folio_get(&inode.host.pm, id)
-    had_private = f.flags & PG_private
-    for k in range(_pages(HPAGE_ORDER)):
-        xa_store_order(&inode.filemap, first + k, 0, pfn_folio(&inode.host.pm, f.pfn + k), &old)
-        if had_private and inode.host.reattach_private:
-            # the scan the RFC cover letter suggests: every tail gets the head's private data back
-            folio_get(&inode.host.pm, pfn_folio(&inode.host.pm, f.pfn + k)).flags |= PG_private
-    inode.host.stats[HOST_STAT_FOLIO_SPLITS] += 1
-    gmem_trace(inode.host, TRACE_FOLIO_SPLIT, TRACE_NO_VCPU, f.pfn, HPAGE_ORDER, 0, 0)
-    return 0
+    return kvm_gmem_split_to(inode, first, id, 0)
 
 
 cdef void kvm_gmem_truncate(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
@@ -168,6 +145,7 @@ cdef void kvm_gmem_truncate(gmem_inode *inode, uint64_t start, uint64_t end) noe
     split huge folios that stick out (never touching their contents)."""
     cdef uint64_t index = start, first, v
     cdef int order
+    kvm_gmem_merge_for_truncate(inode, start, end)
     while index < end and xa_find_entry(&inode.filemap, index, end - 1, XA_NO_MARK, &first, &order, &v):
         if first < start or first + _pages(order) > end:
             if kvm_gmem_split_folio(inode, first, <uint32_t>v) == 0:
@@ -237,11 +215,15 @@ cdef void kvm_gmem_invalidate_end(gmem_inode *inode) noexcept nogil:
         f = f.next
 
 
-cdef void kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
+cdef int kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
+    cdef int r = kvm_gmem_punch_check(inode, start, end)
+    if r:
+        return r
     unmap_mapping_pages(inode, start, end - start)     # truncate_pagecache_range
     kvm_gmem_invalidate_begin(inode, start, end)
     kvm_gmem_truncate(inode, start, end)
     kvm_gmem_invalidate_end(inode)
+    return 0
 
 
 # ----------------------------------------------------------------- prepare
@@ -408,6 +390,9 @@ cdef inline int __kvm_gmem_get_pfn(kvm *kvm, kvm_memory_slot *slot, uint64_t gfn
     if r:
         return r
     f = folio_get(&kvm.host.pm, id)
+    if f.order < file.inode.page_order and kvm.host.huge_merge == GMEM_HUGE_MERGE_LAZY:
+        id = kvm_gmem_merge_lazy(file.inode, &cur.filemap, index, id)
+        f = folio_get(&kvm.host.pm, id)
     if f.flags & PG_hwpoison:
         return -EHWPOISON
     r = kvm_gmem_prepare_folio(kvm, slot, file.inode, f)
@@ -433,12 +418,26 @@ cdef uint64_t kvm_gmem_get_supported_flags(kvm *kvm) noexcept nogil:
     if kvm != NULL and kvm.host.kernel == GMEM_KERNEL_RFC_2023:
         return KVM_GUEST_MEMFD_ALLOW_HUGEPAGE   # the RFC's base (6.8-rc): THP only, no mmap
     if kvm != NULL and kvm.has_private_mem and not kvm.host.gmem_in_place_conversion:
-        return GUEST_MEMFD_FLAG_MMAP
-    return GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+        return GUEST_MEMFD_FLAG_MMAP | kvm_gmem_hugetlb_flags(kvm.host)
+    return GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | (kvm_gmem_hugetlb_flags(kvm.host) if kvm != NULL else 0)
+
+
+cdef inline uint64_t kvm_gmem_hugetlb_flags(const gmem_host *h) noexcept nogil:
+    """CONFIG_KVM_GMEM_HUGETLB (proposed): offered where the host has a hugetlb pool."""
+    if h.gmem_backing == GMEM_BACKING_HUGETLB or h.pm.hstates[HSTATE_2M].nr_huge_pages or \
+            h.pm.hstates[HSTATE_1G].nr_huge_pages:
+        return GUEST_MEMFD_FLAG_HUGETLB | (<uint64_t>GUESTMEM_HUGETLB_FLAG_MASK << GUESTMEM_HUGETLB_FLAG_SHIFT)
+    return 0
 
 
 cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **out) noexcept nogil:
-    """KVM_CREATE_GUEST_MEMFD: flags are checked before size."""
+    return kvm_gmem_create_order(kvm, size, flags, 0, out)
+
+
+cdef int kvm_gmem_create_order(kvm *kvm, uint64_t size, uint64_t flags, int page_order,
+                               gmem_file **out) noexcept nogil:
+    """KVM_CREATE_GUEST_MEMFD: flags are checked before size; page_order is the HugeTLB WIP
+    tree's field of the struct (proposed uAPI; 0: the flags say)."""
     cdef gmem_host *h = kvm.host
     cdef gmem_inode *inode
     cdef gmem_inode **pp
@@ -461,6 +460,11 @@ cdef int kvm_gmem_create(kvm *kvm, uint64_t size, uint64_t flags, gmem_file **ou
     inode.allow_hugepage = h.kernel == GMEM_KERNEL_RFC_2023 and flags & KVM_GUEST_MEMFD_ALLOW_HUGEPAGE
     inode.mmap_flags = 0 if h.kernel == GMEM_KERNEL_RFC_2023 else flags & GUEST_MEMFD_FLAG_MMAP
     inode.vm_type = kvm.vm_type             # indexes the host's hook table on free
+    r = kvm_gmem_huge_setup(inode, flags, page_order)
+    if r < 0:
+        xa_destroy(&inode.filemap)
+        free(inode)
+        return r
     # "next": every index present, PRIVATE unless the file starts shared
     if mt_init(&inode.attributes, 0 if flags & GUEST_MEMFD_FLAG_INIT_SHARED
                else KVM_MEMORY_ATTRIBUTE_PRIVATE) < 0:
@@ -568,6 +572,7 @@ cdef void kvm_gmem_evict_inode(gmem_inode *inode) noexcept nogil:
     cdef gmem_inode **pp = &inode.host.inodes
     inode.host.inode_gen += 1           # a batch's ring stops reading its filemap
     kvm_gmem_truncate(inode, 0, <uint64_t>0xFFFFFFFFFFFFFFFF)
+    kvm_gmem_huge_release(inode)
     gmem_contents_release(inode)
     xa_destroy(&inode.filemap)
     mt_destroy(&inode.attributes)
@@ -665,9 +670,11 @@ cdef int _kvm_gmem_fallocate(gmem_file *file, uint64_t mode, uint64_t offset, ui
         return _refuse(h, -EOPNOTSUPP, "guest_memfd allows only KEEP_SIZE [| PUNCH_HOLE]")
     if offset & 4095 or len & 4095:
         return _refuse(h, -EINVAL, "offset and len must be page aligned")
+    if inode.hstate >= 0 and (offset | len) & ((<uint64_t>4096 << inode.page_order) - 1):
+        return _refuse(h, -EINVAL, "a hugetlb guest_memfd allocates and punches whole huge pages "
+                       "(offset and len multiples of the huge page size)")
     if mode & FALLOC_FL_PUNCH_HOLE:
-        kvm_gmem_punch_hole(inode, offset >> 12, (offset + len) >> 12)   # no EOF check
-        return 0
+        return kvm_gmem_punch_hole(inode, offset >> 12, (offset + len) >> 12)   # no EOF check
     if offset + len > inode.size:
         return _refuse(h, -EINVAL, "offset + len past i_size")
     r = kvm_gmem_allocate(inode, offset >> 12, (offset + len) >> 12)
@@ -1153,9 +1160,17 @@ cdef int kvm_gmem_set_attributes(gmem_file *file, kvm_memory_attributes2 *a) noe
                            "reference): error_offset is the first")
     kvm_gmem_invalidate_start(inode, start, end, KVM_FILTER_SHARED if to_private else KVM_FILTER_PRIVATE)
     if not to_private:
+        r = kvm_gmem_split_for_shared(inode, start, end)
+        if r < 0:
+            kvm_gmem_invalidate_end(inode)
+            a.error_offset = a.offset
+            return _refuse(h, r, "a huge folio of the range could not be restructured to order 0 "
+                           "(kvm_gmem_restructure: still referenced, or out of memory)")
         kvm_gmem_make_shared(inode, start, end)
     mt_store(&inode.attributes, start, end - 1, a.attributes)
     kvm_gmem_apply_content_mode(file, start, end, mode)
+    if to_private:
+        kvm_gmem_merge_private(inode, start, end)
     kvm_gmem_invalidate_end(inode)
     h.gmem_conversions += 1
     return 0

@@ -176,7 +176,8 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
                   "(their Kconfig selects KVM_GENERIC_MEMORY_ATTRIBUTES)")
         return -EINVAL
     if not (0 <= cfg.prepare_policy <= 1 and 0 <= cfg.prepared_tracking <= 1
-            and 0 <= cfg.invalidate_policy <= 1):
+            and 0 <= cfg.invalidate_policy <= 1 and 0 <= cfg.gmem_backing <= GMEM_BACKING_HUGETLB
+            and 0 <= cfg.huge_split <= GMEM_HUGE_SPLIT_FRESH and 0 <= cfg.huge_merge <= GMEM_HUGE_MERGE_LAZY):
         why[0] = "unknown policy"
         return -EINVAL
     if not GMEM_KERNEL_RFC_2023 <= cfg.kernel <= GMEM_KERNEL_NEXT:
@@ -193,6 +194,17 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
         free(h)
         why[0] = "numa_nodes must be 1 to 8, each node at least 2 MiB"
         return -EINVAL
+    hugetlb_init(&h.pm)
+    if hugetlb_pool_grow(&h.pm, HSTATE_1G, cfg.hugetlb_pages_1g) < 0 or \
+            hugetlb_pool_grow(&h.pm, HSTATE_2M, cfg.hugetlb_pages_2m) < 0:
+        hugetlb_destroy(&h.pm)
+        phys_destroy(&h.pm)
+        free(h)
+        why[0] = "hugetlb_pages: the memory cannot hold that pool"
+        return -EINVAL
+    h.gmem_backing = cfg.gmem_backing
+    h.huge_split = cfg.huge_split
+    h.huge_merge = cfg.huge_merge
     h.pm.pcp_enabled = 1
     xa_init(&h.page_data)
     xa_init(&h.user_pages)
@@ -246,6 +258,7 @@ cdef void gmem_host_put(gmem_host *h) noexcept nogil:
     xa_destroy(&h.user_pages)
     xa_destroy(&h.user_mapped)
     snp_rmptable_destroy(h)
+    hugetlb_destroy(&h.pm)
     phys_destroy(&h.pm)
     gmem_page_pool_destroy(&h.pt_pool)
     free(h.trace_buf)

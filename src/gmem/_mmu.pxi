@@ -32,6 +32,20 @@ cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int fi
     return zapped
 
 
+cdef void kvm_zap_huge_leafs(kvm *kvm, uint64_t start, uint64_t end, int max_level) noexcept nogil:
+    """Zap the leaves above max_level overlapping [start, end), in every root: what must go
+    before the folios under them are split (smaller leaves keep mapping the same pfns)."""
+    cdef uint64_t zapped = 0
+    cdef int root
+    if max_level >= KVM_MAX_HUGEPAGE_LEVEL or end <= start:
+        return
+    for root in range(TDP_NR_ROOTS):
+        zapped += tdp_mmu_zap_leafs(kvm, root, start, end, max_level + 1)
+    if zapped:
+        kvm.stats[VM_STAT_ZAPPED_SPTES] += zapped
+        kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
+
+
 ctypedef struct kvm_page_fault:
     uint64_t error_code
     uint64_t gfn

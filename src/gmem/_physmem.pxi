@@ -372,17 +372,24 @@ cdef int folio_alloc(physmem *pm, int order, uint32_t *id) noexcept nogil:
 
 cdef int folio_alloc_node(physmem *pm, int order, int nid, uint32_t *id) noexcept nogil:
     """A folio of order on node nid (any node, lowest first, if nid < 0): 0 or -ENOMEM."""
-    cdef uint64_t pfn, old
+    cdef uint64_t pfn
+    if (phys_alloc(pm, order, &pfn) if nid < 0 else phys_alloc_node(pm, order, nid, &pfn)) < 0:
+        return -ENOMEM
+    if _folio_install(pm, pfn, order, id) < 0:
+        phys_free(pm, pfn, order)
+        return -ENOMEM
+    return 0
+
+
+cdef int _folio_install(physmem *pm, uint64_t pfn, int order, uint32_t *id) noexcept nogil:
+    """A new folio struct for the allocated block at pfn: 0 and *id, or -ENOMEM."""
+    cdef uint64_t old
     cdef uint32_t i
     cdef folio *f
     if _folio_new_id(pm, &i) < 0:
         return -ENOMEM
-    if (phys_alloc(pm, order, &pfn) if nid < 0 else phys_alloc_node(pm, order, nid, &pfn)) < 0:
-        _folio_release_id(pm, i)
-        return -ENOMEM
     xas_set(&pm.memmap_xas, pfn)          # allocations mostly go up: one leaf per 64 pfns
     if xas_store(&pm.memmap_xas, order, i, &old) < 0:
-        phys_free(pm, pfn, order)
         _folio_release_id(pm, i)
         return -ENOMEM
     f = folio_get(pm, i)
@@ -395,13 +402,18 @@ cdef int folio_alloc_node(physmem *pm, int order, int nid, uint32_t *id) noexcep
     return 0
 
 
-cdef void folio_free(physmem *pm, uint32_t id) noexcept nogil:
+cdef int folio_free(physmem *pm, uint32_t id) noexcept nogil:
+    """Drop the folio; its pages go back to the allocator, or to their pool page (PG_hugetlb):
+    1 when that made a whole pool page free, else 0."""
     cdef folio *f = folio_get(pm, id)
-    cdef uint64_t old
+    cdef uint64_t old, pfn = f.pfn
+    cdef bint hugetlb = f.flags & PG_hugetlb
     xa_erase(&pm.memmap, f.pfn, &old)
-    phys_free(pm, f.pfn, f.order)
+    if not hugetlb:
+        phys_free(pm, f.pfn, f.order)
     _folio_release_id(pm, id)
     pm.nr_folios -= 1
+    return hugetlb_free_pages(pm, pfn) if hugetlb else 0
 
 
 cdef int folio_split(physmem *pm, uint32_t id, int new_order) noexcept nogil:

@@ -335,23 +335,46 @@ cdef rmp_entry_info rmp_entry_decode(uint64_t raw) noexcept nogil:
 # ------------------------------------------------------------ KVM's hooks
 
 cdef int sev_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
+    """sev_gmem_prepare: the folio's pages private in the RMP. A huge folio (proposed: no
+    kernel hands one out) is taken 2M at a time, so a 1G folio is 512 2M RMP entries (RMP
+    entries are 4K or 2M)."""
+    cdef uint64_t k = 0
+    cdef int r
+    if order < 9:
+        return sev_gmem_prepare_2m(kvm, gfn, pfn, order)
+    while k < _pages(order):
+        r = sev_gmem_prepare_2m(kvm, gfn + k, pfn + k, 9)
+        if r:
+            return r
+        k += PTRS_PER_PMD
+    return 0
+
+
+cdef int sev_gmem_prepare_2m(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
+    """One page, or one 2M part of a huge folio: a single 2M RMPUPDATE if all 512 pages are
+    shared (is_large_rmp_possible), else each shared page at 4K (a 2M entry needs its 512
+    pages in one state)."""
     cdef gmem_host *h = kvm.host
     cdef int assigned, level, k
-    cdef uint64_t pfn_aligned = pfn, gfn_aligned = gfn, f, v
+    cdef uint64_t f, v, i
     if snp_lookup_rmpentry(h, pfn, &assigned, &level):
         return -ENOENT
-    if assigned:
-        return 0                                   # already private: idempotent
-    level = PG_LEVEL_4K
     if order >= 9:
-        # is_large_rmp_possible: the whole aligned 2M region is unassigned
         f = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
-        if not xa_find_entry(&h.rmp.entries, f, f + PTRS_PER_PMD - 1, XA_NO_MARK, &f, &k, &v):
-            level = PG_LEVEL_2M
-            pfn_aligned = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
-            gfn_aligned = gfn & ~(<uint64_t>PTRS_PER_PMD - 1)
-    if rmp_make_private(h, pfn_aligned, gfn_aligned << 12, level, kvm.sev.asid, False):
-        return -EINVAL
+        if not assigned and not xa_find_entry(&h.rmp.entries, f, f + PTRS_PER_PMD - 1, XA_NO_MARK, &f, &k, &v):
+            if rmp_make_private(h, pfn & ~(<uint64_t>PTRS_PER_PMD - 1),
+                                (gfn & ~(<uint64_t>PTRS_PER_PMD - 1)) << 12, PG_LEVEL_2M, kvm.sev.asid, False):
+                return -EINVAL
+            return 0
+        if assigned and level == PG_LEVEL_2M:
+            return 0
+    for i in range(_pages(order) if order < 9 else PTRS_PER_PMD):
+        if snp_lookup_rmpentry(h, pfn + i, &assigned, &level):
+            return -ENOENT
+        if assigned:
+            continue                               # already private: idempotent
+        if rmp_make_private(h, pfn + i, (gfn + i) << 12, PG_LEVEL_4K, kvm.sev.asid, False):
+            return -EINVAL
     return 0
 
 

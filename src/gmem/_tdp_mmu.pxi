@@ -237,9 +237,9 @@ cdef inline void tdp_mmu_zap_spte(kvm *kvm, uint64_t *sptep, uint64_t gfn, int l
 
 
 cdef uint64_t _tdp_mmu_zap_leafs(kvm *kvm, uint64_t *pt, int level, uint64_t base, uint64_t start,
-                                 uint64_t end) noexcept nogil:
+                                 uint64_t end, int min_level=PG_LEVEL_4K) noexcept nogil:
     """Zap the leaves of pt (level, covering gfns from base) overlapping [start, end), huge
-    ones whole, in gfn order; the number zapped."""
+    ones whole, in gfn order, those of min_level and above; the number zapped."""
     cdef int shift = spte_shift(level), i, last
     cdef uint64_t spte, gfn, zapped = 0
     i = 0 if start <= base else <int>((start - base) >> shift)
@@ -253,19 +253,22 @@ cdef uint64_t _tdp_mmu_zap_leafs(kvm *kvm, uint64_t *pt, int level, uint64_t bas
             if is_last_spte(spte, level):
                 tdp_mmu_zap_spte(kvm, &pt[i], gfn, level, 0)
                 zapped += 1
-            else:
-                zapped += _tdp_mmu_zap_leafs(kvm, spte_to_child_pt(spte), level - 1, gfn, start, end)
+            elif level - 1 >= min_level:
+                zapped += _tdp_mmu_zap_leafs(kvm, spte_to_child_pt(spte), level - 1, gfn, start, end,
+                                             min_level)
         i += 1
     return zapped
 
 
-cdef uint64_t tdp_mmu_zap_leafs(kvm *kvm, int root, uint64_t start, uint64_t end) noexcept nogil:
-    """tdp_mmu_zap_leafs: the leaf SPTEs of root in [start, end) go; the tables stay."""
+cdef uint64_t tdp_mmu_zap_leafs(kvm *kvm, int root, uint64_t start, uint64_t end,
+                                int min_level=PG_LEVEL_4K) noexcept nogil:
+    """tdp_mmu_zap_leafs: the leaf SPTEs of root in [start, end) (of min_level and above) go;
+    the tables stay."""
     cdef uint64_t reach = (<uint64_t>1) << TDP_ROOT_GFN_BITS
     if kvm.tdp_root[root] == NULL or start >= reach:
         return 0
     return _tdp_mmu_zap_leafs(kvm, kvm.tdp_root[root], TDP_ROOT_LEVEL, 0, start,
-                              end if end < reach else reach)
+                              end if end < reach else reach, min_level)
 
 
 # -------------------------------------------------------------------- map

@@ -247,6 +247,13 @@ KVM_GUEST_MEMFD_ALLOW_HUGEPAGE = BIT(0)     # the RFC's base (6.8-rc): 2M THP fo
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE, MPOL_LOCAL = 0, 1, 2, 3, 4
 MPOL_PREFERRED_MANY, MPOL_WEIGHTED_INTERLEAVE = 5, 6
 GUEST_MEMFD_FLAG_INIT_SHARED = BIT(1)
+# proposed uAPI, in no kernel: HugeTLB-backed guest_memfd ("1G page support for guest_memfd"
+# RFC v2, 2025-05): the flag and log2(page size) in bits 58..63, as MAP_HUGE_* (0: the default)
+GUEST_MEMFD_FLAG_HUGETLB = BIT(2)
+GUESTMEM_HUGETLB_FLAG_SHIFT = 58
+GUESTMEM_HUGETLB_FLAG_MASK = 0x3F
+GUESTMEM_HUGETLB_FLAG_2MB = 21 << GUESTMEM_HUGETLB_FLAG_SHIFT
+GUESTMEM_HUGETLB_FLAG_1GB = 30 << GUESTMEM_HUGETLB_FLAG_SHIFT
 
 # --------------------------------------------------------------------------------------------
 # Memslots
