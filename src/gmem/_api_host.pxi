@@ -303,6 +303,18 @@ cdef void _user_access_ok(uint64_t hva, uint64_t n) except *:
                    "TASK_SIZE_MAX)")
 
 
+cdef int _tdx_huge_page_arg(value, platform) except -1:
+    """Host(tdx_huge_page=): the proposed kvm_intel.tdx_huge_page (TDX huge pages v3, 2M S-EPT
+    leaves; "1G" goes beyond any posted series): 0, PG_LEVEL_2M or PG_LEVEL_1G."""
+    if value is False or value is None:
+        return 0
+    if value is not True and value not in ("2M", "1G"):
+        raise ValueError(f"tdx_huge_page must be False, True, \"2M\" or \"1G\", not {value!r}")
+    if platform != "intel":
+        raise ValueError("tdx_huge_page is a kvm_intel module parameter: it needs platform=\"intel\"")
+    return PG_LEVEL_1G if value == "1G" else PG_LEVEL_2M
+
+
 @cython.final
 cdef class Host:
     """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
@@ -342,7 +354,7 @@ cdef class Host:
                   memory_attributes=True, tdp=True, numa_nodes=1, prepare=None, prepared_tracking=None,
                   invalidate=None, huge_folios=False, reattach_private=False,
                   scramble_on_conversion=False, content_memfd=False, gmem_in_place_conversion=None,
-                  content_modes=False):
+                  content_modes=False, tdx_huge_page=False):
         cdef gmem_host_config cfg
         cdef const char *why = NULL
         cdef int r
@@ -374,6 +386,7 @@ cdef class Host:
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
         cfg.content_memfd = bool(content_memfd)     # gmem exec (_contents_memfd.pxi)
+        cfg.tdx_huge_page = _tdx_huge_page_arg(tdx_huge_page, platform)
         in_place = bool(gmem_in_place_conversion)
         modes = bool(content_modes)
         if in_place and kernel != "next":
@@ -434,6 +447,12 @@ cdef class Host:
     def content_modes(self):
         """KVM_SET_MEMORY_ATTRIBUTES2 takes the RFC v4/v5 content modes in flags."""
         return bool(self.h.content_modes)
+
+    @property
+    def tdx_huge_page(self):
+        """The proposed kvm_intel.tdx_huge_page: the largest private S-EPT leaf of a running TD
+        (None: 4K only, as mainline; "2M"; "1G", beyond any posted series)."""
+        return {0: None, PG_LEVEL_2M: "2M", PG_LEVEL_1G: "1G"}[self.h.tdx_huge_page]
 
     @property
     def numa_nodes(self):

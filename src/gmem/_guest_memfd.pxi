@@ -239,6 +239,7 @@ cdef void kvm_gmem_invalidate_end(gmem_inode *inode) noexcept nogil:
 
 cdef void kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
     unmap_mapping_pages(inode, start, end - start)     # truncate_pagecache_range
+    kvm_gmem_split_private_leafs(inode, start, end)    # proposed: TDX huge pages v3
     kvm_gmem_invalidate_begin(inode, start, end)
     kvm_gmem_truncate(inode, start, end)
     kvm_gmem_invalidate_end(inode)

@@ -32,6 +32,53 @@ cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int fi
     return zapped
 
 
+# ------------------------------------------- precise private zaps (proposed)
+
+cdef inline bint kvm_private_zap_must_be_precise(const kvm *kvm) noexcept nogil:
+    """A VM whose private leaves may be huge and whose guest must re-accept what is zapped:
+    TDX with huge pages (proposed, TDX huge pages v3)."""
+    return kvm_has_mirrored_tdp(kvm) and kvm.host.tdx_huge_page != 0
+
+
+cdef void kvm_split_private_leafs(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
+    """Before private leaves in [start, end) are zapped: split the huge ones crossing its
+    edges (v3 16/24 "Split for punch hole and private-to-shared conversion"). A failure
+    (-ENOMEM for a table) leaves the zap imprecise, as a KVM_BUG_ON would end the TD."""
+    if kvm_private_zap_must_be_precise(kvm):
+        kvm_split_cross_boundary_leafs(kvm, start, end, KVM_FILTER_PRIVATE)
+
+
+cdef void kvm_gmem_split_private_leafs(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
+    """kvm_split_private_leafs over every binding of [start, end) of the file's pages (a
+    punch hole, before its zap)."""
+    cdef gmem_file *f = inode.files
+    cdef uint64_t index, first, v, lo, hi
+    cdef int order
+    cdef kvm_memory_slot *slot
+    while f != NULL:
+        index = start
+        while kvm_private_zap_must_be_precise(f.kvm) and index < end and \
+                xa_find_entry(&f.bindings, index, end - 1, XA_NO_MARK, &first, &order, &v):
+            slot = &f.kvm.memslots[v]
+            lo = start if start > slot.gmem_pgoff else slot.gmem_pgoff
+            hi = end if end < slot.gmem_pgoff + slot.npages else slot.gmem_pgoff + slot.npages
+            kvm_split_private_leafs(f.kvm, slot.base_gfn + lo - slot.gmem_pgoff,
+                                    slot.base_gfn + hi - slot.gmem_pgoff)
+            index = slot.gmem_pgoff + slot.npages
+        f = f.next
+
+
+cdef inline void hugepage_set_guest_inhibit(kvm_memory_slot *slot, uint64_t gfn, int level) noexcept nogil:
+    """Proposed (v3 12/24): the guest accepts below level here, so no mapping of level may
+    cover gfn again: KVM_LPAGE_GUEST_INHIBIT_FLAG in disallow_lpage, set one-way (there is
+    no promotion that clearing it could allow)."""
+    lpage_info_slot(slot, gfn, level)[0] |= KVM_LPAGE_GUEST_INHIBIT_FLAG
+
+
+cdef inline bint hugepage_test_guest_inhibit(kvm_memory_slot *slot, uint64_t gfn, int level) noexcept nogil:
+    return (lpage_info_slot(slot, gfn, level)[0] & KVM_LPAGE_GUEST_INHIBIT_FLAG) != 0
+
+
 ctypedef struct kvm_page_fault:
     uint64_t error_code
     uint64_t gfn
