@@ -275,3 +275,170 @@ class TestDemoteBeforeZap:
         s = vm.tdx_stats
         assert (s["block"], s["track"], s["kick"], s["remove"], s["demote"]) == (1, 1, 1, 1, 0)
         h.check()
+
+
+# ------------------------------------------------------------- the state machine
+# A reference model of one TD (launched, tdx_huge_page="2M", 2M gmem folios) over an 8 MiB
+# private slot: per gfn its attribute and folio, per 2M range whether the mirror root holds a
+# table there (sticky: tables stay until the VM goes, so the range never maps 2M again) and
+# whether GUEST_INHIBIT is set (one-way), and the S-EPT leaves {first gfn: (state, level)}.
+
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+NPAGES = SIZE >> 12
+GFNS = st.integers(0, NPAGES - 1)
+LENGTHS = st.sampled_from([1, 2, 16, 511, 512, 513, 1024])
+
+
+class TdxHugeModel:
+    def __init__(self):
+        self.private = [True] * NPAGES
+        self.folio = [None] * NPAGES            # None, "huge" or "small"
+        self.table = [False] * (NPAGES // 512)
+        self.inhibit = [False] * (NPAGES // 512)
+        self.leaves = {}                        # first gfn -> [state, level]
+        self.stats = dict(aug=0, accept=0, demote=0, remove=0)
+
+    def covering(self, gfn):
+        for first in (gfn, gfn & ~511):
+            leaf = self.leaves.get(first)
+            if leaf and (first == gfn or leaf[1] == 2):
+                return first, leaf
+        return None, None
+
+    def alloc(self, gfn):
+        """kvm_gmem_get_folio with huge_folios: a 2M folio for an empty aligned 2M range."""
+        base = gfn & ~511
+        if self.folio[gfn] is None:
+            if all(f is None for f in self.folio[base:base + 512]):
+                self.folio[base:base + 512] = ["huge"] * 512
+            else:
+                self.folio[gfn] = "small"
+
+    def fault(self, gfn):
+        """A private EPT violation at gfn (private attribute): the leaf it maps, or None."""
+        if self.covering(gfn)[0] is not None:
+            return None
+        self.alloc(gfn)
+        r = gfn // 512
+        if self.folio[gfn] == "huge" and all(self.private[r * 512:r * 512 + 512]) and \
+                not self.inhibit[r] and not self.table[r]:
+            self.leaves[r * 512] = ["pending", 2]
+        else:
+            self.leaves[gfn] = ["pending", 1]
+            self.table[r] = True
+        self.stats["aug"] += 1
+
+    def demote(self, r):
+        state, level = self.leaves.pop(r * 512)
+        assert level == 2
+        for g in range(r * 512, r * 512 + 512):
+            self.leaves[g] = [state, 1]
+        self.table[r] = True
+        self.stats["demote"] += 1
+
+    def split_and_zap(self, a, b):
+        for boundary in (a, b):
+            if boundary % 512 and boundary < NPAGES and self.leaves.get(boundary & ~511, [0, 0])[1] == 2:
+                self.demote(boundary // 512)
+        for first in [g for g in self.leaves if a <= g < b]:
+            del self.leaves[first]
+            self.stats["remove"] += 1
+
+    def accept(self, gfn, level):
+        if level == 2 and gfn % 512:
+            return u.TDX_OPERAND_INVALID
+        r = gfn // 512
+        while True:
+            if level == 2 and self.table[r]:
+                return MISMATCH
+            first, leaf = self.covering(gfn)
+            if leaf is not None:
+                if leaf[0] == "accepted":
+                    return ALREADY
+                if leaf[1] == level:
+                    leaf[0] = "accepted"
+                    self.stats["accept"] += 1
+                    return u.TDX_SUCCESS
+            # the EPT violation with the ACCEPT level
+            if level == 1:
+                self.inhibit[r] = True
+                if leaf is not None:
+                    self.demote(r)
+            self.fault(gfn)
+
+
+class TdxHugeMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.h, self.vm, self.f, self.v = td()
+        self.m = TdxHugeModel()
+
+    @rule(gfn=GFNS)
+    def fault(self, gfn):
+        r = fault(self.v, gfn << 12)
+        if not self.m.private[gfn]:
+            assert r.exit_reason == u.KVM_EXIT_MEMORY_FAULT
+            return
+        first, leaf = self.m.covering(gfn)
+        self.m.fault(gfn)
+        if first is not None:
+            assert (r.ret, r.level) == (u.RET_PF_SPURIOUS, leaf[1])
+        else:
+            assert r.ret == u.RET_PF_FIXED
+            assert r.level == self.m.covering(gfn)[1][1]
+
+    @rule(gfn=GFNS, level=st.sampled_from([1, 2]), align=st.booleans())
+    def accept(self, gfn, level, align):
+        if align and level == 2:
+            gfn &= ~511
+        if not self.m.private[gfn]:
+            return
+        assert self.v.tdx_accept(gfn << 12, level) == self.m.accept(gfn, level)
+
+    @rule(a=GFNS, n=LENGTHS)
+    def to_shared(self, a, n):
+        b = min(a + n, NPAGES)
+        if any(self.m.private[a:b]):
+            self.m.split_and_zap(a, b)
+        self.m.private[a:b] = [False] * (b - a)
+        self.vm.set_memory_attributes(a << 12, (b - a) << 12, 0)
+
+    @rule(a=GFNS, n=LENGTHS)
+    def to_private(self, a, n):
+        b = min(a + n, NPAGES)
+        self.m.private[a:b] = [True] * (b - a)
+        self.vm.set_memory_attributes(a << 12, (b - a) << 12, PRIVATE)
+
+    @rule(a=GFNS, n=LENGTHS)
+    def punch(self, a, n):
+        b = min(a + n, NPAGES)
+        self.m.split_and_zap(a, b)
+        for base in {a & ~511, (b - 1) & ~511}:
+            if self.m.folio[base] == "huge" and (a > base or b < base + 512):
+                self.m.folio[base:base + 512] = ["small"] * 512      # kvm_gmem_split_folio
+        self.m.folio[a:b] = [None] * (b - a)
+        self.f.punch_hole(a << 12, (b - a) << 12)
+
+    @invariant()
+    def agrees(self):
+        self.h.check()
+        assert levels(self.vm) == {g: tuple(leaf) for g, leaf in self.m.leaves.items()}
+        s, ms = self.vm.tdx_stats, self.m.stats
+        for name in ms:
+            assert s[name] == ms[name], name
+        assert s["block"] == s["track"] == s["kick"] == ms["remove"] + ms["demote"]
+        assert self.vm.stats["pages_2m"] == sum(lvl == 2 for _, lvl in self.m.leaves.values())
+        assert self.vm.stats["pages_4k"] == sum(lvl == 1 for _, lvl in self.m.leaves.values())
+
+
+TdxHugeMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("GMEM_SM_EXAMPLES", 500 if os.environ.get("CI") else 60)),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestTdxHugeMachine = TdxHugeMachine.TestCase
