@@ -35,9 +35,10 @@ cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int fi
 # ------------------------------------------- precise private zaps (proposed)
 
 cdef inline bint kvm_private_zap_must_be_precise(const kvm *kvm) noexcept nogil:
-    """A VM whose private leaves may be huge and whose guest must re-accept what is zapped:
-    TDX with huge pages (proposed, TDX huge pages v3)."""
-    return kvm_has_mirrored_tdp(kvm) and kvm.host.tdx_huge_page != 0
+    """A VM whose guest must re-accept whatever private memory is zapped, so that a huge
+    private leaf is split rather than zapped whole (the VMs with a mirror root: TDX; a no-op
+    walk where no leaf is huge)."""
+    return kvm_has_mirrored_tdp(kvm)
 
 
 cdef void kvm_split_private_leafs(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
