@@ -303,18 +303,6 @@ cdef void _user_access_ok(uint64_t hva, uint64_t n) except *:
                    "TASK_SIZE_MAX)")
 
 
-cdef int _tdx_huge_page_arg(value, platform) except -1:
-    """Host(tdx_huge_page=): the proposed kvm_intel.tdx_huge_page (TDX huge pages v3, 2M S-EPT
-    leaves; "1G" goes beyond any posted series): 0, PG_LEVEL_2M or PG_LEVEL_1G."""
-    if value is False or value is None:
-        return 0
-    if value is not True and value not in ("2M", "1G"):
-        raise ValueError(f"tdx_huge_page must be False, True, \"2M\" or \"1G\", not {value!r}")
-    if platform != "intel":
-        raise ValueError("tdx_huge_page is a kvm_intel module parameter: it needs platform=\"intel\"")
-    return PG_LEVEL_1G if value == "1G" else PG_LEVEL_2M
-
-
 @cython.final
 cdef class Host:
     """A simulated machine: physical memory, KVM (/dev/kvm) and, on "amd", the RMP.
@@ -359,6 +347,7 @@ cdef class Host:
         cdef const char *why = NULL
         cdef int r
         gmem_host_config_init(&cfg)
+        cfg.tdx_huge_page = _tdx_huge_page_arg(tdx_huge_page, platform)
         cfg.memory = _u64(memory, "memory")
         if platform not in _PLATFORMS:
             raise ValueError(f"platform must be one of {sorted(_PLATFORMS)}, not {platform!r}")
@@ -386,7 +375,6 @@ cdef class Host:
         cfg.reattach_private = bool(reattach_private)
         cfg.scramble_on_conversion = bool(scramble_on_conversion)
         cfg.content_memfd = bool(content_memfd)     # gmem exec (_contents_memfd.pxi)
-        cfg.tdx_huge_page = _tdx_huge_page_arg(tdx_huge_page, platform)
         in_place = bool(gmem_in_place_conversion)
         modes = bool(content_modes)
         if in_place and kernel != "next":

@@ -381,9 +381,11 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     leaf (tdp_mmu_map_handle_target_level). The model's rules, as before page tables: the
     very SPTE already there is RET_PF_SPURIOUS; a huge leaf on the way is zapped (counted,
     traced, flushed) to make room for a table; smaller SPTEs under the new huge leaf go
-    with their table, uncounted. The mirror root (proposed, TDX huge pages v3) splits a huge
-    leaf on the way instead (the guest would have to re-accept a zapped one) and never maps
-    a huge leaf where a table is (no promotion: mirror_hugepage_adjust)."""
+    with their table, uncounted. The mirror root (proposed, TDX huge pages v3) never maps a
+    huge leaf where a table is (no promotion: mirror_hugepage_adjust), and splits a huge leaf
+    on the way rather than zap it (the guest would have to re-accept it; the model's choice:
+    v3 splits before the fault, under the write mmu_lock, where GUEST_INHIBIT is set, so the
+    fault path does not meet one)."""
     cdef kvm *kvm = vcpu.kvm
     cdef int root = TDP_ROOT_MIRROR if fault.is_private and kvm_has_mirrored_tdp(kvm) else TDP_ROOT_DIRECT
     cdef tdp_cursor *c = &vcpu.tdp_cursor[root]
