@@ -328,6 +328,10 @@ cdef int tdx_vm_check(kvm *kvm, char *buf, size_t len) noexcept nogil:
     cdef kvm_spte_info s
     cdef int state, level
     cdef int64_t premapped = 0
+    cdef char name[64]
+    snprintf(name, sizeof(name), "VM %u (type %d) S-EPT", kvm.id, kvm.vm_type)
+    if _xa_check_named(&kvm.tdx.sept, name, buf, len):
+        return -1               # its multi-order entries after demotes, stores and erases
     while kvm_mmu_next_spte(kvm, &start, &s):
         if s.private and (tdx_sept_leaf(kvm, s.gfn, &first, &spfn, &level) == 0 or first != s.gfn or
                           spfn != s.pfn or level != s.level):
