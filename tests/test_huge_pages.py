@@ -26,13 +26,14 @@ def guest(size=GB, vm_type=u.KVM_X86_SW_PROTECTED_VM, flags=0, private=True, mem
           pages=None, **opts):
     """A host with a hugetlb pool, a VM whose one slot is a guest_memfd of size at gpa 0."""
     opts.setdefault("gmem_backing", "hugetlb")
-    h = gmem.Host(memory=memory, platform="amd", hugetlb_pages=pages or {"1G": 2, "2M": 16}, **opts)
+    platform = "intel" if vm_type == u.KVM_X86_TDX_VM else "amd"
+    h = gmem.Host(memory=memory, platform=platform, hugetlb_pages=pages or {"1G": 2, "2M": 16}, **opts)
     vm = h.create_vm(vm_type)
     f = vm.create_guest_memfd(size, flags)
     vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, size, 0, f, 0)
     if private:
         vm.set_memory_attributes(0, size, PRIV)
-    if vm_type == u.KVM_X86_SNP_VM:
+    if vm_type in (u.KVM_X86_SNP_VM, u.KVM_X86_TDX_VM):
         vm.launch()
     return h, vm, f, vm.create_vcpu(0)
 
@@ -264,23 +265,29 @@ POLICIES = [("hugetlb", "fresh", "eager"), ("hugetlb", "convert", "lazy"), ("hug
 
 
 class HugeMachine(RuleBasedStateMachine):
-    """Faults, conversions (VM attributes), punches and pins over a 2M- or 1G-backed guest; after
+    """Faults, conversions (VM attributes) and punches over a 2M-backed SW_PROTECTED, SNP or TDX
+    guest (TDX with 2M S-EPT leaves); after
     every step host.check() is clean and the folios obey the policy: with huge_split "fresh" no
     huge folio covers a shared page, with huge_merge "eager" every fully private,
     present, unpinned huge range is one folio."""
     SIZE = 4 * MB
 
-    @initialize(policy=st.sampled_from(POLICIES), snp=st.booleans())
-    def setup(self, policy, snp):
+    @initialize(policy=st.sampled_from(POLICIES), vm_type=st.sampled_from(
+        [u.KVM_X86_SW_PROTECTED_VM, u.KVM_X86_SNP_VM, u.KVM_X86_TDX_VM]))
+    def setup(self, policy, vm_type):
         backing, self.split, self.merge = policy
-        vm_type = u.KVM_X86_SNP_VM if snp else u.KVM_X86_SW_PROTECTED_VM
-        self.order = 9
+        snp = vm_type == u.KVM_X86_SNP_VM
         opts = dict(gmem_backing=backing, huge_split=self.split, huge_merge=self.merge)
+        if vm_type == u.KVM_X86_TDX_VM:
+            opts["tdx_huge_page"] = True
         if backing == "buddy":
             opts.update(huge_folios=True, pages={"2M": 1})
         else:
-            opts.update(pages={"2M": 4})
-        self.h, self.vm, self.f, self.v = guest(size=self.SIZE, vm_type=vm_type, memory=GB, **opts)
+            opts.update(pages={"2M": 4, "1G": 1})
+        flags = 0 if backing == "buddy" else HUGETLB_1G if self.SIZE == GB else HUGETLB_2M
+        self.order = 18 if flags == HUGETLB_1G else 9
+        self.h, self.vm, self.f, self.v = guest(size=self.SIZE, vm_type=vm_type, memory=4 * GB,
+                                                flags=flags, **opts)
         self.shared = set()
         self.ec = WRITE_PRIVATE | (u.PFERR_GUEST_ENC_MASK if snp else 0)
 
@@ -301,9 +308,11 @@ class HugeMachine(RuleBasedStateMachine):
         rng = set(range(p, p + n))
         self.shared = self.shared - rng if private else self.shared | rng
 
-    @rule(k=st.integers(0, SIZE // (2 * MB) - 1))
+    @rule(k=st.integers(0, 1))
     def punch(self, k):
-        self.f.punch_hole(k * 2 * MB, 2 * MB)
+        unit = PS << self.order                        # a hugetlb file punches whole pages
+        k %= self.SIZE // unit
+        self.f.punch_hole(k * unit, unit)
 
     @invariant()
     def clean(self):
@@ -321,9 +330,51 @@ class HugeMachine(RuleBasedStateMachine):
         if self.merge == "eager":
             for base in range(0, self.SIZE // PS, 1 << self.order):
                 inside = [i for i in folios if base <= i < base + (1 << self.order)]
-                if len(inside) == (1 << self.order) and not self.shared & set(range(base, base + 512)):
+                if len(inside) == (1 << self.order) and not self.shared & set(range(base, base + (1 << self.order))):
                     raise AssertionError(f"huge range {base:#x} fully private and present but split")
 
 
 HugeMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
 TestHugeMachine = HugeMachine.TestCase
+
+
+class HugeMachine1G(HugeMachine):
+    """The same over one 1G hugetlb folio (the buddy policy: 2M folios): 2M leaves inside a 1G
+    folio are what a split must not leave behind."""
+    SIZE = GB
+    # most pages in the first 8 MiB, so that conversions and faults meet
+    pages = st.one_of(st.integers(0, 2047), st.integers(0, SIZE // PS - 1))
+
+
+HugeMachine1G.TestCase.settings = settings(max_examples=12, stateful_step_count=12, deadline=None)
+TestHugeMachine1G = HugeMachine1G.TestCase
+
+
+# ------------------------------------------------------------------------ TDX
+
+def test_tdx_a_split_folio_demotes_the_accepted_leaf_and_keeps_acceptance():
+    h, vm, f, v = guest(size=4 * MB, vm_type=u.KVM_X86_TDX_VM, flags=HUGETLB_2M, tdx_huge_page=True)
+    assert v.tdx_accept(0, level=2) == u.TDX_SUCCESS
+    pool = h.hugetlb
+    assert vm.stats["pages_2m"] == 1 and vm.sept_leaves()[0][2] == 2
+    vm.set_memory_attributes(PS, PS, 0)                 # to shared: split leaf and folio, zap one page
+    assert vm.tdx_stats["demote"] == 1 and vm.stats["pages_2m"] == 0 and vm.stats["pages_4k"] == 511
+    assert len(orders(h, f)) == 512 and h.hugetlb == pool
+    assert v.tdx_accept(0) == u.TDX_PAGE_ALREADY_ACCEPTED
+    assert v.tdx_accept(2 * PS) == u.TDX_PAGE_ALREADY_ACCEPTED
+    h.check()
+    vm.set_memory_attributes(PS, PS, PRIV)              # merged back; the S-EPT stays 4K (no promotion)
+    assert orders(h, f) == {0: 9} and vm.stats["pages_2m"] == 0
+    assert v.tdx_accept(PS) == u.TDX_SUCCESS
+    h.check()
+
+
+def test_tdx_1g_folio_maps_2m_leaves_only():
+    h, vm, f, v = guest(size=GB, vm_type=u.KVM_X86_TDX_VM, flags=HUGETLB_1G, tdx_huge_page=True)
+    assert v.tdx_accept(0, level=2) == u.TDX_SUCCESS
+    assert vm.stats["pages_2m"] == 1 and vm.stats["pages_1g"] == 0
+    vm.set_memory_attributes(8 * MB, 2 * MB, 0)        # a whole other 2M to shared: the 1G folio splits
+    assert len(orders(h, f)) == 1 << 18
+    assert vm.tdx_stats["demote"] == 1                  # the accepted 2M leaf over the split folio
+    assert v.tdx_accept(PS) == u.TDX_PAGE_ALREADY_ACCEPTED
+    h.check()

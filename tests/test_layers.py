@@ -102,7 +102,7 @@ UPCALLS = {
     # (folio_mapped) as the restructuring code of the proposals does
     ("_gmem_huge", "_guest_memfd"): {"kvm_gmem_alloc_folio", "kvm_gmem_folio_mapped"},
     # a split first zaps the huge leaves over the folio (kvm_split_cross_boundary_leafs, zap)
-    ("_gmem_huge", "_mmu"): {"kvm_zap_huge_leafs"},
+    ("_gmem_huge", "_mmu"): {"kvm_unmap_huge_leafs", "kvm_split_private_leafs"},
     # the machine at boot: the vendor ops table (kvm_x86_vendor_init) and the platform's
     # hardware, SNP's RMP (snp_rmptable_init), which also checks every host write
     ("_host", "_x86"): {"kvm_x86_hooks_init"},
@@ -124,9 +124,11 @@ UPCALLS = {
     # the MMU state x86 keeps per vCPU and per VM: kvm_arch_vcpu_create's kvm_mmu_create,
     # kvm_arch_destroy_vm's kvm_mmu_uninit_vm (the roots' page tables)
     ("_kvm_main", "_tdp_mmu"): {"kvm_mmu_create", "kvm_mmu_uninit_tdp_mmu"},
+    # (and, proposed by TDX huge pages v3, the split of huge private leaves crossing a punch
+    # or a conversion to shared before its zap: kvm_split_cross_boundary_leafs)
     ("_guest_memfd", "_mmu"): {"kvm_unmap_gfn_range"},
     ("_guest_memfd", "_x86"): {"kvm_arch_has_bound_private_mem"},
-    ("_attributes", "_mmu"): {"kvm_unmap_gfn_range"},
+    ("_attributes", "_mmu"): {"kvm_unmap_gfn_range", "kvm_split_private_leafs"},
     # x86 fills each VM type's ops from its vendor (svm_x86_ops, vt_x86_ops)
     ("_x86", "_sev"): {"sev_hooks_init"},
     ("_x86", "_tdx"): {"tdx_hooks_init"},

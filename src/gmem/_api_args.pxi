@@ -144,3 +144,15 @@ cdef int _check_r(gmem_host *h, int r, str what) except -1:
     if r < 0:
         raise _err(-r, f"{what}: {_reason(h)}")
     return r
+
+
+cdef int _tdx_huge_page_arg(value, platform) except -1:
+    """Host(tdx_huge_page=): the proposed kvm_intel.tdx_huge_page (TDX huge pages v3, 2M S-EPT
+    leaves; "1G" goes beyond any posted series): 0, PG_LEVEL_2M or PG_LEVEL_1G."""
+    if value is False or value is None:
+        return 0
+    if value is not True and not (isinstance(value, str) and value in ("2M", "1G")):
+        raise ValueError(f"tdx_huge_page must be False, True, \"2M\" or \"1G\", not {value!r}")
+    if platform != "intel":
+        raise ValueError("tdx_huge_page is a kvm_intel module parameter: it needs platform=\"intel\"")
+    return PG_LEVEL_1G if value == "1G" else PG_LEVEL_2M

@@ -388,11 +388,12 @@ cdef class Host:
                   invalidate=None, huge_folios=False, reattach_private=False,
                   scramble_on_conversion=False, content_memfd=False, gmem_in_place_conversion=None,
                   content_modes=False, gmem_backing="buddy", hugetlb_pages=None, huge_split=None,
-                  huge_merge=None):
+                  huge_merge=None, tdx_huge_page=False):
         cdef gmem_host_config cfg
         cdef const char *why = NULL
         cdef int r
         gmem_host_config_init(&cfg)
+        cfg.tdx_huge_page = _tdx_huge_page_arg(tdx_huge_page, platform)
         cfg.memory = _u64(memory, "memory")
         if platform not in _PLATFORMS:
             raise ValueError(f"platform must be one of {sorted(_PLATFORMS)}, not {platform!r}")
@@ -481,6 +482,12 @@ cdef class Host:
     def content_modes(self):
         """KVM_SET_MEMORY_ATTRIBUTES2 takes the RFC v4/v5 content modes in flags."""
         return bool(self.h.content_modes)
+
+    @property
+    def tdx_huge_page(self):
+        """The proposed kvm_intel.tdx_huge_page: the largest private S-EPT leaf of a running TD
+        (None: 4K only, as mainline; "2M"; "1G", beyond any posted series)."""
+        return {0: None, PG_LEVEL_2M: "2M", PG_LEVEL_1G: "1G"}[self.h.tdx_huge_page]
 
     @property
     def numa_nodes(self):

@@ -10,7 +10,7 @@ TRACE_EVENTS = ("kvm_page_fault", "spte_install", "spte_zap", "memory_fault_exit
                 "gmem_prepare", "gmem_invalidate", "rmpupdate", "psmash", "pvalidate",
                 "kvm_set_memory_attributes", "gmem_fallocate", "folio_split", "memory_failure",
                 "tdx_page_aug", "tdx_page_add", "tdx_range_block", "tdx_track", "tdx_page_remove",
-                "tdx_accept", "kvm_map_gpa_range", "folio_merge")
+                "tdx_accept", "kvm_map_gpa_range", "folio_merge", "tdx_page_demote")
 _TRACE_FIELDS = (("gpa", "error_code", None, None), ("gfn", "pfn", "level", "private"),
                  ("gfn", "pfn", "level", None), ("gpa", "flags", "errno", None),
                  ("gfn", "pfn", "order", "errno"), ("start_pfn", "end_pfn", None, None),
@@ -20,7 +20,7 @@ _TRACE_FIELDS = (("gpa", "error_code", None, None), ("gfn", "pfn", "level", "pri
                  ("pfn", None, None, "handled"), ("gfn", "pfn", "level", None), ("gfn", "pfn", "level", None),
                  ("gfn", None, "level", None), (None, None, None, None), ("gfn", "pfn", "level", None),
                  ("gpa", "pfn", "level", "status"), ("gpa", "npages", "attributes", "ret"),
-                 ("pfn", "new_order", None, None))
+                 ("pfn", "new_order", None, None), ("gfn", "pfn", "level", None))
 
 
 @cython.final

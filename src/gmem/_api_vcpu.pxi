@@ -217,15 +217,19 @@ cdef class Vcpu:
             d["cur_page"] = psc_cur_page(self.v.psc.entries[i])
 
     # ------------------------------------------------------------ TDX guest
-    def tdx_accept(self, gpa):
-        """The guest's TDG.MEM.PAGE.ACCEPT of the private 4K page at gpa: an EPT violation
-        AUGs it first if needed. TDX_SUCCESS, or TDX_PAGE_ALREADY_ACCEPTED."""
+    def tdx_accept(self, gpa, level=1):
+        """The guest's TDG.MEM.PAGE.ACCEPT of the private page at gpa, of level 1 (4K) or 2
+        (2M): an EPT violation AUGs it first if needed (with Host(tdx_huge_page=), a 4K ACCEPT
+        inside a PENDING 2M leaf demotes it first). TDX_SUCCESS, TDX_PAGE_ALREADY_ACCEPTED,
+        TDX_PAGE_SIZE_MISMATCH (mapped smaller than level: retry at 4K) or TDX_OPERAND_INVALID
+        (another level, or gpa not aligned to it)."""
         held = _host_enter(self.vm.host)
         cdef kvm_fault_out out
         cdef uint64_t status = 0, g = _u64(gpa, "gpa")
+        cdef int lvl = _int_arg(level, "level", 0, 8)
         self.vm._tdx("TDG.MEM.PAGE.ACCEPT", EINVAL)
         self._run("TDG.MEM.PAGE.ACCEPT")
-        r = tdx_accept_page(self.v, g, &status, &out)
+        r = tdx_accept_page(self.v, g, lvl, &status, &out)
         if r != 0:
             _guest_access_end(self, r, &out, "TDG.MEM.PAGE.ACCEPT")
         return status

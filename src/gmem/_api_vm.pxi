@@ -4,7 +4,7 @@
 
 VM_STATS = ("remote_tlb_flush", "zapped_sptes", "mmu_invalidations", "gmem_prepare",
             "gmem_prepare_failed")
-TDX_STATS = ("aug", "page_add", "block", "track", "remove", "accept", "mr_extend")
+TDX_STATS = ("aug", "page_add", "block", "track", "remove", "accept", "mr_extend", "demote", "kick")
 TDX_SEPT_STATES = {s: (<bytes>tdx_sept_state_name(s)).decode() for s in range(16) if tdx_sept_state_name(s)}
 
 cdef object _HANDLE = object()          # only the core makes handles around existing C objects
@@ -331,15 +331,21 @@ cdef class Vm:
         return self.k.gfn_direct_bits << 12
 
     def sept(self):
-        """TDX mirror S-EPT leaves: {gfn: (pfn, state)}."""
+        """TDX mirror S-EPT, page by page: {gfn: (pfn, state)} (a huge leaf gives each of its
+        gfns; vm.sept_leaves() lists the leaves)."""
+        return {gfn + i: (pfn + i, state) for gfn, (pfn, state, level) in self.sept_leaves().items()
+                for i in range(1 << (9 * (level - 1)))}
+
+    def sept_leaves(self):
+        """TDX mirror S-EPT leaves: {first gfn: (pfn, state, level)}."""
         held = _host_enter(self.host)
-        cdef uint64_t start = 0, pfn
-        cdef int state
+        cdef uint64_t start = 0, gfn, pfn
+        cdef int state, level
         out = {}
         if self.k.vm_type != KVM_X86_TDX_VM or self.k.dead:
             return out
-        while tdx_sept_next(self.k, &start, &pfn, &state):
-            out[start - 1] = (pfn, TDX_SEPT_STATES[state])
+        while tdx_sept_next(self.k, &start, &gfn, &pfn, &state, &level):
+            out[gfn] = (pfn, TDX_SEPT_STATES[state], level)
         return out
 
     @property

@@ -60,6 +60,8 @@ cdef void kvm_arch_pre_set_memory_attributes(kvm *kvm, kvm_memory_slot *slot, ui
             if (gfn >= slot.base_gfn and gfn + n <= slot.base_gfn + slot.npages
                     and not hugepage_test_mixed(slot, gfn, level)):
                 kvm_mmu_invalidate_range_add(kvm, gfn, gfn + n)
+    if not attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+        kvm_split_private_leafs(kvm, start, end)        # proposed: TDX huge pages v3
     kvm_unmap_gfn_range(kvm, start, end,
                         KVM_FILTER_SHARED if attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE else KVM_FILTER_PRIVATE)
 

@@ -328,24 +328,58 @@ cdef int snp_vm_check(kvm *kvm, char *buf, size_t len) noexcept nogil:
     return 0
 
 
+cdef int tdx_sept_leaf_check(kvm *kvm, uint64_t gfn, uint64_t pfn, int state, int level,
+                             char *buf, size_t len) noexcept nogil:
+    """One S-EPT leaf: its mirror SPTE is the same leaf; a huge one (proposed, TDX huge pages
+    v3) exists only as tdx_huge_page allows, is uniformly PENDING or ACCEPTED (one entry: the
+    TDX module's rule that a 2M leaf's 512 pages share a state) and lies inside one folio of
+    at least its order (the v3 cover letter: mapping size <= folio size)."""
+    cdef uint64_t spfn, n = _pages(_level_order(level))
+    cdef int slevel
+    cdef bint private
+    cdef folio *f
+    if not kvm_mmu_spte_lookup(kvm, gfn, &spfn, &slevel, &private) or not private or \
+            spfn != pfn or slevel != level:
+        snprintf(buf, len, "VM %u (type %d): S-EPT leaf gfn 0x%llx level %d without its mirror SPTE",
+                 kvm.id, kvm.vm_type, <ull>gfn, level)
+        return -1
+    if level == PG_LEVEL_4K:
+        return 0
+    if level > kvm.host.tdx_huge_page or state == TDX_SEPT_PREMAPPED:
+        snprintf(buf, len, "VM %u (type %d): huge S-EPT leaf gfn 0x%llx level %d %s (tdx_huge_page "
+                 "level %d)", kvm.id, kvm.vm_type, <ull>gfn, level, tdx_sept_state_name(state),
+                 kvm.host.tdx_huge_page)
+        return -1
+    f = folio_get(&kvm.host.pm, pfn_folio(&kvm.host.pm, pfn)) if pfn_folio(&kvm.host.pm, pfn) else NULL
+    if f == NULL or pfn_folio(&kvm.host.pm, pfn + n - 1) != pfn_folio(&kvm.host.pm, pfn) or \
+            f.order < _level_order(level):
+        snprintf(buf, len, "VM %u (type %d): huge S-EPT leaf gfn 0x%llx level %d pfn 0x%llx is not "
+                 "inside one folio of at least its order", kvm.id, kvm.vm_type, <ull>gfn, level, <ull>pfn)
+        return -1
+    return 0
+
+
 cdef int tdx_vm_check(kvm *kvm, char *buf, size_t len) noexcept nogil:
-    """The mirror S-EPT and the private SPTEs are the same set (INV-8); premapped leaves are
-    counted and exist only while the TD is built."""
-    cdef uint64_t start = 0, pfn, spfn
+    """The mirror S-EPT and the private SPTEs are the same set of leaves (INV-8); premapped
+    leaves are counted and exist only while the TD is built; huge leaves as
+    tdx_sept_leaf_check says."""
+    cdef uint64_t start = 0, gfn, pfn, spfn, first
     cdef kvm_spte_info s
     cdef int state, level
-    cdef bint private
     cdef int64_t premapped = 0
+    cdef char name[64]
+    snprintf(name, sizeof(name), "VM %u (type %d) S-EPT", kvm.id, kvm.vm_type)
+    if _xa_check_named(&kvm.tdx.sept, name, buf, len):
+        return -1               # its multi-order entries after demotes, stores and erases
     while kvm_mmu_next_spte(kvm, &start, &s):
-        if s.private and (s.level != PG_LEVEL_4K or tdx_sept_lookup(kvm, s.gfn, &spfn) == 0 or spfn != s.pfn):
-            snprintf(buf, len, "VM %u (type %d): private SPTE gfn 0x%llx has no matching 4K S-EPT leaf",
-                     kvm.id, kvm.vm_type, <ull>s.gfn)
+        if s.private and (tdx_sept_leaf(kvm, s.gfn, &first, &spfn, &level) == 0 or first != s.gfn or
+                          spfn != s.pfn or level != s.level):
+            snprintf(buf, len, "VM %u (type %d): private SPTE gfn 0x%llx level %d has no matching S-EPT "
+                     "leaf", kvm.id, kvm.vm_type, <ull>s.gfn, s.level)
             return -1
     start = 0
-    while tdx_sept_next(kvm, &start, &pfn, &state):
-        if not kvm_mmu_spte_lookup(kvm, start - 1, &spfn, &level, &private) or not private or spfn != pfn:
-            snprintf(buf, len, "VM %u (type %d): S-EPT leaf gfn 0x%llx without its mirror SPTE",
-                     kvm.id, kvm.vm_type, <ull>(start - 1))
+    while tdx_sept_next(kvm, &start, &gfn, &pfn, &state, &level):
+        if tdx_sept_leaf_check(kvm, gfn, pfn, state, level, buf, len):
             return -1
         premapped += state == TDX_SEPT_PREMAPPED
     if premapped != kvm.tdx.nr_premapped or (premapped and kvm.tdx.state == TD_STATE_RUNNABLE):

@@ -208,6 +208,8 @@ ctypedef struct gmem_host_config:
     uint64_t hugetlb_pages_1g
     int huge_split                  # GMEM_HUGE_SPLIT_*
     int huge_merge                  # GMEM_HUGE_MERGE_*
+    int tdx_huge_page               # the proposed kvm_intel.tdx_huge_page: the largest private
+                                    # S-EPT leaf once a TD runs (PG_LEVEL_2M, PG_LEVEL_1G), 0 off
 
 # struct kvm_userspace_memory_region2 (guest_memfd is resolved by the caller: see
 # kvm_set_memory_region)
@@ -527,6 +529,7 @@ cdef uint32_t pfn_folio(const physmem *pm, uint64_t pfn) noexcept nogil
 # ------------------------------------------- virt/kvm: gmem, memslots, x86 mmu
 cdef enum:
     KVM_LPAGE_MIXED_FLAG = 1 << 31
+    KVM_LPAGE_GUEST_INHIBIT_FLAG = 1 << 30      # proposed (TDX huge pages v3 12/24)
     # zap filters (enum kvm_gfn_range_filter)
     KVM_FILTER_SHARED = 1
     KVM_FILTER_PRIVATE = 2
@@ -555,6 +558,7 @@ cdef enum:
     TRACE_MAP_GPA_RANGE         # a = gpa, b = npages, c = attributes, d = hypercall.ret (a vCPU's:
                                 # the KVM_HC_MAP_GPA_RANGE exit of a PSC or MapGPA, as answered)
     TRACE_FOLIO_MERGE           # a = head pfn, b = new order (huge_merge, or before a hugetlb free)
+    TRACE_TDX_PAGE_DEMOTE       # a = gfn, b = pfn, c = level (of the leaf split; proposed)
     TRACE_NR_EVENTS
 
 ctypedef struct gmem_trace_rec:
@@ -576,6 +580,8 @@ ctypedef void (*handle_rmp_fault_t)(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error
 # TDX's external (S-EPT) page-table ops, for private leaves of the mirror root
 ctypedef int (*set_external_spte_t)(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil
 ctypedef void (*remove_external_spte_t)(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil
+# ... and the split of a huge one into 512 of the next level (0 or -errno, nothing changed)
+ctypedef int (*split_external_spte_t)(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil
 # The vendor's exit handler for a fault (tdx_handle_ept_violation), for a VM type whose faults
 # do not take the common entry; *out filled as kvm_mmu_page_fault fills it
 ctypedef int (*handle_ept_violation_t)(kvm_vcpu *vcpu, uint64_t gpa, uint64_t error_code,
@@ -599,6 +605,7 @@ ctypedef struct kvm_x86_hooks:
     vm_destroy_t vm_destroy
     vm_launch_t vm_launch
     vcpu_create_t vcpu_create   # kvm_x86_ops.vcpu_precreate + vcpu_create: 0 or -errno
+    split_external_spte_t split_external_spte
 
 # SEV-SNP host state (arch/x86/virt/svm/sev.c)
 cdef enum:
@@ -734,6 +741,7 @@ ctypedef struct gmem_host:
     xarray content_inodes       # ... ino -> gmem_inode * of those inodes
     gmem_page_pool pt_pool      # the VMs' page tables
     uint64_t inode_gen          # bumped when an inode is freed (a batch's ring knows its own)
+    int tdx_huge_page           # gmem_host_config.tdx_huge_page (proposed kvm_intel.tdx_huge_page)
 
 ctypedef struct gmem_inode:
     gmem_host *host
@@ -783,7 +791,7 @@ ctypedef struct kvm_sev_info:
 
 # arch/x86/kvm/vmx/tdx.h struct kvm_tdx, the parts gmem models
 cdef enum:
-    TDX_NR_STATS = 7
+    TDX_NR_STATS = 9
 ctypedef struct kvm_tdx:
     int state                   # enum kvm_tdx_state (TD_STATE_*)
     xarray sept                 # mirror S-EPT leaves: gfn -> pfn << 4 | TDX_SEPT_* state

@@ -26,7 +26,7 @@ _TraceEvent: TypeAlias = Literal["kvm_page_fault", "spte_install", "spte_zap", "
                                  "kvm_set_memory_attributes", "gmem_fallocate", "folio_split",
                                  "memory_failure", "tdx_page_aug", "tdx_page_add", "tdx_range_block",
                                  "tdx_track", "tdx_page_remove", "tdx_accept", "kvm_map_gpa_range",
-                                 "folio_merge"]
+                                 "folio_merge", "tdx_page_demote"]
 _HookName: TypeAlias = Literal["is_private_fault", "gmem_prepare", "gmem_invalidate",
                                "private_max_mapping_level", "gmem_make_shared"]
 # a structured numpy array (FAULT_DTYPE, TRACE_DTYPE, RMP_DTYPE or PAGE_STATE_DTYPE)
@@ -117,6 +117,8 @@ INITIAL_VMSA_GPA: Final = 0xFFFFFFFFF000
 # TDX
 TDX_SUCCESS: Final = 0
 TDX_PAGE_ALREADY_ACCEPTED: Final = 0x00000B0A00000000
+TDX_PAGE_SIZE_MISMATCH: Final = 0xC0000B0B00000000
+TDX_OPERAND_INVALID: Final = 0xC000010000000000
 TDVMCALL_STATUS_SUCCESS: Final = 0
 TDVMCALL_STATUS_RETRY: Final = 1
 TDVMCALL_STATUS_INVALID_OPERAND: Final = 0x8000000000000000
@@ -272,6 +274,7 @@ class Host:
         hugetlb_pages: dict[str, int] | None = None,
         huge_split: Literal["never", "convert", "convert-2m", "fresh"] | None = None,
         huge_merge: Literal["never", "eager", "lazy"] | None = None,
+        tdx_huge_page: bool | Literal["2M", "1G"] = False,
     ) -> None: ...
     @property
     def hugetlb(self) -> dict[str, Any]:
@@ -282,6 +285,9 @@ class Host:
     @property
     def content_modes(self) -> bool:
         """KVM_SET_MEMORY_ATTRIBUTES2 takes the RFC v4/v5 content modes."""
+    @property
+    def tdx_huge_page(self) -> Literal["2M", "1G"] | None:
+        """The proposed kvm_intel.tdx_huge_page: the largest private S-EPT leaf of a running TD."""
     @property
     def kernel(self) -> _Kernel:
         """The kernel version whose rules apply."""
@@ -506,7 +512,9 @@ class Vm:
     def shared_gpa_bit(self) -> int:
         """TDX: the GPA bit that selects the shared alias (0 for other types)."""
     def sept(self) -> dict[int, tuple[int, str]]:
-        """TDX mirror S-EPT leaves: {gfn: (pfn, state)}."""
+        """TDX mirror S-EPT, page by page: {gfn: (pfn, state)}."""
+    def sept_leaves(self) -> dict[int, tuple[int, str, int]]:
+        """TDX mirror S-EPT leaves: {first gfn: (pfn, state, level)}."""
     @property
     def tdx_stats(self) -> dict[str, int]: ...
     def page_fault_batch(self, gpas: npt.ArrayLike, error_codes: npt.ArrayLike,
@@ -551,8 +559,9 @@ class Vcpu:
     def page_state_change(self, entries: list[_PscEntry] | Iterable[_PscEntry], cur_entry: int = 0,
                           end_entry: int | None = None) -> HypercallExit | int:
         """A GHCB PSC request: an exit to answer, or the final PSC return code."""
-    def tdx_accept(self, gpa: _Int) -> int:
-        """TDG.MEM.PAGE.ACCEPT: TDX_SUCCESS or TDX_PAGE_ALREADY_ACCEPTED."""
+    def tdx_accept(self, gpa: _Int, level: _Int = 1) -> int:
+        """TDG.MEM.PAGE.ACCEPT at level 1 (4K) or 2 (2M): TDX_SUCCESS, TDX_PAGE_ALREADY_ACCEPTED,
+        TDX_PAGE_SIZE_MISMATCH or TDX_OPERAND_INVALID."""
     def tdx_map_gpa(self, gpa: _Int, size: _Int) -> HypercallExit | int:
         """TDG.VP.VMCALL<MapGPA>: an exit to answer, or a TDVMCALL status."""
     def tdx_init_vcpu(self) -> None:

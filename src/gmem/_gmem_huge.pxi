@@ -13,7 +13,7 @@
 #                             (kvm_gmem_has_safe_refcount: only the page cache's)
 #               "lazy"        the same check at the next kvm_gmem_get_pfn in the range
 #               "never"       split stays split until the pages are freed
-# A split never leaves a huge SPTE over the folios it made (kvm_gmem_zap_huge_mappings).
+# A split never leaves a huge SPTE over the folios it made (kvm_unmap_huge_leafs).
 
 
 cdef int kvm_gmem_huge_setup(gmem_inode *inode, uint64_t flags, int page_order) noexcept nogil:
@@ -113,27 +113,40 @@ cdef bint kvm_gmem_range_private(gmem_inode *inode, uint64_t first, uint64_t nr)
 
 # ------------------------------------------------------------------ split
 
-cdef void kvm_gmem_zap_huge_mappings(gmem_inode *inode, uint64_t first, uint64_t nr,
-                                     int new_order) noexcept nogil:
-    """Before a folio is split: no SPTE larger than the new folios may map any of it
-    (kvm_split_cross_boundary_leafs then the zap, in the WIP tree; the leaves go here)."""
+ctypedef void (*gfn_range_fn)(kvm *kvm, uint64_t start, uint64_t end, int arg) noexcept nogil
+
+
+cdef void kvm_gmem_for_each_binding(gmem_inode *inode, uint64_t start, uint64_t end, gfn_range_fn fn,
+                                    int arg) noexcept nogil:
+    """fn(kvm, gfn range, arg) for the part of [start, end) each binding of each file on the
+    inode covers (the walk kvm_gmem_invalidate_begin makes)."""
     cdef gmem_file *f = inode.files
     cdef uint64_t index, v, lo, hi, s
     cdef int order
     cdef kvm_memory_slot *slot
     while f != NULL:
-        index = first
-        while index < first + nr and xa_find_entry(&f.bindings, index, first + nr - 1, XA_NO_MARK,
-                                                   &s, &order, &v):
+        index = start
+        while index < end and xa_find_entry(&f.bindings, index, end - 1, XA_NO_MARK, &s, &order, &v):
             slot = &f.kvm.memslots[v]
-            lo = first if first > slot.gmem_pgoff else slot.gmem_pgoff
-            hi = slot.gmem_pgoff + slot.npages
-            if first + nr < hi:
-                hi = first + nr
-            kvm_zap_huge_leafs(f.kvm, slot.base_gfn + lo - slot.gmem_pgoff,
-                               slot.base_gfn + hi - slot.gmem_pgoff, _order_level(new_order))
+            lo = start if start > slot.gmem_pgoff else slot.gmem_pgoff
+            hi = end if end < slot.gmem_pgoff + slot.npages else slot.gmem_pgoff + slot.npages
+            fn(f.kvm, slot.base_gfn + lo - slot.gmem_pgoff, slot.base_gfn + hi - slot.gmem_pgoff, arg)
             index = slot.gmem_pgoff + slot.npages
         f = f.next
+
+
+cdef void _split_private_leafs(kvm *kvm, uint64_t start, uint64_t end, int arg) noexcept nogil:
+    kvm_split_private_leafs(kvm, start, end)
+
+
+cdef void _unmap_huge_leafs(kvm *kvm, uint64_t start, uint64_t end, int order) noexcept nogil:
+    kvm_unmap_huge_leafs(kvm, start, end, order)
+
+
+cdef void kvm_gmem_split_private_leafs(gmem_inode *inode, uint64_t start, uint64_t end) noexcept nogil:
+    """A punch: the huge private leaves crossing its edges split first in every binding
+    (proposed: TDX huge pages v3 16/24), so that its zap is precise."""
+    kvm_gmem_for_each_binding(inode, start, end, _split_private_leafs, 0)
 
 
 cdef int kvm_gmem_split_to(gmem_inode *inode, uint64_t first, uint32_t id, int new_order) noexcept nogil:
@@ -153,7 +166,9 @@ cdef int kvm_gmem_split_to(gmem_inode *inode, uint64_t first, uint32_t id, int n
     if r < 0:
         xa_store_order(&inode.filemap, first, old_order, id, &old)     # one entry again
         return r
-    kvm_gmem_zap_huge_mappings(inode, first, _pages(old_order), new_order)
+    # no SPTE larger than the new folios may map any of it (kvm_split_cross_boundary_leafs then
+    # the zap, in the WIP tree)
+    kvm_gmem_for_each_binding(inode, first, first + _pages(old_order), _unmap_huge_leafs, new_order)
     f = folio_get(&inode.host.pm, id)
     had_private = f.flags & PG_private
     k = 0
@@ -198,7 +213,7 @@ cdef int kvm_gmem_mergeable(gmem_inode *inode, uint64_t base, int order, uint32_
     consecutive pfns from an aligned one, each with only the page cache's reference and no
     user mapping; 0 if not; -EAGAIN if only a reference stands in the way."""
     cdef uint64_t index = base, first, v, pfn0 = 0
-    cdef int o, n = 0
+    cdef int o, n = 0, uptodate = 0
     cdef bint referenced = False
     cdef folio *f
     while index < base + _pages(order):
@@ -214,8 +229,13 @@ cdef int kvm_gmem_mergeable(gmem_inode *inode, uint64_t base, int order, uint32_
             return 0
         if f.refcount != 1 or kvm_gmem_folio_mapped(inode, first, _pages(o)):
             referenced = True
+        uptodate += (f.flags & PG_uptodate) != 0
         n += 1
         index = first + _pages(o)
+    if 0 < uptodate < n and inode.host.prepared_tracking == GMEM_TRACK_GMEM:
+        # "prepared" is per folio (6.18): one over pieces prepared and not would skip an arch
+        # prepare or zero pages the guest owns; it stays split
+        return 0
     return -EAGAIN if referenced else 1
 
 
@@ -227,13 +247,42 @@ cdef int kvm_gmem_merge_at(gmem_inode *inode, uint64_t index, int order) noexcep
     cdef int r
     if base + _pages(order) > inode.size >> 12:
         return 0
+    if not kvm_gmem_range_private(inode, base, _pages(order)):
+        return 0                            # (first: it is the cheap test, a walk of ranges)
     r = kvm_gmem_mergeable(inode, base, order, &head)
-    if r == 0 or not kvm_gmem_range_private(inode, base, _pages(order)):
+    if r == 0:
         return 0
     if r < 0:
         inode.host.stats[HOST_STAT_HUGE_EAGAIN] += 1
         return 0
     return kvm_gmem_merge_unchecked(inode, base, order, head)
+
+
+cdef void kvm_gmem_zero_stale_pieces(gmem_inode *inode, uint32_t head, int order) noexcept nogil:
+    """Pieces never used are zeroed now, as their first use would have, so the merged folio
+    is uptodate (zeroed) as a whole and no later prepare zeroes pages the guest already has
+    (7.2+: uptodate means zeroed; the arch tracks what it prepared)."""
+    cdef uint64_t pfn = folio_get(&inode.host.pm, head).pfn, k = 0
+    cdef folio *f
+    if folio_get(&inode.host.pm, head).flags & PG_uptodate == 0 and not kvm_gmem_any_uptodate(inode, pfn, order):
+        return                              # none used: the merged folio is zeroed at its first use
+    while k < _pages(order):
+        f = folio_get(&inode.host.pm, pfn_folio(&inode.host.pm, pfn + k))
+        if not f.flags & PG_uptodate:
+            host_clear_pages(inode.host, f.pfn, _pages(f.order))
+            f.flags |= PG_uptodate
+        k += _pages(f.order)
+
+
+cdef bint kvm_gmem_any_uptodate(gmem_inode *inode, uint64_t pfn, int order) noexcept nogil:
+    cdef uint64_t k = 0
+    cdef folio *f
+    while k < _pages(order):
+        f = folio_get(&inode.host.pm, pfn_folio(&inode.host.pm, pfn + k))
+        if f.flags & PG_uptodate:
+            return True
+        k += _pages(f.order)
+    return False
 
 
 cdef void kvm_gmem_refill_filemap(gmem_inode *inode, uint64_t base, int order) noexcept nogil:
@@ -326,6 +375,7 @@ cdef int kvm_gmem_merge_unchecked(gmem_inode *inode, uint64_t base, int order, u
     cdef uint64_t old
     if xa_store_order(&inode.filemap, base, order, head, &old) < 0:
         return 0
+    kvm_gmem_zero_stale_pieces(inode, head, order)
     if folio_merge(&inode.host.pm, head, order) < 0:
         kvm_gmem_refill_filemap(inode, base, order)
         return 0

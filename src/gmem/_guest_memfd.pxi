@@ -220,6 +220,7 @@ cdef int kvm_gmem_punch_hole(gmem_inode *inode, uint64_t start, uint64_t end) no
     if r:
         return r
     unmap_mapping_pages(inode, start, end - start)     # truncate_pagecache_range
+    kvm_gmem_split_private_leafs(inode, start, end)    # proposed: TDX huge pages v3
     kvm_gmem_invalidate_begin(inode, start, end)
     kvm_gmem_truncate(inode, start, end)
     kvm_gmem_invalidate_end(inode)
@@ -253,19 +254,9 @@ cdef inline int kvm_gmem_prepare_folio(kvm *kvm, kvm_memory_slot *slot, gmem_ino
         host_clear_pages(host, pfn, _pages(order))         # clear_highpage of every page
     if hook != NULL:
         gfn = slot.base_gfn + f.index - slot.gmem_pgoff    # ALIGN_DOWN(index, nr_pages)
-        kvm.stats[VM_STAT_GMEM_PREPARE] += 1
-        if host.fail_prepare:
-            host.fail_prepare -= 1
-            r = -host.fail_prepare_errno
-        else:
-            r = hook(kvm, gfn, pfn, order)
-        if host.hook_error and r == 0:
-            r = -EIO
-        gmem_trace(host, TRACE_GMEM_PREPARE, 0, gfn, pfn, order, <uint64_t>(-r))
+        r = kvm_gmem_call_prepare(kvm, hook, gfn, pfn, order)
         if r:
-            kvm.stats[VM_STAT_GMEM_PREPARE_FAILED] += 1
             return r
-    if hook != NULL:
         kvm_gmem_mark_prepared(host, f)
     else:
         f.flags |= PG_uptodate
@@ -277,25 +268,59 @@ cdef int kvm_gmem_make_private_folio(kvm *kvm, kvm_memory_slot *slot, gmem_inode
     """"next" (3df611b5a04e, 2131c4f763d2, fb50ca77b672, cb0544296a33): __kvm_gmem_get_pfn zeroes
     a folio once (uptodate), then kvm_gmem_get_pfn calls make_private(kvm, gfn, pfn, npages) only
     if the index is private (the inode's attributes with in-place conversion, else the VM's);
-    shared pages are never prepared.  The C hook slot is gmem_prepare's, given log2(npages)."""
+    shared pages are never prepared.  The C hook slot is gmem_prepare's, given log2(npages).
+    A huge folio (proposed) over both kinds of page: make_private of its private runs only."""
     cdef gmem_host *host = inode.host
     cdef gmem_prepare_t hook = host.hooks[kvm.vm_type].gmem_prepare
     cdef uint64_t gfn = slot.base_gfn + f.index - slot.gmem_pgoff
-    cdef int r = 0
     if not (f.flags & PG_uptodate):
         host_clear_pages(host, f.pfn, _pages(f.order))
         f.flags |= PG_uptodate
-    if hook == NULL or not kvm_mem_is_private(kvm, gfn):
+    if hook == NULL:
         return 0
+    if f.order and host.gmem_in_place_conversion and not mt_range_is(
+            &inode.attributes, f.index, f.index + _mask(f.order), KVM_MEMORY_ATTRIBUTE_PRIVATE):
+        return kvm_gmem_make_private_runs(kvm, inode, hook, gfn, f)
+    if not kvm_mem_is_private(kvm, gfn):
+        return 0
+    return kvm_gmem_call_prepare(kvm, hook, gfn, f.pfn, f.order)
+
+
+cdef int kvm_gmem_make_private_runs(kvm *kvm, gmem_inode *inode, gmem_prepare_t hook, uint64_t gfn,
+                                    folio *f) noexcept nogil:
+    """make_private over each private run of a mixed huge folio, in aligned power-of-two pieces."""
+    cdef uint64_t i = f.index, end = f.index + _pages(f.order), last, hi
+    cdef int o, r
+    cdef uint64_t private
+    while i < end:
+        private = mt_load(&inode.attributes, i, NULL, &last) & KVM_MEMORY_ATTRIBUTE_PRIVATE
+        hi = end if last >= end - 1 else last + 1
+        while private and i < hi:
+            o = 0
+            while o < f.order and not ((i - f.index) & _mask(o + 1)) and i + _pages(o + 1) <= hi:
+                o += 1
+            r = kvm_gmem_call_prepare(kvm, hook, gfn + i - f.index, f.pfn + i - f.index, o)
+            if r:
+                return r
+            i += _pages(o)
+        i = hi
+    return 0
+
+
+cdef int kvm_gmem_call_prepare(kvm *kvm, gmem_prepare_t hook, uint64_t gfn, uint64_t pfn,
+                                    int order) noexcept nogil:
+    """The arch's prepare (make_private in "next") with its counters, fault injection and trace."""
+    cdef gmem_host *host = kvm.host
+    cdef int r
     kvm.stats[VM_STAT_GMEM_PREPARE] += 1
     if host.fail_prepare:
         host.fail_prepare -= 1
         r = -host.fail_prepare_errno
     else:
-        r = hook(kvm, gfn, f.pfn, f.order)
+        r = hook(kvm, gfn, pfn, order)
     if host.hook_error and r == 0:
         r = -EIO
-    gmem_trace(host, TRACE_GMEM_PREPARE, 0, gfn, f.pfn, f.order, <uint64_t>(-r))
+    gmem_trace(host, TRACE_GMEM_PREPARE, 0, gfn, pfn, order, <uint64_t>(-r))
     if r:
         kvm.stats[VM_STAT_GMEM_PREPARE_FAILED] += 1
     return r

@@ -232,6 +232,7 @@ cdef int gmem_host_create(const gmem_host_config *cfg, gmem_host **out, const ch
     # VMMs use today; gmem.Host(gmem_in_place_conversion=True) loads the module with it on
     h.gmem_in_place_conversion = 0
     h.content_memfd = cfg.content_memfd != 0
+    h.tdx_huge_page = cfg.tdx_huge_page
     xa_init(&h.content_inodes)
     h.next_ino = 1
     h.next_asid = 1

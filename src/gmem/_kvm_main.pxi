@@ -52,11 +52,6 @@ cdef inline uint64_t _mask(int order) noexcept nogil:
     return ((<uint64_t>1) << order) - 1
 
 
-cdef inline int _order_level(int order) noexcept nogil:
-    """The largest mapping level a folio of order can back."""
-    return PG_LEVEL_1G if order >= 18 else PG_LEVEL_2M if order >= 9 else PG_LEVEL_4K
-
-
 cdef inline int _level_order(int level) noexcept nogil:
     # KVM_HPAGE_GFN_SHIFT(level)
     return (level - 1) * 9

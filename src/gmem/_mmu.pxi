@@ -32,18 +32,50 @@ cdef uint64_t kvm_unmap_gfn_range(kvm *kvm, uint64_t start, uint64_t end, int fi
     return zapped
 
 
-cdef void kvm_zap_huge_leafs(kvm *kvm, uint64_t start, uint64_t end, int max_level) noexcept nogil:
-    """Zap the leaves above max_level overlapping [start, end), in every root: what must go
-    before the folios under them are split (smaller leaves keep mapping the same pfns)."""
+cdef void kvm_unmap_huge_leafs(kvm *kvm, uint64_t start, uint64_t end, int order) noexcept nogil:
+    """Before the folios under [start, end) are split to order: no leaf larger than them may
+    stay. Private leaves of a VM whose zaps must be precise are split down (TDX: demote, the
+    guest keeps what it accepted); the others are zapped (smaller leaves keep mapping the
+    same pfns; the next fault maps at the new size)."""
     cdef uint64_t zapped = 0
-    cdef int root
+    cdef int root, max_level = kvm_max_level_for_order(order)
     if max_level >= KVM_MAX_HUGEPAGE_LEVEL or end <= start:
         return
     for root in range(TDP_NR_ROOTS):
-        zapped += tdp_mmu_zap_leafs(kvm, root, start, end, max_level + 1)
+        if root == TDP_ROOT_MIRROR and kvm_private_zap_must_be_precise(kvm):
+            tdp_mmu_split_leafs_above(kvm, root, start, end, max_level)
+        else:
+            zapped += tdp_mmu_zap_leafs(kvm, root, start, end, max_level + 1)
     if zapped:
         kvm.stats[VM_STAT_ZAPPED_SPTES] += zapped
         kvm.stats[VM_STAT_REMOTE_TLB_FLUSH] += 1
+
+# ------------------------------------------- precise private zaps (proposed)
+
+cdef inline bint kvm_private_zap_must_be_precise(const kvm *kvm) noexcept nogil:
+    """A VM whose guest must re-accept whatever private memory is zapped, so that a huge
+    private leaf is split rather than zapped whole (the VMs with a mirror root: TDX; a no-op
+    walk where no leaf is huge)."""
+    return kvm_has_mirrored_tdp(kvm)
+
+
+cdef void kvm_split_private_leafs(kvm *kvm, uint64_t start, uint64_t end) noexcept nogil:
+    """Before private leaves in [start, end) are zapped: split the huge ones crossing its
+    edges (v3 16/24 "Split for punch hole and private-to-shared conversion"). A failure
+    (-ENOMEM for a table) leaves the zap imprecise, as a KVM_BUG_ON would end the TD."""
+    if kvm_private_zap_must_be_precise(kvm):
+        kvm_split_cross_boundary_leafs(kvm, start, end, KVM_FILTER_PRIVATE)
+
+
+cdef inline void hugepage_set_guest_inhibit(kvm_memory_slot *slot, uint64_t gfn, int level) noexcept nogil:
+    """Proposed (v3 12/24): the guest accepts below level here, so no mapping of level may
+    cover gfn again: KVM_LPAGE_GUEST_INHIBIT_FLAG in disallow_lpage, set one-way (there is
+    no promotion that clearing it could allow)."""
+    lpage_info_slot(slot, gfn, level)[0] |= KVM_LPAGE_GUEST_INHIBIT_FLAG
+
+
+cdef inline bint hugepage_test_guest_inhibit(kvm_memory_slot *slot, uint64_t gfn, int level) noexcept nogil:
+    return (lpage_info_slot(slot, gfn, level)[0] & KVM_LPAGE_GUEST_INHIBIT_FLAG) != 0
 
 
 ctypedef struct kvm_page_fault:

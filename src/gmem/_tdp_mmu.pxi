@@ -271,7 +271,135 @@ cdef uint64_t tdp_mmu_zap_leafs(kvm *kvm, int root, uint64_t start, uint64_t end
                               end if end < reach else reach, min_level)
 
 
+# ------------------------------------------------------------------ split
+
+cdef int tdp_mmu_split_huge_page(kvm *kvm, uint64_t *sptep, uint64_t gfn, int level) noexcept nogil:
+    """tdp_mmu_split_huge_page: the huge leaf at sptep (mapping gfn on, at level) becomes a
+    table of 512 leaves one level down mapping the same pfns, with the same bits; a private
+    one goes through the vendor's split_external_spte first (TDX: demote). 0, or -errno with
+    nothing changed. No flush: the translations stay valid (kvm_split_cross_boundary_leafs
+    leaves flushing to its caller)."""
+    cdef uint64_t spte = sptep[0], pfn = spte_to_pfn(spte), step = _pages(spte_shift(level - 1))
+    cdef split_external_spte_t split_external = kvm.host.hooks[kvm.vm_type].split_external_spte
+    cdef uint64_t *child = tdp_mmu_alloc_sp(kvm)
+    cdef int i, r
+    if child == NULL:
+        return -ENOMEM
+    if spte & SPTE_PRIVATE and split_external != NULL:
+        r = split_external(kvm, gfn, level, pfn)
+        if r:
+            gmem_page_free(&kvm.host.pt_pool, child)
+            kvm.tdp_mmu_pages -= 1
+            return r
+    for i in range(SPTE_ENT_PER_PAGE):
+        child[i] = make_spte(pfn + i * step, level - 1, (spte & PT_WRITABLE_MASK) != 0,
+                             (spte & SPTE_PRIVATE) != 0)
+    sptep[0] = make_nonleaf_spte(child)
+    kvm.tdp_pages[level - 1] -= 1
+    kvm.tdp_pages[level - 2] += SPTE_ENT_PER_PAGE
+    return 0
+
+
+cdef int tdp_mmu_split_at(kvm *kvm, int root, uint64_t boundary) noexcept nogil:
+    """Split the huge leaves of root that map both boundary - 1 and boundary, down to the
+    level where none does: the number split, or -errno."""
+    cdef tdp_cursor c
+    cdef uint64_t *sptep
+    cdef int level, r, n = 0
+    if boundary == 0 or boundary >> TDP_ROOT_GFN_BITS:
+        return 0
+    tdp_cursor_init(&c)
+    while True:
+        sptep = _tdp_mmu_walk(kvm, root, boundary, &c, &level, 0)
+        if sptep == NULL or level == PG_LEVEL_4K or not is_shadow_present_pte(sptep[0]) or \
+                not boundary & _mask(spte_shift(level)):
+            return n
+        r = tdp_mmu_split_huge_page(kvm, sptep, boundary & ~_mask(spte_shift(level)), level)
+        if r:
+            return r
+        n += 1
+
+
+cdef int tdp_mmu_split_leafs_above(kvm *kvm, int root, uint64_t start, uint64_t end,
+                                   int max_level) noexcept nogil:
+    """Split every leaf of root in [start, end) above max_level down to it (a folio under
+    them is being split): the number split, or -errno (what was split stays split)."""
+    cdef tdp_cursor c
+    cdef uint64_t *sptep
+    cdef uint64_t gfn = start
+    cdef int level, r, n = 0
+    tdp_cursor_init(&c)
+    while gfn < end and not gfn >> TDP_ROOT_GFN_BITS:
+        sptep = _tdp_mmu_walk(kvm, root, gfn, &c, &level, 0)
+        if sptep == NULL:
+            return n
+        if level > max_level and is_shadow_present_pte(sptep[0]) and is_last_spte(sptep[0], level):
+            r = tdp_mmu_split_huge_page(kvm, sptep, gfn & ~_mask(spte_shift(level)), level)
+            if r:
+                return r
+            n += 1
+            continue                            # walk again into the new table
+        gfn = (gfn & ~_mask(spte_shift(level))) + _pages(spte_shift(level))
+    return n
+
+
+cdef int kvm_split_cross_boundary_leafs(kvm *kvm, uint64_t start, uint64_t end, int filter) noexcept nogil:
+    """kvm_split_cross_boundary_leafs (proposed, TDX huge pages v3): split every huge leaf of
+    the roots filter names (as kvm_unmap_gfn_range does) that crosses start or end, so that a
+    zap of [start, end) that follows is precise. The number of leaves split, or -errno (what
+    was split stays split). TDX's private zaps must be precise: the guest has to re-accept
+    whatever is zapped."""
+    cdef int root, r, n = 0
+    if end <= start:
+        return 0
+    if not kvm_has_mirrored_tdp(kvm):
+        filter = 0
+    for root in range(TDP_NR_ROOTS):
+        if kvm.tdp_root[root] == NULL or \
+                filter == (KVM_FILTER_SHARED if root == TDP_ROOT_MIRROR else KVM_FILTER_PRIVATE):
+            continue
+        r = tdp_mmu_split_at(kvm, root, start)
+        if r >= 0:
+            n += r
+            r = tdp_mmu_split_at(kvm, root, end)
+        if r < 0:
+            return r
+        n += r
+    return n
+
+
+cdef uint64_t kvm_tdp_mmu_mirror_spte(kvm *kvm, uint64_t gfn, int *level) noexcept nogil:
+    """The last SPTE on gfn's path in the mirror root (a leaf, not present, or at level 1),
+    with its level: the walk a TDX module makes of the S-EPT, whose tables are the mirror's
+    (0 at TDP_ROOT_LEVEL if there is no mirror root)."""
+    cdef tdp_cursor c
+    cdef uint64_t *sptep
+    tdp_cursor_init(&c)
+    sptep = _tdp_mmu_walk(kvm, TDP_ROOT_MIRROR, gfn, &c, level, 0)
+    if sptep == NULL:
+        level[0] = TDP_ROOT_LEVEL
+        return 0
+    return sptep[0]
+
+
 # -------------------------------------------------------------------- map
+
+cdef inline bint mirror_hugepage_adjust(kvm_page_fault *fault, const uint64_t *pt, int level) noexcept nogil:
+    """disallowed_hugepage_adjust as Rick Edgecombe's "KVM: x86/mmu: Disallow page merging
+    (huge page adjustment) for mirror root" applies it (proposed, TDX huge pages v3): at the
+    goal level of the mirror root, a table already there lowers the goal by one, the pfn
+    following the gfn (the TDX module promotes nothing KVM asks it to map over smaller
+    leaves). True when it did."""
+    cdef uint64_t spte
+    if level != fault.goal_level or level == PG_LEVEL_4K:
+        return False
+    spte = pt[spte_index(fault.gfn, level)]
+    if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+        return False
+    fault.pfn |= fault.gfn & (_mask(spte_shift(level)) & ~_mask(spte_shift(level - 1)))
+    fault.goal_level -= 1
+    return True
+
 
 cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     """kvm_tdp_mmu_map: down the root of the fault (the mirror root for a private fault of a
@@ -279,16 +407,19 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     leaf (tdp_mmu_map_handle_target_level). The model's rules, as before page tables: the
     very SPTE already there is RET_PF_SPURIOUS; a huge leaf on the way is zapped (counted,
     traced, flushed) to make room for a table; smaller SPTEs under the new huge leaf go
-    with their table, uncounted."""
+    with their table, uncounted. The mirror root (proposed, TDX huge pages v3) never maps a
+    huge leaf where a table is (no promotion: mirror_hugepage_adjust), and splits a huge leaf
+    on the way rather than zap it (the guest would have to re-accept it; the model's choice:
+    v3 splits before the fault, under the write mmu_lock, where GUEST_INHIBIT is set, so the
+    fault path does not meet one)."""
     cdef kvm *kvm = vcpu.kvm
     cdef int root = TDP_ROOT_MIRROR if fault.is_private and kvm_has_mirrored_tdp(kvm) else TDP_ROOT_DIRECT
     cdef tdp_cursor *c = &vcpu.tdp_cursor[root]
-    cdef int goal = fault.goal_level, level
-    cdef uint64_t base = fault.gfn & ~_mask(spte_shift(goal)), spte, new
+    cdef int goal = fault.goal_level, level, r
+    cdef uint64_t base, spte, new
     cdef uint64_t *pt
     cdef uint64_t *child
     cdef uint64_t *sptep
-    new = make_spte(fault.pfn, goal, fault.map_writable, fault.is_private)
     pt = tdp_cursor_climb(c, kvm, fault.gfn, goal, &level)
     if pt == NULL:
         pt, level = kvm.tdp_root[root], TDP_ROOT_LEVEL
@@ -302,13 +433,19 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
     # the path below is rewritten for fault.gfn: the cursor stands nowhere until it stands
     # on the goal's table (a failure on the way leaves it so)
     c.gen = TDP_GEN_NOWHERE
-    while level > goal:
+    while level > goal or (root == TDP_ROOT_MIRROR and mirror_hugepage_adjust(fault, pt, level)):
+        goal = fault.goal_level
         sptep = &pt[spte_index(fault.gfn, level)]
         spte = sptep[0]
         if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
             pt = spte_to_child_pt(spte)
             level -= 1
             c.pt_path[level - 1] = pt
+            continue
+        if root == TDP_ROOT_MIRROR and is_shadow_present_pte(spte):
+            r = tdp_mmu_split_huge_page(kvm, sptep, fault.gfn & ~_mask(spte_shift(level)), level)
+            if r:
+                return r
             continue
         child = tdp_mmu_alloc_sp(kvm)
         if child == NULL:
@@ -323,6 +460,8 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu *vcpu, kvm_page_fault *fault) noexcept nogil:
         level -= 1
         c.pt_path[level - 1] = pt
     tdp_cursor_stand(c, kvm, pt, level, fault.gfn)
+    base = fault.gfn & ~_mask(spte_shift(goal))
+    new = make_spte(fault.pfn, goal, fault.map_writable, fault.is_private)
     sptep = &pt[spte_index(fault.gfn, level)]
     spte = sptep[0]
     if spte == new:

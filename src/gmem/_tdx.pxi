@@ -1,9 +1,15 @@
 # Intel TDX (arch/x86/kvm/vmx/tdx.c and the TDX module it calls): the TD's life
 # (KVM_TDX_INIT_VM, INIT_MEM_REGION with tdx_gmem_post_populate, FINALIZE_VM), the S-EPT as
 # KVM drives it through the mirror root's external hooks, the EPT-violation exit handler, the
-# guest's TDG.MEM.PAGE.ACCEPT and TDG.VP.VMCALL<MapGPA>.  Each private 4K S-EPT leaf is
+# guest's TDG.MEM.PAGE.ACCEPT and TDG.VP.VMCALL<MapGPA>.  Each private S-EPT leaf is
 # PREMAPPED (mapped before KVM_TDX_FINALIZE_VM, not yet PAGE.ADDed), PENDING
 # (TDH.MEM.PAGE.AUG done, the guest has not accepted it) or ACCEPTED.
+#
+# Huge leaves (proposed: Yan Zhao, "KVM: TDX huge page support for private memory" v3,
+# 2026-01; Host(tdx_huge_page=)): once the TD runs, a private leaf may be 2M (or 1G, beyond
+# that series), one multi-order entry of kvm.tdx.sept, uniformly PENDING or ACCEPTED (the TDX
+# module's rule); it is demoted (BLOCK, TRACK, kick, DEMOTE) where a zap must be precise and
+# never promoted; the guest's ACCEPT level caps the mapping (GUEST_INHIBIT).
 
 cdef enum:
     TDX_SEPT_PREMAPPED = 1
@@ -24,6 +30,8 @@ cdef enum:
     TDX_STAT_REMOVE = 4
     TDX_STAT_ACCEPT = 5
     TDX_STAT_MR_EXTEND = 6
+    TDX_STAT_DEMOTE = 7                 # TDH.MEM.PAGE.DEMOTE (proposed, huge pages)
+    TDX_STAT_KICK = 8                   # vCPU kicks (TLB shootdown IPIs) before a DEMOTE
     TDX_MR_EXTEND_GRANULARITY = 256     # TDH.MR.EXTEND measures 256 bytes
     KVM_EXIT_HYPERCALL_LONG_MODE = 1
 
@@ -32,6 +40,8 @@ cdef extern from *:
     """
     #define GMEM_TDX_SUCCESS (0ULL)
     #define GMEM_TDX_PAGE_ALREADY_ACCEPTED (0x00000B0A00000000ULL)
+    #define GMEM_TDX_PAGE_SIZE_MISMATCH (0xC0000B0B00000000ULL)
+    #define GMEM_TDX_OPERAND_INVALID (0xC000010000000000ULL)
     #define GMEM_TDVMCALL_STATUS_SUCCESS (0ULL)
     #define GMEM_TDVMCALL_STATUS_RETRY (1ULL)
     #define GMEM_TDVMCALL_STATUS_INVALID_OPERAND (0x8000000000000000ULL)
@@ -41,6 +51,10 @@ cdef extern from *:
     """
     const uint64_t TDX_SUCCESS "GMEM_TDX_SUCCESS"
     const uint64_t TDX_PAGE_ALREADY_ACCEPTED "GMEM_TDX_PAGE_ALREADY_ACCEPTED"
+    # TDG.MEM.PAGE.ACCEPT at a size the S-EPT does not map at (the module's status; not in
+    # 7.2's tdx_errno.h, which KVM does not need it in)
+    const uint64_t TDX_PAGE_SIZE_MISMATCH "GMEM_TDX_PAGE_SIZE_MISMATCH"
+    const uint64_t TDX_OPERAND_INVALID "GMEM_TDX_OPERAND_INVALID"
     const uint64_t TDVMCALL_STATUS_SUCCESS "GMEM_TDVMCALL_STATUS_SUCCESS"
     const uint64_t TDVMCALL_STATUS_RETRY "GMEM_TDVMCALL_STATUS_RETRY"
     const uint64_t TDVMCALL_STATUS_INVALID_OPERAND "GMEM_TDVMCALL_STATUS_INVALID_OPERAND"
@@ -82,6 +96,7 @@ cdef void tdx_hooks_init(kvm_x86_hooks *hooks) noexcept nogil:
     hooks.private_max_mapping_level = tdx_private_max_mapping_level
     hooks.set_external_spte = tdx_sept_set_private_spte
     hooks.remove_external_spte = tdx_sept_remove_private_spte
+    hooks.split_external_spte = tdx_sept_split_private_spte
     hooks.handle_ept_violation = tdx_handle_ept_violation
 
 
@@ -106,7 +121,12 @@ cdef int tdx_is_private_fault(kvm *kvm, uint64_t gpa, uint64_t error_code) noexc
 
 
 cdef int tdx_private_max_mapping_level(kvm *kvm, uint64_t pfn) noexcept nogil:
-    return PG_LEVEL_4K
+    """tdx_gmem_max_mapping_level: 4K (7.2). Proposed (v3 "Turn on PG_LEVEL_2M after TD is
+    RUNNABLE"): with tdx_huge_page, the option's level once the TD runs; 4K while it is built,
+    since TDH.MEM.PAGE.ADD adds 4K pages only."""
+    if kvm.tdx.state != TD_STATE_RUNNABLE or not kvm.host.tdx_huge_page:
+        return PG_LEVEL_4K
+    return kvm.host.tdx_huge_page
 
 
 cdef int tdx_td_init(kvm *kvm, int gpaw) noexcept nogil:
@@ -172,13 +192,13 @@ cdef int tdx_launch_minimal(kvm *kvm) noexcept nogil:
 
 cdef int tdx_sept_set_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil:
     cdef uint64_t old
-    if level != PG_LEVEL_4K:
-        return -EINVAL                        # KVM_BUG_ON: private mappings are 4K
+    if level > tdx_private_max_mapping_level(kvm, pfn):
+        return -EINVAL                        # KVM_BUG_ON: private mappings are 4K (7.2)
     xas_set(&kvm.tdx.sept_xas, gfn)
     if kvm.tdx.state == TD_STATE_RUNNABLE:
         kvm.tdx.stats[TDX_STAT_AUG] += 1      # TDH.MEM.PAGE.AUG: pending until the guest accepts
         gmem_trace(kvm.host, TRACE_TDX_PAGE_AUG, TRACE_NO_VCPU, gfn, pfn, level, 0)
-        return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
+        return xas_store(&kvm.tdx.sept_xas, _level_order(level), tdx_sept_entry(pfn, TDX_SEPT_PENDING), &old)
     kvm.tdx.nr_premapped += 1                 # before finalize: no SEAMCALL yet
     return xas_store(&kvm.tdx.sept_xas, 0, tdx_sept_entry(pfn, TDX_SEPT_PREMAPPED), &old)
 
@@ -195,20 +215,65 @@ cdef void tdx_sept_remove_private_spte(kvm *kvm, uint64_t gfn, int level, uint64
     kvm.tdx.stats[TDX_STAT_BLOCK] += 1
     gmem_trace(kvm.host, TRACE_TDX_RANGE_BLOCK, TRACE_NO_VCPU, gfn, 0, level, 0)
     if kvm.tdx.state == TD_STATE_RUNNABLE:
-        kvm.tdx.stats[TDX_STAT_TRACK] += 1
-        gmem_trace(kvm.host, TRACE_TDX_TRACK, TRACE_NO_VCPU, 0, 0, 0, 0)
+        tdx_track_and_kick(kvm)
     kvm.tdx.stats[TDX_STAT_REMOVE] += 1
     gmem_trace(kvm.host, TRACE_TDX_PAGE_REMOVE, TRACE_NO_VCPU, gfn, pfn, level, 0)
-    page_data_drop(kvm.host, pfn, 1)
+    page_data_drop(kvm.host, pfn, _pages(_level_order(level)))   # a huge leaf: the whole of it
+
+
+cdef void tdx_track_and_kick(kvm *kvm) noexcept nogil:
+    """TDH.MEM.TRACK, then kick every vCPU (a TLB shootdown IPI) so none still holds a
+    translation of a blocked range (tdx_track)."""
+    kvm.tdx.stats[TDX_STAT_TRACK] += 1
+    gmem_trace(kvm.host, TRACE_TDX_TRACK, TRACE_NO_VCPU, 0, 0, 0, 0)
+    kvm.tdx.stats[TDX_STAT_KICK] += 1
+
+
+cdef int tdx_sept_split_private_spte(kvm *kvm, uint64_t gfn, int level, uint64_t pfn) noexcept nogil:
+    """Demote the huge leaf at gfn into 512 leaves of the next level, each keeping its state
+    (proposed, v3 "KVM: TDX: Implement huge page splitting"; current module, without
+    NON-BLOCKING-RESIZE): TDH.MEM.RANGE.BLOCK, TDH.MEM.TRACK, kick the vCPUs,
+    TDH.MEM.PAGE.DEMOTE. 0, or -ENOMEM with nothing changed."""
+    cdef uint64_t v, old, first, step
+    cdef int order, sub, i, r
+    if not xa_lookup(&kvm.tdx.sept, gfn, &v, &first, &order) or first != gfn or \
+            order != _level_order(level) or tdx_sept_pfn(v) != pfn:
+        return -EIO                           # KVM_BUG_ON: the mirror and the S-EPT disagree
+    sub = _level_order(level - 1)
+    r = xa_split(&kvm.tdx.sept, gfn, sub)
+    if r < 0:
+        return r
+    step = _pages(sub)
+    for i in range(SPTE_ENT_PER_PAGE):        # stores onto entries there: they cannot fail
+        xa_store_order(&kvm.tdx.sept, gfn + i * step, sub,
+                       tdx_sept_entry(pfn + i * step, tdx_sept_state(v)), &old)
+    kvm.tdx.stats[TDX_STAT_BLOCK] += 1
+    gmem_trace(kvm.host, TRACE_TDX_RANGE_BLOCK, TRACE_NO_VCPU, gfn, 0, level, 0)
+    tdx_track_and_kick(kvm)
+    kvm.tdx.stats[TDX_STAT_DEMOTE] += 1
+    gmem_trace(kvm.host, TRACE_TDX_PAGE_DEMOTE, TRACE_NO_VCPU, gfn, pfn, level, 0)
+    return 0
+
+
+cdef int tdx_sept_leaf(kvm *kvm, uint64_t gfn, uint64_t *first, uint64_t *pfn, int *level) noexcept nogil:
+    """The S-EPT leaf covering gfn: its state (TDX_SEPT_*) with its first gfn, the pfn it maps
+    there and its level, or 0 if there is none."""
+    cdef uint64_t v
+    cdef int order
+    if not xa_lookup(&kvm.tdx.sept, gfn, &v, first, &order):
+        return 0
+    pfn[0] = tdx_sept_pfn(v)
+    level[0] = kvm_max_level_for_order(order)
+    return tdx_sept_state(v)
 
 
 cdef int tdx_sept_lookup(kvm *kvm, uint64_t gfn, uint64_t *pfn) noexcept nogil:
-    """The S-EPT leaf at gfn: its state (TDX_SEPT_*) with *pfn, or 0 if there is none."""
-    cdef uint64_t v
-    if not xa_load(&kvm.tdx.sept, gfn, &v):
-        return 0
-    pfn[0] = tdx_sept_pfn(v)
-    return tdx_sept_state(v)
+    """The S-EPT at gfn: its leaf's state (TDX_SEPT_*) with the pfn gfn maps to, or 0 if
+    there is none."""
+    cdef uint64_t first
+    cdef int level, state = tdx_sept_leaf(kvm, gfn, &first, pfn, &level)
+    pfn[0] += gfn - first
+    return state
 
 
 # ------------------------------------------------------------ EPT violations
@@ -315,35 +380,74 @@ cdef int tdx_vcpu_init_mem_region(kvm_vcpu *vcpu, uint64_t src, uint64_t gpa, ui
 
 # ------------------------------------------------------------ the guest's calls
 
-cdef int tdx_accept_page(kvm_vcpu *vcpu, uint64_t gpa, uint64_t *status, kvm_fault_out *out) noexcept nogil:
-    """TDG.MEM.PAGE.ACCEPT of the private 4K page at gpa: an EPT violation AUGs it first if
-    needed. 0 with *status (TDX_SUCCESS, TDX_PAGE_ALREADY_ACCEPTED or
-    TDVMCALL_STATUS_INVALID_OPERAND), GUEST_ACCESS_EXIT (out: why), GUEST_ACCESS_HOOK_ERROR,
-    or -EINVAL before the TD runs."""
+cdef int tdx_accept_ept_violation(kvm_vcpu *vcpu, uint64_t gpa, int level, kvm_fault_out *out) noexcept nogil:
+    """The EPT violation TDG.MEM.PAGE.ACCEPT exits with when gpa is not mapped at or above the
+    ACCEPT level, or is mapped PENDING above it, as tdx_handle_ept_violation takes it.
+    Proposed (v3 "KVM: TDX: Honor the guest's accept level contained in an EPT violation"):
+    an ACCEPT level below what KVM may map sets GUEST_INHIBIT for every level above it, one-way,
+    and splits the leaf over gpa (under the write mmu_lock); the fault then maps at most at
+    that level. 0 if something maps gpa now, else GUEST_ACCESS_EXIT / GUEST_ACCESS_HOOK_ERROR."""
     cdef kvm *kvm = vcpu.kvm
-    cdef uint64_t v, old
+    cdef uint64_t gfn = gpa >> 12, start = gfn & ~_mask(_level_order(level)), v
+    cdef kvm_memory_slot *slot = gfn_to_memslot(kvm, gfn)
+    cdef int lvl
+    if level < kvm.host.tdx_huge_page:
+        for lvl in range(level + 1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            if slot != NULL:
+                hugepage_set_guest_inhibit(slot, gfn, lvl)
+        kvm_split_cross_boundary_leafs(kvm, start, start + _pages(_level_order(level)), KVM_FILTER_PRIVATE)
+    kvm_mmu_page_fault(vcpu, start << 12, PFERR_WRITE_MASK, out)
+    if kvm.host.hook_error:
+        return GUEST_ACCESS_HOOK_ERROR
+    if out.ret < 0 or not xa_load(&kvm.tdx.sept, gfn, &v):
+        return GUEST_ACCESS_EXIT
+    return 0
+
+
+cdef int tdx_accept_page(kvm_vcpu *vcpu, uint64_t gpa, int level, uint64_t *status,
+                         kvm_fault_out *out) noexcept nogil:
+    """TDG.MEM.PAGE.ACCEPT of the private page of that level (4K or 2M) at gpa, as the TDX
+    module walks the S-EPT (tdg_mem_page_accept): a table at the ACCEPT level is
+    TDX_PAGE_SIZE_MISMATCH (the guest retries at 4K); a leaf at or above it already accepted is
+    TDX_PAGE_ALREADY_ACCEPTED; a PENDING leaf at that level is accepted whole (a 2M one: its
+    512 pages); anything else is an EPT violation (tdx_accept_ept_violation), then the walk
+    again. 0 with *status (those, TDX_SUCCESS, TDX_OPERAND_INVALID for a bad level or
+    alignment, TDVMCALL_STATUS_INVALID_OPERAND for a shared gpa), GUEST_ACCESS_EXIT (out:
+    why), GUEST_ACCESS_HOOK_ERROR, or -EINVAL before the TD runs."""
+    cdef kvm *kvm = vcpu.kvm
+    cdef uint64_t gfn = gpa >> 12, first = 0, pfn = 0, old
+    cdef int slevel, llevel, state, r, tries
     if kvm.tdx.state != TD_STATE_RUNNABLE:
         # no guest instruction runs before KVM_TDX_FINALIZE_VM (tdx_vcpu_pre_run: -EINVAL);
         # accepting here would turn a premapped leaf into an accepted one behind nr_premapped
         return _refuse(kvm.host, -EINVAL, "the TD is not runnable yet (KVM_RUN before "
                        "KVM_TDX_FINALIZE_VM)")
-    if (gpa >> 12) & kvm.gfn_direct_bits:
+    if gfn & kvm.gfn_direct_bits:
         status[0] = TDVMCALL_STATUS_INVALID_OPERAND
         return 0
-    if not xa_load(&kvm.tdx.sept, gpa >> 12, &v):
-        kvm_mmu_page_fault(vcpu, gpa & ~(<uint64_t>4095), PFERR_WRITE_MASK, out)
-        if kvm.host.hook_error:
-            return GUEST_ACCESS_HOOK_ERROR
-        if out.ret < 0 or not xa_load(&kvm.tdx.sept, gpa >> 12, &v):
-            return GUEST_ACCESS_EXIT
-    if tdx_sept_state(v) == TDX_SEPT_ACCEPTED:
-        status[0] = TDX_PAGE_ALREADY_ACCEPTED
+    if level < PG_LEVEL_4K or level > PG_LEVEL_2M or gfn & _mask(_level_order(level)):
+        status[0] = TDX_OPERAND_INVALID         # verify_page_info_input: 4K or 2M, aligned
         return 0
-    xa_store_order(&kvm.tdx.sept, gpa >> 12, 0, tdx_sept_entry(tdx_sept_pfn(v), TDX_SEPT_ACCEPTED), &old)
-    kvm.tdx.stats[TDX_STAT_ACCEPT] += 1
-    status[0] = TDX_SUCCESS
-    gmem_trace(kvm.host, TRACE_TDX_ACCEPT, vcpu.vcpu_id, gpa, tdx_sept_pfn(v), PG_LEVEL_4K, TDX_SUCCESS)
-    return 0
+    for tries in range(KVM_MAX_HUGEPAGE_LEVEL + 1):
+        if kvm_tdp_mmu_mirror_spte(kvm, gfn, &slevel) and slevel >= level:
+            state = tdx_sept_leaf(kvm, gfn, &first, &pfn, &llevel)
+            if state == TDX_SEPT_ACCEPTED:
+                status[0] = TDX_PAGE_ALREADY_ACCEPTED
+                return 0
+            if slevel == level:
+                xa_store_order(&kvm.tdx.sept, first, _level_order(level),
+                               tdx_sept_entry(pfn, TDX_SEPT_ACCEPTED), &old)
+                kvm.tdx.stats[TDX_STAT_ACCEPT] += 1
+                status[0] = TDX_SUCCESS
+                gmem_trace(kvm.host, TRACE_TDX_ACCEPT, vcpu.vcpu_id, gpa, pfn, level, TDX_SUCCESS)
+                return 0
+        elif slevel < level:
+            status[0] = TDX_PAGE_SIZE_MISMATCH  # a table where the ACCEPT level's leaf would be
+            return 0
+        r = tdx_accept_ept_violation(vcpu, gpa, level, out)
+        if r:
+            return r
+    return GUEST_ACCESS_EXIT
 
 
 cdef int tdx_map_gpa_exit(kvm_vcpu *vcpu, uint64_t next) noexcept nogil:
@@ -405,15 +509,18 @@ cdef bint tdx_access_pending(kvm_vcpu *vcpu, uint64_t gpa) noexcept nogil:
     return xa_load(&vcpu.kvm.tdx.sept, gpa >> 12, &v) and tdx_sept_state(v) == TDX_SEPT_PENDING
 
 
-cdef bint tdx_sept_next(kvm *kvm, uint64_t *start, uint64_t *pfn, int *state) noexcept nogil:
-    """The next S-EPT leaf at or after *start: 1 with its pfn and state, *start past it."""
-    cdef uint64_t first, v
+cdef bint tdx_sept_next(kvm *kvm, uint64_t *start, uint64_t *gfn, uint64_t *pfn, int *state,
+                        int *level) noexcept nogil:
+    """The next S-EPT leaf at or after *start: 1 with its first gfn, pfn, state and level,
+    *start past it."""
+    cdef uint64_t v
     cdef int order
     if start[0] == INVALID_GFN or not xa_find_entry(&kvm.tdx.sept, start[0], INVALID_GFN, XA_NO_MARK,
-                                                    &first, &order, &v):
+                                                    gfn, &order, &v):
         return 0
     pfn[0], state[0] = tdx_sept_pfn(v), tdx_sept_state(v)
-    start[0] = first + 1
+    level[0] = kvm_max_level_for_order(order)
+    start[0] = gfn[0] + _pages(order)
     return 1
 
 
