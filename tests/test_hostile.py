@@ -28,11 +28,6 @@ SWEEP_COUNTS = {}       # reported at the end of the run (conftest.py)
 # why).  A finding that matches none fails its test, and so does an entry its test no longer
 # finds: the gap is closed, delete the entry.
 KNOWN_GAPS = [
-    (None, r"Vm\.snp_launch_update\(uaddr=.*refused with OSError .*EFAULT.* but changed",
-     "kvm_gmem_populate gets the folio (a fresh 2M one, split to 4K for the launch) before the "
-     "arch's post_populate finds the source unmapped; 7.0+ pins the source first "
-     "(get_user_pages_fast before __kvm_gmem_populate), so nothing would be allocated. Found "
-     "only when the case runs first on a fresh world (the sweep's batching decides)"),
 ]
 
 

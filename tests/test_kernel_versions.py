@@ -94,6 +94,17 @@ def test_snp_launch_update_source_alignment(kernel):
     h.check()
 
 
+@pytest.mark.parametrize("kernel", ["6.18", "7.2"])
+def test_snp_launch_update_pins_the_source_before_the_folio(kernel):
+    """An unmapped source: kvm_gmem_populate's -EFAULT, which the ioctl reports as EIO either
+    way; 7.0+ pins it (get_user_pages_fast) before kvm_gmem_populate gets a folio, 6.18 finds
+    it only in the copy, the folio allocated."""
+    h, vm, f, v = snp_launching(kernel)
+    assert errno_of(vm.snp_launch_update, 0x10, SRC + 64 * PS, PS, u.KVM_SEV_SNP_PAGE_TYPE_NORMAL) == errno.EIO
+    assert h.rmp.assigned() == [] and len(f.folios()) == (0 if kernel == "7.2" else 1)
+    h.check()
+
+
 @pytest.mark.parametrize("kernel", ["6.18", "7.2", "next"])
 def test_snp_launch_update_without_source(kernel):
     """uaddr 0 with a type other than ZERO: sev_gmem_post_populate's WARN_ON_ONCE -EINVAL,

@@ -835,6 +835,10 @@ cdef int64_t kvm_gmem_populate(kvm *kvm, uint64_t start_gfn, uint64_t src, int64
         if not xas_load(&bindings, &v) or &kvm.memslots[v] != slot:
             ret = -EIO
             break
+        if src and kvm.host.kernel >= GMEM_KERNEL_7_2 and \
+                hva_to_pfn(kvm.host, (src + (<uint64_t>i << 12)) & ~(<uint64_t>4095), &v) < 0:
+            ret = -EFAULT       # 7.0+: the source page is pinned (get_user_pages_fast) first
+            break
         ret = kvm_gmem_get_folio(file.inode, &filemap, index, &id)       # no prepare
         if ret:
             break
