@@ -164,3 +164,13 @@ def test_compare_huge_policies_across_kernels(tmp_path):
     doc = json.loads(out.read_text())
     assert len(doc["runs"]) == 10 and all(r["status"] == "ok" for r in doc["runs"])
     assert {r["host"]["kernel"] for r in doc["runs"]} == {"6.18", "7.2"}
+
+
+def test_the_readme_example_runs():
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Huge pages (proposed upstream)"):]
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), {})
