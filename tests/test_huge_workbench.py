@@ -174,3 +174,22 @@ def test_the_readme_example_runs():
         text = f.read()
     section = text[text.index("## Huge pages (proposed upstream)"):]
     exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), {})
+
+
+@pytest.mark.xfail(strict=True, reason="core gap: under in-place conversion a private fault on a 2M buddy folio "
+                   "(huge_split='never') prepares the whole folio, RMP-assigning a page already converted to "
+                   "shared (huge-boot-accept under kernel='next' with gmem_in_place_conversion finds it)")
+def test_in_place_private_fault_keeps_shared_pages_of_a_huge_folio():
+    from gmem import uapi as u
+    h = gmem.Host(memory=GB, platform="amd", kernel="next", gmem_in_place_conversion=True, huge_folios=True)
+    vm = h.create_vm(u.KVM_X86_SNP_VM)
+    f = vm.create_guest_memfd(4 * MB)
+    vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, 4 * MB, 0, f, 0)
+    vm.launch()
+    v = vm.create_vcpu(0)
+    ec = u.PFERR_WRITE_MASK | u.PFERR_GUEST_ENC_MASK
+    assert v.page_fault(0, ec).level == 2
+    f.set_memory_attributes(MB, 4096, 0)            # make_shared: PSMASH, the page shared in the RMP
+    h.check()
+    v.page_fault(0x1000, ec)                        # a private fault elsewhere in the folio
+    h.check()                                       # InvariantError: index 0x100 shared but RMP-assigned

@@ -655,14 +655,17 @@ BUILTIN["huge-balloon"] = dict(
 BUILTIN["huge-boot-accept"] = {
     "description": "An SNP guest's boot over 2M-backed memory (huge pages, proposed): the first half PVALIDATEd "
                    "at 4K (each 4K PVALIDATE inside a 2M RMP entry is a size-mismatch #NPF: PSMASH), the second "
-                   "at 2M, then all of it touched.",
+                   "at 2M, a GHCB page made shared, then all of it touched.",
     "host": {"memory": "4G", "platform": "amd", "huge_folios": True, "hugetlb_pages": {"2M": 64}},
     "vms": [{"name": "guest", "type": "snp", "gmem": [{"name": "ram", "size": "128M"}],
              "memslots": [{"slot": 0, "gpa": 0, "size": "128M", "gmem": "ram"}]}],
     "steps": [{"op": "attributes", "gpa": 0, "size": "128M", "private": True},
               {"op": "pvalidate", "gpa": 0, "size": "64M", "pagesize": 0},
               {"op": "pvalidate", "gpa": "64M", "size": "64M", "pagesize": 1},
-              {"op": "faults", "gpa": 0, "size": "128M", "private": True},
+              {"op": "convert", "gpa": "1M", "size": "4K", "to": "shared", "discard": False},    # its GHCB
+              {"op": "faults", "gpa": 0, "size": "1M", "private": True},
+              {"op": "faults", "gpa": "1M", "size": "4K", "private": False},
+              {"op": "faults", "gpa": "1028K", "size": "130044K", "private": True},
               {"op": "check"}]}
 
 
