@@ -1,4 +1,4 @@
-"""Huge pages (issue 17, proposed upstream): what the model's restructuring costs.
+"""Huge pages (proposed upstream): what the model's restructuring costs.
 
 - split and merge of one hugetlb folio, 2M and 1G: a 4K conversion to shared inside a fully
   private, allocated, unmapped folio (huge_split="convert": the folio goes to order 0), and the

@@ -1,4 +1,4 @@
-"""Huge pages on the workbench (issue 17, proposed upstream): scenario keys for the hugetlb
+"""Huge pages on the workbench (proposed upstream): scenario keys for the hugetlb
 backing and the restructuring policies, the per-step level samples and the huge-page measures
 in the result record, the built-in huge-* scenarios, and `gmem compare --huge-policies` with its
 level chart and table."""

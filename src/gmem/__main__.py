@@ -34,7 +34,7 @@ DEFAULT_POLICY_SETS = [
     "prepare=alloc,prepared_tracking=arch",           # the RFC (6.11)
     "prepare=fault,prepared_tracking=arch",           # post-6.18: no preparation tracking
 ]
-# --huge-policies: the huge-page designs argued upstream (issue 17; all proposed, none merged)
+# --huge-policies: the huge-page designs argued upstream (all proposed, none merged)
 HUGE_POLICY_SETS = [
     "gmem_backing=buddy,huge_split=never,huge_merge=never",        # THP-like 2M (huge_folios), no restructuring
     "gmem_backing=hugetlb,huge_split=fresh,huge_merge=eager",      # the HugeTLB WIP tree
@@ -574,7 +574,8 @@ def build_parser():
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="run a built-in scenario or a TOML file and print its counters")
-    r.add_argument("scenario", help="a built-in name (snp-life, sw-conversions, tdx-life) or a .toml file")
+    r.add_argument("scenario", help="a built-in name (snp-life, sw-conversions, tdx-life, huge-bounce-buffers, "
+                                    "huge-balloon, huge-boot-accept) or a .toml file")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="a policy option, e.g. prepare=alloc")
     r.add_argument("--trace", metavar="FILE", help="record the tracepoints: .npy (records), .json (Chrome trace "
                                                     "format: Perfetto) or text (trace-cmd report style)")

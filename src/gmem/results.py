@@ -100,7 +100,7 @@ def totals(counters):
 # ------------------------------------------------------------- huge pages
 
 LEVELS = (("pages_4k", 12), ("pages_2m", 21), ("pages_1g", 30))       # KVM's stats, log2 of their size
-# Huge-page measures of a run (issue 17), in this order in tables. rmp_flush_equivalent is a
+# Huge-page measures of a run, in this order in tables. rmp_flush_equivalent is a
 # model parameter, not a measured cost: RMPUPDATE + PSMASH, for the claim that an RMP update
 # costs a global TLB flush on Zen, which no source consulted for this model confirms.
 HUGE_MEASURES = ("folio_splits", "folio_merges", "huge_eagain", "rmpupdate", "psmash", "rmp_flush_equivalent",

@@ -579,7 +579,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
 BUILTIN["snp-life"]["steps"] = BUILTIN["snp-life"]["steps"] + [{"op": "close", "vm": "guest"}]
 
 
-# Huge pages (issue 17; proposed upstream): built to be compared across the restructuring
+# Huge pages (proposed upstream): built to be compared across the restructuring
 # policies (gmem compare SCENARIO --huge-policies). The host has a hugetlb pool of one size, so
 # gmem_backing="hugetlb" takes every guest_memfd from it (the default hstate) and "buddy" gives
 # THP-like 2M folios (huge_folios); the scenarios name no GUEST_MEMFD_FLAG_HUGETLB, which would
