@@ -45,6 +45,9 @@ def test_schema_huge_enums_are_what_host_accepts():
     for key in ("gmem_backing", "huge_split", "huge_merge", "tdx_huge_page"):
         assert key in scenario.HOST_KEYS and key in scenario.POLICY_KEYS and key in sweep.OPTION_KEYS
     assert "hugetlb_pages" in scenario.HOST_KEYS
+    # every key the scenario runner takes, the schema lets through (it lacked the in-place ones)
+    assert set(schema.load("scenario")["properties"]["host"]["properties"]) == scenario.HOST_KEYS
+    scenario.validate({"host": {"kernel": "next", "gmem_in_place_conversion": True, "content_modes": True}})
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -193,3 +196,35 @@ def test_in_place_private_fault_keeps_shared_pages_of_a_huge_folio():
     h.check()
     v.page_fault(0x1000, ec)                        # a private fault elsewhere in the folio
     h.check()                                       # InvariantError: index 0x100 shared but RMP-assigned
+
+
+def _tdx_huge_page_host():
+    try:
+        gmem.Host(memory=GB, platform="intel", tdx_huge_page=True)
+    except TypeError:
+        pytest.skip("needs TDX huge pages (Host(tdx_huge_page=), proposed), not in this core")
+
+
+def test_tdx_accept_levels_and_demote_reach_the_measures():
+    """The accept op at level 1 then 2 on a running TD with 2M S-EPT leaves (TDX huge pages v3):
+    4K ACCEPTs map 4K, 2M ACCEPTs 2M; a 4K ACCEPT inside a pending 2M leaf demotes it (BLOCK,
+    TRACK, kick, DEMOTE), which the run's measures count."""
+    _tdx_huge_page_host()
+    spec = {"host": {"memory": "1G", "platform": "intel", "huge_folios": True, "tdx_huge_page": True},
+            "vms": [{"name": "td", "type": "tdx", "gmem": [{"size": "16M"}],
+                     "memslots": [{"size": "16M", "gmem": "ram"}]}],
+            "steps": [{"op": "attributes", "size": "16M"},
+                      {"op": "accept", "size": "4M", "level": 1},
+                      {"op": "accept", "gpa": "4M", "size": "4M", "level": 2},
+                      {"op": "faults", "gpa": "8M", "size": "2M", "stride": "2M"},
+                      {"op": "accept", "gpa": "8M", "size": "2M", "level": 1},
+                      {"op": "check"}]}
+    rec = scenario.run(spec).result()
+    assert rec["status"] == "ok", rec["error"]
+    levels = [s["vm"]["td"] for s in rec["huge"]["samples"]]
+    assert levels[1] == {"pages_4k": 1024, "pages_2m": 0, "pages_1g": 0}
+    assert levels[2]["pages_2m"] == 2 and levels[3]["pages_2m"] == 3
+    assert levels[4] == {"pages_4k": 1024 + 512, "pages_2m": 2, "pages_1g": 0}
+    m = rec["huge"]["measures"]
+    assert (m["tdx_block"], m["tdx_track"], m["tdx_demote"], m["tdx_kick"]) == (1, 1, 1, 1)
+    assert m["tdx_demote"] == rec["counters"]["tdx"]["td"]["demote"]
