@@ -698,7 +698,8 @@ def test_report_of_a_run_and_a_comparison(tmp_path):
     ok(gmem_cli(tmp_path, "report", "cmp.json", "--out", "c.html"))
     page = (tmp_path / "c.html").read_text()
     assert "prepare=alloc,prepared_tracking=arch" in page and "rmp.rmpupdate" in page
-    assert page.count("data:image/png;base64,") == 1             # the comparison chart, inlined
+    # the comparison chart and (snp-life has 2M folios) the mapped-level shares, inlined
+    assert page.count("data:image/png;base64,") == 2 and "share of mapped bytes per level" in page
     assert sorted(listing(tmp_path)) == ["c.html", "cmp.json", "run.html", "run.json"]
 
 

@@ -34,6 +34,14 @@ DEFAULT_POLICY_SETS = [
     "prepare=alloc,prepared_tracking=arch",           # the RFC (6.11)
     "prepare=fault,prepared_tracking=arch",           # post-6.18: no preparation tracking
 ]
+# --huge-policies: the huge-page designs argued upstream (all proposed, none merged)
+HUGE_POLICY_SETS = [
+    "gmem_backing=buddy,huge_split=never,huge_merge=never",        # THP-like 2M (huge_folios), no restructuring
+    "gmem_backing=hugetlb,huge_split=fresh,huge_merge=eager",      # the HugeTLB WIP tree
+    "gmem_backing=hugetlb,huge_split=convert,huge_merge=lazy",
+    "gmem_backing=hugetlb,huge_split=convert-2m,huge_merge=eager",  # RFC v2's 1G -> 2M "future optimisation"
+    "gmem_backing=hugetlb,huge_split=never,huge_merge=never",      # folio kept whole, the arch tracks 4K state
+]
 
 
 def _parse_policy(text: str) -> dict[str, Any]:
@@ -245,26 +253,49 @@ SNP_KEYS = ("rmp.rmpupdate", "rmp.psmash", "rmp.pvalidate", "rmp.leaked_pages")
 TDX_KEYS = ("tdx.aug", "tdx.page_add", "tdx.block", "tdx.remove", "tdx.accept")
 
 
+HUGE_KEYS = ("huge.folio_splits", "huge.folio_merges", "huge.huge_eagain", "huge.remote_tlb_flush",
+             "huge.stranded_bytes", "huge.pages_4k", "huge.pages_2m", "huge.pages_1g", "huge.share_4k",
+             "huge.share_2m", "huge.share_1g", "huge.mean_share_2m", "huge.mean_share_1g")
+HUGE_SNP_KEYS = ("huge.rmpupdate", "huge.psmash", "huge.rmp_flush_equivalent")
+HUGE_TDX_KEYS = ("huge.tdx_block", "huge.tdx_track", "huge.tdx_demote", "huge.tdx_kick")
+
+
+def _huge(run_rec):
+    """A run with huge pages in play: a hugetlb backing, 2M buddy folios or TDX huge leaves."""
+    o = run_rec["host"]["options"]
+    return bool(run_rec.get("huge")) and (o.get("gmem_backing") == "hugetlb" or bool(o.get("huge_folios"))
+                                          or bool(o.get("tdx_huge_page")))
+
+
 def compare_keys(runs):
     """The counters worth comparing for the VM types in these runs: SNP's RMP counters when a
-    run has an RMP in use, TDX's S-EPT operations when one has a TD."""
+    run has an RMP in use, TDX's S-EPT operations when one has a TD; the huge-page measures
+    (gmem.results.HUGE_MEASURES) when a run has huge pages in play."""
     keys = list(COMMON_KEYS)
-    if any(r["counters"]["rmp"] and r["counters"]["rmp"].get("rmpupdate") for r in runs):
-        keys += SNP_KEYS
-    if any(r["counters"]["tdx"] for r in runs):
-        keys += TDX_KEYS
+    snp = any(r["counters"]["rmp"] and r["counters"]["rmp"].get("rmpupdate") for r in runs)
+    tdx = any(r["counters"]["tdx"] for r in runs)
+    keys += SNP_KEYS if snp else ()
+    keys += TDX_KEYS if tdx else ()
+    if any(_huge(r) for r in runs):
+        keys += HUGE_KEYS + (HUGE_SNP_KEYS if snp else ()) + (HUGE_TDX_KEYS if tdx else ())
     return keys
+
+
+def _fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from gmem import _console, plots, results, scenario
     spec = scenario.get(args.scenario)
-    sets = args.policy or ([""] if args.kernel else DEFAULT_POLICY_SETS)
+    sets = (args.policy or []) + (HUGE_POLICY_SETS if args.huge_policies else [])
+    sets = sets or ([""] if args.kernel else DEFAULT_POLICY_SETS)
     if args.kernel:             # each policy set under each kernel version
         sets = [",".join(filter(None, (f"kernel={k.strip()}", p))) for k in args.kernel.split(",") for p in sets]
     parsed = [_parse_policy(p) for p in sets]
-    if args.chart:
-        _check_writable(args.chart, picture=True)
+    for picture in (args.chart, args.levels):
+        if picture:
+            _check_writable(picture, picture=True)
     if args.output:
         _check_writable(args.output)
     names = [",".join(f"{k}={v}" for k, v in p.items()) or "defaults" for p in parsed]
@@ -286,19 +317,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise CliError(f"{args.scenario} fails under every policy set: {e['type']}: {e['message']}")
     doc = results.document("compare", runs, scenario=_scenario_record(args.scenario, spec))
     keys = compare_keys([r for r in runs if r["status"] != "error"])
-    tot = [results.totals(r["counters"]) for r in runs]
+    tot = [results.row(r) for r in runs]
     if not args.json:
         print(f"scenario {args.scenario} under {len(runs)} policy sets "
               f"(counters after the last step; VMs closed earlier: just before their close):")
         for i, r in enumerate(runs):
             print(f"  {i + 1}: {r['label']}  [{r['status']}]" + (f"  {_status_line(r)}" if r["error"] else ""))
-        rows = [(k, *[str(t.get(k, 0)) if r["status"] != "error" else "-" for t, r in zip(tot, runs)]) for k in keys]
+        rows = [(k, *[_fmt(t.get(k, 0)) if r["status"] != "error" else "-" for t, r in zip(tot, runs)]) for k in keys]
         _console.print_table(rows, ("counter", *[f"{i + 1}: {r['label']}" for i, r in enumerate(runs)]))
     if args.chart:
         ok = [(r["label"], t) for r, t in zip(runs, tot) if r["status"] != "error"]
         plots.compare_chart([n for n, _ in ok], [t for _, t in ok], keys, args.chart,
                             f"{args.scenario}: policies compared")
         _note(args, f"wrote {args.chart}")
+    if args.levels:
+        ran = [r for r in runs if r["status"] != "error"]
+        plots.level_share_chart([r["label"] for r in ran], [r.get("huge", {}).get("samples", []) for r in ran],
+                                args.levels, f"{args.scenario}: share of mapped bytes per level, after each step")
+        _note(args, f"wrote {args.levels}")
     return _emit(doc, args)
 
 
@@ -538,7 +574,8 @@ def build_parser():
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="run a built-in scenario or a TOML file and print its counters")
-    r.add_argument("scenario", help="a built-in name (snp-life, sw-conversions, tdx-life) or a .toml file")
+    r.add_argument("scenario", help="a built-in name (snp-life, sw-conversions, tdx-life, huge-bounce-buffers, "
+                                    "huge-balloon, huge-boot-accept) or a .toml file")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="a policy option, e.g. prepare=alloc")
     r.add_argument("--trace", metavar="FILE", help="record the tracepoints: .npy (records), .json (Chrome trace "
                                                     "format: Perfetto) or text (trace-cmd report style)")
@@ -557,7 +594,12 @@ def build_parser():
                    help="a policy set (repeat); default: 6.18, the RFC, and post-6.18")
     c.add_argument("--kernel", metavar="K,K", help="kernel versions to compare (rfc-2023,6.18,7.2,next), "
                    "each with the --policy sets (or the version's own defaults)")
+    c.add_argument("--huge-policies", action="store_true",
+                   help="the huge-page policy sets (gmem_backing, huge_split, huge_merge; proposed upstream), "
+                        "after any --policy sets")
     c.add_argument("--chart", metavar="PNG", help="write a chart (.png, .svg or .pdf)")
+    c.add_argument("--levels", metavar="PNG", help="write a chart of the share of mapped bytes at 4K, 2M and 1G "
+                                                   "after each step, one panel per run")
     _result_options(c)
     c.set_defaults(func=cmd_compare)
 

@@ -1,10 +1,12 @@
 """Pictures, drawn with matplotlib (in the `kvm-gmem[cli]` and `[plot]` extras): the guest
-memory map, policy comparisons, replay throughput, trace timelines and sweep summaries.
+memory map, policy comparisons, mapped-level shares over time, replay throughput, trace
+timelines and sweep summaries.
 
 Each function writes one file whose format follows its extension (.png, .svg, .pdf) and
 returns the path. Without matplotlib, `require()` raises PlotError with the install hint.
 """
 import os
+import textwrap
 
 import numpy as np
 
@@ -112,7 +114,8 @@ def compare_chart(names, counters, keys, path, title="policy comparison"):
     for ax, key in zip(axes.flat, keys):
         vals = [c.get(key, 0) for c in counters]
         bars = ax.bar(x, vals, color=[colors[i % len(colors)] for i in range(len(names))])
-        ax.bar_label(bars, labels=[f"{v:,}" for v in vals], fontsize=7, padding=1)
+        ax.bar_label(bars, labels=[f"{v:.2f}" if isinstance(v, float) else f"{v:,}" for v in vals], fontsize=7,
+                     padding=1)
         ax.set_title(key, fontsize=9)
         ax.set_xticks(x, [str(i + 1) for i in x], fontsize=8)
         ax.set_ylim(0, max(max(vals) * 1.18, 1))
@@ -123,6 +126,38 @@ def compare_chart(names, counters, keys, path, title="policy comparison"):
     fig.legend(handles=[Patch(color=colors[i % len(colors)], label=f"{i + 1}: {n}") for i, n in enumerate(names)],
                loc="lower center", ncol=1, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02 * len(names)))
     fig.suptitle(title + (f"\n(zero in every run: {', '.join(zero)})" if zero else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+LEVEL_COLORS = (("4K", "#c6dbef"), ("2M", "#4292c6"), ("1G", "#08306b"))
+
+
+def level_share_chart(names, samples, path, title="mapped bytes per level"):
+    """One panel per run: the share of mapped guest bytes at 4K, 2M and 1G (stacked, the VMs
+    summed) after each step, from the runs' level samples (gmem.results.level_sample)."""
+    require(path)
+    from gmem.results import sample_shares
+    plt = _pyplot()
+    n = max(1, len(names))
+    ncols = min(3, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 1.2 + 2.4 * nrows), squeeze=False, sharey=True)
+    for ax, name, run in zip(axes.flat, names, samples):
+        steps = [s["step"] for s in run]
+        shares = [sample_shares(s) for s in run]
+        ax.stackplot(steps, *[[sh[f"share_{lv.lower()}"] for sh in shares] for lv, _ in LEVEL_COLORS],
+                     colors=[c for _, c in LEVEL_COLORS], labels=[lv for lv, _ in LEVEL_COLORS], step="post")
+        ax.set_title(textwrap.fill(name.replace(",", ", "), 48), fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("share of mapped bytes", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -73,13 +73,17 @@ def _img_file(path):
                f'{base64.b64encode(f.read()).decode()}">'
 
 
+def _num(v):
+    return f"{v:.3f}" if isinstance(v, float) else f"{v:,}"
+
+
 def _status(s):
     return f'<span class="{html.escape(s)}">{html.escape(s)}</span>'
 
 
 def render(doc, base_dir="."):
     """The HTML page of a result document (sweep charts are read from base_dir)."""
-    from gmem.__main__ import compare_keys
+    from gmem.__main__ import _huge, compare_keys
     runs = doc["runs"]
     title = f"gmem {doc['kind']}" + (f": {doc['scenario']['name']}" if doc.get("scenario") else "")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -99,19 +103,25 @@ def render(doc, base_dir="."):
         parts.append(_sweep_section(doc, base_dir))
     elif ok:
         keys = compare_keys(ok)
-        tot = [results.totals(r["counters"]) for r in ok]
+        tot = [results.row(r) for r in ok]
         moment = ok[0]["counters"]["moment"]["label"]
         names = sorted(set().union(*tot))
         differs = {j for j, k in enumerate(names) if len({t.get(k, 0) for t in tot}) > 1}
         parts.append(f"<h2>Counters</h2><p>taken {html.escape(moment)}; VMs closed earlier: just before their "
                      f"close. Columns: the runs above, by number" +
                      ("; highlighted: the counters that differ between runs" if len(ok) > 1 else "") + ".</p>")
-        parts.append(_table([(k, *[f"{t.get(k, 0):,}" for t in tot]) for k in names],
+        parts.append(_table([(k, *[_num(t.get(k, 0)) for t in tot]) for k in names],
                             ("counter", *[f"run {i + 1}" for i in range(len(ok))]),
                             numeric=set(range(1, len(ok) + 1)), highlight=differs))
         if len(ok) > 1 and plots.have_matplotlib():
             parts.append(_img(lambda p: plots.compare_chart([r["label"] for r in ok], tot, keys, p,
                                                             title="runs compared")))
+        if any(_huge(r) for r in ok) and plots.have_matplotlib():
+            parts.append("<h2>Huge pages: share of mapped bytes per level</h2><p>after each step, the VMs summed "
+                         "(huge.* rows above: the measures; rmp_flush_equivalent = RMPUPDATE + PSMASH is a model "
+                         "parameter, not a measured cost).</p>" +
+                         _img(lambda p: plots.level_share_chart([r["label"] for r in ok],
+                                                                [r["huge"]["samples"] for r in ok], p)))
     for r in runs[:20]:
         if r.get("stream") and r["stream"]["chunks"] and plots.have_matplotlib():
             ch = r["stream"]["chunks"]

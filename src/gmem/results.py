@@ -97,6 +97,74 @@ def totals(counters):
     return out
 
 
+# ------------------------------------------------------------- huge pages
+
+LEVELS = (("pages_4k", 12), ("pages_2m", 21), ("pages_1g", 30))       # KVM's stats, log2 of their size
+# Huge-page measures of a run, in this order in tables. rmp_flush_equivalent is a
+# model parameter, not a measured cost: RMPUPDATE + PSMASH, for the claim that an RMP update
+# costs a global TLB flush on Zen, which no source consulted for this model confirms.
+HUGE_MEASURES = ("folio_splits", "folio_merges", "huge_eagain", "rmpupdate", "psmash", "rmp_flush_equivalent",
+                 "remote_tlb_flush", "zapped_sptes", "tdx_block", "tdx_track", "tdx_demote", "tdx_kick",
+                 "stranded_bytes", "pages_4k", "pages_2m", "pages_1g", "share_4k", "share_2m", "share_1g",
+                 "mean_share_2m", "mean_share_1g")
+
+
+def level_sample(step, op, vms):
+    """The pages each live VM maps at 4K, 2M and 1G now: {"step", "op", "vm": {name: {pages_4k, ...}}}."""
+    return {"step": step, "op": op,
+            "vm": {name: {k: int(vm.stats[k]) for k, _ in LEVELS} for name, vm in vms.items() if not vm.destroyed}}
+
+
+def level_shares(pages):
+    """{"share_4k", "share_2m", "share_1g"}: the share of mapped bytes at each level, from
+    {"pages_4k": n, ...} (all 0 when nothing is mapped)."""
+    size = {k: int(pages.get(k, 0)) << shift for k, shift in LEVELS}
+    total = sum(size.values())
+    return {"share_" + k[6:]: (size[k] / total if total else 0.0) for k, _ in LEVELS}
+
+
+def sample_shares(sample):
+    """level_shares() of one level_sample(), the VMs' pages summed."""
+    return level_shares({k: sum(v[k] for v in sample["vm"].values()) for k, _ in LEVELS})
+
+
+def huge_measures(counters, samples=(), stranded_bytes=0):
+    """The huge-page measures (HUGE_MEASURES) of a run from its counters (snapshot()) and its
+    level samples: restructuring, arch operations and TLB flushes summed over the VMs, the
+    mapping at the end (VMs closed earlier: at their close), and the 2M/1G share of mapped bytes
+    averaged over the samples (each step counts once)."""
+    t = totals(counters)
+
+    def g(k):
+        return int(t.get(k, 0))
+    m = {"folio_splits": g("host.folio_splits"), "folio_merges": g("host.folio_merges"),
+         "huge_eagain": g("host.huge_eagain"), "rmpupdate": g("rmp.rmpupdate"), "psmash": g("rmp.psmash"),
+         "rmp_flush_equivalent": g("rmp.rmpupdate") + g("rmp.psmash"),
+         "remote_tlb_flush": g("vm.remote_tlb_flush"), "zapped_sptes": g("vm.zapped_sptes"),
+         "tdx_block": g("tdx.block"), "tdx_track": g("tdx.track"), "tdx_demote": g("tdx.demote"),
+         "tdx_kick": g("tdx.kick"), "stranded_bytes": int(stranded_bytes)}
+    m.update({k: g(f"vm.{k}") for k, _ in LEVELS})
+    m.update(level_shares(m))
+    shares = [sample_shares(s) for s in samples]
+    for k in ("share_2m", "share_1g"):
+        m["mean_" + k] = sum(s[k] for s in shares) / len(shares) if shares else 0.0
+    return m
+
+
+def huge_record(host, counters, samples):
+    """A run's "huge" part: the level samples, the measures and the hugetlb pool at the end."""
+    pool = host.hugetlb
+    return {"samples": list(samples), "measures": huge_measures(counters, samples, pool["stranded_bytes"]),
+            "pool": {k: dict(v) for k, v in pool.items() if isinstance(v, dict)}}
+
+
+def row(run_rec):
+    """totals() of a run with its huge-page measures as "huge.x" (the rows of a comparison)."""
+    out = totals(run_rec["counters"])
+    out.update({f"huge.{k}": v for k, v in (run_rec.get("huge") or {}).get("measures", {}).items()})
+    return out
+
+
 def error_record(exc, step=None, op=None):
     return {"type": type(exc).__name__, "message": str(exc), "step": step, "op": op}
 
@@ -105,7 +173,8 @@ def run_record(label, host, counters, *, status="ok", error=None, events=(), tim
                **extra):
     """One run: label, the effective host (a gmem.Host, or a dict from host_record), counters
     from snapshot(), status (one of STATUSES) and error (error_record() or None), events
-    (strings), timings ([(step, op, seconds)]), seconds; extra keys: cell, trace, stream."""
+    (strings), timings ([(step, op, seconds)]), seconds; extra keys: cell, trace, stream, huge
+    (huge_record())."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)}")
     rec = {

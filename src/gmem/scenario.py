@@ -29,9 +29,11 @@ VM_TYPES = {"default": uapi.KVM_X86_DEFAULT_VM, "sw_protected": uapi.KVM_X86_SW_
             "tdx": uapi.KVM_X86_TDX_VM}
 HOST_KEYS = {"memory", "platform", "kernel", "sw_protected", "memory_attributes", "tdp", "prepare",
              "prepared_tracking", "invalidate", "huge_folios", "reattach_private", "scramble_on_conversion",
-             "gmem_in_place_conversion", "content_modes"}
+             "gmem_in_place_conversion", "content_modes", "gmem_backing", "hugetlb_pages", "huge_split",
+             "huge_merge", "tdx_huge_page"}
 POLICY_KEYS = ("kernel", "prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private",
-               "scramble_on_conversion", "gmem_in_place_conversion")
+               "scramble_on_conversion", "gmem_in_place_conversion", "gmem_backing", "huge_split", "huge_merge",
+               "tdx_huge_page")
 HVA_BASE = 0x7F0000000000
 ENC = uapi.PFERR_GUEST_ENC_MASK
 
@@ -84,6 +86,7 @@ class Run:
         self.vms, self.files, self.vcpus, self.slots = {}, {}, {}, {}
         self.closed = {}             # name -> (step, vm stats, [vcpu stats], tdx stats) at close
         self.events, self.timings = [], []
+        self.levels = []             # after every step: pages mapped at each level per VM (sample())
         self.status, self.error, self.last_step, self.current_step, self.seconds = "ok", None, None, 0, 0.0
         self.progress = None         # progress(step, op, done, total) inside long steps
         for i, vm_spec in enumerate(spec.get("vms", [])):
@@ -115,7 +118,7 @@ class Run:
             vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
         for g in s.get("gmem", []):
             self.files[name, g.get("name", "ram")] = vm.create_guest_memfd(
-                parse_size(g["size"], "gmem.size"), int(g.get("flags", 0)))
+                parse_size(g["size"], "gmem.size"), int(g.get("flags", 0)), page_order=int(g.get("page_order", 0)))
         for i, m in enumerate(s.get("memslots", [])):
             f = self.files.get((name, m.get("gmem"))) if m.get("gmem") else None
             gpa, size = parse_size(m.get("gpa", 0), "gpa"), parse_size(m["size"], "memslot.size")
@@ -149,6 +152,10 @@ class Run:
         self.closed[name] = (self.current_step, dict(vm.stats),
                              [dict(v.stats) for v in self.vcpus[name]], tdx)
 
+    def sample(self, step, op):
+        """Record the pages mapped at 4K, 2M and 1G by each live VM now (TLB reach over time)."""
+        self.levels.append(results.level_sample(step, op, self.vms))
+
     def counters(self):
         """Counters grouped by owner (gmem.results.snapshot), taken now: after the last step
         that ran; a VM closed by a step has those taken just before its close."""
@@ -161,9 +168,11 @@ class Run:
 
     def result(self, label=None, **extra):
         """This run as a result record (gmem.results.run_record)."""
-        return results.run_record(label or self.name, self.host, self.counters(), status=self.status,
+        counters = self.counters()
+        return results.run_record(label or self.name, self.host, counters, status=self.status,
                                   error=self.error, events=self.events, timings=self.timings,
-                                  seconds=self.seconds, **extra)
+                                  seconds=self.seconds, huge=results.huge_record(self.host, counters, self.levels),
+                                  **extra)
 
 
 # -------------------------------------------------------------------- ops
@@ -209,13 +218,17 @@ def _error_code(vm, private, write):
 
 def op_faults(run, step):
     """Guest faults on the pages of [gpa, gpa + size) (pattern seq|random, repeat times) through
-    the batch path; private = true makes them private accesses (SNP C-bit, TDX no shared bit)."""
+    the batch path; private = true makes them private accesses (SNP C-bit, TDX no shared bit);
+    stride (a multiple of 4K, default 4K) touches one page in each stride bytes."""
     name, vm = run.vm(step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
-    npages = (gpa + size) // 4096 - gpa // 4096
+    stride = parse_size(step.get("stride", 4096), "stride")
+    if stride == 0 or stride % 4096:
+        raise ScenarioError(f"stride: {stride} is not a positive multiple of 4096")
+    npages = ((gpa + size) // 4096 - gpa // 4096) // (stride >> 12)
     if npages > MAX_FAULT_PAGES:
         raise ScenarioError(f"size: {npages} pages in one faults step (at most {MAX_FAULT_PAGES})")
-    pages = np.arange(gpa >> 12, (gpa + size) >> 12, dtype=np.uint64)
+    pages = np.arange(gpa >> 12, (gpa + size) >> 12, stride >> 12, dtype=np.uint64)
     if step.get("pattern", "seq") == "random":
         pages = np.random.default_rng(int(step.get("seed", 0))).permutation(pages)
     private = step.get("private", vm.has_private_mem)
@@ -256,13 +269,15 @@ def op_pvalidate(run, step):
         gpa += 4096
 
 
-def _handle_map_gpa(run, name, vm, exit_):
+def _handle_map_gpa(run, name, vm, exit_, discard=True):
     """The VMM's side of KVM_HC_MAP_GPA_RANGE: set the attributes; discard freed private memory
-    (not in place: there the page itself becomes shared)."""
+    (not in place: there the page itself becomes shared; nor without discard: a VMM whose
+    guest_memfd is hugetlb-backed can punch only whole huge pages, so it keeps the backing of
+    a small shared window)."""
     gpa, npages, attrs = exit_.args
     private = bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED)
     set_attributes(run, name, vm, gpa, npages << 12, private)
-    if not private and not run.host.gmem_in_place_conversion:
+    if discard and not private and not run.host.gmem_in_place_conversion:
         for f, off, n in run.gmem_range(name, gpa, npages << 12):
             f.punch_hole(off, n)
     return 0
@@ -271,11 +286,13 @@ def _handle_map_gpa(run, name, vm, exit_):
 def op_convert(run, step):
     """A guest conversion of [gpa, gpa + size) to = shared|private, as the guest asks for it:
     SNP page-state change (PSC buffer, 2M entries where aligned), TDX MapGPA, otherwise the
-    VMM sets the attributes itself. The VMM punches pages that become shared."""
+    VMM sets the attributes itself. The VMM punches pages that become shared unless
+    discard = false."""
     name, vm = run.vm(step)
     vcpu = run.vcpu(name, step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
     private = step.get("to", "shared") == "private"
+    discard = step.get("discard", True)
     nexits = 0
     if vm.vm_type == uapi.KVM_X86_SNP_VM:
         entries, g = [], gpa
@@ -287,19 +304,19 @@ def op_convert(run, step):
             r = vcpu.page_state_change(entries[i:i + 64])
             while isinstance(r, HypercallExit):
                 nexits += 1
-                r = vcpu.complete_hypercall(_handle_map_gpa(run, name, vm, r))
+                r = vcpu.complete_hypercall(_handle_map_gpa(run, name, vm, r, discard))
             if r:
                 raise ScenarioError(f"PSC failed with {r:#x}")
     elif vm.vm_type == uapi.KVM_X86_TDX_VM:
         r = vcpu.tdx_map_gpa(gpa if private else gpa | vm.shared_gpa_bit, size)
         while isinstance(r, HypercallExit):
             nexits += 1
-            r = vcpu.complete_hypercall(_handle_map_gpa(run, name, vm, r))
+            r = vcpu.complete_hypercall(_handle_map_gpa(run, name, vm, r, discard))
         if r:
             raise ScenarioError(f"MapGPA failed with {r:#x}")
     else:
         _handle_map_gpa(run, name, vm, HypercallExit(12, (gpa, size >> 12,
-                        uapi.KVM_MAP_GPA_RANGE_ENCRYPTED if private else 0)))
+                        uapi.KVM_MAP_GPA_RANGE_ENCRYPTED if private else 0)), discard)
     run.events.append(f"{name}: converted {size >> 10} KiB at {gpa:#x} to "
                       f"{'private' if private else 'shared'} ({nexits} hypercall exits)")
 
@@ -330,12 +347,21 @@ def op_launch(run, step):
 
 
 def op_accept(run, step):
-    """TDX guest: TDG.MEM.PAGE.ACCEPT every page of [gpa, gpa + size)."""
+    """TDX guest: TDG.MEM.PAGE.ACCEPT every page of [gpa, gpa + size), at level = 1 (4K, the
+    default) or 2 (2M where aligned, with Host(tdx_huge_page=), proposed): a 2M ACCEPT that
+    fails (TDX_PAGE_SIZE_MISMATCH: mapped at 4K) is retried at 4K, as the Linux guest's
+    tdx_accept_memory() tries the larger size first and falls back on any error."""
     name, vm = run.vm(step)
     vcpu = run.vcpu(name, step)
     gpa, size = parse_size(step.get("gpa", 0), "gpa"), parse_size(step["size"])
-    for g in range(gpa, gpa + size, 4096):
-        vcpu.tdx_accept(g)
+    level = int(step.get("level", 1))
+    end = gpa + size
+    while gpa < end:
+        if level == 2 and gpa % (2 << 20) == 0 and end - gpa >= (2 << 20) and vcpu.tdx_accept(gpa, level=2) == 0:
+            gpa += 2 << 20
+            continue
+        vcpu.tdx_accept(gpa)
+        gpa += 4096
 
 
 def op_split(run, step):
@@ -457,6 +483,7 @@ def _run_step(r, i, step):
         raise _malformed(f"steps[{i}] ({op})", e) from None
     r.timings.append((i, op, time.perf_counter() - t))
     r.last_step = i
+    r.sample(i, op)
 
 
 def _malformed(where, e):
@@ -550,6 +577,96 @@ BUILTIN: dict[str, dict[str, Any]] = {
         ]},
 }
 BUILTIN["snp-life"]["steps"] = BUILTIN["snp-life"]["steps"] + [{"op": "close", "vm": "guest"}]
+
+
+# Huge pages (proposed upstream): built to be compared across the restructuring
+# policies (gmem compare SCENARIO --huge-policies). The host has a hugetlb pool of one size, so
+# gmem_backing="hugetlb" takes every guest_memfd from it (the default hstate) and "buddy" gives
+# THP-like 2M folios (huge_folios); the scenarios name no GUEST_MEMFD_FLAG_HUGETLB, which would
+# take the pool under either backing.
+
+def _bounce_buffer_steps(vm, windows=16, stride=64 << 20, first=32 << 20, size=64 << 10):
+    """A guest with swiotlb-like bounce buffers: small shared windows converted out of private
+    memory (discard = false: a hugetlb file punches whole huge pages only, so the VMM keeps the
+    backing), the guest touching each window and the private 2M around it; then all of memory
+    again; then every other window back to private, and all of memory once more. The guest
+    touches one page per 64K around a window and one per 2M of all memory: the mapping level
+    shows as well, and a split 1G folio makes each private fault (under huge_merge="lazy") a
+    walk of the 1G range."""
+    everything = {"op": "faults", "vm": vm, "gpa": 0, "size": "1G", "private": True, "stride": "2M"}
+    steps = [{"op": "attributes", "vm": vm, "gpa": 0, "size": "1G", "private": True}, everything]
+    starts = [first + k * stride for k in range(windows)]
+    for w in starts:
+        base = w & ~((2 << 20) - 1)
+        steps += [{"op": "convert", "vm": vm, "gpa": w, "size": size, "to": "shared", "discard": False},
+                  {"op": "faults", "vm": vm, "gpa": w, "size": size, "private": False},
+                  {"op": "faults", "vm": vm, "gpa": base, "size": w - base, "private": True, "stride": "64K"},
+                  {"op": "faults", "vm": vm, "gpa": w + size, "size": base + (2 << 20) - w - size, "private": True,
+                   "stride": "64K"}]
+    steps.append(dict(everything, pattern="random"))
+    for w in starts[::2]:
+        steps.append({"op": "convert", "vm": vm, "gpa": w, "size": size, "to": "private"})
+    steps.append(dict(everything, pattern="random"))
+    return [s for s in steps if s.get("size", 1)]
+
+
+def _balloon_steps(vm, size=128 << 20, every=4 << 20):
+    """A balloon in a 2M-backed guest: fault everything, inflate (punch a 2M hole every
+    `every` bytes), deflate (the guest touches all of it again), a 4K shared page converted
+    inside each ballooned range, and a second inflate over those now-split ranges, refaulted."""
+    holes = range(every // 2, size, every)
+    steps = [{"op": "attributes", "vm": vm, "gpa": 0, "size": size, "private": True},
+             {"op": "faults", "vm": vm, "gpa": 0, "size": size, "private": True}]
+    steps += [{"op": "punch", "vm": vm, "gpa": h, "size": "2M"} for h in holes]
+    steps.append({"op": "faults", "vm": vm, "gpa": 0, "size": size, "private": True})
+    steps += [{"op": "convert", "vm": vm, "gpa": h + (64 << 10), "size": "4K", "to": "shared", "discard": False}
+              for h in holes]
+    steps.append({"op": "faults", "vm": vm, "gpa": 0, "size": size, "private": True})
+    steps += [{"op": "attributes", "vm": vm, "gpa": h, "size": "2M", "private": True} for h in holes]
+    steps += [{"op": "punch", "vm": vm, "gpa": h, "size": "2M"} for h in holes]
+    steps.append({"op": "faults", "vm": vm, "gpa": 0, "size": size, "private": True})
+    return steps
+
+
+def _two_guests(pool, size, **host):
+    """A host with a hugetlb pool and two guests, a SW_PROTECTED one ("sw": 1G mappings are
+    possible) and an SNP one ("snp": the RMP caps private mappings at 2M), each one guest_memfd
+    of `size` at gpa 0."""
+    vm = [{"name": n, "type": t, "gmem": [{"name": "ram", "size": size}],
+           "memslots": [{"slot": 0, "gpa": 0, "size": size, "gmem": "ram"}]} for n, t in (("sw", "sw_protected"),
+                                                                                      ("snp", "snp"))]
+    return {"host": dict({"memory": "8G", "platform": "amd", "huge_folios": True, "hugetlb_pages": pool}, **host),
+            "vms": vm}
+
+
+BUILTIN["huge-bounce-buffers"] = dict(
+    _two_guests({"1G": 2}, "1G"),
+    description="Virtio bounce buffers out of 1G-backed private memory (huge pages, proposed): 16 shared 64 KiB "
+                "windows converted out of each guest, faulted with the private 2M around them, all of memory "
+                "refaulted, half the windows converted back (SW_PROTECTED and SNP guests; compare with "
+                "--huge-policies).",
+    steps=_bounce_buffer_steps("sw") + _bounce_buffer_steps("snp") + [{"op": "check"}])
+BUILTIN["huge-balloon"] = dict(
+    _two_guests({"2M": 128}, "128M"),
+    description="A balloon punching 2M holes in 2M-backed guests (huge pages, proposed): inflate, deflate "
+                "(refault), a 4K shared page inside each ballooned range, inflate again over the split ranges, "
+                "refault (SW_PROTECTED and SNP guests; compare with --huge-policies).",
+    steps=_balloon_steps("sw") + _balloon_steps("snp") + [{"op": "check"}])
+BUILTIN["huge-boot-accept"] = {
+    "description": "An SNP guest's boot over 2M-backed memory (huge pages, proposed): the first half PVALIDATEd "
+                   "at 4K (each 4K PVALIDATE inside a 2M RMP entry is a size-mismatch #NPF: PSMASH), the second "
+                   "at 2M, a GHCB page made shared, then all of it touched.",
+    "host": {"memory": "4G", "platform": "amd", "huge_folios": True, "hugetlb_pages": {"2M": 64}},
+    "vms": [{"name": "guest", "type": "snp", "gmem": [{"name": "ram", "size": "128M"}],
+             "memslots": [{"slot": 0, "gpa": 0, "size": "128M", "gmem": "ram"}]}],
+    "steps": [{"op": "attributes", "gpa": 0, "size": "128M", "private": True},
+              {"op": "pvalidate", "gpa": 0, "size": "64M", "pagesize": 0},
+              {"op": "pvalidate", "gpa": "64M", "size": "64M", "pagesize": 1},
+              {"op": "convert", "gpa": "1M", "size": "4K", "to": "shared", "discard": False},    # its GHCB
+              {"op": "faults", "gpa": 0, "size": "1M", "private": True},
+              {"op": "faults", "gpa": "1M", "size": "4K", "private": False},
+              {"op": "faults", "gpa": "1028K", "size": "130044K", "private": True},
+              {"op": "check"}]}
 
 
 def get(name_or_path):

@@ -31,9 +31,9 @@ from gmem import results, scenario, schema
 
 DEFAULT_METRICS = ("vm.pf_fixed", "vm.pf_spurious", "vm.gmem_prepare", "vm.zapped_sptes", "vm.pages_2m",
                    "rmp.rmpupdate", "rmp.psmash", "tdx.aug", "host.folio_splits", "host.gmem_invalidate_pages",
-                   "seconds")
+                   "seconds")       # any column of sweep.parquet, e.g. "huge.mean_share_1g"
 OPTION_KEYS = ("prepare", "prepared_tracking", "invalidate", "huge_folios", "reattach_private",
-               "scramble_on_conversion")
+               "scramble_on_conversion", "gmem_backing", "huge_split", "huge_merge", "tdx_huge_page")
 
 
 class SweepError(ValueError):
@@ -298,7 +298,7 @@ def rows(runs):
                "kernel": c["kernel"], "label": r["label"], "status": r["status"],
                "error": r["error"]["message"] if r["error"] else None, "seconds": r["seconds"]}
         row.update({f"option.{k}": str(v) for k, v in c["options"].items()})
-        row.update(results.totals(r["counters"]))
+        row.update(results.row(r))
         out.append(row)
     return out
 
