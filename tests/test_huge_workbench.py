@@ -179,10 +179,9 @@ def test_the_readme_example_runs():
     exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), {})
 
 
-@pytest.mark.xfail(strict=True, reason="core gap: under in-place conversion a private fault on a 2M buddy folio "
-                   "(huge_split='never') prepares the whole folio, RMP-assigning a page already converted to "
-                   "shared (huge-boot-accept under kernel='next' with gmem_in_place_conversion finds it)")
 def test_in_place_private_fault_keeps_shared_pages_of_a_huge_folio():
+    """A huge folio over private and shared pages (huge_split="never"): a private fault makes
+    only its private runs private (kvm_gmem_make_private_runs), the shared page stays shared."""
     from gmem import uapi as u
     h = gmem.Host(memory=GB, platform="amd", kernel="next", gmem_in_place_conversion=True, huge_folios=True)
     vm = h.create_vm(u.KVM_X86_SNP_VM)
@@ -195,21 +194,14 @@ def test_in_place_private_fault_keeps_shared_pages_of_a_huge_folio():
     f.set_memory_attributes(MB, 4096, 0)            # make_shared: PSMASH, the page shared in the RMP
     h.check()
     v.page_fault(0x1000, ec)                        # a private fault elsewhere in the folio
-    h.check()                                       # InvariantError: index 0x100 shared but RMP-assigned
-
-
-def _tdx_huge_page_host():
-    try:
-        gmem.Host(memory=GB, platform="intel", tdx_huge_page=True)
-    except TypeError:
-        pytest.skip("needs TDX huge pages (Host(tdx_huge_page=), proposed), not in this core")
+    h.check()
+    assert not h.rmp.lookup(v.page_fault(0, ec).pfn + 0x100).assigned
 
 
 def test_tdx_accept_levels_and_demote_reach_the_measures():
     """The accept op at level 1 then 2 on a running TD with 2M S-EPT leaves (TDX huge pages v3):
     4K ACCEPTs map 4K, 2M ACCEPTs 2M; a 4K ACCEPT inside a pending 2M leaf demotes it (BLOCK,
     TRACK, kick, DEMOTE), which the run's measures count."""
-    _tdx_huge_page_host()
     spec = {"host": {"memory": "1G", "platform": "intel", "huge_folios": True, "tdx_huge_page": True},
             "vms": [{"name": "td", "type": "tdx", "gmem": [{"size": "16M"}],
                      "memslots": [{"size": "16M", "gmem": "ram"}]}],

@@ -621,15 +621,8 @@ TestInPlaceMachine = InPlaceMachine.TestCase
 TestInPlaceMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 
 
-# A known gap of the core (test_huge_workbench.test_in_place_private_fault_keeps_shared_pages_of_a_huge_folio)
-_IN_PLACE_GAPS = {("huge-boot-accept", True)}
-
-
-@pytest.mark.parametrize("name, in_place", [
-    pytest.param(name, in_place, marks=pytest.mark.xfail(strict=True, reason="core: a private fault prepares a "
-                 "whole 2M buddy folio in place, re-assigning its shared page in the RMP"))
-    if (name, in_place) in _IN_PLACE_GAPS else (name, in_place)
-    for name in sorted(__import__("gmem.scenario").scenario.BUILTIN) for in_place in (True, False)])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("name", sorted(__import__("gmem.scenario").scenario.BUILTIN))
 def test_builtin_scenarios_under_next(name, in_place):
     """The VMM of the scenarios converts through the guest_memfd when in place (and keeps the
     page: no punch on conversion to shared), through the VM otherwise."""
