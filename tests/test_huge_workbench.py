@@ -220,3 +220,17 @@ def test_tdx_accept_levels_and_demote_reach_the_measures():
     m = rec["huge"]["measures"]
     assert (m["tdx_block"], m["tdx_track"], m["tdx_demote"], m["tdx_kick"]) == (1, 1, 1, 1)
     assert m["tdx_demote"] == rec["counters"]["tdx"]["td"]["demote"]
+
+
+def test_huge_tdx_boot_keeps_acceptance_across_a_bounce_buffer():
+    """The built-in TD: 4K accepts leave 4K leaves, 2M accepts 2M leaves, and one 4K page made
+    shared inside an accepted 2M leaf costs one demote: 511 pages stay mapped (and accepted)."""
+    rec = scenario.run(scenario.BUILTIN["huge-tdx-boot"], name="huge-tdx-boot").result()
+    assert rec["status"] == "ok", rec["error"]
+    levels = [s["vm"]["td"] for s in rec["huge"]["samples"]]
+    assert levels[0] == {"pages_4k": 256, "pages_2m": 0, "pages_1g": 0}       # built at 4K
+    assert levels[2]["pages_4k"] == 256 + 30 * 256 and levels[2]["pages_2m"] == 0
+    assert levels[3]["pages_2m"] == 16
+    assert levels[4] == {"pages_4k": levels[3]["pages_4k"] + 511, "pages_2m": 15, "pages_1g": 0}
+    m = rec["huge"]["measures"]
+    assert (m["tdx_demote"], m["tdx_block"], m["tdx_track"]) == (1, 2, 2) and m["zapped_sptes"] == 1

@@ -575,7 +575,7 @@ def build_parser():
 
     r = sub.add_parser("run", help="run a built-in scenario or a TOML file and print its counters")
     r.add_argument("scenario", help="a built-in name (snp-life, sw-conversions, tdx-life, huge-bounce-buffers, "
-                                    "huge-balloon, huge-boot-accept) or a .toml file")
+                                    "huge-balloon, huge-boot-accept, huge-tdx-boot) or a .toml file")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="a policy option, e.g. prepare=alloc")
     r.add_argument("--trace", metavar="FILE", help="record the tracepoints: .npy (records), .json (Chrome trace "
                                                     "format: Perfetto) or text (trace-cmd report style)")

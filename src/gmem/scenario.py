@@ -669,6 +669,25 @@ BUILTIN["huge-boot-accept"] = {
               {"op": "check"}]}
 
 
+BUILTIN["huge-tdx-boot"] = {
+    "description": "A TD over 2M hugetlb memory with 2M S-EPT leaves (TDX huge pages v3, proposed): its "
+                   "initial image added at 4K while it is built, half its memory accepted at 4K (the EPT "
+                   "violations carry the ACCEPT level: GUEST_INHIBIT, 4K leaves), half at 2M (2M leaves), "
+                   "then a 4K bounce buffer converted to shared inside an accepted 2M leaf (a demote, not a "
+                   "zap of the 2M).",
+    "host": {"memory": "4G", "platform": "intel", "gmem_backing": "hugetlb", "hugetlb_pages": {"2M": 40},
+             "tdx_huge_page": True},
+    "vms": [{"name": "td", "type": "tdx", "gmem": [{"name": "ram", "size": "64M"}],
+             "memslots": [{"slot": 0, "gpa": 0, "size": "64M", "gmem": "ram"}]}],
+    "steps": [{"op": "launch", "gpa": 0, "size": "1M"},
+              {"op": "attributes", "gpa": "2M", "size": "62M", "private": True},
+              {"op": "accept", "gpa": "2M", "size": "30M", "level": 1},
+              {"op": "accept", "gpa": "32M", "size": "32M", "level": 2},
+              {"op": "convert", "gpa": "40M", "size": "4K", "to": "shared", "discard": False},
+              {"op": "faults", "gpa": "40M", "size": "4K", "private": False},
+              {"op": "check"}]}
+
+
 def get(name_or_path):
     """A built-in scenario by name, or a TOML file, validated (ScenarioError otherwise)."""
     if name_or_path in BUILTIN:
