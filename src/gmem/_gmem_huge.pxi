@@ -60,10 +60,16 @@ cdef void kvm_gmem_huge_release(gmem_inode *inode) noexcept nogil:
         inode.hugetlb_resv = 0
 
 
-cdef int kvm_gmem_alloc_huge(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
+cdef inline int kvm_gmem_alloc_huge(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
     """A folio for index, huge where the inode allows: from the pool (its reservation first),
     or 2M from the buddy allocator when the aligned range is empty and inside i_size (the
     2023 kvm_gmem_get_huge_folio), else 4K. 0 with *id, or -ENOMEM."""
+    if inode.page_order == 0:
+        return kvm_gmem_alloc_folio(inode, index, 0, id)
+    return _kvm_gmem_alloc_huge(inode, index, id)
+
+
+cdef int _kvm_gmem_alloc_huge(gmem_inode *inode, uint64_t index, uint32_t *id) noexcept nogil:
     cdef uint64_t base = index & ~_mask(inode.page_order), first, v
     cdef int k
     if inode.hstate >= 0:
@@ -72,7 +78,7 @@ cdef int kvm_gmem_alloc_huge(gmem_inode *inode, uint64_t index, uint32_t *id) no
         if inode.hugetlb_resv:
             inode.hugetlb_resv -= 1
         return 0
-    if inode.page_order and (base + _pages(inode.page_order) <= inode.size >> 12 and not xa_find_entry(
+    if (base + _pages(inode.page_order) <= inode.size >> 12 and not xa_find_entry(
             &inode.filemap, base, base + _mask(inode.page_order), XA_NO_MARK, &first, &k, &v)):
         if kvm_gmem_alloc_folio(inode, index, inode.page_order, id) == 0:
             return 0

@@ -307,7 +307,7 @@ cdef int kvm_gmem_make_private_runs(kvm *kvm, gmem_inode *inode, gmem_prepare_t 
     return 0
 
 
-cdef int kvm_gmem_call_prepare(kvm *kvm, gmem_prepare_t hook, uint64_t gfn, uint64_t pfn,
+cdef inline int kvm_gmem_call_prepare(kvm *kvm, gmem_prepare_t hook, uint64_t gfn, uint64_t pfn,
                                     int order) noexcept nogil:
     """The arch's prepare (make_private in "next") with its counters, fault injection and trace."""
     cdef gmem_host *host = kvm.host

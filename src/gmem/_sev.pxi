@@ -350,7 +350,7 @@ cdef int sev_gmem_prepare(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexc
     return 0
 
 
-cdef int sev_gmem_prepare_2m(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
+cdef inline int sev_gmem_prepare_2m(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) noexcept nogil:
     """One page, or one 2M part of a huge folio: a single 2M RMPUPDATE if all 512 pages are
     shared (is_large_rmp_possible), else each shared page at 4K (a 2M entry needs its 512
     pages in one state)."""
@@ -359,6 +359,10 @@ cdef int sev_gmem_prepare_2m(kvm *kvm, uint64_t gfn, uint64_t pfn, int order) no
     cdef uint64_t f, v, i
     if snp_lookup_rmpentry(h, pfn, &assigned, &level):
         return -ENOENT
+    if order == 0:
+        if assigned:
+            return 0                               # already private: idempotent
+        return -EINVAL if rmp_make_private(h, pfn, gfn << 12, PG_LEVEL_4K, kvm.sev.asid, False) else 0
     if order >= 9:
         f = pfn & ~(<uint64_t>PTRS_PER_PMD - 1)
         if not assigned and not xa_find_entry(&h.rmp.entries, f, f + PTRS_PER_PMD - 1, XA_NO_MARK, &f, &k, &v):
