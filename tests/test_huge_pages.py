@@ -378,3 +378,90 @@ def test_tdx_1g_folio_maps_2m_leaves_only():
     assert vm.tdx_stats["demote"] == 1                  # the accepted 2M leaf over the split folio
     assert v.tdx_accept(PS) == u.TDX_PAGE_ALREADY_ACCEPTED
     h.check()
+
+
+class InPlaceHugeMachine(RuleBasedStateMachine):
+    """In-place conversion ("next") over a 2M hugetlb file of an SNP or SW_PROTECTED guest, with
+    pins of shared pages through a mapping and the guest's PVALIDATE: conversions to private and
+    punches over a pinned page are EAGAIN and change nothing; no folio is freed while pinned
+    (check(): nothing maps a freed page, the pool counts hold); a huge folio never spans a shared
+    page under "fresh"; after every step host.check() is clean."""
+    SIZE = 4 * MB
+
+    @initialize(policy=st.sampled_from([("fresh", "eager"), ("convert", "lazy"), ("never", "never")]),
+                snp=st.booleans())
+    def setup(self, policy, snp):
+        self.split, self.merge = policy
+        self.h = gmem.Host(memory=GB, platform="amd", kernel="next", gmem_in_place_conversion=True,
+                           hugetlb_pages={"2M": 4}, gmem_backing="hugetlb", huge_split=self.split,
+                           huge_merge=self.merge)
+        self.vm = self.h.create_vm(u.KVM_X86_SNP_VM if snp else u.KVM_X86_SW_PROTECTED_VM)
+        self.f = self.vm.create_guest_memfd(self.SIZE, u.GUEST_MEMFD_FLAG_MMAP)
+        self.vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, self.SIZE, 0, self.f, 0)
+        self.vm.launch()
+        self.v = self.vm.create_vcpu(0)
+        self.m = self.f.mmap(self.SIZE)
+        self.snp, self.shared, self.pins = snp, set(), {}
+        self.ec = WRITE_PRIVATE | (u.PFERR_GUEST_ENC_MASK if snp else 0)
+
+    pages = st.integers(0, SIZE // PS - 1)
+
+    @rule(p=pages)
+    def fault(self, p):
+        r = self.v.page_fault(p * PS, u.PFERR_WRITE_MASK if p in self.shared else self.ec)
+        assert r.ret in (u.RET_PF_FIXED, u.RET_PF_SPURIOUS), r
+
+    @rule(p=pages, n=st.integers(1, 700), private=st.booleans())
+    def convert(self, p, n, private):
+        n = min(n, self.SIZE // PS - p)
+        rng = set(range(p, p + n))
+        before = self.f.folios()
+        try:
+            self.f.set_memory_attributes(p * PS, n * PS, PRIV if private else 0)
+        except OSError as e:
+            assert e.errno == errno.EAGAIN and private and rng & set(self.pins), e
+            assert self.f.folios() == before                 # nothing changed
+            return
+        self.shared = self.shared - rng if private else self.shared | rng
+
+    @rule(p=pages)
+    def pin(self, p):
+        if p in self.shared and p not in self.pins:
+            self.pins[p] = self.m.pin(p * PS, PS)
+
+    @rule(data=st.data())
+    def unpin(self, data):
+        if self.pins:
+            self.pins.pop(data.draw(st.sampled_from(sorted(self.pins)))).release()
+
+    @rule(k=st.integers(0, SIZE // (2 * MB) - 1))
+    def punch(self, k):
+        before = self.f.folios()
+        try:
+            self.f.punch_hole(k * 2 * MB, 2 * MB)
+        except OSError as e:
+            assert e.errno == errno.EAGAIN and any(k * 512 <= p < (k + 1) * 512 for p in self.pins)
+            assert self.f.folios() == before
+            return
+        assert not [i for i, o, _ in self.f.folios() if k * 512 <= i < (k + 1) * 512]
+
+    @rule(p=pages, validate=st.booleans())
+    def pvalidate(self, p, validate):
+        if self.snp and p not in self.shared:
+            assert self.v.pvalidate(p * PS, 0, validate) in (0, u.PVALIDATE_FAIL_NOUPDATE)
+
+    @invariant()
+    def clean(self):
+        if hasattr(self, "h"):
+            self.h.check()
+            if self.split == "fresh":
+                for index, order, _ in self.f.folios():
+                    assert not order or not self.shared & set(range(index, index + (1 << order)))
+
+    def teardown(self):
+        for pin in getattr(self, "pins", {}).values():
+            pin.release()
+
+
+InPlaceHugeMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
+TestInPlaceHugeMachine = InPlaceHugeMachine.TestCase

@@ -761,6 +761,7 @@ cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write
     page with no contents, the zero page: NULL), GMEM_FAULT_SIGBUS_* (VM_FAULT_SIGBUS), or
     -ENOMEM (VM_FAULT_OOM)."""
     cdef gmem_inode *inode = file.inode
+    cdef uint64_t v
     cdef uint32_t id
     cdef folio *f
     cdef xa_state xas
@@ -771,6 +772,16 @@ cdef int kvm_gmem_fault_user_mapping(gmem_file *file, uint64_t pgoff, bint write
     if kvm_gmem_get_folio(inode, &xas, pgoff, &id) < 0:
         return _refuse(inode.host, -ENOMEM, "out of memory faulting a guest_memfd page (VM_FAULT_OOM)")
     f = folio_get(&inode.host.pm, id)
+    if f.order and inode.host.gmem_in_place_conversion and not mt_range_is(
+            &inode.attributes, f.index, f.index + _mask(f.order), 0):
+        # a page the host maps is a folio of its own while others of its huge page are
+        # private (the proposals' restructuring; Hildenbrand: split hugetlb folios become
+        # normal folios so that refcount and mapcount work): the policy's "fresh" split, late
+        if kvm_gmem_split_to(inode, f.index, id, 0) < 0:
+            return _refuse(inode.host, -ENOMEM, "a huge folio could not be split for a host mapping "
+                           "(VM_FAULT_OOM)")
+        xa_load(&inode.filemap, pgoff, &v)
+        f = folio_get(&inode.host.pm, <uint32_t>v)
     if not f.flags & PG_uptodate:
         page_data_drop(inode.host, f.pfn, _pages(f.order))   # clear_highpage
         f.flags |= PG_uptodate                                  # kvm_gmem_mark_uptodate
