@@ -27,12 +27,12 @@ import errno
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, reject, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import gmem
 from gmem import uapi as u
-from gmem.errors import RmpViolation, SigBus
+from gmem.errors import InvariantError, RmpViolation, SigBus
 
 MB = 1 << 20
 PS = 4096
@@ -606,9 +606,19 @@ class GmemMachine(RuleBasedStateMachine):
             kind = "alloc"
         kw = {"alloc": dict(alloc_failures=n), "prepare": dict(prepare_failures=n, prepare_errno=err),
               "rmpupdate": dict(rmpupdate_failures=min(n, 4), rmpupdate_code=code)}[kind]
+        failed = self.host.rmp.stats["rmpupdate_failed"] if kind == "rmpupdate" else 0
         with self.host.inject(**kw):
             for _ in range(data.draw(st.integers(1, 3), label="ops")):
                 self._some_operation(data)
+        if kind == "rmpupdate" and self.host.rmp.stats["rmpupdate_failed"] > failed:
+            try:
+                self.host.check()
+            except InvariantError as e:
+                # a failed RMPUPDATE in sev_gmem_invalidate frees the page still assigned (only a
+                # WARN_ONCE, 6.18 to 7.2): the kernel's own hazard, which check() names and
+                # tests/test_kernel_versions.py asserts; this machine's run ends there
+                assert "still assigned" in str(e), e
+                reject()
 
     @precondition(lambda self: self._live_vms())
     @rule(data=st.data(), random_pfn=st.integers(0, 1 << 16))
