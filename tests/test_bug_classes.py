@@ -72,8 +72,8 @@ class PythonSnp:
         self.host.register_hooks(SNP, **hooks)
 
 
-def snp_guest(huge=False, size=4 * MB, memory=64 * MB, **hooks):
-    h = gmem.Host(memory=memory, platform="amd", huge_folios=huge)
+def snp_guest(huge=False, size=4 * MB, memory=64 * MB, prepared_tracking=None, **hooks):
+    h = gmem.Host(memory=memory, platform="amd", huge_folios=huge, prepared_tracking=prepared_tracking)
     py = PythonSnp(h)
     py.register(**hooks)
     vm = h.create_vm(SNP)
@@ -205,9 +205,10 @@ class TestWrongAssignment:
             h.check()
 
     def test_forgets_to_assign(self):
-        """A prepare hook that returns 0 without the RMPUPDATE: gmem marks the page prepared and
-        never asks again (INV-4), so the guest maps an unassigned page."""
-        h, py, vm, f, v = snp_guest(gmem_prepare=lambda vm, gfn, pfn, order: 0)
+        """A prepare hook that returns 0 without the RMPUPDATE: where gmem tracks "prepared"
+        (6.18) it marks the page prepared and never asks again (INV-4), so the guest maps an
+        unassigned page (from 7.0 the next fault asks again)."""
+        h, py, vm, f, v = snp_guest(prepared_tracking="gmem", gmem_prepare=lambda vm, gfn, pfn, order: 0)
         v.page_fault(0x3000, ENC | W)
         vm.set_memory_attributes(0x3000, 4096, 0)          # zap the SPTE
         with pytest.raises(gmem.InvariantError, match="index 0x3 .* is prepared for an SNP guest but not "

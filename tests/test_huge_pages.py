@@ -327,7 +327,8 @@ class HugeMachine(RuleBasedStateMachine):
         for index, order in folios.items():
             if order and self.split == "fresh":
                 assert not any(i in self.shared for i in range(index, index + (1 << order))), (index, order)
-        if self.merge == "eager":
+        # (6.18 tracks "prepared" per folio: no merge over pieces prepared and not)
+        if self.merge == "eager" and self.h.options["prepared_tracking"] != "gmem":
             for base in range(0, self.SIZE // PS, 1 << self.order):
                 inside = [i for i in folios if base <= i < base + (1 << self.order)]
                 if len(inside) == (1 << self.order) and not self.shared & set(range(base, base + (1 << self.order))):

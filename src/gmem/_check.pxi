@@ -533,9 +533,11 @@ cdef int gmem_rmp_check(gmem_host *h, char *buf, size_t len) noexcept nogil:
                                  <ull>idx, <ull>pfn)
                         return -1
                     if not e.assigned:
-                        # "next": uptodate means zeroed; make_private runs at a private fault only
+                        # only where gmem tracks "prepared" (6.18: uptodate skips the prepare);
+                        # from 7.0 uptodate means zeroed and the next kvm_gmem_get_pfn prepares
+                        # again (a merged huge folio's never-used pieces are zeroed, not prepared)
                         if (inode.vm_type == KVM_X86_SNP_VM and not f.flags & PG_leaked
-                                and h.kernel != GMEM_KERNEL_NEXT):
+                                and h.prepared_tracking == GMEM_TRACK_GMEM):
                             snprintf(buf, len, "gmem inode %u index 0x%llx (pfn 0x%llx) is prepared for an SNP "
                                      "guest but not RMP-assigned: the prepare hook did not make it private "
                                      "(INV-4)", inode.ino, <ull>idx, <ull>pfn)
