@@ -89,15 +89,21 @@ def test_tdx_events():
     h.check()
 
 
-def test_map_gpa_range_exits():
-    """The KVM_HC_MAP_GPA_RANGE exits of an SNP page-state change and a TD's MapGPA, each
-    recorded with the vCPU, the range, the attributes and the hypercall.ret userspace gave."""
-    h = gmem.Host(memory=64 << 20, platform="amd")
-    vm = h.create_vm(u.KVM_X86_SNP_VM)
+def _map_gpa_guest(platform, vm_type):
+    """A launched guest whose MAP_GPA_RANGE hypercalls exit, tracing them."""
+    h = gmem.Host(memory=64 << 20, platform=platform)
+    vm = h.create_vm(vm_type)
     vm.launch()
     vm.enable_cap(u.KVM_CAP_EXIT_HYPERCALL, 1 << u.KVM_HC_MAP_GPA_RANGE)
     v = vm.create_vcpu(0)
     h.trace.enable("kvm_map_gpa_range")
+    return h, vm, v
+
+
+def test_map_gpa_range_exits():
+    """The KVM_HC_MAP_GPA_RANGE exits of an SNP page-state change and a TD's MapGPA, each
+    recorded with the vCPU, the range, the attributes and the hypercall.ret userspace gave."""
+    h, vm, v = _map_gpa_guest("amd", u.KVM_X86_SNP_VM)
     v.psc_msr(0x6000, 2)                                     # to shared
     v.complete_hypercall(0)
     ents = [dict(gfn=0x10, operation=1), dict(gfn=0x11, operation=1)]
@@ -105,12 +111,7 @@ def test_map_gpa_range_exits():
     v.complete_hypercall(22)                                 # EINVAL: the guest sees an error
     assert rows(h.trace.to_numpy(), "kvm_map_gpa_range", "vcpu", "a", "b", "c", "d") == [
         (0, 0x6000, 1, 0, 0), (0, 0x10000, 2, u.KVM_MAP_GPA_RANGE_ENCRYPTED, 22)]
-    t = gmem.Host(memory=64 << 20, platform="intel")
-    td = t.create_vm(u.KVM_X86_TDX_VM)
-    td.launch()
-    td.enable_cap(u.KVM_CAP_EXIT_HYPERCALL, 1 << u.KVM_HC_MAP_GPA_RANGE)
-    tv = td.create_vcpu(0)
-    t.trace.enable("kvm_map_gpa_range")
+    t, td, tv = _map_gpa_guest("intel", u.KVM_X86_TDX_VM)
     tv.tdx_map_gpa(td.shared_gpa_bit | 0x200000, 3 << 20)    # two chunks: 2M, then 1M
     tv.complete_hypercall(0)
     assert tv.complete_hypercall(0) == u.TDVMCALL_STATUS_SUCCESS

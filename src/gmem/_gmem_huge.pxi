@@ -214,10 +214,12 @@ cdef int kvm_gmem_split_for_shared(gmem_inode *inode, uint64_t start, uint64_t e
 
 # ------------------------------------------------------------------ merge
 
-cdef int kvm_gmem_mergeable(gmem_inode *inode, uint64_t base, int order, uint32_t *head) noexcept nogil:
+cdef int kvm_gmem_mergeable(gmem_inode *inode, uint64_t base, int order, uint32_t *head,
+                            bint *mixed) noexcept nogil:
     """1 (with the head's id) if [base, + 1 << order) is in several folios, all there, over
     consecutive pfns from an aligned one, each with only the page cache's reference and no
-    user mapping; 0 if not; -EAGAIN if only a reference stands in the way."""
+    user mapping; 0 if not; -EAGAIN if only a reference stands in the way. *mixed: some
+    pieces are uptodate and some not."""
     cdef uint64_t index = base, first, v, pfn0 = 0
     cdef int o, n = 0, uptodate = 0
     cdef bint referenced = False
@@ -238,7 +240,8 @@ cdef int kvm_gmem_mergeable(gmem_inode *inode, uint64_t base, int order, uint32_
         uptodate += (f.flags & PG_uptodate) != 0
         n += 1
         index = first + _pages(o)
-    if 0 < uptodate < n and inode.host.prepared_tracking == GMEM_TRACK_GMEM:
+    mixed[0] = 0 < uptodate < n
+    if mixed[0] and inode.host.prepared_tracking == GMEM_TRACK_GMEM:
         # "prepared" is per folio (6.18): one over pieces prepared and not would skip an arch
         # prepare or zero pages the guest owns; it stays split
         return 0
@@ -250,45 +253,33 @@ cdef int kvm_gmem_merge_at(gmem_inode *inode, uint64_t index, int order) noexcep
     order if every page of it is private and mergeable. 1 if merged, else 0."""
     cdef uint64_t base = index & ~_mask(order)
     cdef uint32_t head
+    cdef bint mixed
     cdef int r
     if base + _pages(order) > inode.size >> 12:
         return 0
     if not kvm_gmem_range_private(inode, base, _pages(order)):
         return 0                            # (first: it is the cheap test, a walk of ranges)
-    r = kvm_gmem_mergeable(inode, base, order, &head)
+    r = kvm_gmem_mergeable(inode, base, order, &head, &mixed)
     if r == 0:
         return 0
     if r < 0:
         inode.host.stats[HOST_STAT_HUGE_EAGAIN] += 1
         return 0
-    return kvm_gmem_merge_unchecked(inode, base, order, head)
+    return kvm_gmem_merge_unchecked(inode, base, order, head, mixed)
 
 
 cdef void kvm_gmem_zero_stale_pieces(gmem_inode *inode, uint32_t head, int order) noexcept nogil:
-    """Pieces never used are zeroed now, as their first use would have, so the merged folio
-    is uptodate (zeroed) as a whole and no later prepare zeroes pages the guest already has
-    (7.2+: uptodate means zeroed; the arch tracks what it prepared)."""
+    """Some pieces were used, some never: those are zeroed now, as their first use would have,
+    so the merged folio is uptodate (zeroed) as a whole and no later prepare zeroes pages the
+    guest already has (7.2+: uptodate means zeroed; the arch tracks what it prepared)."""
     cdef uint64_t pfn = folio_get(&inode.host.pm, head).pfn, k = 0
     cdef folio *f
-    if folio_get(&inode.host.pm, head).flags & PG_uptodate == 0 and not kvm_gmem_any_uptodate(inode, pfn, order):
-        return                              # none used: the merged folio is zeroed at its first use
     while k < _pages(order):
         f = folio_get(&inode.host.pm, pfn_folio(&inode.host.pm, pfn + k))
         if not f.flags & PG_uptodate:
             host_clear_pages(inode.host, f.pfn, _pages(f.order))
             f.flags |= PG_uptodate
         k += _pages(f.order)
-
-
-cdef bint kvm_gmem_any_uptodate(gmem_inode *inode, uint64_t pfn, int order) noexcept nogil:
-    cdef uint64_t k = 0
-    cdef folio *f
-    while k < _pages(order):
-        f = folio_get(&inode.host.pm, pfn_folio(&inode.host.pm, pfn + k))
-        if f.flags & PG_uptodate:
-            return True
-        k += _pages(f.order)
-    return False
 
 
 cdef void kvm_gmem_refill_filemap(gmem_inode *inode, uint64_t base, int order) noexcept nogil:
@@ -365,23 +356,26 @@ cdef void kvm_gmem_merge_for_truncate(gmem_inode *inode, uint64_t start, uint64_
     invalidate sees each huge range once (one 2M RMPUPDATE, not a PSMASH and 512)."""
     cdef uint64_t index = start
     cdef uint32_t head
+    cdef bint mixed
     if inode.hstate < 0:
         return
     if end > inode.size >> 12:
         end = inode.size >> 12
     while index < end:
-        if kvm_gmem_mergeable(inode, index, inode.page_order, &head) == 1:
-            kvm_gmem_merge_unchecked(inode, index, inode.page_order, head)
+        if kvm_gmem_mergeable(inode, index, inode.page_order, &head, &mixed) == 1:
+            kvm_gmem_merge_unchecked(inode, index, inode.page_order, head, False)   # freed next
         index += _pages(inode.page_order)
 
 
-cdef int kvm_gmem_merge_unchecked(gmem_inode *inode, uint64_t base, int order, uint32_t head) noexcept nogil:
+cdef int kvm_gmem_merge_unchecked(gmem_inode *inode, uint64_t base, int order, uint32_t head,
+                                  bint zero_stale) noexcept nogil:
     """The merge itself (kvm_gmem_mergeable said yes): filemap, then the folios. 1, or 0 if
     out of memory (nothing changed)."""
     cdef uint64_t old
     if xa_store_order(&inode.filemap, base, order, head, &old) < 0:
         return 0
-    kvm_gmem_zero_stale_pieces(inode, head, order)
+    if zero_stale:
+        kvm_gmem_zero_stale_pieces(inode, head, order)
     if folio_merge(&inode.host.pm, head, order) < 0:
         kvm_gmem_refill_filemap(inode, base, order)
         return 0
