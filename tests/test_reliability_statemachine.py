@@ -119,6 +119,7 @@ class GmemMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.host = None
+        self.hazard = False     # the run ended at the kernel's own freed-while-assigned hazard
         self.vms = []
         self.files = []
 
@@ -618,6 +619,7 @@ class GmemMachine(RuleBasedStateMachine):
                 # WARN_ONCE, 6.18 to 7.2): the kernel's own hazard, which check() names and
                 # tests/test_kernel_versions.py asserts; this machine's run ends there
                 assert "still assigned" in str(e), e
+                self.hazard = True
                 reject()
 
     @precondition(lambda self: self._live_vms())
@@ -666,6 +668,8 @@ class GmemMachine(RuleBasedStateMachine):
             fr.f.close()
         for vmr in self.vms:
             vmr.vm.close()
+        if self.hazard:     # teardown still runs after reject(); the checks below would name it again
+            return
         self.host.check()
         for vmr in self.vms:
             assert vmr.vm.destroyed and vmr.vm.sptes() == [] and vmr.vm.sept() == {}
