@@ -9,6 +9,9 @@
 from libc.stdlib cimport malloc, realloc, qsort
 from libc.string cimport memmove
 
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
 cdef enum:
     _FREE_MARK = 0
 
@@ -349,7 +352,7 @@ cdef int _folio_new_id(physmem *pm, uint32_t *id) noexcept nogil:
         if chunks == NULL:
             return -ENOMEM
         pm.folio_chunks = chunks
-        chunks[pm.nr_chunks] = <folio *>malloc(sizeof(folio) << FOLIO_CHUNK_SHIFT)
+        chunks[pm.nr_chunks] = <folio *>aligned_alloc(64, sizeof(folio) << FOLIO_CHUNK_SHIFT)
         if chunks[pm.nr_chunks] == NULL:
             return -ENOMEM
         pm.nr_chunks += 1
