@@ -18,6 +18,7 @@ from libc.string cimport memset, memcpy, memmove
 cnp.import_array()
 
 # ---------------------------------------------------------- the kernel half (C)
+include "_slab.pxi"          # mm/slab.c: the model's own objects in 2 MiB pages (TLB reach)
 include "_xarray.pxi"        # lib/xarray.c: the XArray
 include "_maple.pxi"         # lib/maple_tree.c: ranges of values (guest_memfd attributes, "next")
 include "_physmem.pxi"       # mm/page_alloc.c, struct folio: the buddy allocator and folio table

@@ -1,7 +1,7 @@
 # The simulated machine (mm/ and the platform at boot): host physical memory, the contents
 # of pages, the VMM's own memory behind its virtual addresses (get_user_pages), host CPU
 # writes through the direct map, and the platform set up at boot (SNP's RMP on "amd"); and
-# the model's own pages for page tables (gmem_page_pool).
+# the model's own pages for page tables (gmem_page_pool, on _slab.pxi's chunks).
 
 cdef enum:
     _PLATFORM_TYPES_AMD = (1 << KVM_X86_DEFAULT_VM) | (1 << KVM_X86_SEV_VM) | \
@@ -19,63 +19,12 @@ cdef extern from *:
 
 
 # ------------------------------------------------------ the model's own pages
-# Page tables are the model's memory, not the simulated host's (they take no simulated pfn,
-# as xarray nodes take none): 4 KiB pages carved from 2 MiB chunks that the OS backs with
-# transparent huge pages, so 4 GiB of 4K mappings (8 MiB of tables) need four TLB entries.
+# Page tables are the model's memory, not the simulated host's: 4 KiB pages carved from the
+# 2 MiB chunks of _slab.pxi, so 4 GiB of 4K mappings (8 MiB of tables) need four TLB entries.
 # A page comes zeroed: a fresh chunk is zero (the OS zeroes it on first touch), and a page
 # is zeroed by whoever frees it (the TDP MMU's teardown walk reads every entry anyway), so
 # nothing memsets 4 KiB that a sparse table touches one line of. A freed host's chunks are
-# kept, zeroed, for the next host (process-wide, up to 32): a new guest does not pay the
-# OS's page faults again.
-
-cdef extern from *:
-    """
-    #include <sys/mman.h>
-    #include <pthread.h>
-    #define GMEM_POOL_CHUNK (2UL << 20)
-    #define GMEM_POOL_CACHED 32
-    static pthread_mutex_t gmem_pool_lock = PTHREAD_MUTEX_INITIALIZER;
-    static void *gmem_pool_cached[GMEM_POOL_CACHED];
-    static int gmem_pool_nr_cached;
-
-    /* A zeroed, 2 MiB-aligned chunk: a cached one, or 4 MiB from mmap trimmed to one. */
-    static void *gmem_pool_chunk_get(void) {
-        void *p = NULL;
-        char *m, *a;
-        pthread_mutex_lock(&gmem_pool_lock);
-        if (gmem_pool_nr_cached)
-            p = gmem_pool_cached[--gmem_pool_nr_cached];
-        pthread_mutex_unlock(&gmem_pool_lock);
-        if (p)
-            return p;
-        m = mmap(NULL, 2 * GMEM_POOL_CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED)
-            return NULL;
-        a = (char *)(((uintptr_t)m + GMEM_POOL_CHUNK - 1) & ~(uintptr_t)(GMEM_POOL_CHUNK - 1));
-        if (a > m)
-            munmap(m, a - m);
-        if (a + GMEM_POOL_CHUNK < m + 2 * GMEM_POOL_CHUNK)
-            munmap(a + GMEM_POOL_CHUNK, m + 2 * GMEM_POOL_CHUNK - (a + GMEM_POOL_CHUNK));
-        madvise(a, GMEM_POOL_CHUNK, MADV_HUGEPAGE);
-        return a;
-    }
-
-    /* A chunk whose every byte is zero again. */
-    static void gmem_pool_chunk_put(void *p) {
-        pthread_mutex_lock(&gmem_pool_lock);
-        if (gmem_pool_nr_cached < GMEM_POOL_CACHED) {
-            gmem_pool_cached[gmem_pool_nr_cached++] = p;
-            p = NULL;
-        }
-        pthread_mutex_unlock(&gmem_pool_lock);
-        if (p)
-            munmap(p, GMEM_POOL_CHUNK);
-    }
-    """
-    void *gmem_pool_chunk_get() noexcept nogil
-    void gmem_pool_chunk_put(void *p) noexcept nogil
-    const size_t GMEM_POOL_CHUNK
-
+# kept, zeroed, for the next host.
 
 cdef uint64_t *gmem_page_alloc_chunk(gmem_page_pool *pool) noexcept nogil:
     cdef void **grown
@@ -103,6 +52,7 @@ cdef inline uint64_t *gmem_page_alloc(gmem_page_pool *pool) noexcept nogil:
     if p != NULL:
         pool.free_list = <uint64_t *><size_t>p[0]
         p[0] = 0
+        gmem_prefetch(pool.free_list)      # the next pop's link (a cold list: gmem_kmem_cache_alloc)
     elif pool.next != pool.end:
         p = <uint64_t *>pool.next
         pool.next += 4096

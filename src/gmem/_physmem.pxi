@@ -9,9 +9,6 @@
 from libc.stdlib cimport malloc, realloc, qsort
 from libc.string cimport memmove
 
-cdef extern from "<stdlib.h>" nogil:
-    void *aligned_alloc(size_t alignment, size_t size)
-
 cdef enum:
     _FREE_MARK = 0
 
@@ -72,7 +69,7 @@ cdef void phys_destroy(physmem *pm) noexcept nogil:
         xa_destroy(&pm.free_area[o])
     xa_destroy(&pm.memmap)
     for c in range(pm.nr_chunks):
-        free(pm.folio_chunks[c])
+        gmem_kmem_cache_free(GMEM_KMEM_FOLIOS, pm.folio_chunks[c])
     free(pm.folio_chunks)
     pm.folio_chunks = NULL
     pm.nr_chunks = 0
@@ -352,7 +349,7 @@ cdef int _folio_new_id(physmem *pm, uint32_t *id) noexcept nogil:
         if chunks == NULL:
             return -ENOMEM
         pm.folio_chunks = chunks
-        chunks[pm.nr_chunks] = <folio *>aligned_alloc(64, sizeof(folio) << FOLIO_CHUNK_SHIFT)
+        chunks[pm.nr_chunks] = <folio *>gmem_kmem_cache_alloc(GMEM_KMEM_FOLIOS, sizeof(folio) << FOLIO_CHUNK_SHIFT)
         if chunks[pm.nr_chunks] == NULL:
             return -ENOMEM
         pm.nr_chunks += 1

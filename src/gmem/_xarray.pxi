@@ -9,7 +9,6 @@
 # marks apply to every index of an entry.  A position in the tree is the caller's
 # (struct xa_state, the cursor): the array keeps none.
 
-from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
 cdef extern from *:
@@ -83,12 +82,11 @@ cdef inline int _xa_max_offset(int shift) noexcept nogil:
 cdef xa_node *_xa_node_alloc(xarray *xa, int shift, xa_node *parent, int offset) noexcept nogil:
     cdef xa_node *n = xa.node_cache
     if n != NULL:
-        # a node freed a moment ago: trees that shrink and grow again skip malloc
+        # a node freed a moment ago: trees that shrink and grow again skip the slab
         xa.node_cache = n.parent
         xa.nr_cached -= 1
-        memset(n, 0, sizeof(xa_node))
     else:
-        n = <xa_node *>calloc(1, sizeof(xa_node))
+        n = <xa_node *>gmem_kmem_cache_alloc(GMEM_KMEM_XA_NODE, sizeof(xa_node))
         if n == NULL:
             return NULL
     n.shift = shift
@@ -101,12 +99,15 @@ cdef xa_node *_xa_node_alloc(xarray *xa, int shift, xa_node *parent, int offset)
 cdef void _xa_node_free(xarray *xa, xa_node *n) noexcept nogil:
     xa.nr_nodes -= 1
     xa.node_gen += 1
+    # zeroed now, while its lines are in the cache (whoever frees a node has just read it), so
+    # that an allocation writes only the lines it uses
+    memset(n, 0, sizeof(xa_node))
     if xa.nr_cached < XA_NODE_CACHE:
         n.parent = xa.node_cache
         xa.node_cache = n
         xa.nr_cached += 1
     else:
-        free(n)
+        gmem_kmem_cache_free(GMEM_KMEM_XA_NODE, n)
 
 
 cdef inline int _xa_entry_order_at(const xa_node *node, int shift, int off) noexcept nogil:
@@ -227,7 +228,8 @@ cdef void xa_destroy(xarray *xa) noexcept nogil:
     while xa.node_cache != NULL:
         n = xa.node_cache
         xa.node_cache = n.parent
-        free(n)
+        n.parent = NULL
+        gmem_kmem_cache_free(GMEM_KMEM_XA_NODE, n)
     xa_init(xa)                     # (a new node_gen: no cursor's node stays valid)
 
 
