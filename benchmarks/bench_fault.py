@@ -62,6 +62,8 @@ def guest(huge_folios=False, kind="sw"):
     f = vm.create_guest_memfd(GUEST)
     vm.set_user_memory_region2(0, U.KVM_MEM_GUEST_MEMFD, 0, GUEST, userspace_addr=HVA, guest_memfd=f)
     vm.set_memory_attributes(0, GUEST, U.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    if kind != "sw":
+        vm.launch()             # SNP and TDX vCPUs run only in a launched guest
     return host, vm, f, vm.create_vcpu(0)
 
 
