@@ -443,19 +443,25 @@ cdef inline int kvm_fault_root(const kvm *kvm, uint64_t gpa) noexcept nogil:
 
 
 cdef inline int kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_code, tdp_cursor *spte,
-                                 xa_state *filemap) noexcept nogil:
+                                        xa_state *filemap) noexcept nogil:
     """The leaf stage: walk the cursors to the fault's last-level page table and (for a fault
     that is not present) its filemap leaf, prefetching the slots. 0: the filemap cursor was
-    not walked; 1: it was, and found no leaf; 2: it stands on the index's leaf."""
-    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits, index
-    cdef kvm_memory_slot *s
+    not walked; 1: it was, and found no leaf; 2: it stands on the index's leaf. Inline up to
+    the filemap (a present fault's stage: -23 instructions in random order); the filemap walk
+    is out of line (inlined too, it made TDX's sparse cold faults 15-30 % slower)."""
+    cdef uint64_t gfn = (gpa >> 12) & ~kvm.gfn_direct_bits
     cdef uint64_t *pt = tdp_mmu_pt_at(kvm, kvm_fault_root(kvm, gpa), gfn, spte, PG_LEVEL_4K)
-    cdef xa_node *leaf
     if pt != NULL:
         gmem_prefetch(&pt[gfn & (SPTE_ENT_PER_PAGE - 1)])
     if error_code & PFERR_PRESENT_MASK:
         return 0        # most likely fast_page_fault, which reads only the SPTE
-    s = __gfn_to_memslot(kvm, gfn, False)
+    return kvm_mmu_prefetch_filemap(kvm, gfn, filemap)
+
+
+cdef int kvm_mmu_prefetch_filemap(kvm *kvm, uint64_t gfn, xa_state *filemap) noexcept nogil:
+    cdef kvm_memory_slot *s = __gfn_to_memslot(kvm, gfn, False)
+    cdef uint64_t index
+    cdef xa_node *leaf
     if s == NULL or s.gmem_file == NULL:
         return 0
     index = gfn - s.base_gfn + s.gmem_pgoff
@@ -467,7 +473,7 @@ cdef inline int kvm_mmu_prefetch_leaves(kvm *kvm, uint64_t gpa, uint64_t error_c
     return 2
 
 
-cdef inline void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
+cdef void kvm_mmu_prefetch_folio(kvm *kvm, const kvm_fault_leaves *lv) noexcept nogil:
     """The folio stage: the slot the leaf stage prefetched, read through its leaf."""
     cdef const xa_node *leaf = lv.filemap.xa_node
     cdef uint64_t e

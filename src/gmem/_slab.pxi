@@ -2,8 +2,8 @@
 # table and page tables take no simulated pfn). A random fault stream over a big guest
 # touches a few of these objects per fault, each on a different page: from malloc's 4 KiB
 # pages every one is a TLB miss, a page walk a fault pays even when its cache lines were
-# prefetched (measured: random slow-path faults 106 -> 88 ns, cold 136 -> 114 over 4 GiB).
-# So they come from 2 MiB chunks the OS backs with transparent huge pages: page tables
+# prefetched (measured over 4 GiB: random slow-path faults 106-110 -> 88-94 ns, cold
+# 135 -> 128; benchmarks/README.md). So they come from 2 MiB chunks the OS backs with transparent huge pages: page tables
 # through the host's gmem_page_pool (_host.pxi), xarray nodes and folio-table chunks through
 # the caches below. A freed chunk of page tables is kept, zeroed, for the next host
 # (process-wide, up to 32): a new guest does not pay the OS's page faults again.
@@ -64,23 +64,25 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    struct gmem_kmem_cache { void *free; char *next; char *end; };
+    #include <stdlib.h>
+    /* The free objects are a stack of pointers, not a list through them: a pop reads the
+       stack (hot), not a freed object's link (cold: freed long ago, in any order), so a
+       stream that allocates several objects a fault waits for none (sparse cold faults). */
+    struct gmem_kmem_cache { void **stack; size_t nr, cap; char *next; char *end; };
     enum { GMEM_KMEM_XA_NODE, GMEM_KMEM_FOLIOS, GMEM_NR_KMEM_CACHES };
     static __thread struct gmem_kmem_cache gmem_kmem_caches[GMEM_NR_KMEM_CACHES];
 
-    /* An object of size (always the same for one cache), or NULL: as it was freed, but for
-       its first word (zero), or zero if fresh. Whoever frees an object that must come back
-       zeroed zeroes it, while its lines are in the cache (xarray nodes: the allocation of a
-       sparse fault stream then writes two lines of a node, not all nine). */
+    /* An object of size (always the same for one cache), or NULL: as it was freed, or zero
+       if fresh. Whoever frees an object that must come back zeroed zeroes it, while its
+       lines are in the cache (xarray nodes: an allocation then writes only the lines it
+       uses). */
     static void *gmem_kmem_cache_alloc(int cache, size_t size) {
         struct gmem_kmem_cache *c = &gmem_kmem_caches[cache];
-        char *p = c->free;
-        if (p) {
-            c->free = *(void **)p;
-            *(void **)p = NULL;
-            /* the list is cold (freed long ago, in any order): the next pop would wait a
-               memory access for its link, so it is fetched now (sparse cold faults: -60 ns) */
-            __builtin_prefetch(c->free);
+        char *p;
+        if (c->nr) {
+            p = c->stack[--c->nr];
+            if (c->nr)
+                __builtin_prefetch(c->stack[c->nr - 1], 1);    /* the next one's first line */
             return p;
         }
         if ((size_t)(c->end - c->next) < size) {
@@ -97,8 +99,15 @@ cdef extern from *:
 
     static void gmem_kmem_cache_free(int cache, void *p) {
         struct gmem_kmem_cache *c = &gmem_kmem_caches[cache];
-        *(void **)p = c->free;
-        c->free = p;
+        if (c->nr == c->cap) {
+            size_t cap = c->cap ? 2 * c->cap : 4096;
+            void **stack = realloc(c->stack, cap * sizeof(void *));
+            if (!stack)
+                return;         /* out of memory: the object is lost, nothing else */
+            c->stack = stack;
+            c->cap = cap;
+        }
+        c->stack[c->nr++] = p;
     }
     """
     enum:

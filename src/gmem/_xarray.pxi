@@ -228,7 +228,7 @@ cdef void xa_destroy(xarray *xa) noexcept nogil:
     while xa.node_cache != NULL:
         n = xa.node_cache
         xa.node_cache = n.parent
-        n.parent = NULL
+        n.parent = NULL             # (the rest was zeroed when it was freed)
         gmem_kmem_cache_free(GMEM_KMEM_XA_NODE, n)
     xa_init(xa)                     # (a new node_gen: no cursor's node stays valid)
 
