@@ -381,6 +381,25 @@ def test_tdx_1g_folio_maps_2m_leaves_only():
     h.check()
 
 
+def test_in_place_to_shared_leaves_an_all_shared_pinned_huge_folio_whole():
+    """Under "convert", a host fault into a shared range gets a whole shared huge folio; a
+    later conversion to shared that overlaps it changes none of its pages, so it neither
+    splits it nor fails on its pin (the in-place machine found the EAGAIN)."""
+    h = gmem.Host(memory=GB, platform="amd", kernel="next", gmem_in_place_conversion=True,
+                  hugetlb_pages={"2M": 4}, gmem_backing="hugetlb", huge_split="convert", huge_merge="lazy")
+    vm = h.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    f = vm.create_guest_memfd(4 * MB, u.GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, 4 * MB, 0, f, 0)
+    m = f.mmap(4 * MB)
+    f.set_memory_attributes(2 * MB, 2 * MB, 0)
+    pin = m.pin(2 * MB, PS)
+    assert (512, 9) in [(i, o) for i, o, _ in f.folios()]
+    f.set_memory_attributes(2 * MB - PS, 2 * PS, 0)             # pages 511 and 512
+    assert (512, 9) in [(i, o) for i, o, _ in f.folios()]      # whole, still pinned
+    h.check()
+    pin.release()
+
+
 class InPlaceHugeMachine(RuleBasedStateMachine):
     """In-place conversion ("next") over a 2M hugetlb file of an SNP or SW_PROTECTED guest, with
     pins of shared pages through a mapping and the guest's PVALIDATE: conversions to private and

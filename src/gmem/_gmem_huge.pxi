@@ -198,8 +198,12 @@ cdef int kvm_gmem_split_for_shared(gmem_inode *inode, uint64_t start, uint64_t e
     if inode.host.huge_split == GMEM_HUGE_SPLIT_NEVER:
         return 0
     while index < end and xa_find_entry(&inode.filemap, index, end - 1, XA_NO_MARK, &first, &order, &v):
-        if order == 0:
-            index = first + 1
+        if order == 0 or (inode.host.gmem_in_place_conversion and
+                          mt_range_is(&inode.attributes, first, first + _mask(order), 0)):
+            # (a huge folio already all shared, as a host fault under "convert" makes one in
+            # a shared range: the conversion changes none of its pages, so it stays whole,
+            # and a pin on it is no reason for EAGAIN)
+            index = first + _pages(order)
             continue
         target = HPAGE_ORDER if (order > HPAGE_ORDER and
                                  inode.host.huge_split == GMEM_HUGE_SPLIT_CONVERT_2M) else 0
