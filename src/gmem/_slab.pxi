@@ -70,6 +70,7 @@ cdef extern from *:
        stream that allocates several objects a fault waits for none (sparse cold faults). */
     struct gmem_kmem_cache { void **stack; size_t nr, cap; char *next; char *end; };
     enum { GMEM_KMEM_XA_NODE, GMEM_KMEM_FOLIOS, GMEM_NR_KMEM_CACHES };
+    #define GMEM_KMEM_AHEAD 4
     static __thread struct gmem_kmem_cache gmem_kmem_caches[GMEM_NR_KMEM_CACHES];
 
     /* An object of size (always the same for one cache), or NULL: as it was freed, or zero
@@ -81,8 +82,10 @@ cdef extern from *:
         char *p;
         if (c->nr) {
             p = c->stack[--c->nr];
-            if (c->nr)
-                __builtin_prefetch(c->stack[c->nr - 1], 1);    /* the next one's first line */
+            /* the first line of the one GMEM_KMEM_AHEAD pops on (a fault may take several
+               objects in a row: each must already be on its way) */
+            if (c->nr >= GMEM_KMEM_AHEAD)
+                __builtin_prefetch(c->stack[c->nr - GMEM_KMEM_AHEAD], 1);
             return p;
         }
         if ((size_t)(c->end - c->next) < size) {
