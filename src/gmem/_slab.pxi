@@ -3,15 +3,16 @@
 # touches a few of these objects per fault, each on a different page: from malloc's 4 KiB
 # pages every one is a TLB miss, a page walk a fault pays even when its cache lines were
 # prefetched (measured over 4 GiB: random slow-path faults 106-110 -> 88-94 ns, cold
-# 135 -> 128; benchmarks/README.md). So they come from 2 MiB chunks the OS backs with transparent huge pages: page tables
-# through the host's gmem_page_pool (_host.pxi), xarray nodes and folio-table chunks through
-# the caches below. A freed chunk of page tables is kept, zeroed, for the next host
-# (process-wide, up to 32): a new guest does not pay the OS's page faults again.
+# 135 -> 128; benchmarks/README.md). So they come from 2 MiB chunks the OS backs with
+# transparent huge pages: page tables through the host's gmem_page_pool (_host.pxi), xarray
+# nodes and folio-table chunks through the caches below. A freed chunk of page tables is
+# kept, zeroed, for the next host (process-wide, up to 32): a new guest does not pay the
+# OS's page faults again.
 #
 # The caches (kmem_cache_alloc/kmem_cache_free) are per thread, so an allocation takes no
-# lock: an object goes on the free list of the thread that frees it, and the chunks are
+# lock: an object goes on the free stack of the thread that frees it, and the chunks are
 # never given back, so the model's memory stays at its high-water mark as a slab cache does
-# until shrunk (a thread's list dies with it, unused).
+# until shrunk (a thread's stack dies with it, unused).
 
 cdef extern from *:
     """
