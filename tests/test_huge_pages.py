@@ -381,16 +381,23 @@ def test_tdx_1g_folio_maps_2m_leaves_only():
     h.check()
 
 
+def in_place_guest(split, merge, snp=False, size=4 * MB):
+    """A launched SNP or SW_PROTECTED guest over a 2M hugetlb file with in-place conversion
+    ("next") and the file mmapped: (host, vm, file, mapping)."""
+    h = gmem.Host(memory=GB, platform="amd", kernel="next", gmem_in_place_conversion=True,
+                  hugetlb_pages={"2M": 4}, gmem_backing="hugetlb", huge_split=split, huge_merge=merge)
+    vm = h.create_vm(u.KVM_X86_SNP_VM if snp else u.KVM_X86_SW_PROTECTED_VM)
+    f = vm.create_guest_memfd(size, u.GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, size, 0, f, 0)
+    vm.launch()
+    return h, vm, f, f.mmap(size)
+
+
 def test_in_place_to_shared_leaves_an_all_shared_pinned_huge_folio_whole():
     """Under "convert", a host fault into a shared range gets a whole shared huge folio; a
     later conversion to shared that overlaps it changes none of its pages, so it neither
     splits it nor fails on its pin (the in-place machine found the EAGAIN)."""
-    h = gmem.Host(memory=GB, platform="amd", kernel="next", gmem_in_place_conversion=True,
-                  hugetlb_pages={"2M": 4}, gmem_backing="hugetlb", huge_split="convert", huge_merge="lazy")
-    vm = h.create_vm(u.KVM_X86_SW_PROTECTED_VM)
-    f = vm.create_guest_memfd(4 * MB, u.GUEST_MEMFD_FLAG_MMAP)
-    vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, 4 * MB, 0, f, 0)
-    m = f.mmap(4 * MB)
+    h, vm, f, m = in_place_guest("convert", "lazy")
     f.set_memory_attributes(2 * MB, 2 * MB, 0)
     pin = m.pin(2 * MB, PS)
     assert (512, 9) in [(i, o) for i, o, _ in f.folios()]
@@ -412,15 +419,8 @@ class InPlaceHugeMachine(RuleBasedStateMachine):
                 snp=st.booleans())
     def setup(self, policy, snp):
         self.split, self.merge = policy
-        self.h = gmem.Host(memory=GB, platform="amd", kernel="next", gmem_in_place_conversion=True,
-                           hugetlb_pages={"2M": 4}, gmem_backing="hugetlb", huge_split=self.split,
-                           huge_merge=self.merge)
-        self.vm = self.h.create_vm(u.KVM_X86_SNP_VM if snp else u.KVM_X86_SW_PROTECTED_VM)
-        self.f = self.vm.create_guest_memfd(self.SIZE, u.GUEST_MEMFD_FLAG_MMAP)
-        self.vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, self.SIZE, 0, self.f, 0)
-        self.vm.launch()
+        self.h, self.vm, self.f, self.m = in_place_guest(self.split, self.merge, snp, self.SIZE)
         self.v = self.vm.create_vcpu(0)
-        self.m = self.f.mmap(self.SIZE)
         self.snp, self.shared, self.pins = snp, set(), {}
         self.ec = WRITE_PRIVATE | (u.PFERR_GUEST_ENC_MASK if snp else 0)
 

@@ -52,7 +52,7 @@ cdef inline uint64_t *gmem_page_alloc(gmem_page_pool *pool) noexcept nogil:
     if p != NULL:
         pool.free_list = <uint64_t *><size_t>p[0]
         p[0] = 0
-        gmem_prefetch(pool.free_list)      # the next pop's link (a cold list: gmem_kmem_cache_alloc)
+        gmem_prefetch(pool.free_list)      # the next pop's link: freed long ago, cold
     elif pool.next != pool.end:
         p = <uint64_t *>pool.next
         pool.next += 4096
